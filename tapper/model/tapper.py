@@ -1,0 +1,125 @@
+"""TAP-PER: the frozen merged backbone + bridge LoRA + the prefix encoder.
+
+Only the prefix encoder (user table, DIN scorer, projection, λ's) and the
+bridge LoRA train; `trainable_parameters()` is the single source of truth for
+that, used by Stage 2, the online updates and the tests.
+
+Saved state is the personalization part only: `prefix.safetensors` (prefix
+encoder + bridge LoRA tensors), `tapper_config.json` (Stage-2 config, d,
+user ids, backbone hash). The backbone lives in its own directory.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tapper.atomic import atomic_write, atomic_write_json
+from tapper.config import Stage2Config, from_dict
+from tapper.model.lora import attach_lora
+from tapper.model.prefix import PrefixEncoder
+from tapper.model.prefixed_lm import PrefixedLM
+from tapper.train.features import EncodedExample, lm_generate_batch, lm_train_batch, prefix_inputs
+
+STATE_FILE = "prefix.safetensors"
+CONFIG_FILE = "tapper_config.json"
+
+
+class TapPer(nn.Module):
+    def __init__(self, backbone: nn.Module, user_ids: list[str], cfg: Stage2Config, backbone_hash: str = ""):
+        super().__init__()
+        self.cfg = cfg
+        self.user_ids = list(user_ids)
+        # Row 0 is the "unknown user" row (P_q only); known users start at 1.
+        self.user_rows = {u: i + 1 for i, u in enumerate(self.user_ids)}
+        self.backbone_hash = backbone_hash
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        emb = backbone.get_input_embeddings().weight
+        self.d = int(emb.shape[1])
+        emb_std = float(emb.detach().float().std())
+        lm = attach_lora(backbone, cfg.bridge_r, cfg.bridge_alpha, cfg.bridge_dropout, cfg.target_modules) if cfg.use_bridge else backbone
+        self.plm = PrefixedLM(lm)
+        self.prefix = PrefixEncoder(len(self.user_ids), self.d, cfg, emb_std)
+
+    # --- parameters -------------------------------------------------------------------
+
+    def bridge_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.plm.lm.named_parameters() if "lora_" in n]
+
+    def shared_prefix_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.prefix.named_parameters() if not n.startswith("user_table")]
+
+    def trainable_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """Groups that Stage 2 trains: user table, shared prefix network, λ's, bridge."""
+        lambdas = [self.prefix.lambda_t_raw, self.prefix.lambda_o_raw]
+        shared = [p for p in self.shared_prefix_parameters() if all(p is not q for q in lambdas)]
+        groups = {"user_table": [self.prefix.user_table.weight] if self.cfg.use_pu else [], "shared": shared if self.cfg.use_pq else []}
+        groups["lambdas"] = [p for p, on in zip(lambdas, [self.cfg.use_lambda_t, self.cfg.use_lambda_o]) if on and self.cfg.use_pq]
+        groups["bridge"] = self.bridge_parameters()
+        return groups
+
+    def per_user_params(self) -> int:
+        return self.prefix.per_user_params() if self.cfg.use_pu else 0
+
+    def shared_params(self) -> int:
+        """Parameters shared by all users: bridge LoRA + DIN/projection MLPs + λ's (not the backbone)."""
+        groups = self.trainable_parameters()
+        return sum(p.numel() for k in ("shared", "lambdas", "bridge") for p in groups[k])
+
+    # --- forward ----------------------------------------------------------------------
+
+    def prefix_for(self, items: list[EncodedExample], vectors: torch.Tensor):
+        user_rows, zq, zh, mask, dt, dpi = prefix_inputs(items, vectors)
+        return self.prefix(user_rows, zq, zh, mask, dt, dpi)
+
+    def loss(self, items: list[EncodedExample], vectors: torch.Tensor, pad_id: int) -> torch.Tensor:
+        P, _ = self.prefix_for(items, vectors)
+        return self.plm.loss(lm_train_batch(items, pad_id), P)
+
+    @torch.no_grad()
+    def generate(self, items, vectors, pad_id: int, eos_id: int, max_new_tokens: int) -> list[list[int]]:
+        P, _ = self.prefix_for(items, vectors)
+        return self.plm.generate(lm_generate_batch(items, pad_id), P, max_new_tokens, eos_id)
+
+    # --- persistence ------------------------------------------------------------------
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"prefix.{k}": v.detach().cpu().contiguous() for k, v in self.prefix.state_dict().items()}
+        if self.cfg.use_bridge:
+            for k, v in get_peft_model_state_dict(self.plm.lm).items():
+                out[f"bridge.{k}"] = v.detach().cpu().contiguous()
+        return out
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write(directory / STATE_FILE, lambda tmp: save_file(self.state_tensors(), tmp))
+        atomic_write_json(
+            directory / CONFIG_FILE,
+            {"stage2": asdict(self.cfg), "d": self.d, "user_ids": self.user_ids, "backbone_hash": self.backbone_hash},
+        )
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, backbone: nn.Module) -> "TapPer":
+        directory = Path(directory)
+        meta = json.loads((directory / CONFIG_FILE).read_text())
+        cfg = from_dict(Stage2Config, meta["stage2"], f"{directory / CONFIG_FILE}: stage2")
+        model = cls(backbone, meta["user_ids"], cfg, meta.get("backbone_hash", ""))
+        tensors = load_file(directory / STATE_FILE)
+        prefix_sd = {k[len("prefix."):]: v for k, v in tensors.items() if k.startswith("prefix.")}
+        model.prefix.load_state_dict(prefix_sd)
+        if cfg.use_bridge:
+            bridge_sd = {k[len("bridge."):]: v for k, v in tensors.items() if k.startswith("bridge.")}
+            result = set_peft_model_state_dict(model.plm.lm, bridge_sd)
+            unexpected = getattr(result, "unexpected_keys", [])
+            if unexpected:
+                raise ValueError(f"{directory / STATE_FILE}: unexpected bridge tensors {unexpected[:5]}")
+        model.eval()
+        return model
