@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tapper.data.atomic import atomic_write_json
+from tapper.atomic import atomic_write_text
 from tapper.data.chronology import parse_lamp_date, sort_chronologically
 from tapper.data.tasks import TaskSpec, canonical_task_name, get_task
 from tapper.data.types import LampDataError, LampDataset, Query, Record
@@ -108,12 +108,12 @@ def write_questions(ds: LampDataset, path: PathLike) -> Path:
             "profile": [_record_to_json(record) for record in query.profile],
             "user_id": query.user_id,
         })
-    return atomic_write_json(path, items)
+    return _write_json(path, items)
 
 
 def write_outputs(task_name: str, golds: dict[str, str], path: PathLike) -> Path:
     """LaMP's outputs format, ids in the given order."""
-    return atomic_write_json(path, {
+    return _write_json(path, {
         "task": canonical_task_name(task_name),
         "golds": [{"id": gold_id, "output": output} for gold_id, output in golds.items()],
     })
@@ -122,6 +122,11 @@ def write_outputs(task_name: str, golds: dict[str, str], path: PathLike) -> Path
 def write_predictions(task_name: str, preds: dict[str, str], path: PathLike) -> Path:
     """Predictions use the outputs format too: LaMP's evaluator reads both the same way."""
     return write_outputs(task_name, preds, path)
+
+
+def _write_json(path: PathLike, obj: Any) -> Path:
+    # Compact (no indent): LaMP files are large, and the shipped default dataset must stay small.
+    return atomic_write_text(path, json.dumps(obj, ensure_ascii=False) + "\n")
 
 
 def golds_of(ds: LampDataset) -> dict[str, str]:
