@@ -1,0 +1,1 @@
+"""Builders that turn public raw data into LaMP-format files."""
