@@ -203,4 +203,8 @@ def embedding_hash(model: torch.nn.Module) -> str:
 
 
 def tokenizer_hash(tokenizer) -> str:
-    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+    """Hash of what maps text to ids; padding/truncation state is runtime, not identity."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec.pop("padding", None)
+    spec.pop("truncation", None)
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()

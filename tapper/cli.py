@@ -1,0 +1,134 @@
+"""`tapper` command line. Every subcommand has --help.
+
+    tapper experiment   both stages + evaluation directly on LaMP files
+    tapper build        LaMP-format datasets from real or synthetic data
+    (ZenML commands — train, promote, lineage, dashboard, stack, online — register
+    themselves from tapper_cli_zenml when ZenML is importable.)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_VARIANTS = "base,tap-per"
+
+
+def _quiet_env() -> None:
+    # Offline by design: nothing is fetched from a hub at run time.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--task", help="LaMP task: LaMP_1, LaMP_2N, LaMP_2M, LaMP_3, LaMP_4, LaMP_5 (6, 7); default: from the outputs file")
+    p.add_argument("--questions", required=required, help="LaMP questions JSON")
+    p.add_argument("--outputs", required=required, help="LaMP outputs JSON (golds)")
+
+
+def add_backbone_arg(p: argparse.ArgumentParser, default: str | None = "tiny") -> None:
+    p.add_argument("--backbone", default=default, help="tiny | smollm2 | <HF hub id or local path> (default: %(default)s)")
+
+
+def add_set_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set stage2.epochs=6 --set stage1.lr=1e-3 (repeatable)")
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from tapper.config import load_run_config
+    from tapper.experiment import load_user_groups, run_experiment
+
+    base = {}
+    if args.config:
+        import yaml
+
+        base = yaml.safe_load(Path(args.config).read_text()) or {}
+    if args.stage2_users is not None:
+        base["stage2_users"] = args.stage2_users
+    cfg = load_run_config(base, args.overrides)
+    groups_file = args.user_groups or (Path(args.questions).parent / "users.json")
+    groups = load_user_groups(groups_file) if Path(groups_file).exists() else None
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    report = run_experiment(args.task, args.questions, args.outputs, args.backbone, args.out, cfg, variants,
+                            user_groups=groups, progress=not args.no_progress)
+    print_report(report)
+    print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'predictions'}/")
+    return 0
+
+
+def print_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    variants = report["variants"]
+    metrics = list(next(iter(variants.values())).keys()) if variants else []
+    table = Table(title=f"{report['task']} on {report.get('backbone', '?')}")
+    table.add_column("variant")
+    for m in metrics:
+        table.add_column(m, justify="right")
+    for name, vals in variants.items():
+        table.add_row(name, *(f"{vals[m]:.4f}" for m in metrics))
+    console = Console()
+    console.print(table)
+    for gname in sorted({g for v in report.get("groups", {}).values() for g in v}):
+        gt = Table(title=f"users: {gname}")
+        gt.add_column("variant")
+        for m in metrics:
+            gt.add_column(m, justify="right")
+        for name, groups in report["groups"].items():
+            if gname in groups:
+                gt.add_row(name, *(f"{groups[gname][m]:.4f}" for m in metrics))
+        console.print(gt)
+    console.print(f"per-user parameters: {report['per_user_params']:,}   shared parameters: {report['shared_params']:,}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tapper", description="TAP-PER personalization: experiments, pipelines, serving.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("experiment", help="run Stage 1, Stage 2 and evaluation directly on LaMP files",
+                       description="Train Stage 1 and the requested variants on the Stage-2 users and evaluate them on those users' queries. "
+                                   "Writes DIR/metrics.json and DIR/predictions/<variant>.json.")
+    add_data_args(p)
+    add_backbone_arg(p)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--stage2-users", type=int, default=None, help="N most active users trained in Stage 2 and evaluated (default 100)")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma-separated methods (default: %(default)s); "
+                   "TAP-PER switches: tap-per, no-bridge, no-pq, no-pu, pq-only, lambda-t0, lambda-o0, lambda0, bm25-kN, L-N")
+    p.add_argument("--config", help="YAML with run settings (stage1/stage2/eval/stage2_users/seed)")
+    p.add_argument("--user-groups", help="JSON of user groups for per-group metrics (default: users.json beside the questions, if any)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_set_arg(p)
+    p.set_defaults(func=cmd_experiment)
+
+    from tapper.builders.cli import register as register_builders
+
+    register_builders(sub)
+
+    try:
+        from tapper_cli_zenml import register as register_zenml  # noqa: F401  (added by the workflow package)
+    except ImportError:
+        register_zenml = None
+    if register_zenml:
+        register_zenml(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_env()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        # Bad input is reported plainly (file, record, field), without a traceback.
+        print(f"tapper: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Named methods that `tapper experiment --variants` evaluates on one split.
+
+TAP-PER ablations are switches of one Stage-2 model (DESIGN.md), so a variant
+name maps to Stage-2 config overrides:
+
+    tap-per        the full model
+    no-bridge      -bridge          no-pq    -P_q          no-pu / pq-only   -P_u
+    lambda-t0      λ_t = 0          lambda-o0  λ_o = 0     lambda0   both 0
+    bm25-kN        BM25 pre-filter keeping N records before the attention
+    L-N            prefix length N
+
+`base` is the Stage-1 merged backbone without any prefix. Other families
+(RAG, PAG, OPPU) register themselves in `EXTRA_VARIANTS`.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+SWITCHES: dict[str, dict] = {
+    "tap-per": {},
+    "no-bridge": {"use_bridge": False},
+    "no-pq": {"use_pq": False},
+    "no-pu": {"use_pu": False},
+    # P_q-only: no per-user parameters; serves users never seen in training.
+    "pq-only": {"use_pu": False},
+    "lambda-t0": {"use_lambda_t": False},
+    "lambda-o0": {"use_lambda_o": False},
+    "lambda0": {"use_lambda_t": False, "use_lambda_o": False},
+}
+
+# name -> callable(ctx) -> {example id: prediction}; filled by tapper.baselines.
+EXTRA_VARIANTS: dict[str, Callable] = {}
+EXTRA_PATTERNS: list[tuple[re.Pattern, Callable]] = []
+
+
+def stage2_overrides(name: str) -> dict | None:
+    """Stage-2 config overrides for a TAP-PER variant name, or None if it is not one."""
+    if name in SWITCHES:
+        return dict(SWITCHES[name])
+    m = re.fullmatch(r"bm25-k(\d+)", name)
+    if m:
+        return {"bm25_k": int(m.group(1))}
+    m = re.fullmatch(r"L-?(\d+)", name)
+    if m:
+        return {"prefix_len": int(m.group(1))}
+    return None
+
+
+def extra_variant(name: str) -> Callable | None:
+    if name in EXTRA_VARIANTS:
+        return EXTRA_VARIANTS[name]
+    for pattern, fn in EXTRA_PATTERNS:
+        if pattern.fullmatch(name):
+            return fn
+    return None
+
+
+def check_variants(names: list[str]) -> None:
+    bad = [n for n in names if n != "base" and stage2_overrides(n) is None and extra_variant(n) is None]
+    if bad:
+        known = ["base", *SWITCHES, "bm25-kN", "L-N", *EXTRA_VARIANTS] + [p.pattern for p, _ in EXTRA_PATTERNS]
+        raise ValueError(f"unknown variant(s) {bad}; known: {', '.join(known)}")
