@@ -1,0 +1,215 @@
+"""A seeded synthetic LaMP_2N with a real, learnable and drifting personalization signal.
+
+Each of the 15 LaMP-2N categories owns six distinctive keywords. An article
+mentions the keywords of 2-3 candidate categories in short templated
+sentences. Each user ranks the 15 categories (a random permutation, so users
+differ), and the gold of an article is the user's most-preferred category
+among its candidates. The text says which categories are possible; only the
+user's history says which one this user picks.
+
+Drift: a fraction of users change their ranking on a drift date inside their
+history (between 30% and 50% of it): three categories from the bottom nine
+become the new top three and the old top three drop to the bottom. Queries
+are the latest items, so always after the drift, and recent history is then
+more informative than old history.
+
+What a model can reach: a non-personalized model can at best guess the
+candidate that is most popular over all users (about 0.4-0.5 accuracy here),
+while one that knows the user's current ranking scores 1.0.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from tapper.atomic import atomic_write_text
+from tapper.builders.common import BuildSummary, command_line, counts_section, write_build
+from tapper.data.tasks import LAMP_2N_LABELS, get_task
+from tapper.data.types import LampDataset, Query, Record
+
+KEYWORDS: dict[str, tuple[str, ...]] = {
+    "travel": ("passport", "airline", "itinerary", "hostel", "luggage", "cruise"),
+    "education": ("classroom", "curriculum", "tutor", "semester", "homework", "syllabus"),
+    "parents": ("toddler", "diaper", "babysitter", "stroller", "bedtime", "nursery"),
+    "style & beauty": ("lipstick", "runway", "mascara", "hairstyle", "couture", "skincare"),
+    "entertainment": ("blockbuster", "sitcom", "premiere", "celebrity", "soundtrack", "screenplay"),
+    "food & drink": ("recipe", "espresso", "brunch", "sourdough", "vineyard", "barbecue"),
+    "science & technology": ("quantum", "robotics", "telescope", "smartphone", "genome", "algorithm"),
+    "business": ("startup", "merger", "shareholder", "invoice", "franchise", "revenue"),
+    "sports": ("quarterback", "marathon", "playoff", "goalkeeper", "stadium", "referee"),
+    "healthy living": ("yoga", "meditation", "vitamins", "workout", "hydration", "wellness"),
+    "women": ("feminism", "suffrage", "sisterhood", "maternity", "equality", "womanhood"),
+    "politics": ("senator", "ballot", "congress", "filibuster", "campaign", "legislation"),
+    "crime": ("burglary", "detective", "indictment", "homicide", "forensic", "arrest"),
+    "culture & arts": ("gallery", "sculpture", "poetry", "orchestra", "museum", "novelist"),
+    "religion": ("pilgrimage", "sermon", "scripture", "monastery", "prayer", "cathedral"),
+}
+assert tuple(KEYWORDS) == LAMP_2N_LABELS
+
+_SENTENCES_3 = ("A story on {} and {}, with {}.", "Notes about {}, {} and {}.", "How {} meets {} and {}.")
+_SENTENCES_2 = ("A story on {} and {}.", "What {} means for {}.", "Between {} and {}.")
+_TITLES = ("On {} and {}", "{} and {}: a report", "Why {} and {} matter")
+_DRIFT_SIZE = 3
+_INTEREST_RATE = 0.6
+_INTEREST_SIZE = 4
+_FIRST_DAY = dt.date(2020, 1, 1)
+
+
+@dataclass(frozen=True)
+class SyntheticUser:
+    user_id: str
+    drifts: bool
+    drift_date: dt.date | None
+    ranking_before: tuple[str, ...]
+    ranking_after: tuple[str, ...]
+
+    def ranking_on(self, day: dt.date) -> tuple[str, ...]:
+        if self.drift_date is not None and day >= self.drift_date:
+            return self.ranking_after
+        return self.ranking_before
+
+    def to_json(self) -> dict:
+        return {
+            "drifts": self.drifts,
+            "drift_date": None if self.drift_date is None else self.drift_date.isoformat(),
+            "ranking_before": list(self.ranking_before),
+            "ranking_after": list(self.ranking_after),
+        }
+
+
+def preferred(ranking: tuple[str, ...], candidates: list[str]) -> str:
+    return min(candidates, key=ranking.index)
+
+
+def _article(rng: random.Random, ranking: tuple[str, ...]) -> tuple[list[str], str, str]:
+    """(candidate categories, text, title) of an article the user with `ranking` meets.
+
+    With probability _INTEREST_RATE one candidate comes from the user's current
+    top _INTEREST_SIZE (people read, and are asked about, what they follow), so
+    their preferences show up often enough in their history to be learnt.
+    """
+    k = rng.choice((2, 3))
+    if rng.random() < _INTEREST_RATE:
+        first = rng.choice(ranking[:_INTEREST_SIZE])
+        candidates = [first] + rng.sample([c for c in LAMP_2N_LABELS if c != first], k - 1)
+        rng.shuffle(candidates)
+    else:
+        candidates = rng.sample(LAMP_2N_LABELS, k)
+    words = [w for c in candidates for w in rng.sample(KEYWORDS[c], 2)]
+    rng.shuffle(words)
+    sentences = []
+    while words:
+        take = 3 if len(words) in (3, 6) or len(words) > 4 else 2
+        template = rng.choice(_SENTENCES_3 if take == 3 else _SENTENCES_2)
+        sentences.append(template.format(*words[:take]))
+        words = words[take:]
+    title_words = [rng.choice(KEYWORDS[c]) for c in candidates[:2]]
+    title = rng.choice(_TITLES).format(*title_words)
+    return candidates, " ".join(sentences), title[0].upper() + title[1:]
+
+
+def _drifted(rng: random.Random, before: tuple[str, ...]) -> tuple[str, ...]:
+    new_top = rng.sample(before[2 * _DRIFT_SIZE:], _DRIFT_SIZE)
+    old_top = before[:_DRIFT_SIZE]
+    middle = [c for c in before if c not in new_top and c not in old_top]
+    return tuple(new_top) + tuple(middle) + old_top
+
+
+def generate_synthetic(
+    users: int = 200,
+    history: tuple[int, int] = (20, 40),
+    queries_per_user: int = 1,
+    seed: int = 0,
+    drift_fraction: float = 0.5,
+) -> tuple[LampDataset, list[SyntheticUser]]:
+    low, high = history
+    if not (1 <= low <= high) or users < 1 or queries_per_user < 1 or not 0 <= drift_fraction <= 1:
+        raise ValueError("need users >= 1, 1 <= history min <= max, queries_per_user >= 1, 0 <= drift_fraction <= 1")
+    rng = random.Random(seed)
+    spec = get_task("LaMP_2N")
+    questions: list[Query] = []
+    people: list[SyntheticUser] = []
+    for index in range(users):
+        user_id = f"s{index:04d}"
+        n = rng.randint(low, high)
+        start = _FIRST_DAY + dt.timedelta(days=rng.randrange(365))
+        days = [start + dt.timedelta(days=i) for i in range(n + queries_per_user)]
+        before = tuple(rng.sample(LAMP_2N_LABELS, len(LAMP_2N_LABELS)))
+        drifts = rng.random() < drift_fraction
+        drift_date = None
+        after = before
+        if drifts:
+            # Inside the history, so the latest half is all after the drift and
+            # every query is too.
+            drift_index = rng.randint(max(1, math.ceil(0.3 * n)), max(1, n // 2))
+            drift_date = days[drift_index]
+            after = _drifted(rng, before)
+        person = SyntheticUser(user_id, drifts, drift_date, before, after)
+        people.append(person)
+
+        records: list[Record] = []
+        for i in range(n):
+            candidates, text, title = _article(rng, person.ranking_on(days[i]))
+            category = preferred(person.ranking_on(days[i]), candidates)
+            records.append(Record(id=f"{user_id}-r{i:03d}", fields={"text": text, "title": title, "category": category},
+                                  date=days[i], raw_date=days[i].isoformat()))
+        for k in range(queries_per_user):
+            day = days[n + k]
+            candidates, text, _ = _article(rng, person.ranking_on(day))
+            questions.append(Query(id=f"{user_id}-q{k}", input=spec.make_input(text=text), profile=records,
+                                   user_id=user_id, output=preferred(person.ranking_on(day), candidates)))
+    return LampDataset(task="LaMP_2N", queries=questions), people
+
+
+def candidates_in(text: str) -> list[str]:
+    """The categories whose keywords an article mentions (what the text alone reveals)."""
+    words = set(text.lower().replace(",", " ").replace(".", " ").replace(":", " ").split())
+    return [c for c, kws in KEYWORDS.items() if words.intersection(kws)]
+
+
+def build_synthetic(
+    out: str | Path,
+    users: int = 200,
+    history: tuple[int, int] = (20, 40),
+    queries_per_user: int = 1,
+    seed: int = 0,
+    drift_fraction: float = 0.5,
+) -> BuildSummary:
+    ds, people = generate_synthetic(users, history, queries_per_user, seed, drift_fraction)
+    command = command_line("synthetic", {
+        "out": out, "users": users, "history": f"{history[0]} {history[1]}",
+        "queries_per_user": queries_per_user, "seed": seed, "drift_fraction": drift_fraction,
+    })
+    # `history` is two numbers on the command line, not one quoted string.
+    command = command.replace(f"'{history[0]} {history[1]}'", f"{history[0]} {history[1]}")
+    summary = write_build(ds, out, _readme(ds, people, command))
+    users_json = {"seed": seed, "users": {p.user_id: p.to_json() for p in people}}
+    atomic_write_text(Path(out) / "users.json", json.dumps(users_json) + "\n")
+    return summary
+
+
+def _readme(ds: LampDataset, people: list[SyntheticUser], command: str) -> str:
+    drifting = sum(p.drifts for p in people)
+    return f"""# Synthetic LaMP_2N with a drifting personalization signal
+
+Generated data (no third-party source): free to use for any purpose (CC0).
+
+## How it was built
+```
+{command}
+```
+Each category owns six keywords; an article mentions keywords of 2-3 candidate
+categories; the gold is the user's most-preferred candidate under their ranking
+of the 15 categories. Drifting users ({drifting} of {len(people)}) swap their top
+three categories for three of their bottom nine on a drift date inside their
+history; queries come after it. `users.json` holds each user's `drifts`,
+`drift_date`, `ranking_before` and `ranking_after`, so evaluations can split
+drifting from stable users.
+
+## Counts
+{counts_section(ds)}
+"""
