@@ -65,3 +65,8 @@ def test_metric_names_follow_the_task_spec():
     from tapper.data.tasks import get_task
     for name, golds in [("LaMP_2N", {"a": "travel"}), ("LaMP_3", {"a": "3"}), ("LaMP_7", {"a": "hi"})]:
         assert tuple(compute_metrics(name, golds, golds)) == get_task(name).metrics
+
+
+def test_unparsable_gold_rating_names_the_id():
+    with pytest.raises(ValueError, match="'g7'"):
+        compute_metrics("LaMP_3", {"g7": "3"}, {"g7": "three"})

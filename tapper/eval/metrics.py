@@ -36,7 +36,7 @@ def compute_metrics(task: TaskSpec | str, preds: dict[str, str], golds: dict[str
     if spec.kind == "classification":
         return _classification(spec, pred_texts, gold_texts)
     if spec.kind == "regression":
-        return _rating(pred_texts, gold_texts)
+        return _rating(ids, pred_texts, gold_texts)
     return _generation(pred_texts, gold_texts)
 
 
@@ -65,8 +65,13 @@ def parse_rating(pred: str, gold: float) -> float:
     return value if math.isfinite(value) else farthest_rating(gold)
 
 
-def _rating(preds: list[str], golds: list[str]) -> dict[str, float]:
-    gold_values = [float(g) for g in golds]
+def _rating(ids: list[str], preds: list[str], golds: list[str]) -> dict[str, float]:
+    gold_values = []
+    for gold_id, gold in zip(ids, golds):
+        try:
+            gold_values.append(float(gold))
+        except ValueError:
+            raise ValueError(f"gold {gold!r} of id {gold_id!r} is not a rating") from None
     pred_values = [parse_rating(p, g) for p, g in zip(preds, gold_values)]
     errors = [p - g for p, g in zip(pred_values, gold_values)]
     mae = sum(abs(e) for e in errors) / len(errors)
