@@ -1,0 +1,13 @@
+"""ZenML materializers for tapper's artifacts (safetensors / JSON / HF directories, never pickle).
+
+Importing this package registers them with ZenML's materializer registry.
+"""
+from materializers.dataset import LampDatasetMaterializer, LampFilesMaterializer, PreparedDataMaterializer
+from materializers.evaluation import EvalReportMaterializer, PromotionDecisionMaterializer, VariantEvalMaterializer
+from materializers.model import BackboneDirMaterializer, EmbeddingTableMaterializer, TapPerStateMaterializer
+
+__all__ = [
+    "LampFilesMaterializer", "LampDatasetMaterializer", "PreparedDataMaterializer",
+    "EmbeddingTableMaterializer", "BackboneDirMaterializer", "TapPerStateMaterializer",
+    "VariantEvalMaterializer", "EvalReportMaterializer", "PromotionDecisionMaterializer",
+]

@@ -1,0 +1,130 @@
+"""Artifact types that only the workflow has (the ML core's own types are stored as they are).
+
+Each type here is plain data (paths, numbers, strings) so that its
+materializer can store it as JSON / safetensors / an HF directory — never a
+pickle — and show it in the ZenML dashboard.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class LampFiles:
+    """The input files exactly as read: raw bytes, where they came from, their hashes.
+
+    Nothing is parsed yet, so that a broken file is reported by the data-quality
+    step (with a report) instead of crashing the loader.
+    """
+
+    questions_name: str
+    outputs_name: str
+    questions_bytes: bytes
+    outputs_bytes: bytes
+    questions_sha256: str
+    outputs_sha256: str
+    task: str | None = None  # as requested (--task); None = from the outputs file
+
+    def meta(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if not k.endswith("_bytes")}
+
+
+@dataclass
+class EmbeddingTable:
+    """Record and query vectors of one backbone's frozen input embeddings (tapper.model.embedding_cache).
+
+    `key` is the cache's content address (embedding hash + tokenizer hash);
+    `index` maps text hashes to rows of `vectors` ([n, d] float32).
+    """
+
+    key: str
+    vectors: "object"  # torch.Tensor; typed loosely so that importing this module stays light
+    index: dict[str, int]
+    backbone: str
+    computed: int = 0
+    reused: int = 0
+
+    @property
+    def n(self) -> int:
+        return len(self.index)
+
+
+@dataclass
+class BackboneDir:
+    """A backbone as a Hugging Face directory (safetensors + tokenizer): the merged Stage-1 model."""
+
+    path: Path
+    spec: str
+    weights_hash: str
+    losses: list[float] = field(default_factory=list)
+    n_examples: int = 0
+
+
+@dataclass
+class TapPerState:
+    """A trained TAP-PER prefix state: `prefix.safetensors` + `tapper_config.json` in `path`."""
+
+    path: Path
+    variant: str
+    backbone_hash: str
+    users: int
+    per_user_params: int
+    shared_params: int
+    losses: list[float] = field(default_factory=list)
+    n_train: int = 0
+    lambda_t: float = 0.0
+    lambda_o: float = 0.0
+    seconds: float = 0.0
+
+
+@dataclass
+class VariantEval:
+    """One method evaluated on the evaluation split: metrics and LaMP-format predictions."""
+
+    name: str
+    task: str
+    metrics: dict[str, float]
+    predictions: dict[str, str]
+    per_user_params: int = 0
+    shared_params: int = 0
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class EvalReport:
+    """All variants of one run side by side, with what promotion compares."""
+
+    task: str
+    primary_metric: str
+    higher_is_better: bool
+    candidate: str  # the variant that is the run's model (tap-per)
+    eval_data_hash: str
+    eval_queries: int
+    variants: dict[str, dict[str, float]]
+    params: dict[str, dict[str, int]]
+    losses: dict[str, list[float]]  # "stage1", and each Stage-2 variant
+    mlflow: dict = field(default_factory=dict)  # run id, registered model name/version
+
+    @property
+    def candidate_score(self) -> float:
+        return float(self.variants[self.candidate][self.primary_metric])
+
+
+@dataclass
+class PromotionDecision:
+    model_name: str
+    model_version: str
+    promoted: bool
+    reason: str
+    metric: str
+    higher_is_better: bool
+    candidate_score: float
+    production_version: str | None = None
+    production_score: float | None = None
+    forced: bool = False
+    archived_version: str | None = None
+    mlflow_model: str | None = None
+    mlflow_version: str | None = None

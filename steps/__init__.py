@@ -1,0 +1,17 @@
+"""ZenML steps: thin, typed wrappers around `tapper`, one concern each.
+
+Every output is `Annotated[..., "name"]`, so each artifact has a stable name in
+lineage: lamp_files -> lamp_dataset (+ data_quality_report) -> prepared_data ->
+record_embeddings -> stage1_backbone -> tapper_state -> eval_<variant> ->
+evaluation_report -> promotion_decision.
+"""
+import materializers  # noqa: F401  (registers our materializers)
+from steps.data import build_splits, load_data, validate_data
+from steps.evaluate import evaluate_base, evaluate_tapper, evaluate_variant, report
+from steps.model import cache_embeddings, train_stage1, train_stage2
+from steps.promote import promote
+
+__all__ = [
+    "load_data", "validate_data", "build_splits", "cache_embeddings", "train_stage1", "train_stage2",
+    "evaluate_base", "evaluate_tapper", "evaluate_variant", "report", "promote",
+]

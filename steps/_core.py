@@ -1,0 +1,152 @@
+"""Glue between the steps and tapper's core: the pieces of tapper.experiment.run_tapper_variant,
+split so that Stage-2 training and evaluation are separate, cacheable steps.
+
+Kept here (not in tapper/) because only the workflow needs the split; the
+logic is the same calls in the same order as run_tapper_variant.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from materializers.types import EmbeddingTable, TapPerState, VariantEval
+from tapper.config import RunConfig, load_run_config
+from tapper.experiment import PreparedData, VariantResult, embedding_cache, score, stage2_config_for
+
+
+def run_config(data: PreparedData | None = None, seed: int = 0, **sections: dict) -> RunConfig:
+    """A RunConfig from just the sections a step receives (the others keep their defaults)."""
+    d = {k: v for k, v in sections.items() if v is not None}
+    if data is not None:
+        d["stage2_users"] = len(data.splits.stage2_users)
+    d["seed"] = seed
+    return load_run_config(d)
+
+
+def step_tempdir(prefix: str) -> Path:
+    """A temporary directory removed when the current step ends (after its outputs are stored)."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    try:
+        from zenml import get_step_context
+
+        get_step_context()._cleanup_registry.register_callback(lambda: shutil.rmtree(path, ignore_errors=True))
+    except Exception:  # noqa: BLE001 - outside a step (or a ZenML without the registry): leave it to the OS
+        pass
+    return Path(path)
+
+
+def embedding_texts(data: PreparedData) -> list[str]:
+    """Every text Stage 2 and evaluation embed: query inputs and history records (unique, stable order)."""
+    task, seen = data.task, {}
+    for ex in data.splits.stage2_train + data.splits.eval:
+        seen.setdefault(ex.input, None)
+        for r in ex.history:
+            seen.setdefault(task.record_text(r), None)
+    return list(seen)
+
+
+def install_embeddings(table: EmbeddingTable) -> int:
+    """Put an embedding artifact's vectors into this machine's content-addressed cache.
+
+    Writes the cache's own files (tapper.model.embedding_cache format) so that
+    Stage 2 and evaluation, on any machine, find every vector already computed.
+    Returns the number of vectors added.
+    """
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tapper.atomic import atomic_write, atomic_write_json
+    from tapper.paths import cache_dir
+
+    d = cache_dir() / "embeddings" / table.key
+    d.mkdir(parents=True, exist_ok=True)
+    index: dict[str, int] = {}
+    vectors = torch.zeros(0, table.vectors.shape[1])
+    if (d / "index.json").exists():
+        index = json.loads((d / "index.json").read_text())
+        vectors = load_file(d / "vectors.safetensors")["vectors"][: len(index)]
+    missing = [(h, r) for h, r in table.index.items() if h not in index]
+    if not missing:
+        return 0
+    rows = torch.tensor([r for _, r in missing], dtype=torch.long)
+    start = len(index)
+    vectors = torch.cat([vectors, table.vectors[rows]], dim=0)
+    for j, (h, _) in enumerate(missing):
+        index[h] = start + j
+    atomic_write(d / "vectors.safetensors", lambda tmp: save_file({"vectors": vectors.contiguous()}, tmp))
+    atomic_write_json(d / "index.json", index)
+    return len(missing)
+
+
+def train_tapper(variant: str, stage1_dir: Path, data: PreparedData, cfg: RunConfig, state_dir: Path,
+                 progress: bool = False, log=None) -> TapPerState:
+    """Stage 2 of one TAP-PER variant on the merged backbone; saves TapPer state to `state_dir`."""
+    from tapper.model.backbone import load_backbone_dir, weights_hash
+    from tapper.train.stage2 import train_stage2
+
+    t0 = time.time()
+    s2cfg = stage2_config_for(variant, cfg)
+    bb = load_backbone_dir(stage1_dir)
+    cache = embedding_cache(bb)
+    bhash = weights_hash(bb.model)
+    result = train_stage2(
+        bb.model, bb.tokenizer, data.task, data.splits.stage2_train, data.splits.stage2_users, s2cfg, cache,
+        seed=cfg.seed, backbone_hash=bhash, progress=progress,
+        on_epoch=(lambda e, l: log(variant, e, l)) if log else None,
+    )
+    model = result.model
+    model.save(state_dir)
+    return TapPerState(
+        path=Path(state_dir), variant=variant, backbone_hash=bhash, users=len(model.user_ids),
+        per_user_params=model.per_user_params(), shared_params=model.shared_params(), losses=list(result.losses),
+        n_train=result.n_examples, lambda_t=float(model.prefix.lambda_t), lambda_o=float(model.prefix.lambda_o),
+        seconds=time.time() - t0,
+    )
+
+
+def evaluate_state(state: TapPerState, stage1_dir: Path, data: PreparedData, cfg: RunConfig, progress: bool = False) -> VariantEval:
+    """Load a saved TAP-PER state on the merged backbone and evaluate it on the evaluation split."""
+    from tapper.eval.predict import generate_texts
+    from tapper.model.backbone import load_backbone_dir
+    from tapper.model.tapper import TapPer
+    from tapper.train.stage2 import encoder_for
+
+    t0 = time.time()
+    bb = load_backbone_dir(stage1_dir)
+    model = TapPer.load(state.path, bb.model)
+    cache = embedding_cache(bb)
+    rows = model.user_rows if model.cfg.use_pu else None
+    encoded = encoder_for(model, data.task, bb.tokenizer, cache).encode(data.splits.eval, rows, progress=progress)
+    preds = generate_texts(model, encoded, bb.tokenizer, data.task, cfg.eval.batch_size, cfg.eval.max_new_tokens, progress, state.variant)
+    return VariantEval(
+        name=state.variant, task=data.task.name, metrics=score(data, preds), predictions=preds,
+        per_user_params=state.per_user_params, shared_params=state.shared_params, losses=state.losses,
+        seconds=state.seconds + time.time() - t0,
+        extra={"lambda_t": state.lambda_t, "lambda_o": state.lambda_o, "n_train": state.n_train},
+    )
+
+
+def variant_eval(res: VariantResult, task: str) -> VariantEval:
+    return VariantEval(name=res.name, task=task, metrics=dict(res.metrics), predictions=dict(res.predictions),
+                       per_user_params=res.per_user_params, shared_params=res.shared_params, losses=list(res.losses),
+                       seconds=res.seconds, extra=dict(res.extra))
+
+
+def eval_data_hash(data: PreparedData) -> str:
+    """Identity of the evaluation data: task + (query id, gold) pairs + what the model sees of each query."""
+    import hashlib
+
+    h = hashlib.sha256(data.task.name.encode())
+    for ex in sorted(data.splits.eval, key=lambda e: e.id):
+        h.update(f"\0{ex.id}\0{ex.user_id}\0{ex.target}\0{ex.input}\0{len(ex.history)}".encode())
+    return h.hexdigest()
+
+
+def quiet() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
