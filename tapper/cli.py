@@ -1,8 +1,9 @@
 """`tapper` command line. Every subcommand has --help.
 
     tapper experiment   both stages + evaluation directly on LaMP files
+    tapper online       streaming-feedback simulation (Static / Online-Emb / Online-Full / Full-Retrain)
     tapper build        LaMP-format datasets from real or synthetic data
-    (ZenML commands — train, promote, lineage, dashboard, stack, online — register
+    (ZenML commands — train, promote, lineage, dashboard, stack — register
     themselves from tapper_cli_zenml when ZenML is importable.)
 """
 from __future__ import annotations
@@ -104,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_set_arg(p)
     p.set_defaults(func=cmd_experiment)
+
+    from tapper.online.cli import register as register_online
+
+    register_online(sub)
 
     from tapper.builders.cli import register as register_builders
 
