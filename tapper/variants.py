@@ -47,7 +47,12 @@ def stage2_overrides(name: str) -> dict | None:
     return None
 
 
+def _register_baselines() -> None:
+    import tapper.baselines  # noqa: F401  (registers RAG, PAG and OPPU in EXTRA_VARIANTS / EXTRA_PATTERNS)
+
+
 def extra_variant(name: str) -> Callable | None:
+    _register_baselines()
     if name in EXTRA_VARIANTS:
         return EXTRA_VARIANTS[name]
     for pattern, fn in EXTRA_PATTERNS:
@@ -57,6 +62,7 @@ def extra_variant(name: str) -> Callable | None:
 
 
 def check_variants(names: list[str]) -> None:
+    _register_baselines()
     bad = [n for n in names if n != "base" and stage2_overrides(n) is None and extra_variant(n) is None]
     if bad:
         known = ["base", *SWITCHES, "bm25-kN", "L-N", *EXTRA_VARIANTS] + [p.pattern for p, _ in EXTRA_PATTERNS]
