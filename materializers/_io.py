@@ -25,6 +25,21 @@ def write_text(store: BaseArtifactStore, path: str, text: str) -> None:
         f.write(text)
 
 
+def upload_file(store: BaseArtifactStore, local: str, dest: str) -> None:
+    """Local file -> artifact store (stores check that paths stay in their bounds, so no copyfile)."""
+    import shutil
+
+    with open(local, "rb") as src, store.open(dest, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 22)
+
+
+def download_file(store: BaseArtifactStore, src: str, local: str) -> None:
+    import shutil
+
+    with store.open(src, "rb") as s, open(local, "wb") as d:
+        shutil.copyfileobj(s, d, 1 << 22)
+
+
 def upload_dir(store: BaseArtifactStore, local_dir: str, dest: str) -> None:
     """Copy a local directory tree into the artifact store."""
     for root, _dirs, files in os.walk(local_dir):
@@ -32,7 +47,7 @@ def upload_dir(store: BaseArtifactStore, local_dir: str, dest: str) -> None:
         target = dest if rel == "." else os.path.join(dest, rel)
         store.makedirs(target)
         for name in files:
-            store.copyfile(os.path.join(root, name), os.path.join(target, name), overwrite=True)
+            upload_file(store, os.path.join(root, name), os.path.join(target, name))
 
 
 def download_dir(store: BaseArtifactStore, src: str, local_dir: str) -> None:
@@ -44,7 +59,7 @@ def download_dir(store: BaseArtifactStore, src: str, local_dir: str) -> None:
         if store.isdir(s):
             download_dir(store, s, d)
         else:
-            store.copyfile(s, d, overwrite=True)
+            download_file(store, s, d)
 
 
 def is_local(store: BaseArtifactStore) -> bool:

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Dict, Tuple, Type
 from zenml.enums import ArtifactType, VisualizationType
 from zenml.materializers.base_materializer import BaseMaterializer
 
-from materializers._io import md_table, read_json, write_json, write_text
+from materializers._io import download_file, upload_file, md_table, read_json, write_json, write_text
 from materializers.types import LampFiles
 from tapper.data.types import LampDataset
 from tapper.experiment import PreparedData
@@ -72,7 +72,7 @@ def _read_lamp(store, uri: str, task: str) -> LampDataset:
 
     with tempfile.TemporaryDirectory(prefix="tapper-ds-") as tmp:
         for name in (QUESTIONS, OUTPUTS):
-            store.copyfile(os.path.join(uri, name), os.path.join(tmp, name), overwrite=True)
+            download_file(store, os.path.join(uri, name), os.path.join(tmp, name))
         return load_lamp(os.path.join(tmp, QUESTIONS), os.path.join(tmp, OUTPUTS), task)
 
 
@@ -86,7 +86,7 @@ class LampDatasetMaterializer(BaseMaterializer):
         with tempfile.TemporaryDirectory(prefix="tapper-ds-") as tmp:
             _write_lamp(data, tmp)
             for name in (QUESTIONS, OUTPUTS):
-                self.artifact_store.copyfile(os.path.join(tmp, name), os.path.join(self.uri, name), overwrite=True)
+                upload_file(self.artifact_store, os.path.join(tmp, name), os.path.join(self.uri, name))
         write_json(self.artifact_store, os.path.join(self.uri, META), {"task": data.task})
 
     def load(self, data_type: Type[Any]) -> LampDataset:
@@ -135,7 +135,7 @@ class PreparedDataMaterializer(BaseMaterializer):
         with tempfile.TemporaryDirectory(prefix="tapper-splits-") as tmp:
             _write_lamp(ds, tmp)
             for name in (QUESTIONS, OUTPUTS):
-                self.artifact_store.copyfile(os.path.join(tmp, name), os.path.join(self.uri, name), overwrite=True)
+                upload_file(self.artifact_store, os.path.join(tmp, name), os.path.join(self.uri, name))
         write_json(self.artifact_store, os.path.join(self.uri, "splits.json"), split_manifest(data))
 
     def load(self, data_type: Type[Any]) -> PreparedData:

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Dict, Tuple, Type
 from zenml.enums import ArtifactType, VisualizationType
 from zenml.materializers.base_materializer import BaseMaterializer
 
-from materializers._io import download_dir, is_local, md_table, read_json, upload_dir, write_json, write_text
+from materializers._io import download_file, upload_file, download_dir, is_local, md_table, read_json, upload_dir, write_json, write_text
 from materializers.types import BackboneDir, EmbeddingTable, TapPerState
 
 VECTORS, INDEX, META = "vectors.safetensors", "index.json", "meta.json"
@@ -29,7 +29,7 @@ class EmbeddingTableMaterializer(BaseMaterializer):
 
         with tempfile.TemporaryDirectory(prefix="tapper-emb-") as tmp:
             save_file({"vectors": data.vectors.contiguous()}, os.path.join(tmp, VECTORS))
-            self.artifact_store.copyfile(os.path.join(tmp, VECTORS), os.path.join(self.uri, VECTORS), overwrite=True)
+            upload_file(self.artifact_store, os.path.join(tmp, VECTORS), os.path.join(self.uri, VECTORS))
         write_json(self.artifact_store, os.path.join(self.uri, INDEX), data.index)
         write_json(self.artifact_store, os.path.join(self.uri, META),
                    {"key": data.key, "backbone": data.backbone, "computed": data.computed, "reused": data.reused})
@@ -40,7 +40,7 @@ class EmbeddingTableMaterializer(BaseMaterializer):
         meta = read_json(self.artifact_store, os.path.join(self.uri, META))
         index = read_json(self.artifact_store, os.path.join(self.uri, INDEX))
         with tempfile.TemporaryDirectory(prefix="tapper-emb-") as tmp:
-            self.artifact_store.copyfile(os.path.join(self.uri, VECTORS), os.path.join(tmp, VECTORS), overwrite=True)
+            download_file(self.artifact_store, os.path.join(self.uri, VECTORS), os.path.join(tmp, VECTORS))
             vectors = load_file(os.path.join(tmp, VECTORS))["vectors"]
         return EmbeddingTable(vectors=vectors, index=index, **meta)
 

@@ -9,9 +9,9 @@ import materializers  # noqa: F401  (registers our materializers)
 from steps.data import build_splits, load_data, validate_data
 from steps.evaluate import evaluate_base, evaluate_tapper, evaluate_variant, report
 from steps.model import cache_embeddings, train_stage1, train_stage2
-from steps.promote import promote
+from steps.promote import promote, register_model
 
 __all__ = [
     "load_data", "validate_data", "build_splits", "cache_embeddings", "train_stage1", "train_stage2",
-    "evaluate_base", "evaluate_tapper", "evaluate_variant", "report", "promote",
+    "evaluate_base", "evaluate_tapper", "evaluate_variant", "report", "register_model", "promote",
 ]

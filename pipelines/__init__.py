@@ -1,0 +1,1 @@
+"""ZenML pipelines wiring tapper's steps into versioned DAGs (see pipelines/training.py)."""

@@ -1,0 +1,163 @@
+"""Resolve a run config (YAML in ZenML's run-config format + CLI flags) and run the training pipeline.
+
+A config file looks like configs/quickstart.yaml: ZenML's keys (enable_cache,
+model, schedule, settings, steps, ...) plus `parameters:` of the `training`
+pipeline, whose `run:` section is tapper's RunConfig (validated: unknown
+keys are errors). `--set a.b=v` edits `parameters.run` (or another pipeline
+parameter, e.g. `--set variants=[base,tap-per,no-bridge]`).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PIPELINE_PARAMS = ("questions", "outputs", "task", "backbone", "run", "variants", "candidate",
+                   "min_history", "max_history", "log_backbone")
+RUN_KEYS = ("stage1", "stage2", "eval", "stage2_users", "seed")
+
+
+class RunSetupError(ValueError):
+    pass
+
+
+def offline_env() -> None:
+    for k, v in {"ZENML_ANALYTICS_OPT_IN": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "ZENML_AUTO_OPEN_DASHBOARD": "false",
+                 "HF_HUB_OFFLINE": "1", "GX_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false",
+                 "DO_NOT_TRACK": "1", "ZENML_ENABLE_RICH_TRACEBACK": "false"}.items():
+        os.environ.setdefault(k, v)
+
+
+def resolve_config(config: str | Path | dict | None, task: str | None = None, questions: str | None = None,
+                   outputs: str | None = None, backbone: str | None = None, overrides: list[str] | None = None) -> dict:
+    """The full ZenML run config for one run: file + flags, validated, data paths absolute."""
+    from tapper.config import _coerce, load_run_config
+    from tapper.data import canonical_task_name, read_outputs
+
+    if isinstance(config, dict):
+        cfg = copy.deepcopy(config)
+    elif config:
+        cfg = yaml.safe_load(Path(config).read_text()) or {}
+    else:
+        cfg = {}
+    params = cfg.setdefault("parameters", {}) or {}
+    cfg["parameters"] = params
+    unknown = sorted(set(params) - set(PIPELINE_PARAMS))
+    if unknown:
+        raise RunSetupError(f"{config}: unknown pipeline parameter(s) {unknown}; valid: {list(PIPELINE_PARAMS)}")
+    for key, val in (("task", task), ("questions", questions), ("outputs", outputs), ("backbone", backbone)):
+        if val is not None:
+            params[key] = val
+    for item in overrides or []:
+        if "=" not in item:
+            raise RunSetupError(f"--set {item!r}: expected key=value, e.g. stage2.epochs=6")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if parts[0] == "run":
+            parts = parts[1:]
+        if parts[0] in RUN_KEYS:
+            node = params.setdefault("run", {}) or {}
+            params["run"] = node
+        elif parts[0] in PIPELINE_PARAMS and len(parts) == 1:
+            params[parts[0]] = _coerce(value)
+            continue
+        else:
+            raise RunSetupError(f"--set {item!r}: unknown key {parts[0]!r}; valid: {list(RUN_KEYS) + list(PIPELINE_PARAMS)}")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = _coerce(value)
+    # Data: flags, else config, else the embedded default dataset.
+    if not params.get("questions") and not params.get("outputs"):
+        from tapper.resources import default_dataset_paths
+
+        q, o, t = default_dataset_paths()
+        params["questions"], params["outputs"] = str(q), str(o)
+        params.setdefault("task", t)
+    if not params.get("questions") or not params.get("outputs"):
+        raise RunSetupError("give both --questions and --outputs (or neither, for the embedded default dataset)")
+    for key in ("questions", "outputs"):
+        p = Path(params[key]).expanduser()
+        if not p.is_file():
+            raise RunSetupError(f"{key} file not found: {p}")
+        params[key] = str(p.resolve())
+    if params.get("task"):
+        params["task"] = canonical_task_name(params["task"])
+    run_cfg = load_run_config(params.get("run") or {})  # unknown keys -> error, values checked
+    params["run"] = run_cfg.to_dict()
+    params.setdefault("backbone", "smollm2")
+    from tapper.variants import check_variants
+
+    check_variants([v for v in params.get("variants") or ["base", "tap-per"]])
+    # The model (ZenML Model Control Plane + MLflow registry name) is per task: metrics compare within a task.
+    task_name = params.get("task")
+    if not task_name:
+        try:
+            task_name = canonical_task_name(read_outputs(params["outputs"])[0])
+        except Exception:  # noqa: BLE001 - a broken outputs file is reported by the validation step
+            task_name = "unknown-task"
+    model = cfg.setdefault("model", {}) or {}
+    cfg["model"] = model
+    model["name"] = str(model.get("name") or "tapper-{task}").format(task=task_name)
+    model.setdefault("description", f"TAP-PER personalization model for {task_name}")
+    model.setdefault("tags", ["tapper", task_name])
+    model.setdefault("license", "Apache-2.0")
+    return cfg
+
+
+def orchestrator_flavor() -> str:
+    from zenml.client import Client
+
+    return Client().active_stack.orchestrator.flavor
+
+
+def run_training(cfg: dict, schedule: bool = True):
+    """Run (or schedule) the pipeline with a resolved config; returns the pipeline run response (None if scheduled)."""
+    offline_env()
+    import materializers  # noqa: F401
+    from pipelines.training import training
+
+    cfg = copy.deepcopy(cfg)
+    sched = cfg.pop("schedule", None)
+    if sched and schedule:
+        flavor = orchestrator_flavor()
+        if flavor in ("local", "local_docker"):
+            raise RunSetupError(
+                f"this run config has a schedule ({sched}), but the active stack's orchestrator is '{flavor}': "
+                "local runs cannot be scheduled. Activate the k8s stack (`tapper stack up k8s`), where the schedule "
+                "becomes a Kubernetes CronJob, or run once now with --no-schedule."
+            )
+        cfg["schedule"] = sched
+    if orchestrator_flavor() == "local":
+        from pipelines.stacks import ensure_mlflow_local, resolve
+
+        tracker = _tracker_uri()
+        if tracker and tracker.startswith("sqlite:///"):
+            try:
+                spec = resolve("local")
+                if spec["components"]["experiment_tracker"]["config"]["tracking_uri"] == tracker:
+                    ensure_mlflow_local(spec)
+            except Exception:  # noqa: BLE001 - best effort; MLflow then uses its defaults
+                pass
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False, prefix="tapper-run-") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+        path = f.name
+    try:
+        return training.with_options(config_path=path)()
+    finally:
+        os.unlink(path)
+
+
+def _tracker_uri() -> str | None:
+    from zenml.client import Client
+
+    t = Client().active_stack.experiment_tracker
+    return getattr(t.config, "tracking_uri", None) if t is not None else None
+
+
+def pipeline_run_summary(run) -> dict[str, Any]:
+    steps = {name: str(s.status.value) + (" (cached)" if str(s.status.value) == "cached" else "") for name, s in run.steps.items()}
+    return {"run": run.name, "id": str(run.id), "status": str(run.status.value), "steps": steps}

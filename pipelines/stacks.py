@@ -1,0 +1,129 @@
+"""Register the stacks described in zenml.yaml (`tapper stack up local|k8s`)."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+STACKS_FILE = Path(__file__).resolve().parent.parent / "zenml.yaml"
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class StackConfigError(ValueError):
+    pass
+
+
+def project_root() -> Path:
+    return Path(os.environ.get("TAPPER_HOME") or os.getcwd()).resolve()
+
+
+def load_stacks(path: Path | None = None) -> dict:
+    return yaml.safe_load(Path(path or STACKS_FILE).read_text())["stacks"]
+
+
+def expand(value: Any, root: Path, missing: list[str]) -> Any:
+    if isinstance(value, dict):
+        return {k: expand(v, root, missing) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand(v, root, missing) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def repl(m: re.Match) -> str:
+        name, default = m.group(1), m.group(2)
+        got = os.environ.get(name, default)
+        if got is None:
+            missing.append(name)
+            return ""
+        return got
+
+    return _VAR.sub(repl, value.replace("{root}", str(root)))
+
+
+def resolve(name: str, path: Path | None = None) -> dict:
+    stacks = load_stacks(path)
+    if name not in stacks:
+        raise StackConfigError(f"no stack {name!r} in zenml.yaml; stacks: {', '.join(stacks)}")
+    missing: list[str] = []
+    spec = expand(stacks[name], project_root(), missing)
+    spec["missing_env"] = sorted(set(missing))
+    return spec
+
+
+def validate(spec: dict) -> list[str]:
+    """Check every component's config against its ZenML flavor's config class; returns problems."""
+    from zenml.client import Client
+    from zenml.enums import StackComponentType
+    from zenml.stack.flavor import Flavor
+
+    problems = []
+    client = Client()
+    for ctype, comp in spec["components"].items():
+        try:
+            model = client.get_flavor_by_name_and_type(comp["flavor"], StackComponentType(ctype))
+            Flavor.from_model(model).config_class(**comp.get("config", {}))
+        except Exception as err:  # noqa: BLE001 - report every problem, not just the first
+            problems.append(f"{ctype} {comp['name']} ({comp['flavor']}): {type(err).__name__}: {str(err).splitlines()[0]}")
+    return problems
+
+
+def stack_up(name: str, dry_run: bool = False, path: Path | None = None) -> str:
+    """Register (or update) the named stack's components and the stack itself, and activate it."""
+    from zenml.client import Client
+    from zenml.enums import StackComponentType
+
+    spec = resolve(name, path)
+    if spec["missing_env"]:
+        raise StackConfigError(f"stack {name!r} needs environment variables: {', '.join(spec['missing_env'])}")
+    problems = validate(spec)
+    if problems:
+        raise StackConfigError(f"stack {name!r} has invalid components:\n  " + "\n  ".join(problems))
+    if dry_run:
+        return f"stack {name!r}: configuration valid (dry run, nothing registered)"
+    client = Client()
+    components = {}
+    for ctype, comp in spec["components"].items():
+        t = StackComponentType(ctype)
+        config = comp.get("config", {})
+        try:
+            client.get_stack_component(t, comp["name"], allow_name_prefix_match=False)
+            client.update_stack_component(comp["name"], t, configuration=config)
+        except KeyError:
+            client.create_stack_component(comp["name"], comp["flavor"], t, config)
+        components[t] = comp["name"]
+    stack_name = f"tapper-{name}"
+    try:
+        client.get_stack(stack_name, allow_name_prefix_match=False)
+        client.update_stack(stack_name, component_updates={t: [n] for t, n in components.items()})
+    except KeyError:
+        client.create_stack(stack_name, components=components)
+    client.activate_stack(stack_name)
+    if spec.get("mlflow_artifacts"):
+        ensure_mlflow_local(spec)
+    return f"stack {stack_name!r} registered and active"
+
+
+def ensure_mlflow_local(spec: dict | None = None) -> None:
+    """Local MLflow: the SQLite DB's directory exists and the experiment stores artifacts in the project."""
+    spec = spec or resolve("local")
+    uri = spec["components"]["experiment_tracker"]["config"]["tracking_uri"]
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    art = Path(spec["mlflow_artifacts"])
+    art.mkdir(parents=True, exist_ok=True)
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    if client.get_experiment_by_name("training") is None:
+        client.create_experiment("training", artifact_location=art.as_uri())
+
+
+def active_stack_summary() -> dict:
+    from zenml.client import Client
+
+    stack = Client().active_stack_model
+    return {"name": stack.name, "components": {str(t.value): [c.name + f" ({c.flavor_name})" for c in cs]
+                                               for t, cs in stack.components.items()}}

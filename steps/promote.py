@@ -1,0 +1,223 @@
+"""Registration (MLflow + ZenML Model Control Plane) and metric-gated promotion.
+
+Promotion compares the new version's primary metric (accuracy / MAE / ROUGE-1,
+per task) with the current production version's *on the same evaluation
+data*: when the production version was evaluated on other data, it is
+re-evaluated on this run's evaluation split from its own artifacts. Only a
+strictly better model is promoted: ZenML stage `production` (the previous
+production version is archived) and MLflow alias `production` (the previous
+version gets alias `archived-<n>` and tag stage=archived). The decision and
+both figures are recorded as metadata on the model version and as an artifact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+from zenml import get_step_context, log_metadata, step
+from zenml.client import Client
+from zenml.enums import ModelStages
+from zenml.logger import get_logger
+
+from materializers.types import BackboneDir, EvalReport, PromotionDecision, TapPerState
+from tapper.experiment import PreparedData
+
+logger = get_logger(__name__)
+MLFLOW_MODEL_FILE = Path(__file__).with_name("mlflow_model.py")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v)
+    return out
+
+
+def _mlflow_tracker():
+    tracker = Client().active_stack.experiment_tracker
+    if tracker is None or tracker.flavor != "mlflow":
+        return None
+    return tracker
+
+
+@step(enable_cache=False)
+def register_model(
+    report: EvalReport, tapper_state: TapPerState, stage1_backbone: BackboneDir,
+    run: Optional[dict] = None, backbone: str = "", log_backbone: bool = False,
+) -> Annotated[dict, "registration"]:
+    """Log the run to MLflow (params, per-epoch losses, metrics, plots, model) and register the model;
+    record the metrics on this run's ZenML model version. Never cached: every run is a new version."""
+    from tapper.config import load_run_config
+
+    ctx = get_step_context()
+    mv = ctx.model
+    info: dict[str, Any] = {"zenml_model": mv.name, "zenml_version": str(mv.number)}
+    cfg = load_run_config({k: v for k, v in (run or {}).items()}).to_dict()
+    if _mlflow_tracker() is not None:
+        import mlflow
+
+        from materializers.evaluation import loss_plot_png
+
+        active = mlflow.active_run()
+        mlflow.log_params({**_flatten(cfg), "backbone": backbone, "task": report.task, "candidate": report.candidate,
+                           "eval_data_hash": report.eval_data_hash[:16], "zenml_model_version": str(mv.number)})
+        for stage, losses in report.losses.items():
+            for i, loss in enumerate(losses):
+                mlflow.log_metric(f"loss/{stage}", float(loss), step=i + 1)
+        for variant, ms in report.variants.items():
+            mlflow.log_metrics({f"{variant}/{k}": float(v) for k, v in ms.items()})
+        mlflow.log_metric(f"candidate/{report.primary_metric}", report.candidate_score)
+        mlflow.log_dict(asdict(report), "evaluation/report.json")
+        with tempfile.TemporaryDirectory(prefix="tapper-mlflow-") as tmp:
+            png = loss_plot_png(report.losses)
+            if png:
+                Path(tmp, "losses.png").write_bytes(png)
+                mlflow.log_artifact(str(Path(tmp, "losses.png")), "plots")
+            ref = Path(tmp, "backbone.json")
+            ref.write_text(json.dumps({"task": report.task, "uri": str(stage1_backbone.path), "spec": stage1_backbone.spec,
+                                       "weights_hash": stage1_backbone.weights_hash}))
+            artifacts = {"tapper_state": str(tapper_state.path), "backbone_ref": str(ref)}
+            if log_backbone:
+                artifacts["stage1_backbone"] = str(stage1_backbone.path)
+            name = mv.name
+            model_info = mlflow.pyfunc.log_model(
+                name="tapper", python_model=str(MLFLOW_MODEL_FILE), artifacts=artifacts,
+                registered_model_name=name, pip_requirements=["tapper"],
+                metadata={"task": report.task, "zenml_model_version": str(mv.number)},
+            )
+        version = str(model_info.registered_model_version)
+        client = mlflow.MlflowClient()
+        client.set_model_version_tag(name, version, "zenml_model_version", str(mv.number))
+        client.set_model_version_tag(name, version, f"{report.primary_metric}", f"{report.candidate_score:.6f}")
+        info.update({"mlflow_run_id": active.info.run_id if active else "", "mlflow_model": name, "mlflow_version": version,
+                     "mlflow_model_uri": model_info.model_uri, "tracking_uri": mlflow.get_tracking_uri()})
+        logger.info("MLflow: registered %s version %s (run %s)", name, version, info["mlflow_run_id"])
+    else:
+        logger.warning("the active stack has no MLflow experiment tracker: nothing logged to MLflow (run `tapper stack up local`)")
+    log_metadata(metadata={
+        "task": report.task, "primary_metric": report.primary_metric, "candidate_score": report.candidate_score,
+        "higher_is_better": report.higher_is_better, "eval_data_hash": report.eval_data_hash,
+        "eval_queries": report.eval_queries, "metrics": report.variants, "backbone": backbone,
+        "per_user_params": tapper_state.per_user_params, "shared_params": tapper_state.shared_params,
+        "backbone_hash": stage1_backbone.weights_hash, **{k: v for k, v in info.items() if k.startswith("mlflow")},
+    }, infer_model=True)
+    return info
+
+
+def is_better(new: float, old: float, higher_is_better: bool) -> bool:
+    return new > old if higher_is_better else new < old
+
+
+def production_score(prod, report: EvalReport, data: PreparedData, run: Optional[dict]) -> tuple[float | None, str]:
+    """The production version's primary metric on this run's evaluation data (recorded, or re-measured)."""
+    meta = prod.run_metadata or {}
+    if meta.get("eval_data_hash") == report.eval_data_hash and meta.get("candidate_score") is not None:
+        return float(meta["candidate_score"]), "recorded on the same evaluation data"
+    try:
+        from steps._core import evaluate_state, run_config
+
+        state: TapPerState = prod.get_artifact("tapper_state").load()
+        s1: BackboneDir = prod.get_artifact("stage1_backbone").load()
+        r = dict(run or {})
+        ev = evaluate_state(state, s1.path, data, run_config(data, r.get("seed", 0), eval=r.get("eval")))
+        return float(ev.metrics[report.primary_metric]), "re-evaluated on this run's evaluation data"
+    except Exception as err:  # noqa: BLE001 - any failure means the two cannot be compared
+        return None, f"production could not be evaluated on this run's data ({type(err).__name__}: {err})"
+
+
+def set_production(model_name: str, version: str, registration: dict | None, forced: bool) -> Optional[str]:
+    """ZenML stage + MLflow alias; returns the archived previous production version (ZenML number), if any."""
+    client = Client()
+    try:
+        previous = client.get_model_version(model_name, ModelStages.PRODUCTION)
+    except KeyError:
+        previous = None
+    mv = client.get_model_version(model_name, version)
+    mv.set_stage(ModelStages.PRODUCTION, force=True)  # force: the previous production version is archived
+    archived = str(previous.number) if previous is not None and previous.id != mv.id else None
+    reg = registration or dict(mv.run_metadata or {})
+    if _mlflow_tracker() is not None and reg.get("mlflow_model") and reg.get("mlflow_version"):
+        import mlflow
+
+        _mlflow_tracker().configure_mlflow()
+        mc = mlflow.MlflowClient()
+        name, mver = reg["mlflow_model"], str(reg["mlflow_version"])
+        try:
+            old = mc.get_model_version_by_alias(name, "production")
+        except Exception:  # noqa: BLE001 - no alias yet
+            old = None
+        if old is not None and str(old.version) != mver:
+            mc.set_model_version_tag(name, old.version, "stage", "archived")
+            mc.set_registered_model_alias(name, f"archived-{old.version}", old.version)
+        mc.set_registered_model_alias(name, "production", mver)
+        mc.set_model_version_tag(name, mver, "stage", "production")
+        mc.set_model_version_tag(name, mver, "promotion", "forced" if forced else "metric-gated")
+    return archived
+
+
+@step(enable_cache=False)
+def promote(report: EvalReport, registration: dict, data: PreparedData, run: Optional[dict] = None) -> Annotated[PromotionDecision, "promotion_decision"]:
+    """Promote this run's model version only if its primary metric beats production's on the same data."""
+    mv = get_step_context().model
+    client = Client()
+    try:
+        prod = client.get_model_version(mv.name, ModelStages.PRODUCTION)
+    except KeyError:
+        prod = None
+    new = report.candidate_score
+    decision = PromotionDecision(
+        model_name=mv.name, model_version=str(mv.number), promoted=False, reason="", metric=report.primary_metric,
+        higher_is_better=report.higher_is_better, candidate_score=new,
+        mlflow_model=registration.get("mlflow_model"), mlflow_version=registration.get("mlflow_version"),
+    )
+    if prod is None:
+        decision.promoted, decision.reason = True, "no production version yet: the first model becomes production"
+    else:
+        decision.production_version = str(prod.number)
+        old, how = production_score(prod, report, data, run)
+        decision.production_score = old
+        if old is None:
+            decision.reason = f"not promoted: {how}; promote by hand with `tapper promote {mv.number}` if intended"
+        elif is_better(new, old, report.higher_is_better):
+            decision.promoted = True
+            decision.reason = f"{report.primary_metric} {new:.4f} beats production v{prod.number}'s {old:.4f} ({how})"
+        else:
+            decision.reason = f"not promoted: {report.primary_metric} {new:.4f} does not beat production v{prod.number}'s {old:.4f} ({how})"
+    if decision.promoted:
+        decision.archived_version = set_production(mv.name, str(mv.number), registration, forced=False)
+    logger.info("promotion: %s", decision.reason)
+    log_metadata(metadata={"promotion": {k: v for k, v in asdict(decision).items() if v is not None}}, infer_model=True)
+    return decision
+
+
+def force_promote(model_name: str, version: str) -> PromotionDecision:
+    """`tapper promote <version>`: make a version production by hand; recorded as forced."""
+    client = Client()
+    mv = client.get_model_version(model_name, version)
+    meta = dict(mv.run_metadata or {})
+    try:
+        prod = client.get_model_version(model_name, ModelStages.PRODUCTION)
+    except KeyError:
+        prod = None
+    archived = set_production(model_name, str(mv.number), None, forced=True)
+    d = PromotionDecision(
+        model_name=model_name, model_version=str(mv.number), promoted=True, forced=True,
+        reason=f"forced by hand (tapper promote {mv.number}) by {os.environ.get('USER', 'unknown user')}",
+        metric=str(meta.get("primary_metric", "")), higher_is_better=bool(meta.get("higher_is_better", True)),
+        candidate_score=float(meta.get("candidate_score", float("nan"))),
+        production_version=str(prod.number) if prod is not None else None,
+        production_score=float((prod.run_metadata or {}).get("candidate_score")) if prod is not None and (prod.run_metadata or {}).get("candidate_score") is not None else None,
+        archived_version=archived, mlflow_model=meta.get("mlflow_model"),
+        mlflow_version=None if meta.get("mlflow_version") is None else str(meta.get("mlflow_version")),
+    )
+    log_metadata(metadata={"promotion_forced": {k: v for k, v in asdict(d).items() if v is not None}},
+                 model_name=model_name, model_version=str(mv.number))
+    return d
