@@ -211,8 +211,6 @@ def test_pq_only_reports_no_per_user_parameters(backbone):
     assert m.per_user_params() == 0 and not m.trainable_parameters()["user_table"]
 
 
-@pytest.mark.xfail(strict=True, reason="core: PrefixEncoder allocates and saves the |U|+1-row user table even with "
-                                       "use_pu=False (reported to the lead); remove this marker once fixed")
 def test_pq_only_stores_nothing_per_user(backbone):
     few = TapPer(load_backbone_dir(backbone.path).model, ["a", "b"], Stage2Config(use_pu=False))
     many = TapPer(load_backbone_dir(backbone.path).model, [f"u{i}" for i in range(50)], Stage2Config(use_pu=False))

@@ -39,7 +39,8 @@ class PrefixEncoder(nn.Module):
         proj_h = cfg.proj_hidden or d
         # Row 0 of the table is reserved for users never seen in training (kept at zero):
         # they get P_q only, which is what the P_q-only deployment mode serves.
-        self.user_table = nn.Embedding(n_users + 1, self.L * d)
+        # Without P_u (the P_q-only mode) nothing is stored per user: only the unknown row exists.
+        self.user_table = nn.Embedding((n_users if cfg.use_pu else 0) + 1, self.L * d)
         nn.init.normal_(self.user_table.weight, std=1.0)
         with torch.no_grad():
             self.user_table.weight[0].zero_()
