@@ -24,7 +24,9 @@ Design decision — which history the test queries' P_q sees at step t (OnlineCo
     so it keeps seeing the bootstrap half and its trajectory is exactly flat. A record is
     then never visible to P_q before it could have been trained on, as in a deployment where
     feedback reaches the record store and the model together. With `full`, every method
-    sees the query's whole LaMP profile at every step (Static is then flat too).
+    sees the query's whole LaMP profile at every step (Static is then flat too). LaMP queries
+    carry no date, so a query's date is its latest visible record's (DESIGN.md): the time gaps
+    are those "as of step t".
 Stage 1 is trained once on the Stage-1 users only, so no method sees a later-half record
 before its chunk.
 """
@@ -181,8 +183,10 @@ def eval_step(ocfg: OnlineConfig, method: str, t: int) -> int | None:
 
 def simulate_method(method: str, stage1_dir: Path, bootstrap_dir: Path, r0: dict[str, float], split: OnlineSplit,
                     data: PreparedData, cfg: RunConfig, ocfg: OnlineConfig, progress=False,
-                    on_step: StepLogger | None = None) -> Trajectory:
-    """One method's trajectory R_0..R_T from the bootstrap checkpoint (R_0 is shared)."""
+                    on_step: StepLogger | None = None, final_dir: Path | None = None) -> Trajectory:
+    """One method's trajectory R_0..R_T from the bootstrap checkpoint (R_0 is shared).
+
+    With `final_dir`, the method's model after the last chunk is saved there (TapPer.save)."""
     seed = cfg.seed if ocfg.seed is None else ocfg.seed
     traj = Trajectory(method, [dict(r0)])
     if on_step:
@@ -202,7 +206,7 @@ def simulate_method(method: str, stage1_dir: Path, bootstrap_dir: Path, r0: dict
                 lambda_lr=ocfg.lambda_lr, batch_size=ocfg.batch_size, seed=seed * 1000 + t, progress=progress,
             )
             cost = {"params_touched": rep.params_touched, "seconds": rep.seconds, "n_examples": rep.n_examples,
-                    "steps": rep.steps, "users": len(rep.users)}
+                    "steps": rep.steps, "users": len(rep.users), "losses": rep.losses}
         elif method == "full-retrain":
             fresh = load_backbone_dir(stage1_dir)
             res = train_stage2(fresh.model, fresh.tokenizer, data.task, split.seen_examples(t), split.users, cfg.stage2, cache,
@@ -211,7 +215,7 @@ def simulate_method(method: str, stage1_dir: Path, bootstrap_dir: Path, r0: dict
             groups = model.trainable_parameters()
             cost = {"params_touched": sum(p.numel() for ps in groups.values() for p in ps),
                     "seconds": time.perf_counter() - t0, "n_examples": res.n_examples,
-                    "steps": steps_for(res.n_examples, cfg.stage2.batch_size, cfg.stage2.epochs)}
+                    "steps": steps_for(res.n_examples, cfg.stage2.batch_size, cfg.stage2.epochs), "losses": res.losses}
         else:
             raise ValueError(f"unknown method {method!r}")
         cost["seconds"] = round(cost["seconds"], 4)
@@ -221,6 +225,8 @@ def simulate_method(method: str, stage1_dir: Path, bootstrap_dir: Path, r0: dict
         traj.metrics.append(metrics)
         if on_step:
             on_step(method, t, split.fractions[t], metrics)
+    if final_dir is not None and model is not None:
+        model.save(final_dir)
     return traj
 
 
@@ -287,10 +293,12 @@ def run_online(
 def simulate(stage1_dir: Path, data: PreparedData, cfg: RunConfig, ocfg: OnlineConfig, out_dir: Path,
              progress: bool = True, on_step: StepLogger | None = None, extra: dict | None = None) -> dict:
     """Everything after Stage 1 (what a pipeline step with a cached Stage-1 backbone calls):
-    the stream split, the bootstrap checkpoint in out_dir/bootstrap, each method's trajectory."""
+    the stream split, the bootstrap checkpoint in out_dir/bootstrap, each method's trajectory and
+    its model after the last chunk in out_dir/final/<method>."""
     split = stream_split(data, ocfg.chunks)
     boot_dir, r0, boot_seconds = train_bootstrap(stage1_dir, split, data, cfg, ocfg, Path(out_dir) / "bootstrap", progress)
-    trajectories = {m: simulate_method(m, stage1_dir, boot_dir, r0, split, data, cfg, ocfg, progress, on_step) for m in ocfg.methods}
+    trajectories = {m: simulate_method(m, stage1_dir, boot_dir, r0, split, data, cfg, ocfg, progress, on_step,
+                                       Path(out_dir) / "final" / m) for m in ocfg.methods}
     return trajectories_report(split, trajectories, data.task, {
         **(extra or {}),
         "bootstrap": {"metrics": r0, "seconds": round(boot_seconds, 4)},
