@@ -4,7 +4,7 @@
     tapper online       streaming-feedback simulation (Static / Online-Emb / Online-Full / Full-Retrain)
     tapper build        LaMP-format datasets from real or synthetic data
     (ZenML commands — train, promote, lineage, dashboard, stack — register
-    themselves from tapper_cli_zenml when ZenML is importable.)
+    themselves from pipelines/cli_commands.py; ZenML is imported only when one runs.)
 """
 from __future__ import annotations
 
@@ -114,12 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_builders(sub)
 
-    try:
-        from tapper_cli_zenml import register as register_zenml  # noqa: F401  (added by the workflow package)
-    except ImportError:
-        register_zenml = None
-    if register_zenml:
-        register_zenml(sub)
+    from pipelines.cli_commands import register as register_zenml
+
+    register_zenml(sub)
     return parser
 
 

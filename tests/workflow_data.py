@@ -12,12 +12,14 @@ from tapper.data.types import LampDataset, Query, Record
 WORDS = ["market", "team", "recipe", "vote", "school", "flight", "court", "film", "church", "gene", "diet", "style"]
 
 
-def make_lamp_2n(directory: Path, users: int = 8, records: int = 6, queries: int = 2, seed: int = 0) -> tuple[Path, Path]:
+def make_lamp_2n(directory: Path, users: int = 8, records: int = 6, queries: int = 2, seed: int = 0,
+                 n_favorites: int = 4) -> tuple[Path, Path]:
+    """Users favour one of `n_favorites` categories (80% of their records); queries ask for the favourite."""
     rng = random.Random(seed)
     labels = list(LAMP_2N_LABELS)
     ds = LampDataset(task="LaMP_2N")
     for u in range(users):
-        fav = labels[u % 4]
+        fav = labels[u % n_favorites]
         profile = []
         day = dt.date(2020, 1, 1) + dt.timedelta(days=u)
         for r in range(records + u % 3):
