@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tapper.builders.cli import register as register_builders
 
     register_builders(sub)
+    from tapper.analysis.cli import register as register_analysis
+
+    register_analysis(sub)
 
     from pipelines.cli_commands import register as register_zenml
 
