@@ -222,3 +222,25 @@ def test_tapper_stores_L_times_d_per_user(backbone):
     few = TapPer(load_backbone_dir(backbone.path).model, ["a", "b"], cfg)
     more = TapPer(load_backbone_dir(backbone.path).model, ["a", "b", "c"], dataclasses.replace(cfg))
     assert _stored_numel(more) - _stored_numel(few) == cfg.prefix_len * few.d == few.per_user_params()
+
+
+def test_experiment_cli_runs_baselines_into_metrics_and_predictions(tmp_path):
+    """`tapper experiment --variants ...` evaluates exactly the named baselines on one split (issue 4, item 6)."""
+    from tapper.cli import main
+    from workflow_data import make_lamp_2n
+
+    q, o = make_lamp_2n(tmp_path / "data", users=5, records=4, queries=1)
+    out = tmp_path / "run"
+    rc = main(["experiment", "--questions", str(q), "--outputs", str(o), "--out", str(out), "--stage2-users", "2",
+               "--variants", "rag-k1,pag-k0,oppu", "--no-progress", "--set", "stage1.epochs=1", "--set", "stage1.max_examples=16",
+               "--set", "stage2.epochs=1", "--set", "eval.max_new_tokens=3"])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["variants"]) == ["rag-k1", "pag-k0", "oppu"]
+    assert {p.name for p in (out / "predictions").iterdir()} == {"rag-k1.json", "pag-k0.json", "oppu.json"}
+    assert metrics["params"]["oppu"]["per_user"] > 0 and metrics["params"]["rag-k1"]["per_user"] == 0
+    golds = json.loads((out / "predictions" / "oppu.json").read_text())["golds"]
+    assert len(golds) == metrics["data"]["eval_queries"]
+    assert len(list((out / "oppu" / "oppu" / "users").glob("*.safetensors"))) == 2
+    audit = json.loads((out / "baselines" / "rag-k1" / "prompts.json").read_text())
+    assert all(len(ids) == 1 for ids in audit["retrieved"].values())
