@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tapper.analysis.cli import register as register_analysis
 
     register_analysis(sub)
+    from deploy.serve import register as register_serve  # serve, bundle (heavy imports inside the commands)
+
+    register_serve(sub)
 
     from pipelines.cli_commands import register as register_zenml
 

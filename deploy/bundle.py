@@ -1,0 +1,275 @@
+"""The model bundle: one directory that holds everything needed to serve a trained TAP-PER model.
+
+Layout (format version 1)::
+
+    <bundle>/
+      model.json       {"format": "tapper-bundle", "format_version": 1, "task": "LaMP_2N",
+                        "input_template": null | "<the task's wording the data used>",
+                        "version": "<model version, e.g. the ZenML model version>",
+                        "backbone_hash": "<weights hash of stage1/>", "per_user_params": ..,
+                        "users": <rows in the table>, "created_at": "<UTC ISO time>", "source": {...}}
+      stage1/          the merged Stage-1 backbone, a Hugging Face directory (config, safetensors, tokenizer)
+      tapper/          TapPer.save(): prefix.safetensors + tapper_config.json
+      histories.json   optional: {user_id: [LaMP profile items {id, date?, <task fields>}]}, the histories the
+                       server starts from (the Stage-2 users' records); feedback adds to them
+
+A bundle is immutable once written: `export_bundle` builds it in a sibling temporary directory and renames it
+into place, so a reader never sees half a bundle. Online updates never write into a bundle; the server keeps
+its live state (updated user table + history store) in a separate state directory (deploy.service).
+
+The promotion step calls `export_bundle(stage1_dir, state_dir, task_name, out_dir, version=...)`.
+`bundle_from_mlflow("models:/<name>@production", out_dir)` builds the same bundle from the MLflow registry
+(the pyfunc model logged by steps/promote.py: artifacts tapper_state/, backbone.json, stage1_backbone/).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from tapper.atomic import atomic_write_json
+from tapper.data import get_task
+from tapper.data.chronology import parse_lamp_date
+from tapper.data.types import Record
+
+FORMAT = "tapper-bundle"
+FORMAT_VERSION = 1
+META_FILE = "model.json"
+STAGE1_DIR = "stage1"
+STATE_DIR = "tapper"
+HISTORIES_FILE = "histories.json"
+STATE_FILES = ("prefix.safetensors", "tapper_config.json")
+
+
+class BundleError(ValueError):
+    """A bundle (or what it is built from) is missing a part or is inconsistent. Names the path."""
+
+
+@dataclass
+class BundleInfo:
+    path: Path
+    task: str
+    version: str
+    backbone_hash: str
+    input_template: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def stage1_dir(self) -> Path:
+        return self.path / STAGE1_DIR
+
+    @property
+    def state_dir(self) -> Path:
+        return self.path / STATE_DIR
+
+    @property
+    def histories_file(self) -> Path:
+        return self.path / HISTORIES_FILE
+
+    def task_spec(self):
+        """The TaskSpec, with the input wording the training data used (e.g. MovieLens-built LaMP_3)."""
+        spec = get_task(self.task)
+        if self.input_template and self.input_template != spec.input_template:
+            if self.input_template not in spec.alternative_templates:
+                raise BundleError(f"{self.path / META_FILE}: input_template is not a known wording of {self.task}")
+            others = tuple(t for t in (spec.input_template, *spec.alternative_templates) if t != self.input_template)
+            spec = replace(spec, input_template=self.input_template, alternative_templates=others)
+        return spec
+
+
+# --- records <-> LaMP profile items ----------------------------------------------------------------
+
+def record_to_json(record: Record) -> dict[str, Any]:
+    item: dict[str, Any] = {"id": record.id, **record.fields}
+    if record.raw_date is not None:
+        item["date"] = record.raw_date
+    elif record.date is not None:
+        item["date"] = record.date.isoformat()
+    return item
+
+
+def record_from_json(item: Mapping[str, Any], where: str = "record") -> Record:
+    if "id" not in item:
+        raise BundleError(f"{where}: missing 'id'")
+    raw = item.get("date")
+    try:
+        date = parse_lamp_date(raw)
+    except ValueError as err:
+        raise BundleError(f"{where}, field 'date': {err}") from None
+    fields = {k: str(v) for k, v in item.items() if k not in ("id", "date") and v is not None}
+    return Record(id=str(item["id"]), fields=fields, date=date, raw_date=None if raw is None else str(raw))
+
+
+def histories_to_json(histories: Mapping[str, Sequence[Record]]) -> dict[str, list[dict]]:
+    return {str(u): [record_to_json(r) for r in recs] for u, recs in histories.items()}
+
+
+def histories_from_json(obj: Any, where: str) -> dict[str, list[Record]]:
+    if not isinstance(obj, dict):
+        raise BundleError(f"{where}: expected an object {{user_id: [records]}}")
+    return {str(u): [record_from_json(r, f"{where}, user {u!r} record [{i}]") for i, r in enumerate(recs)]
+            for u, recs in obj.items()}
+
+
+# --- export ----------------------------------------------------------------------------------------
+
+def export_bundle(
+    stage1_dir: str | os.PathLike,
+    state_dir: str | os.PathLike,
+    task_name: str,
+    out_dir: str | os.PathLike,
+    *,
+    version: str | None = None,
+    histories: Mapping[str, Sequence[Record]] | None = None,
+    input_template: str | None = None,
+    source: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> BundleInfo:
+    """Write a serving bundle at `out_dir` from a merged Stage-1 backbone dir and a TapPer state dir.
+
+    `version` names the model version (default: the state's backbone hash prefix); `histories` are the users'
+    known records (e.g. the Stage-2 users' histories) the server starts from; `source` is free metadata
+    (ZenML model/version, MLflow run) recorded in model.json. The bundle is written to a temporary sibling and
+    renamed into place; an existing `out_dir` is an error unless `overwrite`.
+    """
+    stage1_dir, state_dir, out_dir = Path(stage1_dir), Path(state_dir), Path(out_dir)
+    spec = get_task(task_name)  # unknown task names fail here, before anything is copied
+    if not (stage1_dir / "config.json").is_file():
+        raise BundleError(f"{stage1_dir}: not a Hugging Face model directory (no config.json)")
+    for name in STATE_FILES:
+        if not (state_dir / name).is_file():
+            raise BundleError(f"{state_dir}: not a TapPer state directory (no {name})")
+    if input_template and input_template != spec.input_template and input_template not in spec.alternative_templates:
+        raise BundleError(f"input_template is not a known wording of {spec.name}")
+    if out_dir.exists() and not overwrite:
+        raise BundleError(f"{out_dir} exists (pass overwrite=True to replace it)")
+    state_meta = json.loads((state_dir / "tapper_config.json").read_text())
+    backbone_hash = state_meta.get("backbone_hash", "")
+    meta = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "task": spec.name,
+        "input_template": input_template if input_template and input_template != spec.input_template else None,
+        "version": str(version) if version is not None else (backbone_hash[:12] or "unversioned"),
+        "backbone_hash": backbone_hash, "users": len(state_meta.get("user_ids", [])),
+        "prefix_len": state_meta.get("stage2", {}).get("prefix_len"), "d": state_meta.get("d"),
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": dict(source or {}),
+    }
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    try:
+        shutil.copytree(stage1_dir, tmp / STAGE1_DIR)
+        (tmp / STATE_DIR).mkdir()
+        for name in STATE_FILES:
+            shutil.copy2(state_dir / name, tmp / STATE_DIR / name)
+        if histories:
+            atomic_write_json(tmp / HISTORIES_FILE, histories_to_json(histories))
+        atomic_write_json(tmp / META_FILE, meta)  # last: a bundle with model.json is complete
+        os.chmod(tmp, 0o755)
+        if out_dir.exists():
+            old = out_dir.with_name(out_dir.name + f".old-{os.getpid()}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return read_bundle(out_dir)
+
+
+def read_bundle(path: str | os.PathLike) -> BundleInfo:
+    """Check a bundle's layout and read model.json (no model is loaded)."""
+    path = Path(path)
+    meta_file = path / META_FILE
+    if not meta_file.is_file():
+        raise BundleError(f"{path}: not a tapper bundle (no {META_FILE}); expected {META_FILE}, {STAGE1_DIR}/, {STATE_DIR}/")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as err:
+        raise BundleError(f"{meta_file}: not valid JSON: {err}") from None
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"{meta_file}: format {meta.get('format')!r} v{meta.get('format_version')!r}, "
+                          f"this server reads {FORMAT!r} v{FORMAT_VERSION}")
+    for key in ("task", "version"):
+        if not isinstance(meta.get(key), str) or not meta[key]:
+            raise BundleError(f"{meta_file}: field {key!r} missing or not a string")
+    if not (path / STAGE1_DIR / "config.json").is_file():
+        raise BundleError(f"{path / STAGE1_DIR}: missing or not a Hugging Face model directory")
+    for name in STATE_FILES:
+        if not (path / STATE_DIR / name).is_file():
+            raise BundleError(f"{path / STATE_DIR}: missing {name}")
+    info = BundleInfo(path=path, task=meta["task"], version=meta["version"], backbone_hash=meta.get("backbone_hash", ""),
+                      input_template=meta.get("input_template"), meta=meta)
+    info.task_spec()  # unknown task / wording fails here
+    return info
+
+
+def read_histories(info: BundleInfo) -> dict[str, list[Record]]:
+    if not info.histories_file.is_file():
+        return {}
+    return histories_from_json(json.loads(info.histories_file.read_text()), str(info.histories_file))
+
+
+# --- MLflow registry -------------------------------------------------------------------------------
+
+def bundle_from_mlflow_dir(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, version: str | None = None,
+                           overwrite: bool = False) -> BundleInfo:
+    """Bundle from a downloaded MLflow pyfunc model directory (the layout steps/promote.py logs)."""
+    import yaml
+
+    model_dir = Path(model_dir)
+    mlmodel = model_dir / "MLmodel"
+    if not mlmodel.is_file():
+        raise BundleError(f"{model_dir}: not an MLflow model directory (no MLmodel)")
+    conf = yaml.safe_load(mlmodel.read_text()) or {}
+    arts = (conf.get("flavors", {}).get("python_function", {}) or {}).get("artifacts", {}) or {}
+
+    def art(name: str) -> Path | None:
+        entry = arts.get(name)
+        return model_dir / entry["path"] if entry else None
+
+    state, ref_file = art("tapper_state"), art("backbone_ref")
+    if state is None or ref_file is None:
+        raise BundleError(f"{mlmodel}: not a tapper model (artifacts tapper_state and backbone_ref expected, got {sorted(arts)})")
+    ref = json.loads(ref_file.read_text())
+    stage1 = art("stage1_backbone")
+    if stage1 is None:
+        uri = str(ref.get("uri", ""))
+        if not uri or not Path(uri).is_dir():
+            raise BundleError(
+                f"{mlmodel}: the model was registered without its Stage-1 backbone (log_backbone=False) and the "
+                f"backbone's artifact-store location {uri!r} is not a local directory here; register with "
+                "log_backbone=True, or mount the artifact store, or export the bundle from the pipeline instead")
+        stage1 = Path(uri)
+    meta = conf.get("metadata") or {}
+    return export_bundle(stage1, state, ref["task"], out_dir, version=version or meta.get("zenml_model_version"),
+                         source={"mlflow_model_dir": str(model_dir), **{k: str(v) for k, v in meta.items()}},
+                         overwrite=overwrite)
+
+
+def bundle_from_mlflow(model_uri: str, out_dir: str | os.PathLike, *, overwrite: bool = False) -> BundleInfo:
+    """Download `models:/<name>@<alias>` (or any MLflow model URI) and write it as a bundle at `out_dir`.
+
+    Uses the ambient MLflow configuration (MLFLOW_TRACKING_URI and credentials).
+    """
+    import mlflow
+
+    version = None
+    if model_uri.startswith("models:/") and "@" in model_uri:
+        name, alias = model_uri[len("models:/"):].split("@", 1)
+        mv = mlflow.MlflowClient().get_model_version_by_alias(name, alias)
+        version = f"{name}/{mv.version}"
+    with tempfile.TemporaryDirectory(prefix="tapper-mlflow-") as tmp:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
+        info = bundle_from_mlflow_dir(local, out_dir, version=version, overwrite=overwrite)
+    meta = dict(info.meta)
+    meta["source"] = {**meta.get("source", {}), "mlflow_model_uri": model_uri}
+    meta["source"].pop("mlflow_model_dir", None)
+    atomic_write_json(info.path / META_FILE, meta)
+    return read_bundle(info.path)

@@ -1,0 +1,106 @@
+"""`tapper serve` and `tapper bundle`: serve a model bundle over HTTP, or build one.
+
+    tapper serve --model-dir DIR [--state-dir DIR] [--host 0.0.0.0] [--port 8080]
+    tapper serve --model-uri models:/tapper-LaMP_2N@production --model-dir DIR   # fetch from MLflow first
+    tapper bundle --stage1 DIR --state DIR --task LaMP_2N --out DIR [--version V]
+    python -m deploy.serve ...                                                    # the same, without the tapper CLI
+
+Settings also come from the environment (TAPPER_MODEL_DIR, TAPPER_STATE_DIR, TAPPER_FEEDBACK_EPOCHS,
+TAPPER_FEEDBACK_STEPS, TAPPER_FEEDBACK_LR, TAPPER_MAX_NEW_TOKENS, TAPPER_VERIFY_BACKBONE, TAPPER_TORCH_THREADS,
+TAPPER_ADMIN_TOKEN); flags win over the environment.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model bundle over HTTP (FastAPI: /health /info /predict /feedback /reload)",
+                       description="Serve a TAP-PER model bundle (deploy/bundle.py layout: model.json, stage1/, tapper/). "
+                                   "Feedback state (updated user rows, history store) is written to --state-dir.")
+    p.add_argument("--model-dir", default=os.environ.get("TAPPER_MODEL_DIR"), help="bundle directory (env TAPPER_MODEL_DIR)")
+    p.add_argument("--model-uri", default=os.environ.get("TAPPER_MODEL_URI"),
+                   help="MLflow model URI, e.g. models:/tapper-LaMP_2N@production: downloaded into --model-dir as a bundle "
+                        "first when --model-dir holds no bundle (env TAPPER_MODEL_URI)")
+    p.add_argument("--state-dir", default=None, help="writable live-state directory (env TAPPER_STATE_DIR; default MODEL_DIR/live)")
+    p.add_argument("--host", default=os.environ.get("TAPPER_HOST", "127.0.0.1"), help="bind address (default: %(default)s)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("TAPPER_PORT", 8080)), help="port (default: %(default)s)")
+    p.add_argument("--feedback-epochs", type=float, default=None, help="Online-Emb epochs over a feedback's examples (default 1)")
+    p.add_argument("--feedback-steps", type=int, default=None, help="or exactly this many optimizer steps per feedback")
+    p.add_argument("--feedback-lr", type=float, default=None, help="Online-Emb learning rate (default: the model's Stage-2 lr)")
+    p.add_argument("--no-verify-backbone", action="store_true", help="skip hashing stage1/ against the state's backbone hash")
+    p.add_argument("--log-level", default=os.environ.get("TAPPER_LOG_LEVEL", "info"))
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bundle", help="write a serving bundle from a Stage-1 backbone dir and a TapPer state dir",
+                       description="Write a serving bundle (model.json, stage1/, tapper/, histories.json) at --out, atomically. "
+                                   "Or, with --model-uri, from the MLflow registry.")
+    p.add_argument("--stage1", help="merged Stage-1 backbone directory (Hugging Face format)")
+    p.add_argument("--state", help="TapPer state directory (prefix.safetensors + tapper_config.json)")
+    p.add_argument("--task", help="LaMP task name, e.g. LaMP_2N")
+    p.add_argument("--model-uri", help="instead: an MLflow model URI such as models:/tapper-LaMP_2N@production")
+    p.add_argument("--version", help="model version recorded in model.json")
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    p.set_defaults(func=cmd_bundle)
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from deploy.bundle import bundle_from_mlflow, export_bundle
+
+    if args.model_uri:
+        info = bundle_from_mlflow(args.model_uri, args.out, overwrite=args.overwrite)
+    else:
+        missing = [f"--{n}" for n in ("stage1", "state", "task") if not getattr(args, n)]
+        if missing:
+            raise ValueError(f"tapper bundle needs {', '.join(missing)} (or --model-uri)")
+        info = export_bundle(args.stage1, args.state, args.task, args.out, version=args.version, overwrite=args.overwrite)
+    print(f"wrote bundle {info.path} (task {info.task}, version {info.version})")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import torch
+    import uvicorn
+
+    from deploy.app import create_app
+    from deploy.bundle import META_FILE, bundle_from_mlflow
+    from deploy.service import ServeConfig
+
+    if not args.model_dir:
+        raise ValueError("no model bundle: pass --model-dir DIR or set TAPPER_MODEL_DIR")
+    if args.model_uri and not (Path(args.model_dir) / META_FILE).exists():
+        bundle_from_mlflow(args.model_uri, args.model_dir)
+    threads = os.environ.get("TAPPER_TORCH_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = ServeConfig.from_env(model_dir=args.model_dir, state_dir=args.state_dir, feedback_epochs=args.feedback_epochs,
+                               feedback_steps=args.feedback_steps, feedback_lr=args.feedback_lr,
+                               **({"verify_backbone": False} if args.no_verify_backbone else {}))
+    # One process per replica: the model lives in memory; scale with replicas (they share --state-dir safely).
+    uvicorn.run(create_app(cfg), host=args.host, port=args.port, log_level=args.log_level.lower(), workers=1)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = argparse.ArgumentParser(prog="python -m deploy.serve")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"tapper: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""Serving: a real uvicorn server on a tiny trained bundle, real HTTP requests.
+
+Covers the bundle layout, /health, /info, /predict for known and unknown users, /feedback (only that user's
+row changes on disk, new users get a row, the generation is written atomically and survives a restart),
+another replica picking the generation up, rollback when writing fails, and 4xx errors naming the field.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model_fixtures import TASK, corpus, tiny_examples
+from deploy.bundle import BundleError, export_bundle, read_bundle, read_histories
+from deploy.service import CURRENT_FILE, ServeConfig, TapperService
+from tapper.config import Stage1Config, Stage2Config
+from tapper.model.backbone import load_backbone, load_backbone_dir
+from tapper.model.embedding_cache import EmbeddingCache
+from tapper.train.stage1 import train_stage1
+from tapper.train.stage2 import train_stage2
+
+TABLE = "prefix.user_table.weight"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny Stage-1 backbone dir + Stage-2 state dir + the users' histories (seconds)."""
+    root = tmp_path_factory.mktemp("trained")
+    train, evals, users = tiny_examples(n_users=4, n_hist=4)
+    bb = load_backbone("tiny", texts=corpus(train, evals))
+    s1 = train_stage1(load_backbone_dir(bb.path), TASK, train, Stage1Config(epochs=1, batch_size=16), root / "stage1", progress=False)
+    s1bb = load_backbone_dir(s1.path)
+    cache = EmbeddingCache(root / "cache", s1bb.model, s1bb.tokenizer)
+    res = train_stage2(s1bb.model, s1bb.tokenizer, TASK, train, users, Stage2Config(epochs=1, batch_size=16, lr=1e-2), cache,
+                       backbone_hash=s1.weights_hash, progress=False)
+    res.model.save(root / "state")
+    histories = {e.user_id: e.history for e in evals}
+    return {"stage1": s1.path, "state": root / "state", "users": users, "histories": histories, "evals": evals}
+
+
+@pytest.fixture(scope="module")
+def bundle(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundles") / "b1"
+    return export_bundle(trained["stage1"], trained["state"], "LaMP_2N", out, version="test-1",
+                         histories=trained["histories"], source={"zenml_model_version": "1"})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Client:
+    def __init__(self, base: str):
+        self.base = base
+
+    def call(self, method: str, path: str, body=None) -> tuple[int, dict]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base + path, data=data, method=method, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+
+@pytest.fixture(scope="module")
+def server(bundle, tmp_path_factory):
+    """uvicorn on 127.0.0.1:<free port> in a thread of this process (the model modules are already imported)."""
+    import uvicorn
+
+    from deploy.app import create_app
+
+    state = tmp_path_factory.mktemp("live")
+    cfg = ServeConfig(model_dir=bundle.path, state_dir=state, feedback_steps=3, feedback_lr=0.05, sync_seconds=0)
+    app = create_app(cfg)
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    client = Client(f"http://127.0.0.1:{port}")
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if client.call("GET", "/health")[0] == 200:
+                break
+        except OSError:
+            pass
+        time.sleep(0.1)
+    else:
+        pytest.fail("server did not become healthy in 60 s")
+    yield {"client": client, "state": state, "cfg": cfg, "app": app}
+    srv.should_exit = True
+    th.join(timeout=10)
+
+
+def _record(rid: str, date: str, category: str = "politics") -> dict:
+    return {"id": rid, "date": date, "text": f"story {rid}", "title": f"title {rid}", "category": category}
+
+
+# --- bundle ------------------------------------------------------------------------------------------
+
+
+def test_bundle_layout_and_checks(bundle, trained, tmp_path):
+    info = read_bundle(bundle.path)
+    assert info.task == "LaMP_2N" and info.version == "test-1"
+    assert (bundle.path / "stage1" / "config.json").is_file() and (bundle.path / "tapper" / "prefix.safetensors").is_file()
+    meta = json.loads((bundle.path / "model.json").read_text())
+    assert meta["format"] == "tapper-bundle" and meta["users"] == 4 and meta["source"] == {"zenml_model_version": "1"}
+    assert meta["backbone_hash"] == json.loads((trained["state"] / "tapper_config.json").read_text())["backbone_hash"]
+    assert set(read_histories(info)) == set(trained["users"])
+    assert not [p for p in bundle.path.parent.iterdir() if ".tmp-" in p.name]  # built aside, renamed into place
+    with pytest.raises(BundleError, match="exists"):
+        export_bundle(trained["stage1"], trained["state"], "LaMP_2N", bundle.path)
+    with pytest.raises(BundleError, match="no prefix.safetensors"):
+        export_bundle(trained["stage1"], tmp_path, "LaMP_2N", tmp_path / "x")
+    with pytest.raises(ValueError):
+        export_bundle(trained["stage1"], trained["state"], "LaMP_99", tmp_path / "y")
+    with pytest.raises(BundleError, match="no model.json"):
+        read_bundle(tmp_path)
+
+
+# --- HTTP --------------------------------------------------------------------------------------------
+
+
+def test_health_and_info(server, trained):
+    c = server["client"]
+    code, body = c.call("GET", "/health")
+    assert code == 200 and body["status"] == "ok" and body["model_version"] == "test-1"
+    code, info = c.call("GET", "/info")
+    assert code == 200
+    assert info["task"] == "LaMP_2N" and info["model_version"] == "test-1" and len(info["backbone_hash"]) == 64
+    assert info["users"][:4] == trained["users"] and info["per_user_params"] == 8 * 128 and info["shared_params"] > 0
+    assert info["feedback"]["mode"] == "emb"
+
+
+def test_predict_known_and_unknown_user(server, trained):
+    c = server["client"]
+    known = trained["users"][0]
+    q = trained["evals"][0]
+    code, body = c.call("POST", "/predict", {"user_id": known, "input": q.input, "id": "q1"})
+    assert code == 200, body
+    assert body["id"] == "q1" and body["known_user"] and body["user_row"] == 1 and isinstance(body["prediction"], str)
+    assert body["history_used"] == len(trained["histories"][known])  # the server's history store
+    # Unknown user: row 0 (P_q only), from the history sent with the request (not stored).
+    hist = [_record("h1", "2021-01-01"), _record("h2", "2021-02-01")]
+    code, body = c.call("POST", "/predict", {"user_id": "stranger", "fields": {"text": "a story"}, "history": hist})
+    assert code == 200, body
+    assert not body["known_user"] and body["user_row"] == 0 and body["history_used"] == 2 and body["history_stored"] == 0
+    # Deterministic: same request, same answer.
+    again = c.call("POST", "/predict", {"user_id": "stranger", "fields": {"text": "a story"}, "history": hist})[1]
+    assert again["prediction"] == body["prediction"]
+
+
+def test_feedback_changes_only_that_users_row_and_persists_atomically(server, bundle, trained):
+    c, state = server["client"], server["state"]
+    user = trained["users"][1]
+    before = load_file(bundle.path / "tapper" / "prefix.safetensors")
+    last = max(r.date for r in trained["histories"][user]).isoformat()
+    code, body = c.call("POST", "/feedback", {"user_id": user, "records": [_record("fb1", last, "sports"), _record("fb2", "2030-01-01", "sports")]})
+    assert code == 200, body
+    assert body["updated"] and body["report"]["users"] == [user] and body["report"]["steps"] == 3
+    assert body["history_stored"] == len(trained["histories"][user]) + 2
+    cur = json.loads((state / CURRENT_FILE).read_text())
+    gen = state / cur["generation"]
+    assert cur["generation"] == body["generation"] == "gen-000001"
+    assert {p.name for p in gen.iterdir()} == {"tapper", "histories.json", "meta.json"}
+    assert not [p for p in state.iterdir() if ".tmp" in p.name]  # nothing half-written left behind
+    after = load_file(gen / "tapper" / "prefix.safetensors")
+    assert set(after) == set(before)
+    assert [k for k in before if not torch.equal(before[k], after[k])] == [TABLE]  # no shared tensor moved
+    row = 1 + trained["users"].index(user)
+    diff = {i for i in range(before[TABLE].shape[0]) if not torch.equal(before[TABLE][i], after[TABLE][i])}
+    assert diff == {row}
+    hist = json.loads((gen / "histories.json").read_text())[user]
+    assert [r["id"] for r in hist[-2:]] == ["fb1", "fb2"]
+    assert c.call("GET", "/info")[1]["generation"] == "gen-000001"
+
+
+def test_feedback_for_a_new_user_adds_a_row(server, trained):
+    c, state = server["client"], server["state"]
+    code, body = c.call("POST", "/feedback", {"user_id": "newbie", "records": [_record("n1", "2022-01-01"), _record("n2", "2022-02-01")]})
+    assert code == 200, body
+    assert body["report"]["new_users"] == ["newbie"] and body["user_row"] == len(trained["users"]) + 1
+    gen = state / json.loads((state / CURRENT_FILE).read_text())["generation"]
+    table = load_file(gen / "tapper" / "prefix.safetensors")[TABLE]
+    assert table.shape[0] == len(trained["users"]) + 2 and table[-1].abs().sum() > 0  # zero-initialised, then trained
+    assert json.loads((gen / "tapper" / "tapper_config.json").read_text())["user_ids"][-1] == "newbie"
+    code, pred = c.call("POST", "/predict", {"user_id": "newbie", "fields": {"text": "x"}})
+    assert pred["known_user"] and pred["history_used"] == 2
+
+
+def test_bad_input_is_422_naming_the_field(server):
+    c = server["client"]
+    cases = [
+        ("/predict", {"input": "x"}, ["body", "user_id"]),
+        ("/predict", {"user_id": "u", "input": "x", "date": "03/04/2021"}, ["body", "date"]),
+        ("/predict", {"user_id": "u", "input": "x", "temperature": 2}, ["body", "temperature"]),
+        ("/predict", {"user_id": "u"}, ["body", "input"]),
+        ("/predict", {"user_id": "u", "fields": {"title": "t"}}, ["body", "fields", "text"]),
+        ("/predict", {"user_id": "u", "input": "x", "history": [{"id": "h", "text": "t", "title": "t", "date": "2021-13-01"}]},
+         ["body", "history", 0, "date"]),
+        ("/predict", {"user_id": "u", "input": "x", "max_new_tokens": 0}, ["body", "max_new_tokens"]),
+        ("/feedback", {"user_id": "u", "records": []}, ["body", "records"]),
+        ("/feedback", {"user_id": "u", "records": [{"id": "r", "text": "t", "title": "t"}]}, ["body", "records", 0, "category"]),
+        ("/feedback", {"user_id": "u", "records": [{"text": "t", "title": "t", "category": "c"}]}, ["body", "records", 0, "id"]),
+    ]
+    for path, body, loc in cases:
+        code, resp = c.call("POST", path, body)
+        assert code == 422, (path, body, resp)
+        assert loc in [e["loc"] for e in resp["detail"]], (loc, resp)
+        assert ".".join(map(str, loc)) in resp["error"]
+    # Feedback contradicting the stored history: 409 naming the field.
+    ok = c.call("POST", "/feedback", {"user_id": "dup", "records": [_record("d1", "2022-05-01")]})
+    assert ok[0] == 200
+    code, resp = c.call("POST", "/feedback", {"user_id": "dup", "records": [_record("d1", "2022-06-01")]})
+    assert code == 409 and resp["detail"][0]["loc"] == ["body", "records", 0, "id"]
+    code, resp = c.call("POST", "/feedback", {"user_id": "dup", "records": [_record("d2", "2022-04-01")]})
+    assert code == 409 and resp["detail"][0]["loc"] == ["body", "records", 0, "date"]
+
+
+def test_restart_replica_sync_rollback_and_reload(server, bundle, monkeypatch):
+    """Restart and a second replica read the newest generation; a failed write changes nothing; /reload works."""
+    c, state = server["client"], server["state"]
+    cur = json.loads((state / CURRENT_FILE).read_text())
+    svc = TapperService(ServeConfig(model_dir=bundle.path, state_dir=state, feedback_steps=2, sync_seconds=0))
+    ld = svc.load()  # a restarted server / another replica on the same state dir
+    assert ld.generation == cur["generation"] and "newbie" in ld.model.user_rows
+    disk = load_file(state / cur["generation"] / "tapper" / "prefix.safetensors")[TABLE]
+    assert torch.equal(ld.model.prefix.user_table.weight.detach(), disk)
+
+    # This replica takes a feedback; the HTTP server (the other replica) picks the generation up.
+    out = svc.feedback("replica-user", [svc_record("r1", "2023-01-01")])
+    assert out["generation"] != cur["generation"]
+    code, pred = c.call("POST", "/predict", {"user_id": "replica-user", "fields": {"text": "x"}})
+    assert pred["known_user"] and pred["generation"] == out["generation"]
+
+    # Writing the generation fails: nothing on disk changes, the in-memory model is rolled back.
+    ld = svc.loaded
+    table = ld.model.prefix.user_table.weight.detach().clone()
+    n_users = len(ld.model.user_ids)
+    current = (state / CURRENT_FILE).read_text()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(ld.model), "save", boom)
+    with pytest.raises(OSError):
+        svc.feedback("doomed-user", [svc_record("z1", "2023-02-01")])
+    monkeypatch.undo()
+    assert (state / CURRENT_FILE).read_text() == current
+    assert not [p for p in state.iterdir() if ".tmp" in p.name]
+    assert len(ld.model.user_ids) == n_users and "doomed-user" not in ld.model.user_rows
+    assert torch.equal(ld.model.prefix.user_table.weight.detach(), table)
+    assert "doomed-user" not in ld.histories
+
+    code, body = c.call("POST", "/reload")
+    assert code == 200 and body["generation"] == out["generation"] and body["model_version"] == "test-1"
+
+
+def svc_record(rid: str, date: str):
+    from tapper.data.chronology import parse_lamp_date
+    from tapper.data.types import Record
+
+    return Record(id=rid, fields={"text": f"t {rid}", "title": f"ti {rid}", "category": "travel"}, date=parse_lamp_date(date), raw_date=date)
+
+
+def test_cli_registers_serve_and_bundle(bundle, tmp_path):
+    from tapper.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--model-dir", str(bundle.path), "--port", "9999"])
+    assert args.func.__name__ == "cmd_serve" and args.port == 9999
+    args = build_parser().parse_args(["bundle", "--stage1", str(bundle.stage1_dir), "--state", str(bundle.state_dir),
+                                      "--task", "LaMP_2N", "--out", str(tmp_path / "b2"), "--version", "7"])
+    assert args.func(args) == 0 and read_bundle(tmp_path / "b2").version == "7"
