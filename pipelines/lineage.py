@@ -39,9 +39,9 @@ def lineage(model_name: str, version: str | None = None) -> dict[str, Any]:
 
     mv = _model_version(model_name, version)
     meta = dict(mv.run_metadata or {})
-    runs = list((mv.pipeline_run_ids or {}).values())
+    runs = [r.id for r in Client().list_pipeline_runs(model_version_id=mv.id, sort_by="asc:created", size=50)]
     info: dict[str, Any] = {
-        "model": model_name, "version": str(mv.number), "stage": str(mv.stage.value) if mv.stage else None,
+        "model": model_name, "version": str(mv.number), "stage": getattr(mv.stage, "value", mv.stage),
         "primary_metric": meta.get("primary_metric"), "score": meta.get("candidate_score"),
         "promotion": meta.get("promotion"), "promotion_forced": meta.get("promotion_forced"),
         "mlflow": {k: meta[k] for k in ("mlflow_model", "mlflow_version", "mlflow_run_id") if k in meta},
@@ -98,12 +98,12 @@ def print_lineage(info: dict[str, Any]) -> None:
     if info.get("run"):
         r = tree.add(f"pipeline run {info['run']['name']} ({info['run']['id']}): {info['run']['status']}")
         for s in info["steps"]:
-            node = r.add(f"[bold]{s['step']}[/bold] [{s['status']}]")
+            node = r.add(f"[bold]{s['step']}[/bold] ({s['status']})")
             for o in s["outputs"]:
                 src = ""
                 if o.get("producer_run") and o["producer_run"] != info["run"]["id"]:
                     src = f"  (cached: produced by run {o.get('producer_run_name', o['producer_run'])})"
-                node.add(f"-> {o['artifact']} v{o['version']} [{o['id'][:8]}]{src}")
+                node.add(f"-> {o['artifact']} v{o['version']} (id {o['id'][:8]}){src}")
     if info.get("mlflow"):
         m = info["mlflow"]
         tree.add(f"MLflow: model {m.get('mlflow_model')} v{m.get('mlflow_version')}, run {m.get('mlflow_run_id')}")

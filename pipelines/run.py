@@ -19,6 +19,7 @@ import yaml
 PIPELINE_PARAMS = ("questions", "outputs", "task", "backbone", "run", "variants", "candidate",
                    "min_history", "max_history", "log_backbone")
 RUN_KEYS = ("stage1", "stage2", "eval", "stage2_users", "seed")
+NEVER_CACHED = ("register_model", "promote")
 
 
 class RunSetupError(ValueError):
@@ -92,6 +93,12 @@ def resolve_config(config: str | Path | dict | None, task: str | None = None, qu
     from tapper.variants import check_variants
 
     check_variants([v for v in params.get("variants") or ["base", "tap-per"]])
+    # Registration and promotion depend on the world (the current production version), not only on their
+    # inputs: they run every time, whatever the config says about caching.
+    steps = cfg.setdefault("steps", {}) or {}
+    cfg["steps"] = steps
+    for name in NEVER_CACHED:
+        steps.setdefault(name, {})["enable_cache"] = False
     # The model (ZenML Model Control Plane + MLflow registry name) is per task: metrics compare within a task.
     task_name = params.get("task")
     if not task_name:

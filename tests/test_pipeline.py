@@ -1,0 +1,199 @@
+"""The ZenML workflow end to end on the tiny backbone, in an isolated ZenML store.
+
+One module-scoped store; the tests run in order and build on each other:
+a bad model first (promoted: nothing in production), a better one (promoted),
+an identical rerun (served from the cache), a Stage-2-only change (data,
+embeddings and Stage 1 reused), the bad model again (not promoted), a
+corrupted file (stops at validation, promotes nothing), then the CLI's
+lineage and forced promotion.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from workflow_data import make_lamp_2n  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD = []  # configs/tiny.yaml as it is
+BAD = ["stage1.skip=true", "stage2.lr=0.000000001", "stage2.epochs=1", "stage2.max_examples_per_user=1"]
+COMPUTE_STEPS = ["load_data", "validate_data", "build_splits", "cache_embeddings", "train_stage1", "train_stage2",
+                 "evaluate_base", "evaluate_tapper", "report"]
+
+
+@pytest.fixture(scope="module")
+def zen(tmp_path_factory):
+    """An isolated ZenML + MLflow + tapper cache, set up before zenml is first imported."""
+    tmp = tmp_path_factory.mktemp("zen")
+    env = {
+        "ZENML_CONFIG_PATH": str(tmp / "zenml-config"), "ZENML_LOCAL_STORES_PATH": str(tmp / "zenml-stores"),
+        "TAPPER_HOME": str(tmp / "project"), "TAPPER_CACHE": str(tmp / "tapper-cache"),
+        "ZENML_ANALYTICS_OPT_IN": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "ZENML_AUTO_OPEN_DASHBOARD": "false",
+        "HF_HUB_OFFLINE": "1", "ZENML_ENABLE_RICH_TRACEBACK": "false", "ZENML_LOGGING_VERBOSITY": "WARN",
+    }
+    assert "zenml.client" not in sys.modules or os.environ.get("ZENML_CONFIG_PATH"), "zenml was imported before the store was isolated"
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    (tmp / "project").mkdir()
+    from pipelines.stacks import stack_up
+
+    stack_up("local")
+    q, o = make_lamp_2n(tmp / "data", users=8, records=6, queries=2, n_favorites=1)
+    yield {"tmp": tmp, "questions": str(q), "outputs": str(o), "runs": {}}
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def train(zen, overrides, name, questions=None):
+    from zenml.client import Client
+
+    from pipelines.run import resolve_config, run_training
+
+    cfg = resolve_config(ROOT / "configs" / "tiny.yaml", questions=questions or zen["questions"],
+                         outputs=zen["outputs"], overrides=overrides)
+    run = Client().get_pipeline_run(run_training(cfg).id)
+    zen["runs"][name] = run
+    return run
+
+
+def statuses(run):
+    return {n: str(s.status.value) for n, s in run.steps.items()}
+
+
+def decision(run):
+    return run.steps["promote"].outputs["promotion_decision"][0].load()
+
+
+def production(zen):
+    from zenml.client import Client
+    from zenml.enums import ModelStages
+
+    return Client().get_model_version("tapper-LaMP_2N", ModelStages.PRODUCTION)
+
+
+def mlflow_production_version():
+    import mlflow
+
+    from zenml.client import Client
+
+    uri = Client().active_stack.experiment_tracker.get_tracking_uri()
+    return mlflow.MlflowClient(tracking_uri=uri).get_model_version_by_alias("tapper-LaMP_2N", "production").version
+
+
+def test_first_run_completes_and_is_promoted(zen):
+    run = train(zen, BAD, "bad")
+    assert str(run.status.value) == "completed"
+    assert all(v == "completed" for v in statuses(run).values()), statuses(run)
+    d = decision(run)
+    assert d.promoted and d.production_version is None
+    assert str(production(zen).number) == d.model_version
+    # MLflow has the run's parameters, metrics and the registered model with the production alias.
+    import mlflow
+
+    reg = run.steps["register_model"].outputs["registration"][0].load()
+    r = mlflow.MlflowClient(tracking_uri=reg["tracking_uri"]).get_run(reg["mlflow_run_id"])
+    assert r.data.params["stage1.skip"] == "True" and "tap-per/accuracy" in r.data.metrics
+    assert str(mlflow_production_version()) == str(reg["mlflow_version"])
+    # The data-quality report is an artifact with a dashboard visualization and summary metadata.
+    dq = run.steps["validate_data"].outputs["data_quality_report"][0]
+    assert dq.run_metadata["verdict"] == "passed" and dq.run_metadata["queries"] == 16
+    assert dq.visualizations
+
+
+def test_better_model_is_promoted(zen):
+    run = train(zen, GOOD, "good")
+    d = decision(run)
+    bad = decision(zen["runs"]["bad"])
+    assert d.candidate_score > bad.candidate_score, (d, bad)
+    assert d.promoted and d.production_version == bad.model_version and d.production_score == bad.candidate_score
+    assert d.archived_version == bad.model_version
+    from zenml.client import Client
+
+    assert str(Client().get_model_version("tapper-LaMP_2N", bad.model_version).stage) in ("archived", "ModelStages.ARCHIVED")
+    assert str(production(zen).number) == d.model_version
+    reg = run.steps["register_model"].outputs["registration"][0].load()
+    assert str(mlflow_production_version()) == str(reg["mlflow_version"])
+
+
+def test_identical_run_is_served_from_cache(zen):
+    run = train(zen, GOOD, "good-again")
+    s = statuses(run)
+    assert str(run.status.value) == "completed"
+    assert all(s[n] == "cached" for n in COMPUTE_STEPS), s
+    assert s["register_model"] == "completed" and s["promote"] == "completed"  # a new model version each run
+    assert not decision(run).promoted  # equal, not better
+
+
+def test_stage2_change_reuses_data_embeddings_and_stage1(zen):
+    run = train(zen, GOOD + ["stage2.epochs=2"], "stage2-change")
+    s = statuses(run)
+    for n in ["load_data", "validate_data", "build_splits", "cache_embeddings", "train_stage1", "evaluate_base"]:
+        assert s[n] == "cached", (n, s)
+    assert s["train_stage2"] == "completed" and s["evaluate_tapper"] == "completed"
+
+
+def test_worse_model_is_not_promoted(zen):
+    before = production(zen).number
+    run = train(zen, BAD, "bad-again")
+    d = decision(run)
+    assert not d.promoted and "does not beat" in d.reason
+    assert d.production_score is not None and d.production_score > d.candidate_score
+    assert production(zen).number == before
+
+
+def test_corrupted_file_stops_at_validation(zen):
+    from zenml.client import Client
+
+    data = json.loads(Path(zen["questions"]).read_text())
+    data[0]["profile"][1]["category"] = "not-a-category"
+    data[1]["profile"][0]["date"] = "2020-13-45"
+    bad = zen["tmp"] / "corrupt" / "questions.json"
+    bad.parent.mkdir()
+    bad.write_text(json.dumps(data))
+    prod_before = production(zen).number
+    with pytest.raises(RuntimeError):
+        train(zen, GOOD, "corrupt", questions=str(bad))
+    run = Client().get_pipeline_run(Client().list_pipeline_runs(sort_by="desc:created", size=1)[0].id)
+    s = statuses(run)
+    assert str(run.status.value) == "failed" and s["validate_data"] == "failed"
+    assert not any(s.get(n) in ("completed", "cached") for n in COMPUTE_STEPS[2:] + ["register_model", "promote"]), s
+    report = Client().get_artifact_version("data_quality_report")
+    meta = report.run_metadata
+    assert meta["verdict"] == "failed"
+    assert any("field_category" in f for f in meta["failures"]) and any("date_ok" in f for f in meta["failures"])
+    assert "FAILED" in report.load()
+    assert production(zen).number == prod_before
+
+
+def test_schedule_refused_on_local_stack(zen):
+    from pipelines.run import RunSetupError, resolve_config, run_training
+
+    cfg = resolve_config(ROOT / "configs" / "tiny.yaml", questions=zen["questions"], outputs=zen["outputs"])
+    cfg["schedule"] = {"cron_expression": "0 3 * * 1"}
+    with pytest.raises(RunSetupError, match="local runs cannot be scheduled"):
+        run_training(cfg)
+
+
+def test_cli_lineage_and_forced_promotion(zen, capsys):
+    from tapper.cli import main
+
+    bad_version = decision(zen["runs"]["bad"]).model_version
+    assert main(["lineage", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["stage"] == "production" and info["data_quality"]["verdict"] == "passed"
+    assert [s["step"] for s in info["steps"]][:5] == ["load_data", "validate_data", "build_splits", "cache_embeddings", "train_stage1"]
+    assert info["inputs"]["questions"] == zen["questions"]
+    assert main(["promote", bad_version]) == 0
+    assert "forced" in capsys.readouterr().out
+    assert str(production(zen).number) == bad_version
+    assert production(zen).run_metadata["promotion_forced"]["forced"] is True
+    assert main(["lineage", bad_version]) == 0
+    assert "forced promotion" in capsys.readouterr().out
