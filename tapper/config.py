@@ -40,9 +40,15 @@ class Stage1Config:
     max_examples: int | None = None
     # Skip Stage 1 entirely (the backbone is used as it is); for ablations.
     skip: bool = False
+    # "lora": the paper's task LoRA, merged. "full": train every weight but the input
+    # embeddings (which the cached vectors depend on) — only for randomly initialised
+    # test backbones, where a LoRA on frozen random weights cannot learn the task format.
+    mode: str = "lora"
 
     def __post_init__(self) -> None:
         _check_positive(self, "lora_r", "lora_alpha", "epochs", "lr", "batch_size", "max_len", "max_examples")
+        if self.mode not in ("lora", "full"):
+            raise ConfigError(f"Stage1Config.mode must be 'lora' or 'full', got {self.mode!r}")
 
 
 @dataclass
@@ -123,7 +129,14 @@ def from_dict(cls: type, data: dict | None, where: str = "config") -> Any:
 
 def _coerce(text: str) -> Any:
     """`--set` values are YAML scalars: 6, 1e-3, true, null, [a, b]."""
-    return yaml.safe_load(text)
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        # YAML 1.1 reads `1e-3` (no dot) as a string; people mean a number.
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def apply_overrides(cfg_dict: dict, overrides: list[str]) -> dict:

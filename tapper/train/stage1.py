@@ -58,17 +58,27 @@ def train_stage1(
     items = tokenize_examples(task, backbone.tokenizer, examples, cfg.max_len)
     model = backbone.model
     losses: list[float] = []
-    if not cfg.skip:
+    pad = backbone.tokenizer.pad_token_id
+    if not cfg.skip and cfg.mode == "lora":
         peft_model = attach_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
         plm = PrefixedLM(peft_model)
         peft_model.train()
-        pad = backbone.tokenizer.pad_token_id
         params = [p for p in peft_model.parameters() if p.requires_grad]
         losses = train_epochs(
             items, lambda b: plm.loss(lm_train_batch(b, pad)), [{"params": params, "lr": cfg.lr}],
             cfg.epochs, cfg.batch_size, seed=seed, desc="stage 1 (task LoRA)", progress=progress, on_epoch=on_epoch,
         )
         model = merge_lora(peft_model)
+    elif not cfg.skip:
+        emb = model.get_input_embeddings().weight
+        params = [p for p in model.parameters() if p is not emb]
+        emb.requires_grad_(False)
+        plm = PrefixedLM(model)
+        model.train()
+        losses = train_epochs(
+            items, lambda b: plm.loss(lm_train_batch(b, pad)), [{"params": params, "lr": cfg.lr}],
+            cfg.epochs, cfg.batch_size, seed=seed, desc="stage 1 (full, embeddings frozen)", progress=progress, on_epoch=on_epoch,
+        )
     model.eval()
     path = save_backbone_dir(model, backbone.tokenizer, Path(out_dir))
     return Stage1Result(path=path, losses=losses, weights_hash=weights_hash(model), n_examples=len(items))
