@@ -17,7 +17,8 @@ A bundle is immutable once written: `export_bundle` builds it in a sibling tempo
 into place, so a reader never sees half a bundle. Online updates never write into a bundle; the server keeps
 its live state (updated user table + history store) in a separate state directory (deploy.service).
 
-The promotion step calls `export_bundle(stage1_dir, state_dir, task_name, out_dir, version=...)`.
+The promotion step calls `export_bundle(stage1_dir, state_dir, task_name, <root>/<version>, version=...)` and then
+`publish_bundle(<root>/<version>, <root>/current)` (an atomic symlink swap) for servers reading `<root>/current`.
 `bundle_from_mlflow("models:/<name>@production", out_dir)` builds the same bundle from the MLflow registry
 (the pyfunc model logged by steps/promote.py: artifacts tapper_state/, backbone.json, stage1_backbone/).
 """
@@ -181,6 +182,25 @@ def export_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return read_bundle(out_dir)
+
+
+def publish_bundle(bundle_dir: str | os.PathLike, link: str | os.PathLike) -> Path:
+    """Point `link` (e.g. /models/bundles/current) at `bundle_dir` atomically: a new symlink, renamed over the old.
+
+    Servers reading TAPPER_MODEL_DIR=<link> load it on POST /reload or restart. The target is stored relative
+    to the link's directory when it lies under it, so the volume can be mounted anywhere.
+    """
+    bundle_dir, link = Path(bundle_dir), Path(link)
+    read_bundle(bundle_dir)  # never publish something that is not a complete bundle
+    if link.exists() and not link.is_symlink():
+        raise BundleError(f"{link} exists and is not a symlink; refusing to replace it")
+    target = os.path.relpath(bundle_dir.resolve(), link.parent.resolve())
+    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
+    if tmp.is_symlink():
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+    return link
 
 
 def read_bundle(path: str | os.PathLike) -> BundleInfo:

@@ -282,3 +282,61 @@ def test_cli_registers_serve_and_bundle(bundle, tmp_path):
     args = build_parser().parse_args(["bundle", "--stage1", str(bundle.stage1_dir), "--state", str(bundle.state_dir),
                                       "--task", "LaMP_2N", "--out", str(tmp_path / "b2"), "--version", "7"])
     assert args.func(args) == 0 and read_bundle(tmp_path / "b2").version == "7"
+
+
+def test_publish_bundle_swaps_a_symlink(bundle, tmp_path):
+    from deploy.bundle import publish_bundle
+
+    link = tmp_path / "current"
+    publish_bundle(bundle.path, link)
+    assert link.is_symlink() and read_bundle(link).version == "test-1"
+    publish_bundle(bundle.path, link)  # replacing is a rename over the old link
+    assert [p.name for p in tmp_path.iterdir()] == ["current"]
+    with pytest.raises(BundleError):
+        publish_bundle(tmp_path, tmp_path / "other")  # not a bundle: never published
+
+
+def _mlflow_artifacts(trained, tmp_path, with_backbone: bool) -> dict:
+    ref = tmp_path / "backbone.json"
+    ref.write_text(json.dumps({"task": "LaMP_2N", "uri": str(trained["stage1"]), "spec": "tiny", "weights_hash": ""}))
+    arts = {"tapper_state": str(trained["state"]), "backbone_ref": str(ref)}
+    if with_backbone:
+        arts["stage1_backbone"] = str(trained["stage1"])
+    return arts
+
+
+def test_bundle_from_an_mlflow_pyfunc_model(trained, tmp_path):
+    """The pyfunc layout steps/promote.py logs (steps/mlflow_model.py + artifacts) becomes a bundle."""
+    import mlflow
+
+    from deploy.bundle import bundle_from_mlflow_dir
+
+    mlflow.pyfunc.save_model(str(tmp_path / "model"), python_model=str(Path(__file__).parents[1] / "steps" / "mlflow_model.py"),
+                             artifacts=_mlflow_artifacts(trained, tmp_path, True), pip_requirements=["tapper"],
+                             metadata={"task": "LaMP_2N", "zenml_model_version": "5"})
+    info = bundle_from_mlflow_dir(tmp_path / "model", tmp_path / "bundle")
+    assert info.task == "LaMP_2N" and info.version == "5"
+    assert (info.state_dir / "prefix.safetensors").read_bytes() == (trained["state"] / "prefix.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_bundle_from_the_mlflow_registry_alias(trained, tmp_path):
+    """models:/<name>@production from a real (SQLite) MLflow registry; the backbone found through backbone.json."""
+    import mlflow
+
+    from deploy.bundle import bundle_from_mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        mlflow.set_experiment("serving-test")
+        with mlflow.start_run():
+            mi = mlflow.pyfunc.log_model(name="tapper", python_model=str(Path(__file__).parents[1] / "steps" / "mlflow_model.py"),
+                                         artifacts=_mlflow_artifacts(trained, tmp_path, False), registered_model_name="tapper-test",
+                                         pip_requirements=["tapper"], metadata={"task": "LaMP_2N"})
+        mlflow.MlflowClient().set_registered_model_alias("tapper-test", "production", mi.registered_model_version)
+        info = bundle_from_mlflow("models:/tapper-test@production", tmp_path / "bundle")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert info.version == f"tapper-test/{mi.registered_model_version}"
+    assert info.meta["source"]["mlflow_model_uri"] == "models:/tapper-test@production"
