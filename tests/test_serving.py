@@ -228,6 +228,25 @@ def test_bad_input_is_422_naming_the_field(server):
     assert code == 409 and resp["detail"][0]["loc"] == ["body", "records", 0, "date"]
 
 
+def test_concurrent_feedback_and_predictions_are_serialized(server):
+    """Parallel requests: every feedback lands in its own generation, no update is lost, predictions keep working."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    c, state = server["client"], server["state"]
+    start = int(json.loads((state / CURRENT_FILE).read_text())["generation"].split("-")[1])
+    users = [f"par{i}" for i in range(3)]
+    jobs = [("POST", "/feedback", {"user_id": u, "records": [_record(f"{u}-r", "2024-01-01")]}) for u in users]
+    jobs += [("POST", "/predict", {"user_id": u, "fields": {"text": "x"}}) for u in users]
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda j: c.call(*j), jobs))
+    assert all(code == 200 for code, _ in results), results
+    gens = sorted(body["generation"] for code, body in results[:3])
+    assert gens == [f"gen-{start + i:06d}" for i in (1, 2, 3)]
+    cur = json.loads((state / CURRENT_FILE).read_text())["generation"]
+    ids = json.loads((state / cur / "tapper" / "tapper_config.json").read_text())["user_ids"]
+    assert set(users) <= set(ids)
+
+
 def test_restart_replica_sync_rollback_and_reload(server, bundle, monkeypatch):
     """Restart and a second replica read the newest generation; a failed write changes nothing; /reload works."""
     c, state = server["client"], server["state"]
