@@ -63,9 +63,15 @@ def load_backbone(spec: str, texts: list[str] | None = None, seed: int = 0) -> B
     return load_backbone_dir(path, spec=spec)
 
 
-def load_backbone_dir(path: str | Path, spec: str | None = None) -> Backbone:
+def default_device() -> torch.device:
+    """`$TAPPER_DEVICE` (cpu, cuda, cuda:1, ...), else the first GPU if there is one."""
+    name = os.environ.get("TAPPER_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_backbone_dir(path: str | Path, spec: str | None = None, device: str | torch.device | None = None) -> Backbone:
     path = Path(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device or default_device())
     tok = AutoTokenizer.from_pretrained(path)
     _ensure_pad(tok)
     model.eval()
@@ -148,9 +154,12 @@ TINY_CONFIG = dict(
 )
 
 
+TINY_EMBED_STD = 0.3
+
+
 def ensure_tiny_dir(texts: list[str], seed: int = 0, vocab_size: int = 2000) -> Path:
     """A tiny random Llama + a BPE tokenizer trained on `texts`, cached by content."""
-    digest = hashlib.sha256(json.dumps([seed, vocab_size, TINY_CONFIG, sorted(set(texts))]).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps([seed, vocab_size, TINY_CONFIG, TINY_EMBED_STD, sorted(set(texts))]).encode()).hexdigest()
     dest = cache_dir() / "backbones" / f"tiny-{digest[:12]}"
     if (dest / "config.json").exists():
         return dest
@@ -164,6 +173,11 @@ def ensure_tiny_dir(texts: list[str], seed: int = 0, vocab_size: int = 2000) -> 
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    # The head is tied to the embeddings; at the default init (std 0.02) every logit is
+    # ~0.2, the softmax is almost flat and nothing trains to a confident answer.
+    # std TINY_EMBED_STD gives logits of a few units, like a trained LM's.
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(std=TINY_EMBED_STD)
     return save_backbone_dir(model, tok, dest)
 
 

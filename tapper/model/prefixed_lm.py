@@ -38,9 +38,14 @@ class PrefixedLM(nn.Module):
         self.lm_head = base.lm_head
         self.embed = base.get_input_embeddings()
 
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
     def _inputs(self, batch: LMBatch, prefix: torch.Tensor | None):
-        embeds = self.embed(batch.input_ids)
-        mask = batch.attention_mask
+        # Batches are built on the CPU; the model may live on a GPU.
+        embeds = self.embed(batch.input_ids.to(self.device))
+        mask = batch.attention_mask.to(self.device)
         if prefix is not None:
             B, L, _ = prefix.shape
             embeds = torch.cat([prefix.to(embeds.dtype), embeds], dim=1)
@@ -51,7 +56,7 @@ class PrefixedLM(nn.Module):
     def loss(self, batch: LMBatch, prefix: torch.Tensor | None = None) -> torch.Tensor:
         embeds, mask, positions = self._inputs(batch, prefix)
         hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
-        labels = batch.labels
+        labels = batch.labels.to(self.device)
         if prefix is not None:
             labels = torch.cat([labels.new_full((labels.shape[0], prefix.shape[1]), -100), labels], dim=1)
         # Predict token t+1 from position t; only target positions need the vocab projection.

@@ -45,7 +45,7 @@ class TapPer(nn.Module):
         emb_std = float(emb.detach().float().std())
         lm = attach_lora(backbone, cfg.bridge_r, cfg.bridge_alpha, cfg.bridge_dropout, cfg.target_modules) if cfg.use_bridge else backbone
         self.plm = PrefixedLM(lm)
-        self.prefix = PrefixEncoder(len(self.user_ids), self.d, cfg, emb_std)
+        self.prefix = PrefixEncoder(len(self.user_ids), self.d, cfg, emb_std).to(emb.device)
 
     # --- parameters -------------------------------------------------------------------
 
@@ -75,8 +75,9 @@ class TapPer(nn.Module):
     # --- forward ----------------------------------------------------------------------
 
     def prefix_for(self, items: list[EncodedExample], vectors: torch.Tensor):
-        user_rows, zq, zh, mask, dt, dpi = prefix_inputs(items, vectors)
-        return self.prefix(user_rows, zq, zh, mask, dt, dpi)
+        device = self.plm.device
+        inputs = [t.to(device) for t in prefix_inputs(items, vectors)]
+        return self.prefix(*inputs)
 
     def loss(self, items: list[EncodedExample], vectors: torch.Tensor, pad_id: int) -> torch.Tensor:
         P, _ = self.prefix_for(items, vectors)
