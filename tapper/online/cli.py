@@ -55,7 +55,7 @@ def print_trajectories(report: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"{report.get('task', '')} online adaptation: {report['metric']} by history absorbed")
-    table.add_column("method")
+    table.add_column("method", no_wrap=True)
     for f in report["fractions"]:
         table.add_column(f"{100 * f:.0f}%", justify="right")
     table.add_column("params/chunk", justify="right")
@@ -63,7 +63,9 @@ def print_trajectories(report: dict) -> None:
     for m, ys in report["methods"].items():
         c = report["cost"][m]
         table.add_row(m, *(f"{y:.4f}" for y in ys), f"{c['params_touched_per_chunk']:,}", f"{c['seconds_per_chunk']:.2f}")
-    console = Console()
+    import shutil
+
+    console = Console(width=max(shutil.get_terminal_size((120, 24)).columns, 120))
     console.print(table)
     if "final_gap_full_retrain_minus_online_full" in report:
         console.print(f"final gap Full-Retrain - Online-Full: {report['final_gap_full_retrain_minus_online_full']:+.4f}")

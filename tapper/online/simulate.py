@@ -150,6 +150,13 @@ class Trajectory:
     metrics: list[dict[str, float]]  # R_0..R_T, all of the task's metrics
     cost: list[dict] = field(default_factory=list)  # per chunk t = 1..T
 
+    def to_dict(self) -> dict:  # JSON-safe, for pipeline artifacts
+        return {"method": self.method, "metrics": self.metrics, "cost": self.cost}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Trajectory":
+        return cls(d["method"], list(d["metrics"]), list(d.get("cost", [])))
+
 
 def evaluate(model: TapPer, bb, split: OnlineSplit, data: PreparedData, cfg: RunConfig, cache, t: int | None,
              progress=False, desc="eval") -> dict[str, float]:
