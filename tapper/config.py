@@ -68,6 +68,9 @@ class Stage2Config:
     # λ_t, λ_o barely move at the shared rate (DESIGN.md, prototype), so they get their own.
     lambda_lr: float = 3e-2
     lambda_init: float = 0.1
+    # Learning rate of the user table (None = lr). Each row sees only its user's examples,
+    # so with few examples per user it may need a larger rate than the shared network.
+    user_lr: float | None = None
     batch_size: int = 16
     max_len: int = 256
     # Train on at most this many of each user's most recent history items (None = all).

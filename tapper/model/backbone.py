@@ -119,13 +119,18 @@ def smollm2_gguf_path() -> Path:
 
 def ensure_smollm2_dir() -> Path:
     gguf = smollm2_gguf_path()
-    dest = cache_dir() / "backbones" / f"smollm2-{_file_digest(gguf)[:12]}"
+    dest = cache_dir() / "backbones" / f"smollm2-v2-{_file_digest(gguf)[:12]}"
     if (dest / "config.json").exists():
         return dest
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # Rebuild a plain model from the config so that save_pretrained is allowed.
-    model = type(gguf_model)(gguf_model.config)
+    config = gguf_model.config
+    # The weights are dequantized to float32 now; a leftover quantization_config would make
+    # every later save_pretrained (e.g. of the merged Stage-1 model) refuse to serialize.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = type(gguf_model)(config)
     model.load_state_dict(gguf_model.state_dict())
     model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)"
     return save_backbone_dir(model, tok, dest)

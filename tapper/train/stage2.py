@@ -39,7 +39,8 @@ def encoder_for(model: TapPer, task, tokenizer, cache: EmbeddingCache) -> Featur
 
 def param_groups(model: TapPer, cfg: Stage2Config, which: tuple[str, ...] = ("user_table", "shared", "lambdas", "bridge")) -> list[dict]:
     groups = model.trainable_parameters()
-    return [{"params": groups[k], "lr": cfg.lambda_lr if k == "lambdas" else cfg.lr} for k in which]
+    rates = {"lambdas": cfg.lambda_lr, "user_table": cfg.user_lr or cfg.lr}
+    return [{"params": groups[k], "lr": rates.get(k, cfg.lr)} for k in which]
 
 
 def fit(model: TapPer, encoded: EncodedSet, pad_id: int, cfg: Stage2Config, epochs: float, seed: int,
