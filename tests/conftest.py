@@ -12,6 +12,13 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("ZENML_AUTO_OPEN_DASHBOARD", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["TAPPER_CACHE"] = tempfile.mkdtemp(prefix="tapper-test-cache-")
+# ZenML reads its config/store location once, at first import: isolate it for the whole
+# session before any test module can import zenml (test modules may isolate further).
+_zen = tempfile.mkdtemp(prefix="tapper-test-zenml-")
+os.environ["ZENML_CONFIG_PATH"] = os.path.join(_zen, "config")
+os.environ["ZENML_LOCAL_STORES_PATH"] = os.path.join(_zen, "stores")
+os.environ.setdefault("TAPPER_HOME", os.path.join(_zen, "project"))
+os.makedirs(os.environ["TAPPER_HOME"], exist_ok=True)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
