@@ -123,6 +123,10 @@ class PromotionDecisionMaterializer(_JsonDataclassMixin, BaseMaterializer):
                  "" if data.production_score is None else data.production_score]]
         text = (f"# {verdict}\n\n{data.reason}\n\n" + md_table(["", "version", data.metric], rows)
                 + ("\n\n(forced by hand)" if data.forced else ""))
+        if data.bundle_path:
+            text += f"\n\nServing bundle: `{data.bundle_path}`" + (f" (published as `{data.serving_link}`)" if data.serving_link else "")
+        elif data.bundle_error:
+            text += f"\n\nNo serving bundle: {data.bundle_error}"
         path = os.path.join(self.uri, "decision.md")
         write_text(self.artifact_store, path, text)
         return {path: VisualizationType.MARKDOWN}

@@ -128,3 +128,30 @@ class PromotionDecision:
     archived_version: str | None = None
     mlflow_model: str | None = None
     mlflow_version: str | None = None
+    bundle_path: str | None = None  # the serving bundle exported on promotion (deploy.bundle)
+    serving_link: str | None = None  # the `current` symlink pointing at it (deploy.bundle.publish_bundle)
+    bundle_error: str | None = None  # why no bundle was exported, if exporting failed
+
+
+@dataclass
+class OnlineTrajectories:
+    """The online-adaptation simulation's result: `trajectories.json` (tapper.online.trajectories_report's
+    object: metric, fractions, methods {name: [R_0..R_T]}, all_metrics, cost, split, ...) and its
+    Figure-6-style plot as PNG bytes."""
+
+    report: dict
+    png: bytes = b""
+
+    @property
+    def methods(self) -> dict[str, list[float]]:
+        return self.report["methods"]
+
+
+@dataclass
+class ComparisonReport:
+    """tapper.analysis.report.write_report's output for one run: report.md, its PNGs, and the metrics it was made from."""
+
+    task: str
+    markdown: str
+    images: dict[str, bytes]  # file name (as report.md links it) -> PNG bytes
+    metrics: dict  # tapper.experiment's metrics.json contract

@@ -1,4 +1,4 @@
-"""`tapper` subcommands for the ZenML workflow: train, promote, lineage, dashboard, stack.
+"""`tapper` subcommands for the ZenML workflow: train, online-pipeline, promote, lineage, dashboard, stack.
 
 tapper/cli.py calls `register(subparsers)`. Nothing here imports ZenML or
 MLflow at import time (only inside the command functions), so `tapper --help`
@@ -29,11 +29,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--outputs", help="LaMP outputs JSON (golds)")
     p.add_argument("--backbone", help="tiny | smollm2 | <HF hub id or local path>")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting: stage2.epochs=6, stage1.lr=0.001, stage2_users=20, variants=[base,tap-per,no-bridge] (repeatable)")
+                   help="override a setting: stage2.epochs=6, stage1.lr=0.001, stage2_users=20, variants=[base,tap-per,no-bridge], "
+                        "compare=true (adds the comparison report), serving_dir=DIR (repeatable)")
     p.add_argument("--no-schedule", action="store_true", help="ignore the config's schedule and run once now")
     p.add_argument("--no-cache", action="store_true", help="disable the step cache for this run")
     p.add_argument("--print-config", action="store_true", help="print the resolved run config and exit")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "online-pipeline", help="run the ZenML online_adaptation pipeline (Static / Online-Emb / Online-Full / Full-Retrain)",
+        description="Run the `online_adaptation` pipeline on the active ZenML stack: the training pipeline's data, "
+                    "embedding and Stage-1 steps (from the step cache when a training run used the same settings), then "
+                    "a bootstrap checkpoint on the earlier half of each evaluation user's history and one step per method "
+                    "over T chunks of the later half. Trajectories: artifact `online_trajectories` (trajectories.json + "
+                    "online.png, shown in the dashboard) and MLflow metrics online/<method>/<metric> at step t. "
+                    "(`tapper online` runs the same simulation directly on files, without ZenML.)")
+    p.add_argument("--config", default=None, help="YAML run config with an `online:` section, e.g. configs/online-tiny.yaml")
+    p.add_argument("--task", help="LaMP task (default: the config's, else from the outputs file)")
+    p.add_argument("--questions", help="LaMP questions JSON")
+    p.add_argument("--outputs", help="LaMP outputs JSON (golds)")
+    p.add_argument("--backbone", help="tiny | smollm2 | <HF hub id or local path>")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting: online.chunks=5, online.lr_emb=0.01, online.methods=[static,online-emb], "
+                        "stage2.epochs=6 (repeatable)")
+    p.add_argument("--no-schedule", action="store_true", help="ignore the config's schedule and run once now")
+    p.add_argument("--no-cache", action="store_true", help="disable the step cache for this run")
+    p.add_argument("--print-config", action="store_true", help="print the resolved run config and exit")
+    p.set_defaults(func=cmd_online_pipeline)
 
     p = sub.add_parser("promote", help="force a model version to production (recorded as forced)",
                        description="Make VERSION the production version in ZenML (stage `production`, the previous one archived) "
@@ -107,6 +129,51 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if str(run.status.value) == "completed" else 1
 
 
+def cmd_online_pipeline(args: argparse.Namespace) -> int:
+    _env()
+    from pipelines.run import RunSetupError, resolve_online_config
+
+    try:
+        cfg = resolve_online_config(args.config, args.task, args.questions, args.outputs, args.backbone, args.overrides)
+    except RunSetupError as err:
+        print(f"tapper: error: {err}", file=sys.stderr)
+        return 2
+    if args.no_cache:
+        cfg["enable_cache"] = False
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg, sort_keys=False))
+        return 0
+    _ensure_stack()
+    from zenml.client import Client
+
+    from pipelines.run import run_online_pipeline
+
+    before = {r.id for r in Client().list_pipeline_runs(size=1, sort_by="desc:created")}
+    try:
+        result = run_online_pipeline(cfg, schedule=not args.no_schedule)
+    except RunSetupError as err:
+        print(f"tapper: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        return _report_failure(err, before)
+    if result is None:
+        print("scheduled: the orchestrator runs the pipeline on its schedule (see `zenml pipeline schedule list`)")
+        return 0
+    run = Client().get_pipeline_run(result.id)
+    _print_run(run)
+    try:
+        art = run.steps["online_report"].outputs["online_trajectories"][0]
+        from tapper.online.cli import print_trajectories
+
+        print_trajectories(art.load().report)
+        print(f"artifact online_trajectories v{art.version}: {art.uri} (trajectories.json, online.png; also in the dashboard)")
+    except (KeyError, IndexError):
+        pass
+    return 0 if str(run.status.value) == "completed" else 1
+
+
 def _ensure_stack() -> None:
     """The default: if the active stack is ZenML's bare `default`, register and activate `tapper-local`."""
     from zenml.client import Client
@@ -164,9 +231,17 @@ def _print_run(run) -> None:
         for v, ms in rep.variants.items():
             t.add_row(v, *(f"{ms[m]:.4f}" for m in metrics))
         console.print(t)
+        if "comparison_report" in run.steps:
+            art = run.steps["comparison_report"].outputs["comparison_report"][0]
+            console.print(f"comparison report: artifact comparison_report v{art.version} ({art.uri}/report.md; "
+                          "also in the dashboard and in MLflow under comparison/)")
         d = run.steps["promote"].outputs["promotion_decision"][0].load()
         console.print(f"model {d.model_name} version {d.model_version}: "
                       f"{'[green]PROMOTED[/green]' if d.promoted else '[yellow]not promoted[/yellow]'} — {d.reason}")
+        if d.bundle_path:
+            console.print(f"serving bundle: {d.bundle_path} (published as {d.serving_link})")
+        elif d.bundle_error:
+            console.print(f"[red]no serving bundle[/red]: {d.bundle_error}")
         reg = run.steps["register_model"].outputs["registration"][0].load()
         if reg.get("mlflow_model"):
             console.print(f"MLflow: registered model {reg['mlflow_model']} v{reg['mlflow_version']}, run {reg['mlflow_run_id']} "
@@ -205,6 +280,10 @@ def cmd_promote(args: argparse.Namespace) -> int:
         print(f"previous production version {d.archived_version} archived")
     if d.mlflow_model:
         print(f"MLflow: {d.mlflow_model} v{d.mlflow_version} has alias 'production'")
+    if d.bundle_path:
+        print(f"serving bundle: {d.bundle_path} (published as {d.serving_link})")
+    elif d.bundle_error:
+        print(f"no serving bundle: {d.bundle_error}", file=sys.stderr)
     return 0
 
 

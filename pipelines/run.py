@@ -1,4 +1,5 @@
-"""Resolve a run config (YAML in ZenML's run-config format + CLI flags) and run the training pipeline.
+"""Resolve a run config (YAML in ZenML's run-config format + CLI flags) and run the training pipeline
+(or the online_adaptation pipeline: `resolve_online_config` + `run_online_pipeline`).
 
 A config file looks like configs/quickstart.yaml: ZenML's keys (enable_cache,
 model, schedule, settings, steps, ...) plus `parameters:` of the `training`
@@ -17,7 +18,10 @@ from typing import Any
 import yaml
 
 PIPELINE_PARAMS = ("questions", "outputs", "task", "backbone", "run", "variants", "candidate",
-                   "min_history", "max_history", "log_backbone")
+                   "min_history", "max_history", "log_backbone", "compare", "serving_dir")
+# The online_adaptation pipeline's parameters: the data/backbone/run ones are the training pipeline's
+# (so its upstream steps are cache hits), plus `online` (tapper.online.OnlineConfig).
+ONLINE_PARAMS = ("questions", "outputs", "task", "backbone", "run", "online", "min_history", "max_history")
 RUN_KEYS = ("stage1", "stage2", "eval", "stage2_users", "seed")
 NEVER_CACHED = ("register_model", "promote")
 
@@ -115,6 +119,50 @@ def resolve_config(config: str | Path | dict | None, task: str | None = None, qu
     return cfg
 
 
+def resolve_online_config(config: str | Path | dict | None, task: str | None = None, questions: str | None = None,
+                          outputs: str | None = None, backbone: str | None = None, overrides: list[str] | None = None) -> dict:
+    """The online_adaptation pipeline's run config: like `resolve_config` (same normalisation of `run`, so the
+    shared upstream steps get identical parameters and hit the cache), plus a validated `online:` section.
+
+    A config file looks like configs/online-tiny.yaml; `--set online.chunks=3` edits the `online:` section,
+    anything else goes where `resolve_config` puts it. No model version is created (no `model:`): the
+    simulation evaluates update strategies, it does not produce a model to promote.
+    """
+    from tapper.online import load_online_config
+
+    if isinstance(config, dict):
+        cfg = copy.deepcopy(config)
+    elif config:
+        cfg = yaml.safe_load(Path(config).read_text()) or {}
+    else:
+        cfg = {}
+    params = cfg.get("parameters") or {}
+    unknown = sorted(set(params) - set(ONLINE_PARAMS))
+    if unknown:
+        raise RunSetupError(f"{config}: unknown online_adaptation parameter(s) {unknown}; valid: {list(ONLINE_PARAMS)}")
+    online = params.pop("online", None) or {}
+    cfg["parameters"] = params
+    overrides = list(overrides or [])
+    online_sets = [o for o in overrides if o.strip().startswith("online.")]
+    rest = [o for o in overrides if not o.strip().startswith("online.")]
+    for o in rest:
+        key = o.split("=", 1)[0].strip().split(".")[0]
+        if key in PIPELINE_PARAMS and key not in ONLINE_PARAMS:
+            raise RunSetupError(f"--set {o!r}: {key!r} is not a parameter of the online_adaptation pipeline")
+    try:
+        _, ocfg = load_online_config({"online": online}, online_sets)
+    except ValueError as err:
+        raise RunSetupError(str(err)) from None
+    cfg = resolve_config(cfg, task, questions, outputs, backbone, rest)
+    cfg["parameters"]["online"] = ocfg.to_dict()
+    cfg.pop("model", None)
+    for name in NEVER_CACHED:  # steps of the training pipeline only
+        cfg.get("steps", {}).pop(name, None)
+    if not cfg.get("steps"):
+        cfg.pop("steps", None)
+    return cfg
+
+
 def orchestrator_flavor() -> str:
     from zenml.client import Client
 
@@ -122,10 +170,22 @@ def orchestrator_flavor() -> str:
 
 
 def run_training(cfg: dict, schedule: bool = True):
-    """Run (or schedule) the pipeline with a resolved config; returns the pipeline run response (None if scheduled)."""
+    """Run (or schedule) the training pipeline with a resolved config; returns the pipeline run response (None if scheduled)."""
+    from pipelines.training import training
+
+    return run_pipeline(training, cfg, schedule)
+
+
+def run_online_pipeline(cfg: dict, schedule: bool = True):
+    """Run (or schedule) the online_adaptation pipeline with a config from `resolve_online_config`."""
+    from pipelines.online import online_adaptation
+
+    return run_pipeline(online_adaptation, cfg, schedule)
+
+
+def run_pipeline(pipeline_fn, cfg: dict, schedule: bool = True):
     offline_env()
     import materializers  # noqa: F401
-    from pipelines.training import training
 
     cfg = copy.deepcopy(cfg)
     sched = cfg.pop("schedule", None)
@@ -153,7 +213,7 @@ def run_training(cfg: dict, schedule: bool = True):
         yaml.safe_dump(cfg, f, sort_keys=False)
         path = f.name
     try:
-        return training.with_options(config_path=path)()
+        return pipeline_fn.with_options(config_path=path)()
     finally:
         os.unlink(path)
 

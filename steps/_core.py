@@ -147,6 +147,18 @@ def eval_data_hash(data: PreparedData) -> str:
     return h.hexdigest()
 
 
+def active_mlflow():
+    """The mlflow module when the current step runs inside an MLflow run (an MLflow tracker on the stack), else None."""
+    from zenml.client import Client
+
+    tracker = Client().active_stack.experiment_tracker
+    if tracker is None or tracker.flavor != "mlflow":
+        return None
+    import mlflow
+
+    return mlflow if mlflow.active_run() is not None else None
+
+
 def quiet() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

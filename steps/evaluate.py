@@ -6,8 +6,8 @@ from typing import Annotated, List, Optional
 from zenml import log_metadata, step
 from zenml.logger import get_logger
 
-from materializers.types import BackboneDir, EmbeddingTable, EvalReport, TapPerState, VariantEval
-from steps._core import eval_data_hash, evaluate_state, install_embeddings, quiet, run_config, step_tempdir, variant_eval
+from materializers.types import BackboneDir, ComparisonReport, EmbeddingTable, EvalReport, TapPerState, VariantEval
+from steps._core import active_mlflow, eval_data_hash, evaluate_state, install_embeddings, quiet, run_config, step_tempdir, variant_eval
 from tapper.experiment import PreparedData
 
 logger = get_logger(__name__)
@@ -85,3 +85,49 @@ def report(evals: List[VariantEval], stage1_backbone: BackboneDir, data: Prepare
     )
     logger.info("%s on %d queries: %s %s = %.4f", task.name, rep.eval_queries, candidate, rep.primary_metric, rep.candidate_score)
     return rep
+
+
+def comparison_metrics(evals: List[VariantEval], stage1_backbone: BackboneDir, data: PreparedData, backbone: str,
+                       run: Optional[dict]) -> dict:
+    """The evaluated variants in tapper.experiment's metrics.json contract (what write_report reads)."""
+    by_name = {e.name: e for e in evals}
+    main = by_name.get("tap-per") or next((e for e in evals if e.per_user_params), None)
+    s = data.splits
+    return {
+        "task": data.task.name, "backbone": backbone,
+        "variants": {k: {m: float(v) for m, v in e.metrics.items()} for k, e in by_name.items()},
+        "per_user_params": main.per_user_params if main else 0, "shared_params": main.shared_params if main else 0,
+        "params": {k: {"per_user": e.per_user_params, "shared": e.shared_params} for k, e in by_name.items()},
+        "details": {k: {"seconds": round(e.seconds, 2), "losses": list(e.losses), **e.extra} for k, e in by_name.items()},
+        "data": {"users": data.n_users, "stage1_users": len(s.stage1_users), "stage2_users": len(s.stage2_users),
+                 "stage1_examples": stage1_backbone.n_examples, "stage2_examples": len(s.stage2_train),
+                 "eval_queries": len(s.eval)},
+        "stage1": {"losses": list(stage1_backbone.losses), "weights_hash": stage1_backbone.weights_hash},
+        "config": dict(run or {}),
+        "seconds": round(sum(e.seconds for e in evals), 2),
+    }
+
+
+@step
+def comparison_report(evals: List[VariantEval], stage1_backbone: BackboneDir, data: PreparedData, backbone: str = "",
+                      run: Optional[dict] = None) -> Annotated[ComparisonReport, "comparison_report"]:
+    """The paper-style comparison report (tapper.analysis.report.write_report: comparison / ablation /
+    sensitivity tables, best per metric in bold, PNG plots) of every variant this run evaluated;
+    logged to MLflow under comparison/ when the stack has an MLflow tracker."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from tapper.analysis.report import write_report
+
+    metrics = comparison_metrics(evals, stage1_backbone, data, backbone, run)
+    with tempfile.TemporaryDirectory(prefix="tapper-report-") as tmp:
+        files = write_report(metrics, tmp, title=f"TAP-PER: comparison report ({data.task.name}, {backbone} backbone)")
+        md, images = files[0].read_text(), {p.name: p.read_bytes() for p in files[1:]}
+        mlflow = active_mlflow()
+        if mlflow is not None:
+            Path(tmp, "metrics.json").write_text(json.dumps(metrics, indent=1))
+            for p in [*files, Path(tmp, "metrics.json")]:
+                mlflow.log_artifact(str(p), "comparison")
+    logger.info("comparison report: %d variants, %d plots", len(metrics["variants"]), len(images))
+    return ComparisonReport(task=data.task.name, markdown=md, images=images, metrics=metrics)

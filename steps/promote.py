@@ -8,6 +8,14 @@ strictly better model is promoted: ZenML stage `production` (the previous
 production version is archived) and MLflow alias `production` (the previous
 version gets alias `archived-<n>` and tag stage=archived). The decision and
 both figures are recorded as metadata on the model version and as an artifact.
+
+A promoted version (metric-gated or forced) is also exported as a serving bundle
+(deploy.bundle.export_bundle) to `<serving_dir>/<model name>/v<version>` and
+published as `<serving_dir>/<model name>/current` (an atomic symlink swap), where a
+server started with `tapper serve --model-dir <serving_dir>/<model name>/current`
+picks it up on POST /reload. `serving_dir` is the pipeline parameter of that name,
+else `$TAPPER_SERVING_DIR`, else `{TAPPER_HOME}/.tapper/serving`. The bundle path is
+recorded in the decision and in the model version's metadata.
 """
 from __future__ import annotations
 
@@ -112,6 +120,44 @@ def register_model(
     return info
 
 
+def serving_root(serving_dir: Optional[str] = None) -> Path:
+    from pipelines.stacks import project_root
+
+    return Path(serving_dir or os.environ.get("TAPPER_SERVING_DIR") or project_root() / ".tapper" / "serving").expanduser()
+
+
+def export_serving_bundle(model_name: str, version: str, tapper_state: TapPerState, stage1_backbone: BackboneDir,
+                          data: PreparedData, serving_dir: Optional[str] = None,
+                          source: Optional[dict] = None) -> tuple[Path, Path]:
+    """Write `<root>/<model>/v<version>` (the Stage-2 users' histories included) and point `<root>/<model>/current` at it."""
+    from deploy.bundle import export_bundle, publish_bundle
+    from tapper.data import get_task
+
+    root = serving_root(serving_dir) / model_name
+    histories: dict = {}
+    for ex in data.splits.eval:  # each evaluation query carries its user's full history
+        if len(ex.history) > len(histories.get(ex.user_id, [])):
+            histories[ex.user_id] = list(ex.history)
+    template = data.task.input_template if data.task.input_template != get_task(data.task.name).input_template else None
+    info = export_bundle(stage1_backbone.path, tapper_state.path, data.task.name, root / f"v{version}",
+                         version=f"{model_name}/{version}", histories=histories or None, input_template=template,
+                         source={"zenml_model": model_name, "zenml_model_version": str(version), **(source or {})},
+                         overwrite=True)
+    link = publish_bundle(info.path, root / "current")
+    logger.info("serving bundle %s published as %s", info.path, link)
+    return info.path, link
+
+
+def _export_into(decision: PromotionDecision, state: TapPerState, stage1: BackboneDir, data: PreparedData,
+                 serving_dir: Optional[str], source: dict) -> None:
+    try:
+        path, link = export_serving_bundle(decision.model_name, decision.model_version, state, stage1, data, serving_dir, source)
+        decision.bundle_path, decision.serving_link = str(path), str(link)
+    except Exception as err:  # noqa: BLE001 - the promotion stands; the decision says why serving was not updated
+        decision.bundle_error = f"{type(err).__name__}: {err}"
+        logger.error("promoted, but the serving bundle could not be exported: %s", decision.bundle_error)
+
+
 def is_better(new: float, old: float, higher_is_better: bool) -> bool:
     return new > old if higher_is_better else new < old
 
@@ -164,8 +210,11 @@ def set_production(model_name: str, version: str, registration: dict | None, for
 
 
 @step(enable_cache=False)
-def promote(report: EvalReport, registration: dict, data: PreparedData, run: Optional[dict] = None) -> Annotated[PromotionDecision, "promotion_decision"]:
-    """Promote this run's model version only if its primary metric beats production's on the same data."""
+def promote(report: EvalReport, registration: dict, data: PreparedData, tapper_state: TapPerState,
+            stage1_backbone: BackboneDir, run: Optional[dict] = None,
+            serving_dir: Optional[str] = None) -> Annotated[PromotionDecision, "promotion_decision"]:
+    """Promote this run's model version only if its primary metric beats production's on the same data;
+    a promoted version is exported as a serving bundle and published as `<serving_dir>/<model>/current`."""
     mv = get_step_context().model
     client = Client()
     try:
@@ -193,6 +242,8 @@ def promote(report: EvalReport, registration: dict, data: PreparedData, run: Opt
             decision.reason = f"not promoted: {report.primary_metric} {new:.4f} does not beat production v{prod.number}'s {old:.4f} ({how})"
     if decision.promoted:
         decision.archived_version = set_production(mv.name, str(mv.number), registration, forced=False)
+        _export_into(decision, tapper_state, stage1_backbone, data, serving_dir,
+                     {k: str(v) for k, v in registration.items() if k.startswith("mlflow")})
     logger.info("promotion: %s", decision.reason)
     log_metadata(metadata={"promotion": {k: v for k, v in asdict(decision).items() if v is not None}}, infer_model=True)
     return decision
@@ -218,6 +269,13 @@ def force_promote(model_name: str, version: str) -> PromotionDecision:
         archived_version=archived, mlflow_model=meta.get("mlflow_model"),
         mlflow_version=None if meta.get("mlflow_version") is None else str(meta.get("mlflow_version")),
     )
+    try:
+        state: TapPerState = mv.get_artifact("tapper_state").load()
+        s1: BackboneDir = mv.get_artifact("stage1_backbone").load()
+        data: PreparedData = mv.get_artifact("prepared_data").load()
+        _export_into(d, state, s1, data, None, {"promotion": "forced"})
+    except Exception as err:  # noqa: BLE001 - e.g. a version whose artifacts are gone: promoted, no bundle
+        d.bundle_error = f"{type(err).__name__}: {err}"
     log_metadata(metadata={"promotion_forced": {k: v for k, v in asdict(d).items() if v is not None}},
                  model_name=model_name, model_version=str(mv.number))
     return d
