@@ -1,0 +1,81 @@
+"""The comparison switch of the training pipeline (configs/compare-tiny.yaml) on the tiny backbone, in an
+isolated ZenML + MLflow store: every configured variant (TAP-PER, an ablation, baselines registered by
+tapper.baselines) is evaluated on the same split, and the comparison report (tapper.analysis.report) is an
+artifact with a Markdown table, PNG plots and dashboard visualizations, also logged to MLflow."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_online_pipeline import reset_zenml  # noqa: E402
+from workflow_data import make_lamp_2n  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = ["base", "rag-k1", "oppu", "pq-only", "tap-per", "no-bridge"]
+
+
+@pytest.fixture(scope="module")
+def zen(tmp_path_factory):
+    """An isolated ZenML + MLflow + tapper cache (the same isolation as tests/test_pipeline.py)."""
+    tmp = tmp_path_factory.mktemp("zen-compare")
+    env = {
+        "ZENML_CONFIG_PATH": str(tmp / "zenml-config"), "ZENML_LOCAL_STORES_PATH": str(tmp / "zenml-stores"),
+        "TAPPER_HOME": str(tmp / "project"), "TAPPER_CACHE": str(tmp / "tapper-cache"),
+        "ZENML_ANALYTICS_OPT_IN": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "ZENML_AUTO_OPEN_DASHBOARD": "false",
+        "HF_HUB_OFFLINE": "1", "ZENML_ENABLE_RICH_TRACEBACK": "false", "ZENML_LOGGING_VERBOSITY": "WARN",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    reset_zenml()
+    (tmp / "project").mkdir()
+    from pipelines.stacks import stack_up
+
+    stack_up("local")
+    q, o = make_lamp_2n(tmp / "data", users=8, records=6, queries=2, n_favorites=1)
+    yield {"tmp": tmp, "questions": str(q), "outputs": str(o)}
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    reset_zenml()
+
+
+def test_comparison_report(zen):
+    import mlflow
+    from zenml.client import Client
+
+    from pipelines.run import resolve_config, run_training
+
+    cfg = resolve_config(ROOT / "configs" / "compare-tiny.yaml", questions=zen["questions"], outputs=zen["outputs"])
+    assert cfg["parameters"]["compare"] is True and cfg["parameters"]["variants"] == VARIANTS
+    run = Client().get_pipeline_run(run_training(cfg).id)
+    s = {n: str(st.status.value) for n, st in run.steps.items()}
+    assert str(run.status.value) == "completed", s
+    assert {"evaluate_rag-k1", "evaluate_oppu", "evaluate_pq-only", "evaluate_no-bridge", "comparison_report"} <= set(s)
+    art = run.steps["comparison_report"].outputs["comparison_report"][0]
+    rep = art.load()
+    assert list(rep.metrics["variants"]) == VARIANTS
+    assert rep.metrics["params"]["rag-k1"]["per_user"] == 0 and rep.metrics["params"]["pq-only"]["per_user"] == 0
+    assert rep.metrics["params"]["tap-per"]["per_user"] > 0 and rep.metrics["params"]["oppu"]["per_user"] > 0
+    md = rep.markdown
+    assert "### Comparison" in md and "### Ablation" in md
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    for label in ("Base (Stage 1)", "RAG k=1", "OPPU", "TAP-PER P_q-only", "TAP-PER (full)", "-bridge"):
+        assert any(label in line for line in table), (label, md)
+    assert "comparison.png" in rep.images and all(p.startswith(b"\x89PNG") for p in rep.images.values())
+    assert f"![comparison](comparison.png)" in md
+    # Dashboard: the report (plots inlined) + one image per plot; metadata has the numbers.
+    assert len(art.visualizations) == 1 + len(rep.images)
+    assert art.run_metadata["tap-per/accuracy"] == rep.metrics["variants"]["tap-per"]["accuracy"]
+    # The report agrees with the evaluation report promotion used.
+    ev = run.steps["report"].outputs["evaluation_report"][0].load()
+    assert ev.variants == rep.metrics["variants"]
+    # MLflow: the same files under comparison/ in the run's MLflow run.
+    reg = run.steps["register_model"].outputs["registration"][0].load()
+    files = {a.path for a in mlflow.MlflowClient(tracking_uri=reg["tracking_uri"]).list_artifacts(reg["mlflow_run_id"], "comparison")}
+    assert {"comparison/report.md", "comparison/comparison.png", "comparison/metrics.json"} <= files
