@@ -39,6 +39,7 @@ def zen(tmp_path_factory):
     assert "zenml.client" not in sys.modules or os.environ.get("ZENML_CONFIG_PATH"), "zenml was imported before the store was isolated"
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    reset_zenml()  # another test module may have used (and isolated) ZenML before this one
     (tmp / "project").mkdir()
     from pipelines.stacks import stack_up
 
@@ -50,6 +51,17 @@ def zen(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+    reset_zenml()
+
+
+def reset_zenml() -> None:
+    """Forget ZenML's global config and client, so that the next use reads the (new) environment."""
+    if "zenml.client" in sys.modules:
+        from zenml.client import Client
+        from zenml.config.global_config import GlobalConfiguration
+
+        Client._reset_instance()
+        GlobalConfiguration._reset_instance()
 
 
 def train(zen, overrides, name, questions=None):
@@ -123,6 +135,31 @@ def test_better_model_is_promoted(zen):
     assert str(mlflow_production_version()) == str(reg["mlflow_version"])
 
 
+def test_promotion_exports_and_publishes_a_serving_bundle(zen, tmp_path):
+    from deploy.bundle import read_bundle
+    from deploy.service import ServeConfig, TapperService
+
+    bad, good = decision(zen["runs"]["bad"]), decision(zen["runs"]["good"])
+    root = Path(os.environ["TAPPER_HOME"]) / ".tapper" / "serving" / "tapper-LaMP_2N"
+    assert bad.bundle_path == str(root / f"v{bad.model_version}") and Path(bad.bundle_path).is_dir()
+    assert good.bundle_path == str(root / f"v{good.model_version}") and good.serving_link == str(root / "current")
+    assert (root / "current").resolve() == Path(good.bundle_path).resolve()  # the latest promotion is served
+    assert production(zen).run_metadata["promotion"]["bundle_path"] == good.bundle_path
+    info = read_bundle(root / "current")
+    assert info.version == f"tapper-LaMP_2N/{good.model_version}" and info.task == "LaMP_2N"
+    state = zen["runs"]["good"].steps["train_stage2"].outputs["tapper_state"][0].load()
+    assert info.backbone_hash == state.backbone_hash and info.histories_file.is_file()
+    # deploy's loader serves it: the backbone hash checks out, a Stage-2 user is known and gets an answer.
+    svc = TapperService(ServeConfig(model_dir=root / "current", state_dir=tmp_path / "live"))
+    ld = svc.load()
+    user = sorted(ld.model.user_rows)[0]
+    from tapper.data import get_task
+
+    out = svc.predict(user, get_task("LaMP_2N").make_input(text="market team recipe vote school film"))
+    assert out["known_user"] and out["model_version"] == info.version and out["history_stored"] > 0
+    assert isinstance(out["prediction"], str)
+
+
 def test_identical_run_is_served_from_cache(zen):
     run = train(zen, GOOD, "good-again")
     s = statuses(run)
@@ -145,6 +182,7 @@ def test_worse_model_is_not_promoted(zen):
     run = train(zen, BAD, "bad-again")
     d = decision(run)
     assert not d.promoted and "does not beat" in d.reason
+    assert d.bundle_path is None  # nothing new to serve
     assert d.production_score is not None and d.production_score > d.candidate_score
     assert production(zen).number == before
 
@@ -195,5 +233,7 @@ def test_cli_lineage_and_forced_promotion(zen, capsys):
     assert "forced" in capsys.readouterr().out
     assert str(production(zen).number) == bad_version
     assert production(zen).run_metadata["promotion_forced"]["forced"] is True
+    link = Path(os.environ["TAPPER_HOME"]) / ".tapper" / "serving" / "tapper-LaMP_2N" / "current"
+    assert link.resolve().name == f"v{bad_version}"  # a forced promotion is published for serving too
     assert main(["lineage", bad_version]) == 0
     assert "forced promotion" in capsys.readouterr().out
