@@ -9,10 +9,10 @@ DIN-attention average of the user's record vectors:
     P_q  = MLP(Σ α_j z_h_j) reshaped to L x d
 
 λ_t, λ_o = softplus(free parameter) so that "decay" cannot become a bonus for
-old records. Record vectors are mean token embeddings, whose scale is tiny
-(≈ the embedding std), so they are divided by that std before the MLPs; the
-prefix is brought back to the token-embedding scale on the way out, so soft
-tokens look to the backbone like ordinary tokens in magnitude.
+old records. Record vectors are mean token embeddings, whose scale shrinks with
+the text's length, so they are scaled to unit RMS before the MLPs; the prefix
+is brought back to the token-embedding scale on the way out, so soft tokens
+look to the backbone like ordinary tokens in magnitude.
 """
 from __future__ import annotations
 
@@ -61,10 +61,16 @@ class PrefixEncoder(nn.Module):
     def per_user_params(self) -> int:
         return self.L * self.d
 
+    @staticmethod
+    def _unit_rms(z: torch.Tensor) -> torch.Tensor:
+        # A mean of many token embeddings shrinks toward zero (≈ std/√n per dim), and the
+        # few tokens that carry the answer shrink with it; unit RMS keeps the MLP inputs O(1).
+        return z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + 1e-12)
+
     def attention(self, zq, zh, mask, dt, dpi) -> torch.Tensor:
         """α [B, N] over each user's history; zero rows for empty histories."""
-        q = (zq / self.emb_std).unsqueeze(1).expand_as(zh)
-        h = zh / self.emb_std
+        h = self._unit_rms(zh)
+        q = self._unit_rms(zq).unsqueeze(1).expand_as(h)
         s = self.din(torch.cat([q, h, q - h, q * h], dim=-1)).squeeze(-1)
         s = s - self.lambda_t * torch.log1p(dt) - self.lambda_o * torch.log1p(dpi)
         s = s.masked_fill(~mask, float("-inf"))
@@ -79,7 +85,7 @@ class PrefixEncoder(nn.Module):
         alpha = zq.new_zeros(B, zh.shape[1])
         if self.cfg.use_pq and zh.shape[1] > 0:
             alpha = self.attention(zq, zh, mask, dt, dpi)
-            pooled = torch.einsum("bn,bnd->bd", alpha, zh / self.emb_std)
+            pooled = torch.einsum("bn,bnd->bd", alpha, self._unit_rms(zh))
             P = P + self.proj(pooled).view(B, self.L, self.d)
         if self.cfg.use_pu:
             P = P + self.user_table(user_rows).view(B, self.L, self.d)
