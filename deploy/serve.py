@@ -89,17 +89,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = argparse.ArgumentParser(prog="python -m deploy.serve")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"tapper: error: {err}", file=sys.stderr)
-        return 2
+    """`python -m deploy.serve serve ...` is `tapper serve ...`: one entry point, one error policy."""
+    from tapper.cli import main as tapper_main
+
+    return tapper_main(argv)
 
 
 if __name__ == "__main__":
