@@ -71,6 +71,9 @@ class Stage2Config:
     # Learning rate of the user table (None = lr). Each row sees only its user's examples,
     # so with few examples per user it may need a larger rate than the shared network.
     user_lr: float | None = None
+    # Decoupled weight decay on the user table only: a row has L*d numbers for a few dozen
+    # examples and can memorize their answers; decay pulls it toward the shared P_q path.
+    user_weight_decay: float = 0.0
     batch_size: int = 16
     max_len: int = 256
     # Train on at most this many of each user's most recent history items (None = all).

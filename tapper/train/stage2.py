@@ -40,7 +40,8 @@ def encoder_for(model: TapPer, task, tokenizer, cache: EmbeddingCache) -> Featur
 def param_groups(model: TapPer, cfg: Stage2Config, which: tuple[str, ...] = ("user_table", "shared", "lambdas", "bridge")) -> list[dict]:
     groups = model.trainable_parameters()
     rates = {"lambdas": cfg.lambda_lr, "user_table": cfg.user_lr or cfg.lr}
-    return [{"params": groups[k], "lr": rates.get(k, cfg.lr)} for k in which]
+    decay = {"user_table": cfg.user_weight_decay}
+    return [{"params": groups[k], "lr": rates.get(k, cfg.lr), "weight_decay": decay.get(k, 0.0)} for k in which]
 
 
 def fit(model: TapPer, encoded: EncodedSet, pad_id: int, cfg: Stage2Config, epochs: float, seed: int,
