@@ -150,7 +150,7 @@ def run_tapper_variant(variant: str, stage1_dir: Path, data: PreparedData, cfg: 
     return VariantResult(
         variant, preds, score(data, preds), per_user_params=model.per_user_params(), shared_params=model.shared_params(),
         losses=result.losses, seconds=time.time() - t0,
-        extra={"lambda_t": float(model.prefix.lambda_t), "lambda_o": float(model.prefix.lambda_o), "n_train": result.n_examples},
+        extra={"lambda_t": float(model.prefix.lambda_t.detach()), "lambda_o": float(model.prefix.lambda_o.detach()), "n_train": result.n_examples},
     )
 
 
