@@ -92,77 +92,55 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # --- train --------------------------------------------------------------------------------
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _run_pipeline(args: argparse.Namespace, resolve, launch):
+    """Resolve the run config, then run (or schedule) the pipeline; returns (exit code, run or None)."""
     _env()
-    from pipelines.run import RunSetupError, resolve_config
+    from pipelines.run import RunSetupError
 
     try:
-        cfg = resolve_config(args.config, args.task, args.questions, args.outputs, args.backbone, args.overrides)
+        cfg = resolve(args.config, args.task, args.questions, args.outputs, args.backbone, args.overrides)
     except RunSetupError as err:
         print(f"tapper: error: {err}", file=sys.stderr)
-        return 2
+        return 2, None
     if args.no_cache:
         cfg["enable_cache"] = False
     if args.print_config:
         import yaml
 
         print(yaml.safe_dump(cfg, sort_keys=False))
-        return 0
+        return 0, None
     _ensure_stack()
     from zenml.client import Client
 
-    from pipelines.run import run_training
-
     before = {r.id for r in Client().list_pipeline_runs(size=1, sort_by="desc:created")}
     try:
-        result = run_training(cfg, schedule=not args.no_schedule)
+        result = launch(cfg, schedule=not args.no_schedule)
     except RunSetupError as err:
         print(f"tapper: error: {err}", file=sys.stderr)
-        return 2
+        return 2, None
     except RuntimeError as err:
-        return _report_failure(err, before)
+        return _report_failure(err, before), None
     if result is None:
         print("scheduled: the orchestrator runs the pipeline on its schedule (see `zenml pipeline schedule list`)")
-        return 0
+        return 0, None
     run = Client().get_pipeline_run(result.id)
     _print_run(run)
-    return 0 if str(run.status.value) == "completed" else 1
+    return (0 if str(run.status.value) == "completed" else 1), run
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipelines.run import resolve_config, run_training
+
+    code, _ = _run_pipeline(args, resolve_config, run_training)
+    return code
 
 
 def cmd_online_pipeline(args: argparse.Namespace) -> int:
-    _env()
-    from pipelines.run import RunSetupError, resolve_online_config
+    from pipelines.run import resolve_online_config, run_online_pipeline
 
-    try:
-        cfg = resolve_online_config(args.config, args.task, args.questions, args.outputs, args.backbone, args.overrides)
-    except RunSetupError as err:
-        print(f"tapper: error: {err}", file=sys.stderr)
-        return 2
-    if args.no_cache:
-        cfg["enable_cache"] = False
-    if args.print_config:
-        import yaml
-
-        print(yaml.safe_dump(cfg, sort_keys=False))
-        return 0
-    _ensure_stack()
-    from zenml.client import Client
-
-    from pipelines.run import run_online_pipeline
-
-    before = {r.id for r in Client().list_pipeline_runs(size=1, sort_by="desc:created")}
-    try:
-        result = run_online_pipeline(cfg, schedule=not args.no_schedule)
-    except RunSetupError as err:
-        print(f"tapper: error: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:
-        return _report_failure(err, before)
-    if result is None:
-        print("scheduled: the orchestrator runs the pipeline on its schedule (see `zenml pipeline schedule list`)")
-        return 0
-    run = Client().get_pipeline_run(result.id)
-    _print_run(run)
+    code, run = _run_pipeline(args, resolve_online_config, run_online_pipeline)
+    if run is None:
+        return code
     try:
         art = run.steps["online_report"].outputs["online_trajectories"][0]
         from tapper.online.cli import print_trajectories
@@ -171,7 +149,7 @@ def cmd_online_pipeline(args: argparse.Namespace) -> int:
         print(f"artifact online_trajectories v{art.version}: {art.uri} (trajectories.json, online.png; also in the dashboard)")
     except (KeyError, IndexError):
         pass
-    return 0 if str(run.status.value) == "completed" else 1
+    return code
 
 
 def _ensure_stack() -> None:
