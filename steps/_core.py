@@ -14,7 +14,7 @@ from pathlib import Path
 
 from materializers.types import EmbeddingTable, TapPerState, VariantEval
 from tapper.config import RunConfig, load_run_config
-from tapper.experiment import PreparedData, VariantResult, embedding_cache, score, stage2_config_for
+from tapper.experiment import PreparedData, VariantResult, score
 
 
 def run_config(data: PreparedData | None = None, seed: int = 0, **sections: dict) -> RunConfig:
@@ -86,43 +86,30 @@ def install_embeddings(table: EmbeddingTable) -> int:
 def train_tapper(variant: str, stage1_dir: Path, data: PreparedData, cfg: RunConfig, state_dir: Path,
                  progress: bool = False, log=None) -> TapPerState:
     """Stage 2 of one TAP-PER variant on the merged backbone; saves TapPer state to `state_dir`."""
-    from tapper.model.backbone import load_backbone_dir, weights_hash
-    from tapper.train.stage2 import train_stage2
+    from tapper.experiment import train_tapper_variant
 
     t0 = time.time()
-    s2cfg = stage2_config_for(variant, cfg)
-    bb = load_backbone_dir(stage1_dir)
-    cache = embedding_cache(bb)
-    bhash = weights_hash(bb.model)
-    result = train_stage2(
-        bb.model, bb.tokenizer, data.task, data.splits.stage2_train, data.splits.stage2_users, s2cfg, cache,
-        seed=cfg.seed, backbone_hash=bhash, progress=progress,
-        on_epoch=(lambda e, l: log(variant, e, l)) if log else None,
-    )
+    _, result = train_tapper_variant(variant, stage1_dir, data, cfg, progress, log)
     model = result.model
     model.save(state_dir)
     return TapPerState(
-        path=Path(state_dir), variant=variant, backbone_hash=bhash, users=len(model.user_ids),
+        path=Path(state_dir), variant=variant, backbone_hash=model.backbone_hash, users=len(model.user_ids),
         per_user_params=model.per_user_params(), shared_params=model.shared_params(), losses=list(result.losses),
-        n_train=result.n_examples, lambda_t=float(model.prefix.lambda_t), lambda_o=float(model.prefix.lambda_o),
+        n_train=result.n_examples, lambda_t=float(model.prefix.lambda_t.detach()), lambda_o=float(model.prefix.lambda_o.detach()),
         seconds=time.time() - t0,
     )
 
 
 def evaluate_state(state: TapPerState, stage1_dir: Path, data: PreparedData, cfg: RunConfig, progress: bool = False) -> VariantEval:
     """Load a saved TAP-PER state on the merged backbone and evaluate it on the evaluation split."""
-    from tapper.eval.predict import generate_texts
+    from tapper.experiment import predict_eval
     from tapper.model.backbone import load_backbone_dir
     from tapper.model.tapper import TapPer
-    from tapper.train.stage2 import encoder_for
 
     t0 = time.time()
     bb = load_backbone_dir(stage1_dir)
     model = TapPer.load(state.path, bb.model)
-    cache = embedding_cache(bb)
-    rows = model.user_rows if model.cfg.use_pu else None
-    encoded = encoder_for(model, data.task, bb.tokenizer, cache).encode(data.splits.eval, rows, progress=progress)
-    preds = generate_texts(model, encoded, bb.tokenizer, data.task, cfg.eval.batch_size, cfg.eval.max_new_tokens, progress, state.variant)
+    preds = predict_eval(model, bb, data, cfg, state.variant, progress)
     return VariantEval(
         name=state.variant, task=data.task.name, metrics=score(data, preds), predictions=preds,
         per_user_params=state.per_user_params, shared_params=state.shared_params, losses=state.losses,

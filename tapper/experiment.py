@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -127,24 +127,35 @@ def _asdict(obj) -> dict:
     return dataclasses.asdict(obj)
 
 
+def train_tapper_variant(variant: str, stage1_dir: Path, data: PreparedData, cfg: RunConfig, progress=True,
+                         log: LossLogger | None = None):
+    """Stage 2 of one TAP-PER variant on a fresh copy of the merged backbone: (backbone, Stage2Result)."""
+    from tapper.model.backbone import weights_hash
+
+    s2cfg = stage2_config_for(variant, cfg)
+    bb = load_backbone_dir(stage1_dir)
+    result = train_stage2(
+        bb.model, bb.tokenizer, data.task, data.splits.stage2_train, data.splits.stage2_users, s2cfg, embedding_cache(bb),
+        seed=cfg.seed, backbone_hash=weights_hash(bb.model), progress=progress,
+        on_epoch=(lambda e, l: log(variant, e, l)) if log else None,
+    )
+    return bb, result
+
+
+def predict_eval(model, bb: Backbone, data: PreparedData, cfg: RunConfig, name: str, progress=True) -> dict[str, str]:
+    """A TAP-PER model's predictions on the evaluation split (unknown users get P_q only)."""
+    rows = model.user_rows if model.cfg.use_pu else None
+    encoded = encoder_for(model, data.task, bb.tokenizer, embedding_cache(bb)).encode(data.splits.eval, rows, progress=progress)
+    return generate_texts(model, encoded, bb.tokenizer, data.task, cfg.eval.batch_size, cfg.eval.max_new_tokens, progress, name)
+
+
 def run_tapper_variant(variant: str, stage1_dir: Path, data: PreparedData, cfg: RunConfig, state_dir: Path | None = None,
                        progress=True, log: LossLogger | None = None) -> VariantResult:
     """Train one Stage-2 variant on a fresh copy of the merged backbone and evaluate it."""
     t0 = time.time()
-    s2cfg = stage2_config_for(variant, cfg)
-    bb = load_backbone_dir(stage1_dir)
-    cache = embedding_cache(bb)
-    from tapper.model.backbone import weights_hash
-
-    result = train_stage2(
-        bb.model, bb.tokenizer, data.task, data.splits.stage2_train, data.splits.stage2_users, s2cfg, cache,
-        seed=cfg.seed, backbone_hash=weights_hash(bb.model), progress=progress,
-        on_epoch=(lambda e, l: log(variant, e, l)) if log else None,
-    )
+    bb, result = train_tapper_variant(variant, stage1_dir, data, cfg, progress, log)
     model = result.model
-    eval_rows = model.user_rows if s2cfg.use_pu else None
-    encoded = encoder_for(model, data.task, bb.tokenizer, cache).encode(data.splits.eval, eval_rows, progress=progress)
-    preds = generate_texts(model, encoded, bb.tokenizer, data.task, cfg.eval.batch_size, cfg.eval.max_new_tokens, progress, variant)
+    preds = predict_eval(model, bb, data, cfg, variant, progress)
     if state_dir is not None:
         model.save(state_dir)
     return VariantResult(
