@@ -4,15 +4,13 @@ tapper.baselines) is evaluated on the same split, and the comparison report (tap
 artifact with a Markdown table, PNG plots and dashboard visualizations, also logged to MLflow."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_online_pipeline import reset_zenml  # noqa: E402
-from workflow_data import make_lamp_2n  # noqa: E402
+from workflow_data import isolated_workflow  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ["base", "rag-k1", "oppu", "pq-only", "tap-per", "no-bridge"]
@@ -20,29 +18,8 @@ VARIANTS = ["base", "rag-k1", "oppu", "pq-only", "tap-per", "no-bridge"]
 
 @pytest.fixture(scope="module")
 def zen(tmp_path_factory):
-    """An isolated ZenML + MLflow + tapper cache (the same isolation as tests/test_pipeline.py)."""
-    tmp = tmp_path_factory.mktemp("zen-compare")
-    env = {
-        "ZENML_CONFIG_PATH": str(tmp / "zenml-config"), "ZENML_LOCAL_STORES_PATH": str(tmp / "zenml-stores"),
-        "TAPPER_HOME": str(tmp / "project"), "TAPPER_CACHE": str(tmp / "tapper-cache"),
-        "ZENML_ANALYTICS_OPT_IN": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "ZENML_AUTO_OPEN_DASHBOARD": "false",
-        "HF_HUB_OFFLINE": "1", "ZENML_ENABLE_RICH_TRACEBACK": "false", "ZENML_LOGGING_VERBOSITY": "WARN",
-    }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    reset_zenml()
-    (tmp / "project").mkdir()
-    from pipelines.stacks import stack_up
-
-    stack_up("local")
-    q, o = make_lamp_2n(tmp / "data", users=8, records=6, queries=2, n_favorites=1)
-    yield {"tmp": tmp, "questions": str(q), "outputs": str(o)}
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    reset_zenml()
+    """An isolated ZenML + MLflow + tapper cache, set up before zenml is first imported."""
+    yield from isolated_workflow(tmp_path_factory.mktemp("zen-compare"))
 
 
 def test_comparison_report(zen):

@@ -7,55 +7,23 @@ has online/<method>/<metric> at step t = 0..T; a rerun through the CLI is served
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from workflow_data import make_lamp_2n  # noqa: E402
+from workflow_data import isolated_workflow  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 UPSTREAM = ["load_data", "validate_data", "build_splits", "cache_embeddings", "train_stage1"]
 METHODS = ["static", "online-emb", "online-full", "full-retrain"]
 
 
-def reset_zenml() -> None:
-    """Forget ZenML's global config and client, so that the next use reads the (new) environment."""
-    if "zenml.client" in sys.modules:
-        from zenml.client import Client
-        from zenml.config.global_config import GlobalConfiguration
-
-        Client._reset_instance()
-        GlobalConfiguration._reset_instance()
-
-
 @pytest.fixture(scope="module")
 def zen(tmp_path_factory):
-    """An isolated ZenML + MLflow + tapper cache (the same isolation as tests/test_pipeline.py)."""
-    tmp = tmp_path_factory.mktemp("zen-online")
-    env = {
-        "ZENML_CONFIG_PATH": str(tmp / "zenml-config"), "ZENML_LOCAL_STORES_PATH": str(tmp / "zenml-stores"),
-        "TAPPER_HOME": str(tmp / "project"), "TAPPER_CACHE": str(tmp / "tapper-cache"),
-        "ZENML_ANALYTICS_OPT_IN": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "ZENML_AUTO_OPEN_DASHBOARD": "false",
-        "HF_HUB_OFFLINE": "1", "ZENML_ENABLE_RICH_TRACEBACK": "false", "ZENML_LOGGING_VERBOSITY": "WARN",
-    }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    reset_zenml()
-    (tmp / "project").mkdir()
-    from pipelines.stacks import stack_up
-
-    stack_up("local")
-    q, o = make_lamp_2n(tmp / "data", users=8, records=6, queries=2, n_favorites=1)
-    yield {"tmp": tmp, "questions": str(q), "outputs": str(o), "runs": {}}
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    reset_zenml()
+    """An isolated ZenML + MLflow + tapper cache, set up before zenml is first imported."""
+    yield from isolated_workflow(tmp_path_factory.mktemp("zen-online"))
 
 
 def statuses(run):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from workflow_data import make_lamp_2n  # noqa: E402
+from workflow_data import isolated_workflow  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = []  # configs/tiny.yaml as it is
@@ -29,39 +29,8 @@ COMPUTE_STEPS = ["load_data", "validate_data", "build_splits", "cache_embeddings
 @pytest.fixture(scope="module")
 def zen(tmp_path_factory):
     """An isolated ZenML + MLflow + tapper cache, set up before zenml is first imported."""
-    tmp = tmp_path_factory.mktemp("zen")
-    env = {
-        "ZENML_CONFIG_PATH": str(tmp / "zenml-config"), "ZENML_LOCAL_STORES_PATH": str(tmp / "zenml-stores"),
-        "TAPPER_HOME": str(tmp / "project"), "TAPPER_CACHE": str(tmp / "tapper-cache"),
-        "ZENML_ANALYTICS_OPT_IN": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "ZENML_AUTO_OPEN_DASHBOARD": "false",
-        "HF_HUB_OFFLINE": "1", "ZENML_ENABLE_RICH_TRACEBACK": "false", "ZENML_LOGGING_VERBOSITY": "WARN",
-    }
     assert "zenml.client" not in sys.modules or os.environ.get("ZENML_CONFIG_PATH"), "zenml was imported before the store was isolated"
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    reset_zenml()  # another test module may have used (and isolated) ZenML before this one
-    (tmp / "project").mkdir()
-    from pipelines.stacks import stack_up
-
-    stack_up("local")
-    q, o = make_lamp_2n(tmp / "data", users=8, records=6, queries=2, n_favorites=1)
-    yield {"tmp": tmp, "questions": str(q), "outputs": str(o), "runs": {}}
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    reset_zenml()
-
-
-def reset_zenml() -> None:
-    """Forget ZenML's global config and client, so that the next use reads the (new) environment."""
-    if "zenml.client" in sys.modules:
-        from zenml.client import Client
-        from zenml.config.global_config import GlobalConfiguration
-
-        Client._reset_instance()
-        GlobalConfiguration._reset_instance()
+    yield from isolated_workflow(tmp_path_factory.mktemp("zen"))
 
 
 def train(zen, overrides, name, questions=None):

@@ -38,3 +38,43 @@ def make_lamp_2n(directory: Path, users: int = 8, records: int = 6, queries: int
     q = write_questions(ds, directory / "questions.json")
     o = write_outputs("LaMP_2N", {x.id: x.output for x in ds.queries}, directory / "outputs.json")
     return Path(q), Path(o)
+
+
+def reset_zenml() -> None:
+    """Forget ZenML's global config and client, so that the next use reads the (new) environment."""
+    import sys
+
+    if "zenml.client" in sys.modules:
+        from zenml.client import Client
+        from zenml.config.global_config import GlobalConfiguration
+
+        Client._reset_instance()
+        GlobalConfiguration._reset_instance()
+
+
+def isolated_workflow(tmp: Path):
+    """Generator for a module fixture: an isolated ZenML + MLflow + tapper cache in `tmp`, the local
+    stack registered, and a tiny LaMP_2N; yields {"tmp", "questions", "outputs", "runs"}."""
+    import os
+
+    env = {
+        "ZENML_CONFIG_PATH": str(tmp / "zenml-config"), "ZENML_LOCAL_STORES_PATH": str(tmp / "zenml-stores"),
+        "TAPPER_HOME": str(tmp / "project"), "TAPPER_CACHE": str(tmp / "tapper-cache"),
+        "ZENML_ANALYTICS_OPT_IN": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "ZENML_AUTO_OPEN_DASHBOARD": "false",
+        "HF_HUB_OFFLINE": "1", "ZENML_ENABLE_RICH_TRACEBACK": "false", "ZENML_LOGGING_VERBOSITY": "WARN",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    reset_zenml()  # another test module may have used (and isolated) ZenML before this one
+    (tmp / "project").mkdir()
+    from pipelines.stacks import stack_up
+
+    stack_up("local")
+    q, o = make_lamp_2n(tmp / "data", users=8, records=6, queries=2, n_favorites=1)
+    yield {"tmp": tmp, "questions": str(q), "outputs": str(o), "runs": {}}
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    reset_zenml()
