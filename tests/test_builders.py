@@ -194,6 +194,32 @@ def test_synthetic_signal_is_personal_and_drifts():
     assert acc["drift_recent"] > acc["drift_full"], acc
 
 
+def test_synthetic_gaps_change_dates_only():
+    daily, _ = generate_synthetic(users=30, seed=5)
+    gapped, _ = generate_synthetic(users=30, seed=5, gap_days=(1, 7))
+    gaps = []
+    for a, b in zip(daily.queries, gapped.queries):
+        # Same articles and labels: the gaps come from their own random stream.
+        assert (a.input, a.output) == (b.input, b.output)
+        assert [r.fields for r in a.profile] == [r.fields for r in b.profile]
+        dates = [r.date for r in b.profile]
+        gaps += [(y - x).days for x, y in zip(dates, dates[1:])]
+    assert min(gaps) >= 1 and max(gaps) <= 7 and len(set(gaps)) == 7
+    assert {(y.date - x.date).days for q in daily.queries for x, y in zip(q.profile, q.profile[1:])} == {1}
+
+
+def test_synthetic_drift_position():
+    ds, people = generate_synthetic(users=60, seed=2, drift_fraction=1.0, drift_at=(0.6, 0.8))
+    for q, person in zip(ds.queries, people):
+        n = len(q.profile)
+        index = next(i for i, r in enumerate(q.profile) if r.date >= person.drift_date)
+        assert 0.6 * n - 1 <= index <= 0.8 * n, (n, index)
+    with pytest.raises(ValueError, match="drift_at"):
+        generate_synthetic(users=2, drift_at=(0.5, 1.0))
+    with pytest.raises(ValueError, match="gap_days"):
+        generate_synthetic(users=2, gap_days=(3, 2))
+
+
 def test_synthetic_users_json_and_drift_dates(tmp_path):
     build_synthetic(tmp_path, users=30, seed=1, drift_fraction=1.0, queries_per_user=2)
     users = json.loads((tmp_path / "users.json").read_text())["users"]

@@ -105,6 +105,10 @@ def _add_synthetic(kinds: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--drift-fraction", type=_fraction, default=0.5,
                         help="fraction of users whose preferences drift (default: 0.5)")
+    parser.add_argument("--drift-at", type=float, nargs=2, metavar=("LO", "HI"), default=(0.3, 0.5),
+                        help="the drift date falls between these fractions of the user's history (default: 0.3 0.5)")
+    parser.add_argument("--gap-days", type=_positive, nargs=2, metavar=("MIN", "MAX"), default=(1, 1),
+                        help="days between consecutive items, drawn uniformly from MIN..MAX (default: 1 1)")
     parser.set_defaults(func=_run_synthetic)
 
 
@@ -134,8 +138,13 @@ def _run_synthetic(args: argparse.Namespace) -> int:
     low, high = args.history
     if low > high:
         raise SystemExit(f"--history MIN must not exceed MAX (got {low} {high})")
+    if not 0 < args.drift_at[0] <= args.drift_at[1] < 1:
+        raise SystemExit(f"--drift-at needs 0 < LO <= HI < 1 (got {args.drift_at[0]} {args.drift_at[1]})")
+    if args.gap_days[0] > args.gap_days[1]:
+        raise SystemExit(f"--gap-days MIN must not exceed MAX (got {args.gap_days[0]} {args.gap_days[1]})")
     summary = build_synthetic(args.out, users=args.users, history=(low, high), queries_per_user=args.queries_per_user,
-                              seed=args.seed, drift_fraction=args.drift_fraction)
+                              seed=args.seed, drift_fraction=args.drift_fraction,
+                              drift_at=tuple(args.drift_at), gap_days=tuple(args.gap_days))
     print(summary.describe())
     return 0
 

@@ -8,10 +8,16 @@ among its candidates. The text says which categories are possible; only the
 user's history says which one this user picks.
 
 Drift: a fraction of users change their ranking on a drift date inside their
-history (between 30% and 50% of it): three categories from the bottom nine
-become the new top three and the old top three drop to the bottom. Queries
-are the latest items, so always after the drift, and recent history is then
-more informative than old history.
+history (by default between 30% and 50% of it; `drift_at` moves it): three
+categories from the bottom nine become the new top three and the old top three
+drop to the bottom. Queries are the latest items, so always after the drift,
+and recent history is then more informative than old history. The later the
+drift, the more of the history argues for the old ranking.
+
+Dates: one item a day by default, so the day gap and the order gap of two
+items are the same number. `gap_days=(lo, hi)` draws each gap uniformly from
+lo..hi days instead (from its own random stream, so the articles and labels
+stay those of the same seed), which gives λ_t and λ_o different signals.
 
 What a model can reach: a non-personalized model can at best guess the
 candidate that is most popular over all users (about 0.4-0.5 accuracy here),
@@ -125,11 +131,20 @@ def generate_synthetic(
     queries_per_user: int = 1,
     seed: int = 0,
     drift_fraction: float = 0.5,
+    drift_at: tuple[float, float] = (0.3, 0.5),
+    gap_days: tuple[int, int] = (1, 1),
 ) -> tuple[LampDataset, list[SyntheticUser]]:
     low, high = history
     if not (1 <= low <= high) or users < 1 or queries_per_user < 1 or not 0 <= drift_fraction <= 1:
         raise ValueError("need users >= 1, 1 <= history min <= max, queries_per_user >= 1, 0 <= drift_fraction <= 1")
+    if not 0 < drift_at[0] <= drift_at[1] < 1:
+        raise ValueError(f"drift_at must satisfy 0 < low <= high < 1 (fractions of the history), got {drift_at}")
+    if not 1 <= gap_days[0] <= gap_days[1]:
+        raise ValueError(f"gap_days must satisfy 1 <= low <= high, got {gap_days}")
     rng = random.Random(seed)
+    # Gaps come from their own stream: the default (1, 1) draws nothing, and other
+    # gaps leave every article and label of the seed unchanged.
+    gap_rng = random.Random(f"{seed}-gaps")
     spec = get_task("LaMP_2N")
     questions: list[Query] = []
     people: list[SyntheticUser] = []
@@ -137,7 +152,9 @@ def generate_synthetic(
         user_id = f"s{index:04d}"
         n = rng.randint(low, high)
         start = _FIRST_DAY + dt.timedelta(days=rng.randrange(365))
-        days = [start + dt.timedelta(days=i) for i in range(n + queries_per_user)]
+        days = [start]
+        for _ in range(n + queries_per_user - 1):
+            days.append(days[-1] + dt.timedelta(days=gap_rng.randint(*gap_days)))
         before = tuple(rng.sample(LAMP_2N_LABELS, len(LAMP_2N_LABELS)))
         drifts = rng.random() < drift_fraction
         drift_date = None
@@ -145,7 +162,8 @@ def generate_synthetic(
         if drifts:
             # Inside the history, so the latest half is all after the drift and
             # every query is too.
-            drift_index = rng.randint(max(1, math.ceil(0.3 * n)), max(1, n // 2))
+            first = min(n - 1, max(1, math.ceil(drift_at[0] * n)))
+            drift_index = rng.randint(first, min(n - 1, max(first, math.floor(drift_at[1] * n))))
             drift_date = days[drift_index]
             after = _drifted(rng, before)
         person = SyntheticUser(user_id, drifts, drift_date, before, after)
@@ -178,14 +196,18 @@ def build_synthetic(
     queries_per_user: int = 1,
     seed: int = 0,
     drift_fraction: float = 0.5,
+    drift_at: tuple[float, float] = (0.3, 0.5),
+    gap_days: tuple[int, int] = (1, 1),
 ) -> BuildSummary:
-    ds, people = generate_synthetic(users, history, queries_per_user, seed, drift_fraction)
+    ds, people = generate_synthetic(users, history, queries_per_user, seed, drift_fraction, drift_at, gap_days)
+    pairs = {"history": history, "drift_at": drift_at, "gap_days": gap_days}
     command = command_line("synthetic", {
-        "out": out, "users": users, "history": f"{history[0]} {history[1]}",
+        "out": out, "users": users, **{k: f"{v[0]} {v[1]}" for k, v in pairs.items()},
         "queries_per_user": queries_per_user, "seed": seed, "drift_fraction": drift_fraction,
     })
-    # `history` is two numbers on the command line, not one quoted string.
-    command = command.replace(f"'{history[0]} {history[1]}'", f"{history[0]} {history[1]}")
+    # Pairs are two numbers on the command line, not one quoted string.
+    for v in pairs.values():
+        command = command.replace(f"'{v[0]} {v[1]}'", f"{v[0]} {v[1]}")
     summary = write_build(ds, out, _readme(ds, people, command))
     users_json = {"seed": seed, "users": {p.user_id: p.to_json() for p in people}}
     atomic_write_text(Path(out) / "users.json", json.dumps(users_json) + "\n")
