@@ -45,7 +45,7 @@ def test_comparison_report(zen):
     for label in ("Base (Stage 1)", "RAG k=1", "OPPU", "TAP-PER P_q-only", "TAP-PER (full)", "-bridge"):
         assert any(label in line for line in table), (label, md)
     assert "comparison.png" in rep.images and all(p.startswith(b"\x89PNG") for p in rep.images.values())
-    assert f"![comparison](comparison.png)" in md
+    assert "![comparison](comparison.png)" in md
     # Dashboard: the report (plots inlined) + one image per plot; metadata has the numbers.
     assert len(art.visualizations) == 1 + len(rep.images)
     assert art.run_metadata["tap-per/accuracy"] == rep.metrics["variants"]["tap-per"]["accuracy"]
