@@ -189,6 +189,36 @@ def test_schedule_refused_on_local_stack(zen):
         run_training(cfg)
 
 
+def test_k8s_stack_registers_with_its_flavors(zen, monkeypatch):
+    """`tapper stack up k8s` registers real components of the production flavors (no cluster is contacted)."""
+    from zenml.client import Client
+    from zenml.enums import StackComponentType as T
+
+    from pipelines.stacks import StackConfigError, stack_up
+
+    client = Client()
+    previous = client.active_stack_model.name
+    with pytest.raises(StackConfigError, match="TAPPER_K8S_CONTEXT"):
+        stack_up("k8s")
+    for key, value in {"TAPPER_K8S_CONTEXT": "prod-cluster", "TAPPER_REGISTRY": "registry.example.com/tapper",
+                       "TAPPER_S3_BUCKET": "tapper-artifacts", "MLFLOW_TRACKING_URI": "https://mlflow.example.com",
+                       "MLFLOW_TRACKING_TOKEN": "token"}.items():
+        monkeypatch.setenv(key, value)
+    try:
+        assert "registered and active" in stack_up("k8s")
+        stack = client.active_stack_model
+        assert stack.name == "tapper-k8s"
+        flavors = {t: stack.components[t][0].flavor_name for t in stack.components}
+        assert flavors == {T.ORCHESTRATOR: "kubernetes", T.ARTIFACT_STORE: "s3", T.CONTAINER_REGISTRY: "default",
+                           T.IMAGE_BUILDER: "kaniko", T.EXPERIMENT_TRACKER: "mlflow", T.MODEL_REGISTRY: "mlflow"}
+        orchestrator = stack.components[T.ORCHESTRATOR][0].configuration
+        assert orchestrator["kubernetes_context"] == "prod-cluster" and orchestrator["kubernetes_namespace"] == "tapper"
+        assert stack.components[T.ARTIFACT_STORE][0].configuration["path"] == "s3://tapper-artifacts/zenml"
+    finally:
+        client.activate_stack(previous)
+    assert client.active_stack_model.name == previous
+
+
 def test_cli_lineage_and_forced_promotion(zen, capsys):
     from tapper.cli import main
 
