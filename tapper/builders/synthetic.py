@@ -142,8 +142,8 @@ def generate_synthetic(
     if not 1 <= gap_days[0] <= gap_days[1]:
         raise ValueError(f"gap_days must satisfy 1 <= low <= high, got {gap_days}")
     rng = random.Random(seed)
-    # Gaps come from their own stream: the default (1, 1) draws nothing, and other
-    # gaps leave every article and label of the seed unchanged.
+    # Gaps come from their own stream, so any gap_days leaves every article and label
+    # of the seed unchanged (and the default (1, 1) gives the daily dates of before).
     gap_rng = random.Random(f"{seed}-gaps")
     spec = get_task("LaMP_2N")
     questions: list[Query] = []
@@ -160,8 +160,8 @@ def generate_synthetic(
         drift_date = None
         after = before
         if drifts:
-            # Inside the history, so the latest half is all after the drift and
-            # every query is too.
+            # Inside the history (between drift_at of it, at least one item on each
+            # side), so every query comes after the drift.
             first = min(n - 1, max(1, math.ceil(drift_at[0] * n)))
             drift_index = rng.randint(first, min(n - 1, max(first, math.floor(drift_at[1] * n))))
             drift_date = days[drift_index]
