@@ -17,6 +17,18 @@ def _env() -> None:
     offline_env()
 
 
+def _add_run_flags(p: argparse.ArgumentParser, set_help: str) -> None:
+    """Flags every pipeline-running command shares: data and backbone overrides, --set, schedule/cache/print."""
+    p.add_argument("--task", help="LaMP task (default: the config's, else from the outputs file)")
+    p.add_argument("--questions", help="LaMP questions JSON")
+    p.add_argument("--outputs", help="LaMP outputs JSON (golds)")
+    p.add_argument("--backbone", help="tiny | smollm2 | <HF hub id or local path>")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    p.add_argument("--no-schedule", action="store_true", help="ignore the config's schedule and run once now")
+    p.add_argument("--no-cache", action="store_true", help="disable the step cache for this run")
+    p.add_argument("--print-config", action="store_true", help="print the resolved run config and exit")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="run the ZenML training pipeline (validate -> Stage 1 -> Stage 2 -> evaluate -> promote)",
@@ -24,16 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "Flags override the config's data and settings, so any LaMP-format files can be run without editing YAML. "
                     "Without --questions/--outputs (and none in the config) the embedded default dataset is used.")
     p.add_argument("--config", default=None, help="YAML run config, e.g. configs/quickstart.yaml")
-    p.add_argument("--task", help="LaMP task (default: the config's, else from the outputs file)")
-    p.add_argument("--questions", help="LaMP questions JSON")
-    p.add_argument("--outputs", help="LaMP outputs JSON (golds)")
-    p.add_argument("--backbone", help="tiny | smollm2 | <HF hub id or local path>")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting: stage2.epochs=6, stage1.lr=0.001, stage2_users=20, variants=[base,tap-per,no-bridge], "
-                        "compare=true (adds the comparison report), serving_dir=DIR (repeatable)")
-    p.add_argument("--no-schedule", action="store_true", help="ignore the config's schedule and run once now")
-    p.add_argument("--no-cache", action="store_true", help="disable the step cache for this run")
-    p.add_argument("--print-config", action="store_true", help="print the resolved run config and exit")
+    _add_run_flags(p, "override a setting: stage2.epochs=6, stage1.lr=0.001, stage2_users=20, variants=[base,tap-per,no-bridge], "
+                      "compare=true (adds the comparison report), serving_dir=DIR (repeatable)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -45,16 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "online.png, shown in the dashboard) and MLflow metrics online/<method>/<metric> at step t. "
                     "(`tapper online` runs the same simulation directly on files, without ZenML.)")
     p.add_argument("--config", default=None, help="YAML run config with an `online:` section, e.g. configs/online-tiny.yaml")
-    p.add_argument("--task", help="LaMP task (default: the config's, else from the outputs file)")
-    p.add_argument("--questions", help="LaMP questions JSON")
-    p.add_argument("--outputs", help="LaMP outputs JSON (golds)")
-    p.add_argument("--backbone", help="tiny | smollm2 | <HF hub id or local path>")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting: online.chunks=5, online.lr_emb=0.01, online.methods=[static,online-emb], "
-                        "stage2.epochs=6 (repeatable)")
-    p.add_argument("--no-schedule", action="store_true", help="ignore the config's schedule and run once now")
-    p.add_argument("--no-cache", action="store_true", help="disable the step cache for this run")
-    p.add_argument("--print-config", action="store_true", help="print the resolved run config and exit")
+    _add_run_flags(p, "override a setting: online.chunks=5, online.lr_emb=0.01, online.methods=[static,online-emb], "
+                      "stage2.epochs=6 (repeatable)")
     p.set_defaults(func=cmd_online_pipeline)
 
     p = sub.add_parser("promote", help="force a model version to production (recorded as forced)",

@@ -37,18 +37,20 @@ def offline_env() -> None:
         os.environ.setdefault(k, v)
 
 
+def _read_config(config: str | Path | dict | None) -> dict:
+    """A run config as a fresh dict: a copy of the given dict, the YAML file's contents, or empty."""
+    if isinstance(config, dict):
+        return copy.deepcopy(config)
+    return (yaml.safe_load(Path(config).read_text()) or {}) if config else {}
+
+
 def resolve_config(config: str | Path | dict | None, task: str | None = None, questions: str | None = None,
                    outputs: str | None = None, backbone: str | None = None, overrides: list[str] | None = None) -> dict:
     """The full ZenML run config for one run: file + flags, validated, data paths absolute."""
     from tapper.config import _coerce, load_run_config
     from tapper.data import canonical_task_name, read_outputs
 
-    if isinstance(config, dict):
-        cfg = copy.deepcopy(config)
-    elif config:
-        cfg = yaml.safe_load(Path(config).read_text()) or {}
-    else:
-        cfg = {}
+    cfg = _read_config(config)
     params = cfg.setdefault("parameters", {}) or {}
     cfg["parameters"] = params
     unknown = sorted(set(params) - set(PIPELINE_PARAMS))
@@ -130,12 +132,7 @@ def resolve_online_config(config: str | Path | dict | None, task: str | None = N
     """
     from tapper.online import load_online_config
 
-    if isinstance(config, dict):
-        cfg = copy.deepcopy(config)
-    elif config:
-        cfg = yaml.safe_load(Path(config).read_text()) or {}
-    else:
-        cfg = {}
+    cfg = _read_config(config)
     params = cfg.get("parameters") or {}
     unknown = sorted(set(params) - set(ONLINE_PARAMS))
     if unknown:
