@@ -74,6 +74,10 @@ class Stage2Config:
     # Decoupled weight decay on the user table only: a row has L*d numbers for a few dozen
     # examples and can memorize their answers; decay pulls it toward the shared P_q path.
     user_weight_decay: float = 0.0
+    # Std of the user table's initial rows, in units of the token-embedding std. Rows
+    # start as random token-sized vectors (1.0); a small start (0.1) keeps the prefix
+    # close to P_q early on, which generalized better on the synthetic check.
+    user_init_std: float = 1.0
     batch_size: int = 16
     max_len: int = 256
     # Train on at most this many of each user's most recent history items (None = all).
@@ -92,6 +96,8 @@ class Stage2Config:
             self, "prefix_len", "bridge_r", "bridge_alpha", "din_hidden", "proj_hidden",
             "epochs", "lr", "lambda_lr", "batch_size", "max_len", "max_examples_per_user", "bm25_k",
         )
+        if self.user_init_std < 0:
+            raise ConfigError(f"Stage2Config.user_init_std must be >= 0, got {self.user_init_std!r}")
         if not (self.use_pq or self.use_pu):
             raise ConfigError("Stage2Config: use_pq and use_pu cannot both be false (there would be no prefix)")
 

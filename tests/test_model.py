@@ -201,3 +201,17 @@ def test_prefix_changes_the_prediction_path(stage1_dir, data):
         a = plm.loss(batch, torch.zeros(4, 8, bb.hidden_size))
         b = plm.loss(batch, torch.randn(4, 8, bb.hidden_size))
     assert not torch.isclose(a, b)
+
+
+@pytest.mark.parametrize("std", [0.0, 0.1, 1.0])
+def test_user_rows_start_at_the_configured_scale(stage1_dir, std):
+    """user_init_std sets the spread of the known users' rows; row 0 (unknown user) stays zero."""
+    model = TapPer(load_backbone_dir(stage1_dir).model, [f"u{i}" for i in range(50)], Stage2Config(user_init_std=std))
+    table = model.prefix.user_table.weight.detach()
+    assert torch.count_nonzero(table[0]) == 0
+    assert float(table[1:].std()) == pytest.approx(std, abs=0.02 * max(std, 0.1))
+
+
+def test_user_init_std_must_not_be_negative():
+    with pytest.raises(ValueError, match="user_init_std"):
+        Stage2Config(user_init_std=-0.1)

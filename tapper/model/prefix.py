@@ -41,7 +41,7 @@ class PrefixEncoder(nn.Module):
         # they get P_q only, which is what the P_q-only deployment mode serves.
         # Without P_u (the P_q-only mode) nothing is stored per user: only the unknown row exists.
         self.user_table = nn.Embedding((n_users if cfg.use_pu else 0) + 1, self.L * d)
-        nn.init.normal_(self.user_table.weight, std=1.0)
+        nn.init.normal_(self.user_table.weight, std=cfg.user_init_std)
         with torch.no_grad():
             self.user_table.weight[0].zero_()
         self.din = nn.Sequential(nn.Linear(4 * d, din_h), nn.GELU(), nn.Linear(din_h, 1))
