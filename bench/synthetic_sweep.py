@@ -17,6 +17,9 @@ stable, from the build's users.json) and, per group of runs sharing a prefix
 before "-s<seed>", the mean and standard deviation over seeds.
 
     python bench/synthetic_sweep.py bench/sweeps/core.json --jobs 2 --out bench/results/synthetic_core.json
+
+Seeds run at different times (`--runs A-s0 --out a.json`, `--runs A-s1 --out b.json`)
+are combined with `--merge a.json b.json --out all.json`.
 """
 from __future__ import annotations
 
@@ -121,8 +124,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help="where data and runs go (default: a temporary directory)")
     parser.add_argument("--limit-s", type=float, help="kill runs still going after this many seconds")
     parser.add_argument("--runs", help="comma-separated run names to do (default: all in the spec)")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="RESULT",
+                        help="run nothing: combine result JSONs of parts of this spec (e.g. seeds run at different "
+                             "times with --runs) into one, with the mean and sd over all their seeds")
     args = parser.parse_args(argv)
     spec = json.loads(args.spec.read_text())
+    if args.merge:
+        if not args.out:
+            parser.error("--merge needs --out")
+        try:
+            report = merge_reports(spec, args.merge)
+        except ValueError as e:
+            parser.error(str(e))
+        write_report(report, args.out)
+        return 0
     if args.runs:
         wanted = args.runs.split(",")
         unknown = sorted(set(wanted) - {r["name"] for r in spec["runs"]})
@@ -144,12 +159,37 @@ def main(argv: list[str] | None = None) -> int:
                     "jobs": args.jobs},
         "spec": spec, "results": results, "by_group": aggregate(results), "seconds": round(time.time() - t0),
     }
+    write_report(report, out)
+    return 0
+
+
+def write_report(report: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_suffix(".json.tmp")
     tmp_out.write_text(json.dumps(report, indent=1) + "\n")
     tmp_out.replace(out)
     print(f"wrote {out}")
-    return 0
+
+
+def merge_reports(spec: dict, paths: list[Path]) -> dict:
+    """One report from several partial ones of `spec`: their runs together, re-aggregated."""
+    results: dict[str, dict] = {}
+    parts = []
+    for path in paths:
+        part = json.loads(path.read_text())
+        if part.get("spec", {}).get("common") != spec.get("common"):
+            raise ValueError(f"{path}: its settings ('common') differ from the spec's; not the same sweep")
+        for name, row in part["results"].items():
+            if name in results:
+                raise ValueError(f"{path}: run {name!r} is in more than one of the files")
+            results[name] = row
+        parts.append({"file": path.name, "machine": part["machine"], "runs": sorted(part["results"]), "seconds": part["seconds"]})
+    names = {r["name"] for r in spec["runs"]}
+    unknown = sorted(set(results) - names)
+    if unknown:
+        raise ValueError(f"runs {unknown} are not in the spec")
+    return {"machine": parts[0]["machine"], "merged_from": parts, "spec": spec, "results": results,
+            "by_group": aggregate(results), "seconds": sum(p["seconds"] for p in parts)}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,64 @@
+"""bench/synthetic_sweep.py: seeds aggregate into mean, sd and paired differences; partial reports merge."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("synthetic_sweep", ROOT / "bench" / "synthetic_sweep.py")
+sweep = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sweep)
+
+SPEC = {"data": {"d": "--users 10"}, "common": ["stage2.epochs=5"],
+        "runs": [{"name": f"A-s{i}", "data": "d", "set": [f"seed={i}"]} for i in range(3)]}
+
+
+def row(base, tapper, lam0, tapper_drift, lam0_drift):
+    return {"base": base, "tap-per": tapper, "lambda0": lam0, "tap-per@drifting": tapper_drift,
+            "lambda0@drifting": lam0_drift, "seconds": 60}
+
+
+def part(tmp_path: Path, name: str, results: dict, common=None) -> Path:
+    spec = dict(SPEC, common=common or SPEC["common"])
+    report = {"machine": {"device": "cpu", "jobs": 1}, "spec": spec, "results": results, "seconds": 100}
+    path = tmp_path / name
+    path.write_text(json.dumps(report))
+    return path
+
+
+def test_merge_combines_seeds_and_pairs_differences(tmp_path):
+    a = part(tmp_path, "a.json", {"A-s0": row(0.40, 0.60, 0.58, 0.50, 0.45), "A-s1": row(0.42, 0.64, 0.60, 0.55, 0.55)})
+    b = part(tmp_path, "b.json", {"A-s2": row(0.38, 0.59, 0.61, 0.52, 0.56)})
+    report = sweep.merge_reports(SPEC, [a, b])
+    group = report["by_group"]["A"]
+    assert group["seeds"] == 3 and sorted(report["results"]) == ["A-s0", "A-s1", "A-s2"]
+    assert group["tap-per"]["mean"] == pytest.approx(0.61, abs=1e-4)
+    assert group["tap-per_minus_base"]["per_seed"] == pytest.approx([0.20, 0.22, 0.21])
+    assert group["tap-per_minus_base"]["sd"] == pytest.approx(0.01, abs=1e-4)
+    assert group["lambda_gain@drifting"]["per_seed"] == pytest.approx([0.05, 0.0, -0.04])
+    assert report["seconds"] == 200 and [p["file"] for p in report["merged_from"]] == ["a.json", "b.json"]
+
+
+def test_merge_refuses_duplicates_other_settings_and_unknown_runs(tmp_path):
+    a = part(tmp_path, "a.json", {"A-s0": row(0.4, 0.6, 0.6, 0.5, 0.5)})
+    with pytest.raises(ValueError, match="more than one"):
+        sweep.merge_reports(SPEC, [a, a])
+    other = part(tmp_path, "o.json", {"A-s1": row(0.4, 0.6, 0.6, 0.5, 0.5)}, common=["stage2.epochs=6"])
+    with pytest.raises(ValueError, match="settings"):
+        sweep.merge_reports(SPEC, [a, other])
+    stray = part(tmp_path, "s.json", {"B-s0": row(0.4, 0.6, 0.6, 0.5, 0.5)})
+    with pytest.raises(ValueError, match="not in the spec"):
+        sweep.merge_reports(SPEC, [stray])
+
+
+def test_merge_command_writes_the_combined_report(tmp_path):
+    a = part(tmp_path, "a.json", {"A-s0": row(0.4, 0.6, 0.6, 0.5, 0.5)})
+    b = part(tmp_path, "b.json", {"A-s1": row(0.4, 0.7, 0.6, 0.5, 0.5)})
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(SPEC))
+    out = tmp_path / "all.json"
+    assert sweep.main([str(spec_file), "--merge", str(a), str(b), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["by_group"]["A"]["tap-per"]["mean"] == pytest.approx(0.65)
