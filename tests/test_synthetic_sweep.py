@@ -62,3 +62,17 @@ def test_merge_command_writes_the_combined_report(tmp_path):
     out = tmp_path / "all.json"
     assert sweep.main([str(spec_file), "--merge", str(a), str(b), "--out", str(out)]) == 0
     assert json.loads(out.read_text())["by_group"]["A"]["tap-per"]["mean"] == pytest.approx(0.65)
+
+
+def test_label_counting_oracle_on_a_seeded_build(tmp_path):
+    """bench/synthetic_oracle.py: the user's own labels beat popularity; pinned for seed 0."""
+    from tapper.builders.synthetic import build_synthetic
+
+    spec = importlib.util.spec_from_file_location("synthetic_oracle", ROOT / "bench" / "synthetic_oracle.py")
+    oracle = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(oracle)
+    build_synthetic(tmp_path / "syn", users=40, seed=0)
+    acc = oracle.oracle_accuracy(tmp_path / "syn", 20, [5])
+    assert acc["popular"] == {"all": 0.5, "drifting": 0.25, "stable": 0.6667}
+    assert acc["count-all"] == {"all": 0.95, "drifting": 0.875, "stable": 1.0}
+    assert acc["count-last-5"]["all"] == 0.65
