@@ -24,25 +24,28 @@ sys.path.insert(0, str(ROOT))
 from tapper.builders.synthetic import candidates_in  # noqa: E402
 from tapper.data import load_lamp  # noqa: E402
 from tapper.data.splits import user_history, users_by_activity  # noqa: E402
+from tapper.experiment import load_user_groups  # noqa: E402
 
 
 def oracle_accuracy(build: Path, stage2_users: int, windows: list[int]) -> dict:
     ds = load_lamp(build / "questions.json", build / "outputs.json")
-    drifting = {u for u, info in json.loads((build / "users.json").read_text())["users"].items() if info["drifts"]}
+    drifting = set(load_user_groups(build / "users.json")["drifting"])
     by_user = ds.by_user()
     popular = Counter(r.fields["category"] for qs in by_user.values() for r in user_history(qs))
     strategies = {"popular": None, "count-all": 0, **{f"count-last-{k}": k for k in windows}}
     hits: dict[str, dict[str, list[bool]]] = {s: {"all": [], "drifting": [], "stable": []} for s in strategies}
     for user in users_by_activity(ds)[:stage2_users]:
         history = user_history(by_user[user])
+        # A user's queries share one history, so each window's label counts are counted once.
+        counts = {name: Counter(r.fields["category"] for r in (history[-k:] if k else history))
+                  for name, k in strategies.items() if k is not None}
         for q in by_user[user]:
             candidates = candidates_in(q.input.split("article:")[-1])
-            for name, k in strategies.items():
-                if k is None:
+            for name in strategies:
+                if name == "popular":
                     pick = max(candidates, key=lambda c: popular[c])
                 else:
-                    counts = Counter(r.fields["category"] for r in (history[-k:] if k else history))
-                    pick = max(candidates, key=lambda c: (counts[c], popular[c]))
+                    pick = max(candidates, key=lambda c: (counts[name][c], popular[c]))
                 ok = pick == q.output
                 hits[name]["all"].append(ok)
                 hits[name]["drifting" if user in drifting else "stable"].append(ok)

@@ -8,9 +8,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("synthetic_sweep", ROOT / "bench" / "synthetic_sweep.py")
-sweep = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sweep)
+
+
+def bench_script(name: str):
+    """A bench/ script imported as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sweep = bench_script("synthetic_sweep")
 
 SPEC = {"data": {"d": "--users 10"}, "common": ["stage2.epochs=5"],
         "runs": [{"name": f"A-s{i}", "data": "d", "set": [f"seed={i}"]} for i in range(3)]}
@@ -68,9 +76,7 @@ def test_label_counting_oracle_on_a_seeded_build(tmp_path):
     """bench/synthetic_oracle.py: the user's own labels beat popularity; pinned for seed 0."""
     from tapper.builders.synthetic import build_synthetic
 
-    spec = importlib.util.spec_from_file_location("synthetic_oracle", ROOT / "bench" / "synthetic_oracle.py")
-    oracle = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(oracle)
+    oracle = bench_script("synthetic_oracle")
     build_synthetic(tmp_path / "syn", users=40, seed=0)
     acc = oracle.oracle_accuracy(tmp_path / "syn", 20, [5])
     assert acc["popular"] == {"all": 0.5, "drifting": 0.25, "stable": 0.6667}
