@@ -187,7 +187,7 @@ def test_online_config_rejects_unknown_keys_and_splits_sections():
 # --- the simulation ---------------------------------------------------------------------------------
 
 
-def test_simulation_trajectories_flat_static_and_repeatable(synth, tmp_path):
+def test_simulation_trajectories_flat_static_and_repeatable(synth, tmp_path, capsys):
     from tapper.cli import main
 
     args = ["online", "--questions", str(synth / "questions.json"), "--outputs", str(synth / "outputs.json"),
@@ -196,6 +196,9 @@ def test_simulation_trajectories_flat_static_and_repeatable(synth, tmp_path):
             "--set", "online.chunks=2", "--set", "online.lr_emb=0.05"]
     assert main(args + ["--out", str(tmp_path / "a")]) == 0
     report = json.loads((tmp_path / "a" / "trajectories.json").read_text())
+    # Even under --no-progress, each method and chunk is announced as it is scored.
+    step_lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("[online] ")]
+    assert len(step_lines) == 4 * 3 and "online-full t=2 (100% of history absorbed): accuracy=" in "\n".join(step_lines)
     assert (tmp_path / "a" / "online.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["metric"] == "accuracy" and report["fractions"] == [0.5, 0.75, 1.0]
     methods = report["methods"]

@@ -44,10 +44,20 @@ def cmd_online(args: argparse.Namespace) -> int:
     if args.stage2_users is not None:
         base["stage2_users"] = args.stage2_users
     cfg, ocfg = load_online_config(base, args.overrides)
-    report = run_online(args.task, args.questions, args.outputs, args.backbone, args.out, cfg, ocfg, progress=not args.no_progress)
+    report = run_online(args.task, args.questions, args.outputs, args.backbone, args.out, cfg, ocfg,
+                        progress=not args.no_progress, on_step=print_step)
     print_trajectories(report)
     print(f"wrote {Path(args.out) / 'trajectories.json'} and {Path(args.out) / 'online.png'}")
     return 0
+
+
+def print_step(method: str, t: int, fraction: float, metrics: dict) -> None:
+    # One line per method and chunk, also under --no-progress: a whole simulation runs for
+    # tens of minutes, and without this it would print nothing until the end.
+    import sys
+
+    scores = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+    print(f"[online] {method} t={t} ({100 * fraction:.0f}% of history absorbed): {scores}", file=sys.stderr, flush=True)
 
 
 def print_trajectories(report: dict) -> None:
