@@ -90,11 +90,16 @@ class Stage2Config:
     use_lambda_o: bool = True
     # BM25 pre-filter: keep only the k history records most similar to the query (None = all).
     bm25_k: int | None = None
+    # Bound on the DIN content score before the temporal terms: s = b·tanh(s/b). None = unbounded,
+    # as in the paper. Unbounded scores learn to put ~90 % of α on one record (see README), which
+    # leaves P_q a copy of one record and the λ terms nothing to shape; a bound keeps α a weighting.
+    din_score_bound: float | None = None
 
     def __post_init__(self) -> None:
         _check_positive(
             self, "prefix_len", "bridge_r", "bridge_alpha", "din_hidden", "proj_hidden",
             "epochs", "lr", "lambda_lr", "batch_size", "max_len", "max_examples_per_user", "bm25_k",
+            "din_score_bound",
         )
         if self.user_init_std < 0:
             raise ConfigError(f"Stage2Config.user_init_std must be >= 0, got {self.user_init_std!r}")

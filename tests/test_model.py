@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -215,3 +216,26 @@ def test_user_rows_start_at_the_configured_scale(stage1_dir, std):
 def test_user_init_std_must_not_be_negative():
     with pytest.raises(ValueError, match="user_init_std"):
         Stage2Config(user_init_std=-0.1)
+
+
+def test_din_score_bound_caps_how_much_one_record_can_take(stage1_dir):
+    """With content scores bounded to [-b, b] and no temporal terms, one record of n gets at most
+    e^{2b} / (e^{2b} + n - 1) of the attention, however large the DIN's raw scores grow."""
+    n, b = 10, 1.0
+    mask, dt, dpi = torch.ones(1, n, dtype=torch.bool), torch.zeros(1, n), torch.zeros(1, n)
+    alphas = {}
+    for bound in (None, b):
+        torch.manual_seed(0)
+        model = TapPer(load_backbone_dir(stage1_dir).model, ["a"], Stage2Config(din_score_bound=bound))
+        zq, zh = torch.randn(1, model.d), torch.randn(1, n, model.d)
+        with torch.no_grad():
+            model.prefix.din[-1].weight.mul_(1e3)  # raw scores far apart
+        alphas[bound] = model.prefix.attention(zq, zh, mask, dt, dpi)[0]
+    cap = math.exp(2 * b) / (math.exp(2 * b) + n - 1)
+    assert float(alphas[None].max()) > 0.99
+    assert float(alphas[b].max()) <= cap + 1e-6 and torch.allclose(alphas[b].sum(), torch.tensor(1.0))
+
+
+def test_din_score_bound_must_be_positive():
+    with pytest.raises(ValueError, match="din_score_bound"):
+        Stage2Config(din_score_bound=0)

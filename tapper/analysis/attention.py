@@ -43,7 +43,7 @@ def attention_weights(model, encoder, example: Example) -> list[float]:
 
 def case_study(model, encoder, task, example: Example, others: dict[str, object] | None = None) -> dict:
     """Rows of α: 'with temporal bias', 'bias off (same weights)', and one per model in `others`."""
-    rows = {f"TAP-PER (λ_t={float(model.prefix.lambda_t):.2f}, λ_o={float(model.prefix.lambda_o):.2f})": attention_weights(model, encoder, example)}
+    rows = {f"TAP-PER (λ_t={float(model.prefix.lambda_t.detach()):.2f}, λ_o={float(model.prefix.lambda_o.detach()):.2f})": attention_weights(model, encoder, example)}
     with temporal_bias_off(model):
         rows["same weights, λ_t=λ_o=0"] = attention_weights(model, encoder, example)
     for name, other in (others or {}).items():

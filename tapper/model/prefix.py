@@ -72,6 +72,9 @@ class PrefixEncoder(nn.Module):
         h = self._unit_rms(zh)
         q = self._unit_rms(zq).unsqueeze(1).expand_as(h)
         s = self.din(torch.cat([q, h, q - h, q * h], dim=-1)).squeeze(-1)
+        b = self.cfg.din_score_bound
+        if b is not None:
+            s = b * torch.tanh(s / b)
         s = s - self.lambda_t * torch.log1p(dt) - self.lambda_o * torch.log1p(dpi)
         s = s.masked_fill(~mask, float("-inf"))
         alpha = torch.softmax(s, dim=-1)
