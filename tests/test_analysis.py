@@ -135,3 +135,21 @@ def test_attention_case_study_heatmap(backbone, data, tmp_path):
         assert float(model.prefix.lambda_t) == 0.0
     png = plot_case_study(study, tmp_path / "attention.png")
     assert png.stat().st_size > 1000 and len(study["labels"]) == len(evals[0].history)
+
+
+def test_report_names_two_runs_of_one_task_and_refuses_them_unnamed(tmp_path, capsys):
+    """News LaMP-2N and the synthetic data are both LaMP_2N: unnamed they would overwrite each other's plots."""
+    from tapper.cli import main
+
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    pa.write_text(json.dumps(_metrics("LaMP_2N")))
+    pb.write_text(json.dumps(_metrics("LaMP_2N")))
+    assert main(["report", "--metrics", str(pa), "--metrics", str(pb), "--out", str(tmp_path / "bad")]) != 0
+    assert "name each one" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "report.md").exists()
+    assert main(["report", "--metrics", f"news={pa}", "--metrics", f"synthetic={pb}", "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "## news: LaMP_2N" in md and "## synthetic: LaMP_2N" in md
+    table = md.split("## All tasks")[1].split("##")[0]
+    assert "| news | accuracy ↑ |" in table and "| synthetic | accuracy ↑ |" in table
+    assert (tmp_path / "rep" / "news_comparison.png").exists() and (tmp_path / "rep" / "synthetic_comparison.png").exists()

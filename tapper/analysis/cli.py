@@ -9,13 +9,24 @@ from pathlib import Path
 def cmd_report(args: argparse.Namespace) -> int:
     from tapper.analysis.report import write_report
 
-    metrics = [json.loads(Path(p).read_text()) for p in args.metrics]
+    metrics = [load_named_metrics(m) for m in args.metrics]
     fp = json.loads(Path(args.footprint).read_text()) if args.footprint else None
     tm = json.loads(Path(args.timing).read_text()) if args.timing else None
     files = write_report(metrics if len(metrics) > 1 else metrics[0], args.out, footprint=fp, timing=tm)
     for f in files:
         print(f)
     return 0
+
+
+def load_named_metrics(arg: str) -> dict:
+    """`PATH` or `NAME=PATH`: a metrics.json, with NAME (if given) as its section's name in the report."""
+    name, sep, path = arg.partition("=")
+    if not sep or "/" in name or not name:
+        name, path = "", arg
+    metrics = json.loads(Path(path).read_text())
+    if name:
+        metrics["name"] = name
+    return metrics
 
 
 def cmd_attention(args: argparse.Namespace) -> int:
@@ -30,7 +41,8 @@ def register(sub) -> None:
     p = sub.add_parser("report", help="Markdown + PNG comparison report from metrics.json",
                        description="Write DIR/report.md (Table-1-style comparison with the best per metric in bold, ablation and "
                                    "sensitivity tables, user groups) and its PNG plots from one or more metrics.json files.")
-    p.add_argument("--metrics", required=True, action="append", help="metrics.json of a `tapper experiment` run (repeat for several tasks)")
+    p.add_argument("--metrics", required=True, action="append", help="metrics.json of a `tapper experiment` run, or NAME=metrics.json to name its section "
+                        "(repeat for several tasks; name them when two runs share a task)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--footprint", help="footprint JSON from bench/footprint.py (adds the parameter-footprint section)")
     p.add_argument("--timing", help="timing JSON from bench/train_time.py (adds the per-user training-time section)")

@@ -29,6 +29,11 @@ LABELS = {
 }
 
 
+def section_name(metrics: dict) -> str:
+    """What a task's section is called: the name given on the command line (`NAME=metrics.json`), else the task."""
+    return metrics.get("name") or metrics["task"]
+
+
 def label(variant: str) -> str:
     if variant in LABELS:
         return LABELS[variant]
@@ -166,7 +171,7 @@ def plot_sensitivity(metrics: dict, path: Path) -> Path | None:
         ax.set_xlabel("BM25 pre-filter k" if kind == "bm25" else "prefix length L")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{metrics['task']}: sensitivity")
+    fig.suptitle(f"{section_name(metrics)}: sensitivity")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -183,7 +188,7 @@ def plot_losses(metrics: dict, path: Path) -> Path | None:
         ax.plot(range(1, len(ls) + 1), ls, marker=".", label=label(k))
     ax.set_xlabel("epoch")
     ax.set_ylabel("training loss")
-    ax.set_title(f"{metrics['task']}: Stage-2 / baseline training loss")
+    ax.set_title(f"{section_name(metrics)}: Stage-2 / baseline training loss")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -199,7 +204,8 @@ def task_section(metrics: dict, out_dir: Path, stem: str) -> tuple[list[str], li
     cols = metric_names(metrics)
     md, files = [], []
     d = metrics.get("data", {})
-    md.append(f"## {metrics['task']} ({metrics.get('backbone', '?')} backbone)\n")
+    head = metrics["task"] if section_name(metrics) == metrics["task"] else f"{section_name(metrics)}: {metrics['task']}"
+    md.append(f"## {head} ({metrics.get('backbone', '?')} backbone)\n")
     if d:
         md.append(f"Users: {d.get('users')} ({d.get('stage1_users')} Stage 1, {d.get('stage2_users')} Stage 2 / evaluated); "
                   f"Stage-2 examples: {d.get('stage2_examples')}; evaluation queries: {d.get('eval_queries')}. "
@@ -212,7 +218,7 @@ def task_section(metrics: dict, out_dir: Path, stem: str) -> tuple[list[str], li
         md.append(markdown_table(comp, metrics, cols, {"per-user params": _params(metrics, comp), "seconds": _seconds(metrics, comp)}))
         md.append("\n**Bold**: best per metric; <u>underlined</u>: second best. Per-user params: parameters stored per user "
                   "(0 for prompt-based methods, which store text).\n")
-        files.append(plot_bars(metrics, comp, out_dir / f"{stem}comparison.png", f"{metrics['task']}: comparison"))
+        files.append(plot_bars(metrics, comp, out_dir / f"{stem}comparison.png", f"{section_name(metrics)}: comparison"))
         md.append(f"![comparison]({files[-1].name})\n")
     abl = _ordered(names, ABLATION_ORDER)
     if len([a for a in abl if a not in ("tap-per", "base")]) >= 1:
@@ -222,12 +228,12 @@ def task_section(metrics: dict, out_dir: Path, stem: str) -> tuple[list[str], li
         if lam:
             md.append("\nLearned temporal coefficients: " + "; ".join(
                 f"{label(k)} λ_t={t:.3f}, λ_o={o:.3f}" for k, (t, o) in lam.items() if t is not None) + "\n")
-        files.append(plot_bars(metrics, abl, out_dir / f"{stem}ablation.png", f"{metrics['task']}: ablation"))
+        files.append(plot_bars(metrics, abl, out_dir / f"{stem}ablation.png", f"{section_name(metrics)}: ablation"))
         md.append(f"![ablation]({files[-1].name})\n")
-    for kind, title in (("bm25", "BM25 pre-filter k"), ("L", "Prefix length L")):
+    for kind, heading in (("bm25", "BM25 pre-filter k"), ("L", "Prefix length L")):
         pts = sensitivity(metrics, kind)
         if len(pts) > 1:
-            md.append(f"### Sensitivity: {title}\n")
+            md.append(f"### Sensitivity: {heading}\n")
             sub = {"task": metrics["task"], "variants": {x: metrics["variants"][v] for x, v in pts}}
             md.append(markdown_table([x for x, _ in pts], sub, cols).replace("| method", f"| {kind}"))
             md.append("")
@@ -259,7 +265,7 @@ def combined_table(all_metrics: list[dict]) -> str:
         for metric in metric_names(mt):
             vals = {m: mt["variants"].get(m, {}).get(metric) for m in methods}
             rk = ranks(vals, metric)
-            lines.append("| " + " | ".join([mt["task"], f"{metric} {arrow(metric)}"] + [fmt(vals[m], rk.get(m)) for m in methods]) + " |")
+            lines.append("| " + " | ".join([section_name(mt), f"{metric} {arrow(metric)}"] + [fmt(vals[m], rk.get(m)) for m in methods]) + " |")
     return "\n".join(lines)
 
 
@@ -277,8 +283,13 @@ def write_report(metrics: dict | list[dict], out_dir: str | Path, footprint: dic
         md.append("## All tasks (Table-1 layout)\n")
         md.append(combined_table(all_metrics))
         md.append("\n**Bold**: best per row; <u>underlined</u>: second best.\n")
-    for mt in all_metrics:
-        stem = "" if len(all_metrics) == 1 else re.sub(r"[^A-Za-z0-9]+", "_", mt["task"]).strip("_") + "_"
+    stems = ["" if len(all_metrics) == 1 else re.sub(r"[^A-Za-z0-9]+", "_", section_name(mt)).strip("_") + "_" for mt in all_metrics]
+    if len(set(stems)) < len(stems):
+        # Two runs of one task (e.g. News LaMP-2N and the synthetic data, both LaMP_2N) would overwrite
+        # each other's plots and share a heading.
+        raise ValueError(f"report: several metrics files are called {[section_name(m) for m in all_metrics]}; "
+                         "name each one, e.g. `--metrics news=runs/a/metrics.json --metrics synthetic=runs/b/metrics.json`")
+    for mt, stem in zip(all_metrics, stems):
         sec, f = task_section(mt, out_dir, stem)
         md += sec
         files += f
