@@ -82,3 +82,18 @@ def test_label_counting_oracle_on_a_seeded_build(tmp_path):
     assert acc["popular"] == {"all": 0.5, "drifting": 0.25, "stable": 0.6667}
     assert acc["count-all"] == {"all": 0.95, "drifting": 0.875, "stable": 1.0}
     assert acc["count-last-5"]["all"] == 0.65
+
+
+@pytest.mark.parametrize("spec_path", sorted((ROOT / "bench" / "sweeps").glob("*.json")), ids=lambda p: p.name)
+def test_every_shipped_sweep_spec_is_valid(spec_path):
+    """A typo in a spec's settings would only surface minutes into a sweep; every run's settings must load."""
+    from tapper.cli import build_parser
+    from tapper.config import load_run_config
+
+    spec = json.loads(spec_path.read_text())
+    assert spec["runs"] and set(spec) >= {"data", "runs"}
+    for flags in spec["data"].values():  # the flags `tapper build synthetic` gets
+        build_parser().parse_args(["build", "synthetic", "--out", "x", *flags.split()])
+    for run in spec["runs"]:
+        assert run["data"] in spec["data"], run["name"]
+        load_run_config({}, list(spec.get("common", [])) + list(run.get("set", [])))
