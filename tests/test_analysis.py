@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig
 
 from model_fixtures import TASK, corpus, tiny_examples
-from tapper.analysis.attention import case_study, plot_case_study, temporal_bias_off
+from tapper.analysis.attention import case_study, plot_case_study, summaries, temporal_bias_off
 from tapper.analysis.footprint import footprint, lora_numel, oppu_state_numel, tapper_state_numel
 from tapper.analysis.report import markdown_table, ranks, write_report
 from tapper.config import Stage2Config
@@ -135,6 +135,14 @@ def test_attention_case_study_heatmap(backbone, data, tmp_path):
         assert float(model.prefix.lambda_t) == 0.0
     png = plot_case_study(study, tmp_path / "attention.png")
     assert png.stat().st_size > 1000 and len(study["labels"]) == len(evals[0].history)
+    # Over many queries: the bias moves weight onto the most recent records, never above 1.
+    over = summaries(model, encoder, evals)
+    on, off = over["with temporal bias"], over["same weights, λ_t=λ_o=0"]
+    assert on["queries"] == off["queries"] == sum(1 for e in evals if e.history)
+    assert off["mean_alpha_last5"] <= on["mean_alpha_last5"] <= 1.0 + 1e-6
+    if any(len(e.history) > 5 for e in evals):
+        assert off["mean_alpha_last5"] < on["mean_alpha_last5"]
+    assert 0 < on["mean_max_alpha"] <= 1.0 + 1e-6
 
 
 def test_report_names_two_runs_of_one_task_and_refuses_them_unnamed(tmp_path, capsys):

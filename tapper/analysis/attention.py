@@ -41,6 +41,35 @@ def attention_weights(model, encoder, example: Example) -> list[float]:
     return [float(a) for a in alpha[0, : len(enc.items[0].hist_rows)]]
 
 
+@torch.no_grad()
+def attention_summary(model, encoder, examples: list[Example], last: int = 5, batch_size: int = 32) -> dict:
+    """How concentrated α is over many queries: the mean largest single weight, and the mean
+    weight on the `last` most recent records. One query's heatmap can mislead; these cannot."""
+    model.eval()
+    enc = encoder.encode(examples, model.user_rows if model.cfg.use_pu else None, progress=False)
+    top, recent, n = 0.0, 0.0, 0
+    for i in range(0, len(enc.items), batch_size):
+        items = enc.items[i : i + batch_size]
+        _, alpha = model.prefix_for(items, enc.vectors)
+        for j, item in enumerate(items):
+            k = len(item.hist_rows)
+            if k:
+                top += float(alpha[j, :k].max())
+                recent += float(alpha[j, max(0, k - last) : k].sum())
+                n += 1
+    return {"queries": n, "mean_max_alpha": round(top / max(n, 1), 4), f"mean_alpha_last{last}": round(recent / max(n, 1), 4)}
+
+
+def summaries(model, encoder, examples: list[Example], others: dict[str, object] | None = None) -> dict[str, dict]:
+    """attention_summary for the same rows as the case study: bias on, bias off (same weights), others."""
+    out = {"with temporal bias": attention_summary(model, encoder, examples)}
+    with temporal_bias_off(model):
+        out["same weights, λ_t=λ_o=0"] = attention_summary(model, encoder, examples)
+    for name, other in (others or {}).items():
+        out[name] = attention_summary(other, encoder, examples)
+    return out
+
+
 def case_study(model, encoder, task, example: Example, others: dict[str, object] | None = None) -> dict:
     """Rows of α: 'with temporal bias', 'bias off (same weights)', and one per model in `others`."""
     rows = {f"TAP-PER (λ_t={float(model.prefix.lambda_t.detach()):.2f}, λ_o={float(model.prefix.lambda_o.detach()):.2f})": attention_weights(model, encoder, example)}
@@ -120,6 +149,7 @@ def case_study_from_run(run_dir: str | Path, questions, outputs, task_name: str 
     examples = data.splits.eval
     ex = next(e for e in examples if e.id == query_id) if query_id else pick_query(examples, preds)
     study = case_study(model, encoder, data.task, ex, others)
+    study["over_all_queries"] = summaries(model, encoder, examples, others)
     study["predictions"] = {v: p.get(ex.id) for v, p in preds.items()}
     out = Path(out_dir or run_dir / "report")
     png = plot_case_study(study, out / "attention.png")

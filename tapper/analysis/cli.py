@@ -32,7 +32,11 @@ def load_named_metrics(arg: str) -> dict:
 def cmd_attention(args: argparse.Namespace) -> int:
     from tapper.analysis.attention import case_study_from_run
 
-    for f in case_study_from_run(args.run, args.questions, args.outputs, args.task, args.variant, args.query, args.out):
+    files = case_study_from_run(args.run, args.questions, args.outputs, args.task, args.variant, args.query, args.out)
+    study = json.loads(Path(files[-1]).read_text())
+    for name, summary in study.get("over_all_queries", {}).items():
+        print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+    for f in files:
         print(f)
     return 0
 
