@@ -149,10 +149,14 @@ def cmd_online_pipeline(args: argparse.Namespace) -> int:
 
 
 def _ensure_stack() -> None:
-    """The default: if the active stack is ZenML's bare `default`, register and activate `tapper-local`."""
+    """The default: if the active stack is ZenML's bare `default`, register and activate `tapper-local`.
+
+    If `tapper-local` is already active it is re-pointed at this checkout: the ZenML store is per
+    machine user, so a second checkout would otherwise write into (and reuse cached steps from)
+    the first checkout's artifact store, which may since have been deleted."""
     from zenml.client import Client
 
-    if Client().active_stack_model.name == "default":
+    if Client().active_stack_model.name in ("default", "tapper-local"):
         from pipelines.stacks import stack_up
 
         print(stack_up("local"))
