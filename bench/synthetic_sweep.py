@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,6 +44,23 @@ def tapper_cmd(*args: str) -> list[str]:
 
 
 def run_sweep(spec: dict, work: Path, jobs: int, limit_s: float | None) -> dict:
+    def command(run: dict, d: Path) -> list[str]:
+        cmd = tapper_cmd("experiment", "--questions", str(d / "questions.json"), "--outputs", str(d / "outputs.json"),
+                         "--backbone", run.get("backbone", "tiny"), "--out", str(work / "runs" / run["name"]),
+                         "--stage2-users", str(run.get("users", 80)),
+                         "--variants", run.get("variants", "base,tap-per,lambda0"), "--no-progress")
+        return cmd + [a for kv in spec.get("common", []) + run.get("set", []) for a in ("--set", kv)]
+
+    return run_processes(spec, work, jobs, limit_s, command, read_run)
+
+
+def run_processes(spec: dict, work: Path, jobs: int, limit_s: float | None,
+                  command: Callable[[dict, Path], list[str]], read: Callable[[Path, str, float], dict]) -> dict:
+    """Build the spec's datasets, then run one process per run, `jobs` at a time.
+
+    `command(run, data_dir)` gives a run's command line, `read(work, name, seconds)` its
+    result row once it has ended (or been killed at `limit_s`). Shared with
+    bench/online_seeds.py, whose runs are `tapper online` instead of `tapper experiment`."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, jobs))))
     for name, flags in spec["data"].items():
@@ -55,15 +73,9 @@ def run_sweep(spec: dict, work: Path, jobs: int, limit_s: float | None) -> dict:
     while pending or running:
         while pending and len(running) < jobs:
             run = pending.pop(0)
-            d = work / run["data"]
-            cmd = tapper_cmd("experiment", "--questions", str(d / "questions.json"), "--outputs", str(d / "outputs.json"),
-                             "--backbone", run.get("backbone", "tiny"), "--out", str(work / "runs" / run["name"]),
-                             "--stage2-users", str(run.get("users", 80)),
-                             "--variants", run.get("variants", "base,tap-per,lambda0"), "--no-progress")
-            for kv in spec.get("common", []) + run.get("set", []):
-                cmd += ["--set", kv]
             log = open(work / f"{run['name']}.log", "w")
-            running[run["name"]] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), time.time())
+            proc = subprocess.Popen(command(run, work / run["data"]), env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            running[run["name"]] = (proc, time.time())
         time.sleep(1)
         for name, (proc, t0) in list(running.items()):
             if proc.poll() is None and not (deadline and time.time() > deadline):
@@ -71,9 +83,17 @@ def run_sweep(spec: dict, work: Path, jobs: int, limit_s: float | None) -> dict:
             if proc.poll() is None:
                 proc.kill()
             del running[name]
-            results[name] = read_run(work, name, time.time() - t0)
+            results[name] = read(work, name, time.time() - t0)
             print(name, json.dumps(results[name]), flush=True)
     return results
+
+
+def machine(jobs: int) -> dict:
+    import torch
+
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "device": "cuda: " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "jobs": jobs}
 
 
 def read_run(work: Path, name: str, seconds: float) -> dict:
@@ -139,28 +159,31 @@ def main(argv: list[str] | None = None) -> int:
         write_report(report, args.out)
         return 0
     if args.runs:
-        wanted = args.runs.split(",")
-        unknown = sorted(set(wanted) - {r["name"] for r in spec["runs"]})
-        if unknown:
-            parser.error(f"{args.spec}: no run named {', '.join(unknown)}")
-        spec["runs"] = [r for r in spec["runs"] if r["name"] in wanted]
-        spec["data"] = {k: v for k, v in spec["data"].items() if any(r["data"] == k for r in spec["runs"])}
+        try:
+            spec = select_runs(spec, args.runs.split(","))
+        except ValueError as e:
+            parser.error(f"{args.spec}: {e}")
     out = args.out or ROOT / "bench" / "results" / f"synthetic_{args.spec.stem}.json"
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         results = run_sweep(spec, work, max(1, args.jobs), args.limit_s)
-    import torch
-
     report = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "device": "cuda: " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                    "jobs": args.jobs},
+        "machine": machine(args.jobs),
         "spec": spec, "results": results, "by_group": aggregate(results), "seconds": round(time.time() - t0),
     }
     write_report(report, out)
     return 0
+
+
+def select_runs(spec: dict, wanted: list[str]) -> dict:
+    """The spec cut down to the named runs and the datasets they use."""
+    unknown = sorted(set(wanted) - {r["name"] for r in spec["runs"]})
+    if unknown:
+        raise ValueError(f"no run named {', '.join(unknown)}")
+    runs = [r for r in spec["runs"] if r["name"] in wanted]
+    return dict(spec, runs=runs, data={k: v for k, v in spec["data"].items() if any(r["data"] == k for r in runs)})
 
 
 def write_report(report: dict, out: Path) -> None:

@@ -86,14 +86,18 @@ def test_label_counting_oracle_on_a_seeded_build(tmp_path):
 
 @pytest.mark.parametrize("spec_path", sorted((ROOT / "bench" / "sweeps").glob("*.json")), ids=lambda p: p.name)
 def test_every_shipped_sweep_spec_is_valid(spec_path):
-    """A typo in a spec's settings would only surface minutes into a sweep; every run's settings must load."""
+    """A typo in a spec's settings would only surface minutes into a sweep; every run's settings must load.
+
+    online_*.json are bench/online_seeds.py's specs: their settings include the `online:` section."""
     from tapper.cli import build_parser
     from tapper.config import load_run_config
+    from tapper.online.config import load_online_config
 
     spec = json.loads(spec_path.read_text())
     assert spec["runs"] and set(spec) >= {"data", "runs"}
     for flags in spec["data"].values():  # the flags `tapper build synthetic` gets
         build_parser().parse_args(["build", "synthetic", "--out", "x", *flags.split()])
+    load = load_online_config if spec_path.name.startswith("online_") else load_run_config
     for run in spec["runs"]:
         assert run["data"] in spec["data"], run["name"]
-        load_run_config({}, list(spec.get("common", [])) + list(run.get("set", [])))
+        load({}, list(spec.get("common", [])) + list(run.get("set", [])))
