@@ -4,8 +4,9 @@ The functions here are the building blocks both `tapper experiment` and the
 ZenML steps call, so a pipeline run and a direct run compute the same thing.
 
 Output contract (DIR):
-    metrics.json                {"task", "variants": {name: {metric: value}}, "per_user_params",
-                                 "shared_params", "params": {name: {...}}, "groups": {...}?}
+    metrics.json                {"task", "files", "variants": {name: {metric: value}}, "per_user_params",
+                                 "shared_params", "params": {name: {...}}, "groups": {...}?, "pending": [...]}
+                                rewritten after each variant; "pending" names those not done yet
     predictions/<variant>.json  LaMP's format {"task", "golds": [{"id", "output"}]}
     stage1/                     the merged Stage-1 backbone (HF directory)
     tapper/<variant>/           each Stage-2 model's state (safetensors + JSON)
@@ -204,29 +205,40 @@ def run_experiment(
     bb = open_backbone(backbone, data, cfg.seed)
     s1 = run_stage1(bb, data, cfg, out_dir / "stage1", progress, log)
     results: dict[str, VariantResult] = {}
+
+    def report_so_far() -> dict:
+        main = results.get("tap-per") or next((r for r in results.values() if r.per_user_params), None)
+        report = {
+            "task": data.task.name,
+            "backbone": backbone,
+            # Which files this run scored, so a report over several runs can tell them apart.
+            "files": {"questions": str(questions), "outputs": str(outputs)},
+            "variants": {k: r.metrics for k, r in results.items()},
+            "per_user_params": main.per_user_params if main else 0,
+            "shared_params": main.shared_params if main else 0,
+            "params": {k: {"per_user": r.per_user_params, "shared": r.shared_params} for k, r in results.items()},
+            "details": {k: {"seconds": round(r.seconds, 2), "losses": r.losses, **r.extra} for k, r in results.items()},
+            "data": {
+                "users": data.n_users, "stage1_users": len(data.splits.stage1_users), "stage2_users": len(data.splits.stage2_users),
+                "stage1_examples": s1.n_examples, "stage2_examples": len(data.splits.stage2_train), "eval_queries": len(data.splits.eval),
+            },
+            "stage1": {"losses": s1.losses, "weights_hash": s1.weights_hash},
+            "config": cfg.to_dict(),
+            "seconds": round(time.time() - t0, 2),
+            "pending": [v for v in variants if v not in results],
+        }
+        if user_groups:
+            report["groups"] = {k: group_metrics(data, r.predictions, user_groups) for k, r in results.items()}
+        return report
+
     for v in variants:
         res = run_variant(v, s1.path, data, cfg, out_dir, progress, log)
         results[v] = res
         write_predictions(data.task.name, res.predictions, out_dir / "predictions" / f"{v}.json")
-    main = results.get("tap-per") or next((r for r in results.values() if r.per_user_params), None)
-    report = {
-        "task": data.task.name,
-        "backbone": backbone,
-        "variants": {k: r.metrics for k, r in results.items()},
-        "per_user_params": main.per_user_params if main else 0,
-        "shared_params": main.shared_params if main else 0,
-        "params": {k: {"per_user": r.per_user_params, "shared": r.shared_params} for k, r in results.items()},
-        "details": {k: {"seconds": round(r.seconds, 2), "losses": r.losses, **r.extra} for k, r in results.items()},
-        "data": {
-            "users": data.n_users, "stage1_users": len(data.splits.stage1_users), "stage2_users": len(data.splits.stage2_users),
-            "stage1_examples": s1.n_examples, "stage2_examples": len(data.splits.stage2_train), "eval_queries": len(data.splits.eval),
-        },
-        "stage1": {"losses": s1.losses, "weights_hash": s1.weights_hash},
-        "config": cfg.to_dict(),
-        "seconds": round(time.time() - t0, 2),
-    }
-    if user_groups:
-        report["groups"] = {k: group_metrics(data, r.predictions, user_groups) for k, r in results.items()}
+        # Rewritten after every variant: a run stopped hours in keeps the metrics of what it
+        # finished ("pending" lists the rest; empty once the run is complete).
+        atomic_write_json(out_dir / "metrics.json", report_so_far())
+    report = report_so_far()
     atomic_write_json(out_dir / "metrics.json", report)
     return report
 

@@ -237,6 +237,7 @@ def test_experiment_cli_runs_baselines_into_metrics_and_predictions(tmp_path):
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics["variants"]) == ["rag-k1", "pag-k0", "oppu"]
+    assert metrics["pending"] == [] and metrics["files"] == {"questions": str(q), "outputs": str(o)}
     assert {p.name for p in (out / "predictions").iterdir()} == {"rag-k1.json", "pag-k0.json", "oppu.json"}
     assert metrics["params"]["oppu"]["per_user"] > 0 and metrics["params"]["rag-k1"]["per_user"] == 0
     golds = json.loads((out / "predictions" / "oppu.json").read_text())["golds"]
@@ -244,3 +245,26 @@ def test_experiment_cli_runs_baselines_into_metrics_and_predictions(tmp_path):
     assert len(list((out / "oppu" / "oppu" / "users").glob("*.safetensors"))) == 2
     audit = json.loads((out / "baselines" / "rag-k1" / "prompts.json").read_text())
     assert all(len(ids) == 1 for ids in audit["retrieved"].values())
+
+
+def test_experiment_stopped_midway_keeps_the_metrics_of_finished_variants(tmp_path, monkeypatch):
+    """metrics.json is rewritten after each variant: a run killed hours in keeps what it finished."""
+    import tapper.experiment as experiment
+    from tapper.config import load_run_config
+    from workflow_data import make_lamp_2n
+
+    q, o = make_lamp_2n(tmp_path / "data", users=5, records=4, queries=1)
+    real = experiment.run_variant
+
+    def stop_at_second(variant, *args, **kwargs):
+        if variant == "pag-k0":
+            raise KeyboardInterrupt  # what a Ctrl-C or a kill during the second variant looks like
+        return real(variant, *args, **kwargs)
+
+    monkeypatch.setattr(experiment, "run_variant", stop_at_second)
+    cfg = load_run_config({"stage2_users": 2}, ["stage1.epochs=1", "stage1.max_examples=16", "eval.max_new_tokens=3"])
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run_experiment(None, q, o, "tiny", tmp_path / "run", cfg, ["rag-k1", "pag-k0", "oppu"], progress=False)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert list(metrics["variants"]) == ["rag-k1"] and metrics["pending"] == ["pag-k0", "oppu"]
+    assert 0.0 <= metrics["variants"]["rag-k1"]["accuracy"] <= 1.0
