@@ -148,22 +148,7 @@ def adopt(spec: dict, name: str, path: Path) -> dict:
 
 
 def merge_reports(spec: dict, paths: list[Path]) -> dict:
-    results: dict[str, dict] = {}
-    parts = []
-    for path in paths:
-        part = json.loads(path.read_text())
-        if part.get("spec", {}).get("common") != spec.get("common"):
-            raise ValueError(f"{path}: its settings ('common') differ from the spec's; not the same sweep")
-        for name, row in part["results"].items():
-            if name in results:
-                raise ValueError(f"{path}: run {name!r} is in more than one of the files")
-            results[name] = row
-        parts.append({"file": path.name, "machine": part["machine"], "runs": sorted(part["results"]), "seconds": part["seconds"]})
-    unknown = sorted(set(results) - {r["name"] for r in spec["runs"]})
-    if unknown:
-        raise ValueError(f"runs {unknown} are not in the spec")
-    return {"machine": parts[0]["machine"], "merged_from": parts, "spec": spec, "results": results,
-            "summary": aggregate(results), "seconds": sum(p["seconds"] for p in parts)}
+    return sweep.merge_reports(spec, paths, summarize=aggregate, key="summary")
 
 
 def plot_summary(summary: dict, path: Path, title: str) -> Path:

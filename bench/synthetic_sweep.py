@@ -194,8 +194,10 @@ def write_report(report: dict, out: Path) -> None:
     print(f"wrote {out}")
 
 
-def merge_reports(spec: dict, paths: list[Path]) -> dict:
-    """One report from several partial ones of `spec`: their runs together, re-aggregated."""
+def merge_reports(spec: dict, paths: list[Path], summarize: Callable[[dict], dict] | None = None,
+                  key: str = "by_group") -> dict:
+    """One report from several partial ones of `spec`: their runs together, re-aggregated
+    (by `summarize` into `key`; bench/online_seeds.py passes its own)."""
     results: dict[str, dict] = {}
     parts = []
     for path in paths:
@@ -212,7 +214,7 @@ def merge_reports(spec: dict, paths: list[Path]) -> dict:
     if unknown:
         raise ValueError(f"runs {unknown} are not in the spec")
     return {"machine": parts[0]["machine"], "merged_from": parts, "spec": spec, "results": results,
-            "by_group": aggregate(results), "seconds": sum(p["seconds"] for p in parts)}
+            key: (summarize or aggregate)(results), "seconds": sum(p["seconds"] for p in parts)}
 
 
 if __name__ == "__main__":
