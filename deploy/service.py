@@ -116,8 +116,9 @@ class ServingVectors(EmbeddingCache):
     """Record/query vectors computed on the fly, never written to disk.
 
     A vector is a mean of frozen input-embedding rows (no forward pass), so computing it per request costs
-    microseconds, while the on-disk EmbeddingCache rewrites its whole matrix whenever a new text appears (every
-    query is new text). Same `_mean_embed` as training, so the vectors are the ones the model was trained on.
+    microseconds, while the on-disk EmbeddingCache writes a shard for every new text it sees (every
+    query is new text, and nothing would ever read those vectors again). Same `_mean_embed` as training,
+    so the vectors are the ones the model was trained on.
     """
 
     def __init__(self, model: nn.Module, tokenizer, max_tokens: int = 512):

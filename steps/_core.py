@@ -51,35 +51,20 @@ def embedding_texts(data: PreparedData) -> list[str]:
 def install_embeddings(table: EmbeddingTable) -> int:
     """Put an embedding artifact's vectors into this machine's content-addressed cache.
 
-    Writes the cache's own files (tapper.model.embedding_cache format) so that
-    Stage 2 and evaluation, on any machine, find every vector already computed.
+    Appends to the cache's own store (tapper.model.embedding_cache.VectorStore) so
+    that Stage 2 and evaluation, on any machine, find every vector already computed.
     Returns the number of vectors added.
     """
-    import json
-
     import torch
-    from safetensors.torch import load_file, save_file
 
-    from tapper.atomic import atomic_write, atomic_write_json
+    from tapper.model.embedding_cache import VectorStore
     from tapper.paths import cache_dir
 
-    d = cache_dir() / "embeddings" / table.key
-    d.mkdir(parents=True, exist_ok=True)
-    index: dict[str, int] = {}
-    vectors = torch.zeros(0, table.vectors.shape[1])
-    if (d / "index.json").exists():
-        index = json.loads((d / "index.json").read_text())
-        vectors = load_file(d / "vectors.safetensors")["vectors"][: len(index)]
-    missing = [(h, r) for h, r in table.index.items() if h not in index]
-    if not missing:
-        return 0
-    rows = torch.tensor([r for _, r in missing], dtype=torch.long)
-    start = len(index)
-    vectors = torch.cat([vectors, table.vectors[rows]], dim=0)
-    for j, (h, _) in enumerate(missing):
-        index[h] = start + j
-    atomic_write(d / "vectors.safetensors", lambda tmp: save_file({"vectors": vectors.contiguous()}, tmp))
-    atomic_write_json(d / "index.json", index)
+    store = VectorStore(cache_dir() / "embeddings" / table.key, int(table.vectors.shape[1]))
+    known = store.known()
+    missing = [(h, r) for h, r in table.index.items() if h not in known]
+    if missing:
+        store.append([h for h, _ in missing], table.vectors[torch.tensor([r for _, r in missing], dtype=torch.long)])
     return len(missing)
 
 

@@ -144,6 +144,70 @@ def test_embedding_cache_second_run_computes_nothing(backbone, data, tmp_path):
     assert torch.allclose(v1[0], emb[ids].mean(0), atol=1e-6)
 
 
+def test_embedding_cache_appends_shards_without_rewriting_and_survives_a_crash(backbone, data, tmp_path, monkeypatch):
+    """An append writes only its new rows; a crash before the manifest leaves the previous state."""
+    import tapper.model.embedding_cache as ec
+
+    train, evals, _ = data
+    texts = list(dict.fromkeys(TASK.record_text(r) for ex in train + evals for r in ex.history))
+    first_half, second_half = texts[: len(texts) // 2], texts[len(texts) // 2 :]
+    cache = EmbeddingCache(tmp_path, backbone.model, backbone.tokenizer)
+    v1 = cache.encode(first_half, progress=False)
+    shard1 = sorted(cache.dir.glob("shard-*.safetensors"))
+    assert len(shard1) == 1
+    stamp = shard1[0].stat()
+    cache.encode(second_half, progress=False)
+    shards = sorted(cache.dir.glob("shard-*.safetensors"))
+    assert len(shards) == 2 and shard1[0].stat().st_mtime_ns == stamp.st_mtime_ns  # old shard untouched
+    assert len(cache.store.known()) == len(texts)
+
+    # A write that dies after the shard but before the manifest: the shard is ignored, nothing is lost.
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ec, "atomic_write_json", crash)
+    with pytest.raises(OSError):
+        EmbeddingCache(tmp_path, backbone.model, backbone.tokenizer).encode(["a text never seen"], progress=False)
+    monkeypatch.undo()
+    again = EmbeddingCache(tmp_path, backbone.model, backbone.tokenizer)
+    assert len(again) == len(texts)
+    assert torch.equal(again.encode(first_half, progress=False), v1) and again.stats.computed == 0
+
+
+def test_embedding_cache_compacts_and_reads_the_first_format(backbone, tmp_path, monkeypatch):
+    import json
+
+    from safetensors.torch import save_file
+
+    import tapper.model.embedding_cache as ec
+
+    monkeypatch.setattr(ec, "MAX_SHARDS", 3)
+    cache = EmbeddingCache(tmp_path, backbone.model, backbone.tokenizer)
+    texts = [f"record number {i}" for i in range(5)]
+    for t in texts:
+        cache.encode([t], progress=False)
+    # Appends 1-3 made three shards; the 4th compacted them into one; the 5th added a second.
+    assert len(json.loads((cache.dir / "manifest.json").read_text())["shards"]) == 2
+    assert len(list(cache.dir.glob("shard-*.safetensors"))) == 2  # the compacted-away files are gone
+    expected = cache.encode(texts, progress=False)
+    reread = EmbeddingCache(tmp_path, backbone.model, backbone.tokenizer)
+    assert torch.equal(reread.encode(texts, progress=False), expected) and reread.stats.computed == 0
+
+    # A cache in the first format (one matrix + index.json, rows past the index from a torn write).
+    legacy_dir = tmp_path / "legacy"
+    legacy = EmbeddingCache(legacy_dir, backbone.model, backbone.tokenizer)
+    for f in legacy.dir.iterdir():
+        f.unlink()
+    save_file({"vectors": torch.cat([expected[:3], torch.ones(1, expected.shape[1])]).contiguous()}, legacy.dir / "vectors.safetensors")
+    (legacy.dir / "index.json").write_text(json.dumps({ec.text_hash(t): i for i, t in enumerate(texts[:3])}))
+    old = EmbeddingCache(legacy_dir, backbone.model, backbone.tokenizer)
+    assert len(old) == 3 and torch.equal(old.encode(texts[:3], progress=False), expected[:3])
+    old.encode(texts, progress=False)  # the next append converts it
+    assert not (old.dir / "index.json").exists() and len(list(old.dir.glob("shard-*.safetensors"))) == 1
+    converted = EmbeddingCache(legacy_dir, backbone.model, backbone.tokenizer)
+    assert torch.equal(converted.encode(texts, progress=False), expected) and converted.stats.computed == 0
+
+
 def test_time_gaps_and_bm25_prefilter(data):
     _, evals, _ = data
     ex = evals[0]

@@ -6,19 +6,31 @@ the text, so the cache is keyed by exactly those three hashes. The embedding
 layer never trains (Stage 1 targets attention projections only, Stage 2
 freezes the backbone), so vectors computed once serve every later run.
 
-On disk: `<root>/<emb-hash>-<tok-hash>/vectors.safetensors` (one float32
-matrix) + `index.json` (text hash -> row). New vectors are appended by
-writing both files to temp names and renaming, index last, so a crash
-leaves the previous complete state.
+On disk, `<root>/<emb-hash>-<tok-hash>/` (a VectorStore):
+    shard-<id>.safetensors  one float32 matrix "vectors"; its rows' text hashes in the file's metadata
+    manifest.json           {"format": 2, "shards": [{"file", "rows"}, ...]}: the shards that count
+New vectors go to a new shard, written under a temporary name and renamed, and
+the manifest is rewritten last, so an append costs the new rows (not the whole
+matrix, as the first format did) and a crash leaves the previous complete
+state. Appends hold a file lock and re-read the manifest, so two runs sharing
+the cache (a sweep's parallel runs) both keep their shards. Past MAX_SHARDS
+shards the next append compacts everything into one. The first format
+(`vectors.safetensors` + `index.json`) is still read, and converted on the
+next append.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -28,6 +40,102 @@ from tapper.model.backbone import embedding_hash, tokenizer_hash
 
 def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+MANIFEST = "manifest.json"
+MAX_SHARDS = 32
+LEGACY_VECTORS, LEGACY_INDEX = "vectors.safetensors", "index.json"
+
+
+class VectorStore:
+    """The on-disk side of the cache: text hash -> vector, appended in shards (format in the module doc)."""
+
+    def __init__(self, directory: str | Path, dim: int):
+        self.dir = Path(directory)
+        self.dim = dim
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _manifest(self) -> list[dict]:
+        path = self.dir / MANIFEST
+        return json.loads(path.read_text())["shards"] if path.exists() else []
+
+    def known(self) -> set[str]:
+        """The stored text hashes, read without loading any vector."""
+        if (self.dir / MANIFEST).exists():
+            out: set[str] = set()
+            for shard in self._manifest():
+                with safe_open(self.dir / shard["file"], framework="pt") as f:
+                    out.update(json.loads(f.metadata()["hashes"]))
+            return out
+        if (self.dir / LEGACY_INDEX).exists():
+            return set(json.loads((self.dir / LEGACY_INDEX).read_text()))
+        return set()
+
+    def load(self) -> tuple[dict[str, int], torch.Tensor]:
+        """(text hash -> row, [n, dim] matrix) of everything stored; the first copy of a hash wins."""
+        index: dict[str, int] = {}
+        parts: list[torch.Tensor] = []
+        n = 0
+
+        def add(hashes: Sequence[str], vectors: torch.Tensor) -> None:
+            nonlocal n
+            keep = [j for j, h in enumerate(hashes) if h not in index]
+            for j in keep:
+                index[hashes[j]] = n
+                n += 1
+            parts.append(vectors[keep] if len(keep) < len(hashes) else vectors)
+
+        if (self.dir / MANIFEST).exists():
+            for shard in self._manifest():
+                with safe_open(self.dir / shard["file"], framework="pt") as f:
+                    hashes = json.loads(f.metadata()["hashes"])
+                    add(hashes, f.get_tensor("vectors"))
+        elif (self.dir / LEGACY_INDEX).exists():
+            legacy = json.loads((self.dir / LEGACY_INDEX).read_text())
+            # The index was written last; rows past it are from an interrupted write.
+            vectors = load_file(self.dir / LEGACY_VECTORS)["vectors"][: len(legacy)]
+            add(sorted(legacy, key=legacy.get), vectors)
+        return index, (torch.cat(parts) if parts else torch.zeros(0, self.dim))
+
+    def append(self, hashes: Sequence[str], vectors: torch.Tensor) -> None:
+        """Store new rows as one shard; compacts (or converts the first format) when due."""
+        if not len(hashes):
+            return
+        with self._locked():
+            shards = self._manifest()
+            legacy = not shards and (self.dir / LEGACY_INDEX).exists()
+            if not legacy and len(shards) < MAX_SHARDS:
+                shards.append(self._write_shard(hashes, vectors))
+                atomic_write_json(self.dir / MANIFEST, {"format": 2, "shards": shards})
+                return
+            # Compaction: everything stored plus the new rows, once each, in one shard.
+            index, stored = self.load()
+            new = {}
+            for j, h in enumerate(hashes):
+                if h not in index:
+                    new.setdefault(h, j)
+            everything = sorted(index, key=index.get) + list(new)
+            merged = torch.cat([stored, vectors[list(new.values())]])
+            shard = self._write_shard(everything, merged)
+            atomic_write_json(self.dir / MANIFEST, {"format": 2, "shards": [shard]})
+            # Only now, with the new manifest in place, are the old files unreferenced.
+            for old in [s["file"] for s in shards] + ([LEGACY_VECTORS, LEGACY_INDEX] if legacy else []):
+                (self.dir / old).unlink(missing_ok=True)
+
+    def _write_shard(self, hashes: Sequence[str], vectors: torch.Tensor) -> dict:
+        name = f"shard-{uuid.uuid4().hex[:16]}.safetensors"
+        metadata = {"hashes": json.dumps(list(hashes))}
+        atomic_write(self.dir / name, lambda tmp: save_file({"vectors": vectors.contiguous()}, tmp, metadata=metadata))
+        return {"file": name, "rows": len(hashes)}
 
 
 @dataclass
@@ -45,13 +153,8 @@ class EmbeddingCache:
         self.dir = Path(root) / self.key
         self.dir.mkdir(parents=True, exist_ok=True)
         self.stats = CacheStats()
-        self._index: dict[str, int] = {}
-        self._vectors = torch.zeros(0, self.emb.shape[1])
-        if (self.dir / "index.json").exists():
-            self._index = json.loads((self.dir / "index.json").read_text())
-            self._vectors = load_file(self.dir / "vectors.safetensors")["vectors"]
-            # The index is written last; rows past it are from an interrupted write.
-            self._vectors = self._vectors[: len(self._index)]
+        self.store = VectorStore(self.dir, int(self.emb.shape[1]))
+        self._index, self._vectors = self.store.load()
 
     @property
     def dim(self) -> int:
@@ -76,10 +179,11 @@ class EmbeddingCache:
                 chunk = [t for _, t in items[i : i + batch_size]]
                 new_rows.append(self._mean_embed(chunk))
             start = len(self._index)
-            self._vectors = torch.cat([self._vectors] + new_rows, dim=0)
+            added = torch.cat(new_rows, dim=0)
+            self._vectors = torch.cat([self._vectors, added], dim=0)
             for j, (h, _) in enumerate(items):
                 self._index[h] = start + j
-            self._save()
+            self.store.append([h for h, _ in items], added)
         rows = torch.tensor([self._index[h] for h in hashes], dtype=torch.long)
         return self._vectors[rows] if len(rows) else torch.zeros(0, self.dim)
 
@@ -88,7 +192,3 @@ class EmbeddingCache:
         mask = enc["attention_mask"].unsqueeze(-1).float()  # padding excluded from the mean
         vecs = self.emb[enc["input_ids"]] * mask
         return vecs.sum(1) / mask.sum(1).clamp(min=1.0)
-
-    def _save(self) -> None:
-        atomic_write(self.dir / "vectors.safetensors", lambda tmp: save_file({"vectors": self._vectors.contiguous()}, tmp))
-        atomic_write_json(self.dir / "index.json", self._index)
