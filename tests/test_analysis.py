@@ -94,6 +94,9 @@ def test_report_marks_the_best_per_metric_in_bold(tmp_path):
     assert "16,384" in row("OPPU")
     assert "### Ablation" in md and "### Sensitivity: BM25 pre-filter k" in md and "| all |" in md
     assert "### Users: drifting" in md
+    assert "Incomplete run" not in md
+    write_report(dict(_metrics(), pending=["lambda0", "no-pq"]), tmp_path / "partial")
+    assert "**Incomplete run:** stopped before lambda0, no-pq" in (tmp_path / "partial" / "report.md").read_text()
 
 
 def test_lower_is_better_for_errors():

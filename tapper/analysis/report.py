@@ -210,6 +210,10 @@ def task_section(metrics: dict, out_dir: Path, stem: str) -> tuple[list[str], li
         md.append(f"Users: {d.get('users')} ({d.get('stage1_users')} Stage 1, {d.get('stage2_users')} Stage 2 / evaluated); "
                   f"Stage-2 examples: {d.get('stage2_examples')}; evaluation queries: {d.get('eval_queries')}. "
                   f"Run time: {metrics.get('seconds', '?')} s.\n")
+    if metrics.get("pending"):
+        # A run stopped midway keeps the metrics of what it finished (tapper experiment rewrites
+        # metrics.json after each variant); say so rather than present a partial table as complete.
+        md.append(f"**Incomplete run:** stopped before {', '.join(metrics['pending'])}; only the finished variants are shown.\n")
     comp = _ordered(names, COMPARISON_ORDER) + [n for n in names if n not in COMPARISON_ORDER and n not in ABLATION_ORDER
                                                    and not re.fullmatch(r"bm25-k\d+|L-?\d+|rag-k\d+|pag-k\d+", n)]
     comp += sorted((n for n in names if re.fullmatch(r"(rag|pag)-k\d+", n) and n not in COMPARISON_ORDER))
