@@ -68,14 +68,25 @@ class VectorStore:
         path = self.dir / MANIFEST
         return json.loads(path.read_text())["shards"] if path.exists() else []
 
+    def _read_shards(self, vectors: bool, attempts: int = 3) -> list[tuple[list[str], torch.Tensor | None]]:
+        """Every shard of the manifest as (hashes, matrix or None). A compaction in another process may
+        delete the shards of the manifest just read (after writing its own); then read the new one."""
+        for attempt in range(attempts):
+            try:
+                out = []
+                for shard in self._manifest():
+                    with safe_open(self.dir / shard["file"], framework="pt") as f:
+                        out.append((json.loads(f.metadata()["hashes"]), f.get_tensor("vectors") if vectors else None))
+                return out
+            except FileNotFoundError:
+                if attempt == attempts - 1:
+                    raise
+        return []
+
     def known(self) -> set[str]:
         """The stored text hashes, read without loading any vector."""
         if (self.dir / MANIFEST).exists():
-            out: set[str] = set()
-            for shard in self._manifest():
-                with safe_open(self.dir / shard["file"], framework="pt") as f:
-                    out.update(json.loads(f.metadata()["hashes"]))
-            return out
+            return {h for hashes, _ in self._read_shards(vectors=False) for h in hashes}
         if (self.dir / LEGACY_INDEX).exists():
             return set(json.loads((self.dir / LEGACY_INDEX).read_text()))
         return set()
@@ -95,10 +106,8 @@ class VectorStore:
             parts.append(vectors[keep] if len(keep) < len(hashes) else vectors)
 
         if (self.dir / MANIFEST).exists():
-            for shard in self._manifest():
-                with safe_open(self.dir / shard["file"], framework="pt") as f:
-                    hashes = json.loads(f.metadata()["hashes"])
-                    add(hashes, f.get_tensor("vectors"))
+            for hashes, vectors in self._read_shards(vectors=True):
+                add(hashes, vectors)
         elif (self.dir / LEGACY_INDEX).exists():
             legacy = json.loads((self.dir / LEGACY_INDEX).read_text())
             # The index was written last; rows past it are from an interrupted write.
