@@ -76,3 +76,20 @@ def test_merge_combines_parts_and_refuses_overlap(swept, tmp_path):
     assert merged["summary"] == report["summary"]
     with pytest.raises(ValueError, match="more than one"):
         seeds.merge_reports(SPEC, [parts[0], parts[0]])
+
+
+def test_final_models_scored_per_user_group(swept, tmp_path):
+    """bench/online_groups.py: each saved final model re-scored per group; over all users it must equal
+    the trajectory's last point (the script refuses otherwise), and the groups split the queries."""
+    root, _, report = swept
+    groups = bench_script("online_groups")
+    runs = [root / "work" / "runs" / name for name in ("O-s0", "O-s1")]
+    out = tmp_path / "groups.json"
+    assert groups.main([*map(str, runs), "--data", str(root / "work" / "d"), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    summary = result["summary"]
+    assert set(summary) <= {"drifting", "stable"} and summary
+    per_run = result["runs"][str(runs[0])]["groups"]
+    assert set(per_run) == {"static", "online-emb", "online-full", "full-retrain"}
+    n_eval = report["results"]["O-s0"]["split"]["eval_queries"]
+    assert sum(entry["n"] for entry in summary.values()) == n_eval

@@ -158,12 +158,19 @@ class Trajectory:
         return cls(d["method"], list(d["metrics"]), list(d.get("cost", [])))
 
 
-def evaluate(model: TapPer, bb, split: OnlineSplit, data: PreparedData, cfg: RunConfig, cache, t: int | None,
-             progress=False, desc="eval") -> dict[str, float]:
+def predict(model: TapPer, bb, split: OnlineSplit, data: PreparedData, cfg: RunConfig, cache, t: int | None,
+            progress=False, desc="eval") -> tuple[dict[str, str], list[Example]]:
+    """Predictions for the test queries with the history absorbed after step t, and those queries."""
     examples = split.eval_examples(t)
     rows = model.user_rows if model.cfg.use_pu else None
     encoded = encoder_for(model, data.task, bb.tokenizer, cache).encode(examples, rows, progress=progress)
     preds = generate_texts(model, encoded, bb.tokenizer, data.task, cfg.eval.batch_size, cfg.eval.max_new_tokens, progress, desc)
+    return preds, examples
+
+
+def evaluate(model: TapPer, bb, split: OnlineSplit, data: PreparedData, cfg: RunConfig, cache, t: int | None,
+             progress=False, desc="eval") -> dict[str, float]:
+    preds, examples = predict(model, bb, split, data, cfg, cache, t, progress, desc)
     return score(data, preds, examples)
 
 
