@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
@@ -40,7 +39,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from peft import set_peft_model_state_dict
@@ -48,7 +47,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from deploy.bundle import BundleInfo, histories_from_json, histories_to_json, read_bundle, read_histories
-from tapper.atomic import atomic_write_json
+from tapper.atomic import atomic_write_json, file_lock
 from tapper.data.chronology import sort_chronologically
 from tapper.data.types import Example, Record
 from tapper.model.embedding_cache import EmbeddingCache
@@ -188,17 +187,6 @@ def load_state_into(model, state_dir: Path) -> None:
     model.user_ids = list(meta["user_ids"])
     model.user_rows = {u: i + 1 for i, u in enumerate(model.user_ids)}
     model.eval()
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 class TapperService:

@@ -20,21 +20,19 @@ next append.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from tapper.atomic import atomic_write, atomic_write_json
+from tapper.atomic import atomic_write, atomic_write_json, file_lock
 from tapper.model.backbone import embedding_hash, tokenizer_hash
 
 
@@ -53,16 +51,6 @@ class VectorStore:
     def __init__(self, directory: str | Path, dim: int):
         self.dir = Path(directory)
         self.dim = dim
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _manifest(self) -> list[dict]:
         path = self.dir / MANIFEST
@@ -119,7 +107,7 @@ class VectorStore:
         """Store new rows as one shard; compacts (or converts the first format) when due."""
         if not len(hashes):
             return
-        with self._locked():
+        with file_lock(self.dir / ".lock"):
             shards = self._manifest()
             legacy = not shards and (self.dir / LEGACY_INDEX).exists()
             if not legacy and len(shards) < MAX_SHARDS:
