@@ -35,10 +35,13 @@ def score_run(run_dir: Path, data_dir: Path, groups: dict[str, list[str]]) -> di
     if split.describe() != report["split"]:
         raise ValueError(f"{run_dir}: its split differs from the one {data_dir} gives; not the data it ran on")
     out = {}
+    cache = None
     for method_dir in sorted((run_dir / "final").iterdir()):
         # A fresh backbone per model: TapPer.load puts its bridge LoRA on the backbone it is given.
+        # The cache (keyed by the frozen embedding matrix, the same in every copy) is opened once.
         bb = load_backbone_dir(run_dir / "stage1")
-        cache = embedding_cache(bb)
+        if cache is None:
+            cache = embedding_cache(bb)
         model = TapPer.load(method_dir, bb.model)
         # The history each method's last point was scored with (Static keeps the bootstrap half).
         preds, _ = predict(model, bb, split, data, cfg, cache, eval_step(ocfg, method_dir.name, split.n_chunks), progress=False)

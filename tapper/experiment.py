@@ -235,9 +235,10 @@ def run_experiment(
         res = run_variant(v, s1.path, data, cfg, out_dir, progress, log)
         results[v] = res
         write_predictions(data.task.name, res.predictions, out_dir / "predictions" / f"{v}.json")
-        # Rewritten after every variant: a run stopped hours in keeps the metrics of what it
-        # finished ("pending" lists the rest; empty once the run is complete).
-        atomic_write_json(out_dir / "metrics.json", report_so_far())
+        # Rewritten after every variant but the last (written, complete, below): a run stopped
+        # hours in keeps the metrics of what it finished ("pending" lists the rest).
+        if len(results) < len(variants):
+            atomic_write_json(out_dir / "metrics.json", report_so_far())
     report = report_so_far()
     atomic_write_json(out_dir / "metrics.json", report)
     return report
