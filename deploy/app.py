@@ -151,7 +151,8 @@ def create_app(cfg: ServeConfig | None = None, service: TapperService | None = N
         if not svc.ready:
             return JSONResponse(status_code=503, content={"status": "unavailable", "detail": "model not loaded"})
         ld = svc.loaded
-        return {"status": "ok", "task": ld.task.name, "model_version": ld.bundle.version, "generation": ld.generation}
+        return {"status": "ok", "task": ld.task.name, "model_version": ld.bundle.version, "generation": ld.generation,
+                "sequence": ld.sequence}
 
     @app.get("/info")
     def info(max_users: int = 1000):
@@ -190,7 +191,7 @@ def create_app(cfg: ServeConfig | None = None, service: TapperService | None = N
         except Exception as err:  # the old model keeps serving
             log.exception("reload failed")
             raise HTTPException(500, f"reload failed, still serving the previous model: {err}") from None
-        return {"status": "reloaded", "model_version": ld.bundle.version, "generation": ld.generation,
+        return {"status": "reloaded", "model_version": ld.bundle.version, "generation": ld.generation, "sequence": ld.sequence,
                 "n_users": len(ld.model.user_ids)}
 
     return app

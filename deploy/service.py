@@ -1,23 +1,17 @@
 """The serving model holder: predictions, Online-Emb feedback, reloads, and the persisted live state.
 
 A bundle (deploy.bundle) is immutable. What feedback changes (user-table rows, new users, each user's history
-store) lives in a *state directory* as numbered generations::
+store) lives in a *state directory* (layout in deploy.journal): numbered generations, each a base (the bundle's
+own state, or a snapshot) plus an append-only journal of per-feedback deltas. A feedback writes one delta with
+only the rows and records it changed, so its cost does not grow with the number of users; every
+`compact_every` deltas the whole state is written once as a new snapshot generation.
 
-    <state_dir>/
-      CURRENT              {"generation": "gen-000003", "bundle_id": "...", "updated_at": ...}
-      gen-000003/
-        tapper/            TapPer.save() of the updated model (user table grown/updated; all else as trained)
-        histories.json     every user's history store {user_id: [LaMP profile items]}
-        meta.json          {generation, bundle_id, parent, users (updated), update report}
-      .lock                cross-process lock (fcntl.flock) held while a feedback is applied and written
-
-A feedback is applied and written under the in-process lock *and* the file lock: sync to the newest
-generation, update the rows (tapper.online.update_users, mode "emb"), write the new generation into a
-temporary directory, rename it into place, then replace CURRENT (write-temp-then-rename). A crash leaves
-CURRENT pointing at a complete generation; a failed update is rolled back by reloading the last generation.
-Several replicas (or workers) may share one state directory: each re-reads the newest generation before it
-updates, and predictions pick up other replicas' generations within `sync_seconds` (no backbone reload:
-only the TapPer tensors are re-read).
+A feedback is applied and written under the in-process lock *and* the file lock: catch up with the newest
+state, update the user's row (tapper.online.update_users, mode "emb"), write the delta (temp file, rename).
+A crash leaves the journal ending at a complete delta; a failed update or write is undone in memory (the
+user's row and any new row are put back exactly). Several replicas (or workers) may share one state directory:
+each catches up under the lock before it updates, and predictions pick up other replicas' deltas within
+`sync_seconds` by reading only the new delta files (no backbone reload).
 
 A generation belongs to one bundle (`bundle_id`); after a new bundle is deployed, the old generations' user
 rows are not applied to it (they were trained against another model), but their history stores are carried
@@ -31,8 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import re
-import shutil
 import tempfile
 import threading
 import time
@@ -46,17 +38,16 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
 
-from deploy.bundle import BundleInfo, histories_from_json, histories_to_json, read_bundle, read_histories
-from tapper.atomic import atomic_write_json, file_lock
+from deploy.bundle import BundleInfo, read_bundle, read_histories
+from deploy.journal import CURRENT_FILE, Delta, LiveState, StateError
+from tapper.atomic import file_lock
 from tapper.data.chronology import sort_chronologically
 from tapper.data.types import Example, Record
 from tapper.model.embedding_cache import EmbeddingCache
 
 log = logging.getLogger("tapper.serve")
 
-CURRENT_FILE = "CURRENT"
-LOCK_FILE = ".lock"
-GEN_RE = re.compile(r"^gen-(\d{6,})$")
+__all__ = ["CURRENT_FILE", "FeedbackConflict", "ServeConfig", "TapperService"]
 
 
 class FeedbackConflict(ValueError):
@@ -82,6 +73,8 @@ class ServeConfig:
     verify_backbone: bool = True
     keep_generations: int = 3
     sync_seconds: float = 2.0
+    # Write the whole state as a new snapshot generation after this many feedback deltas (bounds replay at load).
+    compact_every: int = 1000
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)
@@ -90,6 +83,11 @@ class ServeConfig:
             raise ValueError("feedback_steps must be > 0")
         if self.feedback_epochs <= 0:
             raise ValueError("feedback_epochs must be > 0")
+        if self.compact_every < 1:
+            raise ValueError("compact_every must be >= 1")
+        if self.keep_generations < 2:
+            # The previous generation stays while replicas that were reading it catch up.
+            raise ValueError("keep_generations must be >= 2")
 
     @classmethod
     def from_env(cls, **overrides) -> "ServeConfig":
@@ -106,6 +104,7 @@ class ServeConfig:
             verify_backbone=env.get("TAPPER_VERIFY_BACKBONE", "1").lower() not in ("0", "false", "no"),
             keep_generations=int(env.get("TAPPER_KEEP_GENERATIONS", 3)),
             sync_seconds=float(env.get("TAPPER_SYNC_SECONDS", 2.0)),
+            compact_every=int(env.get("TAPPER_COMPACT_EVERY", 1000)),
         )
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(model_dir=Path(model_dir), **kw)
@@ -143,7 +142,9 @@ class Loaded:
     model: object  # TapPer
     vectors: ServingVectors
     histories: dict[str, list[Record]]
+    bundle_histories: dict[str, list[Record]]  # the bundle's own, the base of a "bundle" generation
     generation: str | None  # None: the bundle's own state, no feedback applied yet
+    sequence: int  # deltas of `generation` applied
     loaded_at: float
 
 
@@ -221,6 +222,10 @@ class TapperService:
                      new.generation, len(new.model.user_ids))
             return new
 
+    @property
+    def state(self) -> LiveState:
+        return LiveState(self.cfg.state_dir)
+
     def _build(self) -> Loaded:
         from tapper.model.backbone import load_backbone_dir, weights_hash
         from tapper.model.tapper import TapPer
@@ -236,56 +241,84 @@ class TapperService:
                 raise ValueError(f"{info.stage1_dir}: weights hash {got[:16]}… is not the backbone the TapPer state "
                                  f"was trained on ({expected[:16]}…); the bundle is inconsistent")
         model = TapPer.load(info.state_dir, bb.model)
-        histories = read_histories(info)
-        generation = None
-        cur = self._read_current()
+        bundle_histories = read_histories(info)
+        ld = Loaded(bundle=info, bundle_id=bid, task=info.task_spec(), backbone=bb, model=model,
+                    vectors=ServingVectors(bb.model, bb.tokenizer), histories={u: list(r) for u, r in bundle_histories.items()},
+                    bundle_histories=bundle_histories, generation=None, sequence=0, loaded_at=time.time())
+        cur = self.state.current()
         if cur and cur.get("bundle_id") == bid:
-            gen_dir = self.cfg.state_dir / cur["generation"]
-            load_state_into(model, gen_dir / "tapper")
-            histories = self._read_gen_histories(gen_dir)
-            generation = cur["generation"]
+            self._adopt(ld, cur["generation"], fresh=True)
         elif cur:
             # A generation of another bundle: keep the users' records, not the rows trained for another model.
             with contextlib.suppress(FileNotFoundError):
-                histories = merge_histories(histories, self._read_gen_histories(self.cfg.state_dir / cur["generation"]))
-        return Loaded(bundle=info, bundle_id=bid, task=info.task_spec(), backbone=bb, model=model,
-                      vectors=ServingVectors(bb.model, bb.tokenizer), histories=histories, generation=generation,
-                      loaded_at=time.time())
+                ld.histories = merge_histories(ld.histories, self.state.histories(cur["generation"]))
+        return ld
 
-    def _read_current(self) -> dict | None:
-        path = self.cfg.state_dir / CURRENT_FILE
-        try:
-            cur = json.loads(path.read_text())
-        except FileNotFoundError:
-            return None
-        if not GEN_RE.match(str(cur.get("generation", ""))):
-            raise ValueError(f"{path}: field 'generation' is not a generation name: {cur.get('generation')!r}")
-        return cur
+    def _adopt(self, ld: Loaded, name: str, fresh: bool = False) -> None:
+        """Make `ld` the state of generation `name`: its base, then every delta of its journal.
 
-    @staticmethod
-    def _read_gen_histories(gen_dir: Path) -> dict[str, list[Record]]:
-        path = gen_dir / "histories.json"
-        return histories_from_json(json.loads(path.read_text()), str(path))
+        `fresh`: ld.model is the bundle's state as loaded (no reset needed). If this fails half way, `ld` is
+        marked as in no generation, so the next sync adopts the newest one from its base again."""
+        meta = self.state.meta(name)
+        if meta.get("bundle_id") != ld.bundle_id:
+            raise StateError(f"{self.state.gen_dir(name)}: belongs to bundle {meta.get('bundle_id')}, not {ld.bundle_id}")
+        ld.generation, ld.sequence = "", -1  # "in no generation" until done
+        if meta["base"] == "snapshot":
+            load_state_into(ld.model, self.state.snapshot_state_dir(name))
+            histories = self.state.snapshot_histories(name)
+        else:
+            if not fresh:
+                load_state_into(ld.model, ld.bundle.state_dir)
+            histories = {u: list(r) for u, r in ld.bundle_histories.items()}
+        ld.histories, ld.generation, ld.sequence = histories, name, 0
+        self._catch_up(ld)
+
+    def _catch_up(self, ld: Loaded) -> None:
+        """Apply the deltas of ld.generation's journal that ld has not seen, one at a time (ld stays consistent)."""
+        from tapper.online.update import add_users
+
+        model = ld.model
+        for delta in self.state.deltas_after(ld.generation, ld.sequence):
+            where = self.state.gen_dir(ld.generation) / "journal" / f"{delta.sequence:08d}.safetensors"
+            clash = [u for u in delta.new_users if u in model.user_rows]
+            missing = [u for u in delta.users if u not in model.user_rows and u not in delta.new_users]
+            if clash or missing:
+                raise StateError(f"{where}: users {clash or missing} do not fit the table this delta extends")
+            add_users(model, delta.new_users)
+            if delta.users:
+                table = model.prefix.user_table.weight
+                with torch.no_grad():
+                    table[[model.user_rows[u] for u in delta.users]] = delta.rows.to(table.dtype).to(table.device)
+            for user, recs in delta.records.items():
+                ld.histories[user] = list(ld.histories.get(user, [])) + recs
+            ld.sequence = delta.sequence
 
     def _sync_locked(self, force: bool = False) -> None:
-        """Adopt a newer generation of this bundle written by another process (caller holds self._lock)."""
+        """Catch up with the newest state of this bundle written by other processes (caller holds self._lock).
+
+        `force` (a feedback, under the file lock): always, and errors propagate, since an update must start
+        from the newest state. Otherwise at most every `sync_seconds`, and a generation pruned while it was
+        read is left for the next sync."""
         now = time.monotonic()
         if not force and now - self._last_sync < self.cfg.sync_seconds:
             return
         self._last_sync = now
-        cur = self._read_current()
         ld = self.loaded
-        if not cur or cur.get("bundle_id") != ld.bundle_id or cur["generation"] == ld.generation:
-            return
-        gen_dir = self.cfg.state_dir / cur["generation"]
         try:
-            histories = self._read_gen_histories(gen_dir)
-            load_state_into(ld.model, gen_dir / "tapper")
-        except FileNotFoundError:  # pruned while we looked; the next sync sees the newer one
-            return
-        ld.histories = histories
-        ld.generation = cur["generation"]
-        log.info("synced to %s", ld.generation)
+            cur = self.state.current()
+            if not cur or cur.get("bundle_id") != ld.bundle_id:
+                return
+            if cur["generation"] == ld.generation:
+                self._catch_up(ld)
+            else:
+                self._adopt(ld, cur["generation"])
+                log.info("synced to %s (+%d deltas)", ld.generation, ld.sequence)
+        except Exception as err:
+            if force:
+                raise
+            # Routine when a generation was pruned while read; anything else is logged and retried next sync,
+            # while predictions go on from the state this replica has.
+            log.log(logging.DEBUG if isinstance(err, FileNotFoundError) else logging.ERROR, "sync failed: %s", err)
 
     # --- predict -----------------------------------------------------------------------------------
 
@@ -308,15 +341,15 @@ class TapperService:
             row = model.user_rows.get(user_id, 0) if model.cfg.use_pu else 0
             return {"id": qid, "user_id": user_id, "prediction": pred, "known_user": user_id in model.user_rows,
                     "user_row": row, "history_used": len(encoded.items[0].hist_rows), "history_stored": len(stored),
-                    "model_version": ld.bundle.version, "generation": ld.generation}
+                    "model_version": ld.bundle.version, "generation": ld.generation, "sequence": ld.sequence}
 
     # --- feedback ----------------------------------------------------------------------------------
 
     def feedback(self, user_id: str, records: Sequence[Record]) -> dict:
-        """Append `records` (with answers) to the user's history and update their row (Online-Emb); persist."""
+        """Append `records` (with answers) to the user's history and update their row (Online-Emb); persist one delta."""
         from tapper.online.update import feedback_examples, update_users
 
-        with self._lock, file_lock(self.cfg.state_dir / LOCK_FILE):
+        with self._lock, file_lock(self.state.lock_path):
             self._sync_locked(force=True)
             ld = self.loaded
             history = ld.histories.get(user_id, [])
@@ -325,28 +358,69 @@ class TapperService:
             model = ld.model
             report = None
             skipped = None
+            undo = _RowUndo(model, user_id)
             try:
+                if ld.generation is None:
+                    self._start_generation(ld)
                 if not model.cfg.use_pu:
                     skipped = "this model has no per-user rows (use_pu=false): the records only extend the history P_q reads"
                 elif not examples:
                     skipped = f"{ld.task.name} records make no training example: the records only extend the history"
                 else:
-                    seed = self._next_generation_number()
+                    seed = int(ld.generation.split("-")[1]) * 1_000_000 + ld.sequence + 1
                     report = update_users(model, ld.task, ld.backbone.tokenizer, ld.vectors, examples, "emb",
                                           epochs=self.cfg.feedback_epochs, steps=self.cfg.feedback_steps,
                                           lr=self.cfg.feedback_lr, seed=seed)
-                histories = dict(ld.histories)
-                histories[user_id] = list(history) + list(records)
-                gen = self._write_generation(ld, histories, user_id, report)
+                users = report.users if report else []
+                table = model.prefix.user_table.weight
+                rows = table.detach()[[model.user_rows[u] for u in users]].clone()
+                delta = Delta(sequence=ld.sequence + 1, users=users, rows=rows, new_users=report.new_users if report else [],
+                              records={user_id: list(records)}, report=report.to_dict() if report else None)
+                self.state.write_delta(ld.generation, delta)
             except BaseException:
-                self._rollback(ld)
+                self._undo(undo)
                 raise
-            ld.histories = histories
-            ld.generation = gen
-            return {"user_id": user_id, "accepted": len(records), "history_stored": len(histories[user_id]),
-                    "updated": report is not None, "skipped": skipped, "generation": gen,
+            ld.histories[user_id] = list(history) + list(records)
+            ld.sequence = delta.sequence
+            written = (ld.generation, ld.sequence)
+            compacted = self._maybe_compact(ld)
+            return {"user_id": user_id, "accepted": len(records), "history_stored": len(ld.histories[user_id]),
+                    "updated": report is not None, "skipped": skipped, "generation": written[0], "sequence": written[1],
+                    "compacted_into": compacted,
                     "user_row": model.user_rows.get(user_id, 0) if model.cfg.use_pu else 0,
                     "report": report.to_dict() if report else None}
+
+    def _start_generation(self, ld: Loaded) -> None:
+        """The first feedback for this bundle: a generation on the bundle's own state, or, when another bundle's
+        state is there (whose histories `ld` carried over), a snapshot so those histories are kept."""
+        fresh = self.state.current() is None
+        ld.generation = self.state.start_generation(
+            bundle_id=ld.bundle_id, bundle_version=ld.bundle.version, bundle_path=ld.bundle.path, parent=None,
+            parent_sequence=0, model=None if fresh else ld.model, histories=None if fresh else ld.histories)
+        ld.sequence = 0
+
+    def _maybe_compact(self, ld: Loaded) -> str | None:
+        """Past `compact_every` deltas, write the whole state as a new snapshot generation (the delta is already
+        safe in the journal, so a failure here only leaves the journal longer; the next feedback retries)."""
+        if ld.sequence < self.cfg.compact_every:
+            return None
+        try:
+            name = self.state.start_generation(
+                bundle_id=ld.bundle_id, bundle_version=ld.bundle.version, bundle_path=ld.bundle.path,
+                parent=ld.generation, parent_sequence=ld.sequence, model=ld.model, histories=ld.histories)
+        except Exception:
+            log.exception("compaction of %s failed; its journal keeps growing until a later feedback compacts it", ld.generation)
+            return None
+        ld.generation, ld.sequence = name, 0
+        self.state.prune(self.cfg.keep_generations, current=name)
+        return name
+
+    def _undo(self, undo: "_RowUndo") -> None:
+        try:
+            undo.restore()
+        except Exception:  # the model is in an unknown state: refuse to serve it until a reload
+            log.exception("undoing a failed feedback failed; unloading the model")
+            self._loaded = None
 
     @staticmethod
     def _check_new_records(history: Sequence[Record], records: Sequence[Record]) -> None:
@@ -363,55 +437,6 @@ class TapperService:
                                            "feedback must arrive in time order")
                 latest = r.date
 
-    def _gen_numbers(self) -> list[int]:
-        if not self.cfg.state_dir.is_dir():
-            return []
-        return sorted(int(m.group(1)) for p in self.cfg.state_dir.iterdir() if (m := GEN_RE.match(p.name)))
-
-    def _next_generation_number(self) -> int:
-        nums = self._gen_numbers()
-        return (nums[-1] + 1) if nums else 1
-
-    def _write_generation(self, ld: Loaded, histories: dict, user_id: str, report) -> str:
-        state = self.cfg.state_dir
-        state.mkdir(parents=True, exist_ok=True)
-        name = f"gen-{self._next_generation_number():06d}"
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=state))
-        try:
-            ld.model.save(tmp / "tapper")
-            atomic_write_json(tmp / "histories.json", histories_to_json(histories))
-            atomic_write_json(tmp / "meta.json", {
-                "generation": name, "bundle_id": ld.bundle_id, "bundle_version": ld.bundle.version, "parent": ld.generation,
-                "users": [user_id], "report": report.to_dict() if report else None,
-                "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            })
-            os.chmod(tmp, 0o755)
-            os.replace(tmp, state / name)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        atomic_write_json(state / CURRENT_FILE, {"generation": name, "bundle_id": ld.bundle_id,
-                                                 "bundle_version": ld.bundle.version,
-                                                 "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        self._prune(keep=name)
-        return name
-
-    def _prune(self, keep: str) -> None:
-        nums = self._gen_numbers()
-        for n in nums[: max(0, len(nums) - self.cfg.keep_generations)]:
-            name = f"gen-{n:06d}"
-            if name != keep:
-                shutil.rmtree(self.cfg.state_dir / name, ignore_errors=True)
-
-    def _rollback(self, ld: Loaded) -> None:
-        """Put the in-memory model back to the last persisted state after a failed update."""
-        src = self.cfg.state_dir / ld.generation / "tapper" if ld.generation else ld.bundle.state_dir
-        try:
-            load_state_into(ld.model, src)
-        except Exception:  # the model is in an unknown state: refuse to serve it until a reload
-            log.exception("rollback from %s failed; unloading the model", src)
-            self._loaded = None
-
     # --- info --------------------------------------------------------------------------------------
 
     def info(self, max_users: int = 1000) -> dict:
@@ -422,7 +447,8 @@ class TapperService:
             users = list(m.user_ids)
             return {
                 "task": ld.task.name, "model_version": ld.bundle.version, "bundle": str(ld.bundle.path),
-                "bundle_id": ld.bundle_id, "generation": ld.generation, "backbone_hash": m.backbone_hash or ld.bundle.backbone_hash,
+                "bundle_id": ld.bundle_id, "generation": ld.generation, "sequence": ld.sequence,
+                "compact_every": self.cfg.compact_every, "backbone_hash": m.backbone_hash or ld.bundle.backbone_hash,
                 "backbone": str(ld.bundle.stage1_dir), "per_user_params": m.per_user_params(), "shared_params": m.shared_params(),
                 "prefix_len": m.cfg.prefix_len, "switches": {k: getattr(m.cfg, k) for k in
                                                              ("use_pu", "use_pq", "use_bridge", "use_lambda_t", "use_lambda_o", "bm25_k")},
@@ -433,3 +459,30 @@ class TapperService:
                 "source": ld.bundle.meta.get("source", {}), "created_at": ld.bundle.meta.get("created_at"),
                 "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ld.loaded_at)),
             }
+
+
+class _RowUndo:
+    """What an Online-Emb feedback can change (the user's row, new rows, the id list), saved to put back exactly."""
+
+    def __init__(self, model, user_id: str):
+        self.model = model
+        table = model.prefix.user_table
+        self.n_rows = table.num_embeddings
+        self.user_ids = list(model.user_ids)
+        row = model.user_rows.get(user_id)
+        self.rows = {row: table.weight.detach()[row].clone()} if row is not None else {}
+
+    def restore(self) -> None:
+        model = self.model
+        table = model.prefix.user_table
+        if table.num_embeddings != self.n_rows:
+            kept = nn.Embedding(self.n_rows, table.embedding_dim, dtype=table.weight.dtype, device=table.weight.device)
+            with torch.no_grad():
+                kept.weight.copy_(table.weight.detach()[: self.n_rows])
+            kept.weight.requires_grad_(table.weight.requires_grad)
+            model.prefix.user_table = kept
+        with torch.no_grad():
+            for row, value in self.rows.items():
+                model.prefix.user_table.weight[row] = value
+        model.user_ids = list(self.user_ids)
+        model.user_rows = {u: i + 1 for i, u in enumerate(model.user_ids)}

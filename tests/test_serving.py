@@ -1,8 +1,9 @@
 """Serving: a real uvicorn server on a tiny trained bundle, real HTTP requests.
 
 Covers the bundle layout, /health, /info, /predict for known and unknown users, /feedback (only that user's
-row changes on disk, new users get a row, the generation is written atomically and survives a restart),
-another replica picking the generation up, rollback when writing fails, and 4xx errors naming the field.
+row changes, and only it and the new records are written, as one journal delta; new users get a row; the state
+survives a restart), another replica picking the deltas up, undo when writing fails, compaction into snapshot
+generations, carrying histories over to a new bundle, and 4xx errors naming the field.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from safetensors.torch import load_file
 
 from model_fixtures import TASK, corpus, tiny_examples
 from deploy.bundle import BundleError, export_bundle, read_bundle, read_histories
+from deploy.journal import LiveState, StateError
 from deploy.service import CURRENT_FILE, ServeConfig, TapperService
 from tapper.config import Stage1Config, Stage2Config
 from tapper.model.backbone import load_backbone, load_backbone_dir
@@ -161,8 +163,17 @@ def test_predict_known_and_unknown_user(server, trained):
     assert again["prediction"] == body["prediction"]
 
 
-def test_feedback_changes_only_that_users_row_and_persists_atomically(server, bundle, trained):
+def _delta(state: Path, generation: str, sequence: int) -> tuple[torch.Tensor, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(state / generation / "journal" / f"{sequence:08d}.safetensors"), framework="pt") as f:
+        assert list(f.keys()) == ["rows"]  # nothing but the rows the feedback changed
+        return f.get_tensor("rows"), json.loads(f.metadata()["delta"])
+
+
+def test_feedback_changes_only_that_users_row_and_writes_one_delta(server, bundle, trained):
     c, state = server["client"], server["state"]
+    model = server["app"].state.service.loaded.model
     user = trained["users"][1]
     before = load_file(bundle.path / "tapper" / "prefix.safetensors")
     last = max(r.date for r in trained["histories"][user]).isoformat()
@@ -171,18 +182,21 @@ def test_feedback_changes_only_that_users_row_and_persists_atomically(server, bu
     assert body["updated"] and body["report"]["users"] == [user] and body["report"]["steps"] == 3
     assert body["history_stored"] == len(trained["histories"][user]) + 2
     cur = json.loads((state / CURRENT_FILE).read_text())
+    assert cur["generation"] == body["generation"] == "gen-000001" and body["sequence"] == 1
     gen = state / cur["generation"]
-    assert cur["generation"] == body["generation"] == "gen-000001"
-    assert {p.name for p in gen.iterdir()} == {"tapper", "histories.json", "meta.json"}
-    assert not [p for p in state.iterdir() if ".tmp" in p.name]  # nothing half-written left behind
-    after = load_file(gen / "tapper" / "prefix.safetensors")
-    assert set(after) == set(before)
-    assert [k for k in before if not torch.equal(before[k], after[k])] == [TABLE]  # no shared tensor moved
+    # The first generation of a bundle starts from the bundle's own state: nothing of the model is copied.
+    assert {p.name for p in gen.iterdir()} == {"meta.json", "journal"}
+    assert json.loads((gen / "meta.json").read_text())["base"] == "bundle"
+    assert [p.name for p in (gen / "journal").iterdir()] == ["00000001.safetensors"]  # nothing half-written left behind
+    rows, meta = _delta(state, "gen-000001", 1)
     row = 1 + trained["users"].index(user)
+    assert meta["users"] == [user] and meta["new_users"] == [] and rows.shape == (1, 8 * 128)
+    assert [r["id"] for r in meta["records"][user]] == ["fb1", "fb2"]
+    assert not torch.equal(rows[0], before[TABLE][row])
+    after = model.state_tensors()
+    assert [k for k in before if not torch.equal(before[k], after[k])] == [TABLE]  # no shared tensor moved
     diff = {i for i in range(before[TABLE].shape[0]) if not torch.equal(before[TABLE][i], after[TABLE][i])}
-    assert diff == {row}
-    hist = json.loads((gen / "histories.json").read_text())[user]
-    assert [r["id"] for r in hist[-2:]] == ["fb1", "fb2"]
+    assert diff == {row} and torch.equal(after[TABLE][row], rows[0])
     assert c.call("GET", "/info")[1]["generation"] == "gen-000001"
 
 
@@ -191,10 +205,10 @@ def test_feedback_for_a_new_user_adds_a_row(server, trained):
     code, body = c.call("POST", "/feedback", {"user_id": "newbie", "records": [_record("n1", "2022-01-01"), _record("n2", "2022-02-01")]})
     assert code == 200, body
     assert body["report"]["new_users"] == ["newbie"] and body["user_row"] == len(trained["users"]) + 1
-    gen = state / json.loads((state / CURRENT_FILE).read_text())["generation"]
-    table = load_file(gen / "tapper" / "prefix.safetensors")[TABLE]
-    assert table.shape[0] == len(trained["users"]) + 2 and table[-1].abs().sum() > 0  # zero-initialised, then trained
-    assert json.loads((gen / "tapper" / "tapper_config.json").read_text())["user_ids"][-1] == "newbie"
+    rows, meta = _delta(state, body["generation"], body["sequence"])
+    assert meta["new_users"] == meta["users"] == ["newbie"] and rows[0].abs().sum() > 0  # zero-initialised, then trained
+    model = server["app"].state.service.loaded.model
+    assert model.prefix.user_table.weight.shape[0] == len(trained["users"]) + 2 and model.user_ids[-1] == "newbie"
     code, pred = c.call("POST", "/predict", {"user_id": "newbie", "fields": {"text": "x"}})
     assert pred["known_user"] and pred["history_used"] == 2
 
@@ -229,61 +243,104 @@ def test_bad_input_is_422_naming_the_field(server):
 
 
 def test_concurrent_feedback_and_predictions_are_serialized(server):
-    """Parallel requests: every feedback lands in its own generation, no update is lost, predictions keep working."""
+    """Parallel requests: every feedback lands in its own delta, no update is lost, predictions keep working."""
     from concurrent.futures import ThreadPoolExecutor
 
     c, state = server["client"], server["state"]
-    start = int(json.loads((state / CURRENT_FILE).read_text())["generation"].split("-")[1])
+    start = server["app"].state.service.loaded.sequence
     users = [f"par{i}" for i in range(3)]
     jobs = [("POST", "/feedback", {"user_id": u, "records": [_record(f"{u}-r", "2024-01-01")]}) for u in users]
     jobs += [("POST", "/predict", {"user_id": u, "fields": {"text": "x"}}) for u in users]
     with ThreadPoolExecutor(6) as pool:
         results = list(pool.map(lambda j: c.call(*j), jobs))
     assert all(code == 200 for code, _ in results), results
-    gens = sorted(body["generation"] for code, body in results[:3])
-    assert gens == [f"gen-{start + i:06d}" for i in (1, 2, 3)]
+    assert sorted(body["sequence"] for code, body in results[:3]) == [start + i for i in (1, 2, 3)]
     cur = json.loads((state / CURRENT_FILE).read_text())["generation"]
-    ids = json.loads((state / cur / "tapper" / "tapper_config.json").read_text())["user_ids"]
-    assert set(users) <= set(ids)
+    written = [_delta(state, cur, start + i)[1]["new_users"] for i in (1, 2, 3)]
+    assert sorted(u for new in written for u in new) == users
 
 
-def test_restart_replica_sync_rollback_and_reload(server, bundle, monkeypatch):
-    """Restart and a second replica read the newest generation; a failed write changes nothing; /reload works."""
+def test_restart_replica_sync_undo_and_reload(server, bundle, monkeypatch):
+    """Restart and a second replica replay the journal; a failed write changes nothing; /reload works."""
     c, state = server["client"], server["state"]
-    cur = json.loads((state / CURRENT_FILE).read_text())
+    live = server["app"].state.service.loaded
     svc = TapperService(ServeConfig(model_dir=bundle.path, state_dir=state, feedback_steps=2, sync_seconds=0))
     ld = svc.load()  # a restarted server / another replica on the same state dir
-    assert ld.generation == cur["generation"] and "newbie" in ld.model.user_rows
-    disk = load_file(state / cur["generation"] / "tapper" / "prefix.safetensors")[TABLE]
-    assert torch.equal(ld.model.prefix.user_table.weight.detach(), disk)
+    assert (ld.generation, ld.sequence) == (live.generation, live.sequence) and "newbie" in ld.model.user_rows
+    assert ld.model.user_ids == live.model.user_ids
+    assert torch.equal(ld.model.prefix.user_table.weight.detach(), live.model.prefix.user_table.weight.detach())
+    assert {u: [r.id for r in h] for u, h in ld.histories.items()} == {u: [r.id for r in h] for u, h in live.histories.items()}
 
-    # This replica takes a feedback; the HTTP server (the other replica) picks the generation up.
+    # This replica takes a feedback; the HTTP server (the other replica) picks the delta up.
     out = svc.feedback("replica-user", [svc_record("r1", "2023-01-01")])
-    assert out["generation"] != cur["generation"]
+    assert out["sequence"] == ld.sequence and out["generation"] == live.generation
     code, pred = c.call("POST", "/predict", {"user_id": "replica-user", "fields": {"text": "x"}})
-    assert pred["known_user"] and pred["generation"] == out["generation"]
+    assert pred["known_user"] and (pred["generation"], pred["sequence"]) == (out["generation"], out["sequence"])
+    row = live.model.user_rows["replica-user"]
+    assert torch.equal(live.model.prefix.user_table.weight[row], ld.model.prefix.user_table.weight[row])
 
-    # Writing the generation fails: nothing on disk changes, the in-memory model is rolled back.
-    ld = svc.loaded
+    # Writing the delta fails: nothing on disk changes, the in-memory model is put back exactly.
     table = ld.model.prefix.user_table.weight.detach().clone()
-    n_users = len(ld.model.user_ids)
-    current = (state / CURRENT_FILE).read_text()
+    n_users, seq = len(ld.model.user_ids), ld.sequence
+    journal = sorted(p.name for p in (state / ld.generation / "journal").iterdir())
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(type(ld.model), "save", boom)
-    with pytest.raises(OSError):
-        svc.feedback("doomed-user", [svc_record("z1", "2023-02-01")])
+    monkeypatch.setattr(LiveState, "write_delta", boom)
+    for user in ("doomed-user", "replica-user"):  # a new user (its row is dropped) and a known one (its row restored)
+        with pytest.raises(OSError):
+            svc.feedback(user, [svc_record(f"z-{user}", "2023-02-01")])
     monkeypatch.undo()
-    assert (state / CURRENT_FILE).read_text() == current
-    assert not [p for p in state.iterdir() if ".tmp" in p.name]
-    assert len(ld.model.user_ids) == n_users and "doomed-user" not in ld.model.user_rows
+    assert sorted(p.name for p in (state / ld.generation / "journal").iterdir()) == journal
+    assert len(ld.model.user_ids) == n_users and "doomed-user" not in ld.model.user_rows and ld.sequence == seq
     assert torch.equal(ld.model.prefix.user_table.weight.detach(), table)
-    assert "doomed-user" not in ld.histories
+    assert "doomed-user" not in ld.histories and [r.id for r in ld.histories["replica-user"]] == ["r1"]
 
     code, body = c.call("POST", "/reload")
-    assert code == 200 and body["generation"] == out["generation"] and body["model_version"] == "test-1"
+    assert code == 200 and (body["generation"], body["sequence"]) == (out["generation"], out["sequence"])
+    assert body["model_version"] == "test-1"
+
+
+def test_compaction_pruning_and_a_new_bundle_carrying_histories(trained, bundle, tmp_path):
+    """Every `compact_every` deltas the state becomes a snapshot generation; a reader then adopts it; a journal
+    with a gap is refused; a new bundle starts with the users' histories but not the old rows."""
+    state = tmp_path / "state"
+    cfg = dict(model_dir=bundle.path, state_dir=state, feedback_steps=1, sync_seconds=0, compact_every=2, keep_generations=2)
+    writer, reader = TapperService(ServeConfig(**cfg)), TapperService(ServeConfig(**cfg))
+    writer.load(), reader.load()
+    outs = [writer.feedback(f"c{i}", [svc_record(f"c{i}-1", "2023-03-01")]) for i in range(5)]
+    assert [(o["generation"], o["sequence"], o["compacted_into"]) for o in outs] == [
+        ("gen-000001", 1, None), ("gen-000001", 2, "gen-000002"), ("gen-000002", 1, None),
+        ("gen-000002", 2, "gen-000003"), ("gen-000003", 1, None)]
+    assert sorted(p.name for p in state.iterdir() if p.name.startswith("gen-")) == ["gen-000002", "gen-000003"]  # pruned
+    snap = state / "gen-000003"
+    assert {p.name for p in snap.iterdir()} == {"meta.json", "journal", "tapper", "histories.json"}
+    assert json.loads((snap / "meta.json").read_text())["parent"] == "gen-000002"
+    ld = reader.loaded
+    assert (ld.generation, ld.sequence) == (None, 0)
+    reader.predict("c0", "a story")  # the reader syncs: adopts the snapshot, then its one delta
+    assert (ld.generation, ld.sequence) == ("gen-000003", 1) and ld.model.user_ids == writer.loaded.model.user_ids
+    assert torch.equal(ld.model.prefix.user_table.weight, writer.loaded.model.prefix.user_table.weight)
+    assert set(ld.histories) == set(writer.loaded.histories)
+
+    # A journal with a hole (a delta file gone) is an error naming the file, not a silent skip.
+    (snap / "journal" / "00000001.safetensors").rename(snap / "journal" / "00000002.safetensors")
+    with pytest.raises(StateError, match="00000002.safetensors: journal gap"):
+        TapperService(ServeConfig(**cfg)).load()
+    (snap / "journal" / "00000002.safetensors").rename(snap / "journal" / "00000001.safetensors")
+
+    # A new bundle: the old rows do not apply, the histories do; its first feedback snapshots them.
+    b2 = export_bundle(trained["stage1"], trained["state"], "LaMP_2N", tmp_path / "b2", version="test-2",
+                       histories=trained["histories"])
+    fresh = TapperService(ServeConfig(**{**cfg, "model_dir": b2.path}))
+    ld2 = fresh.load()
+    assert ld2.generation is None and "c4" not in ld2.model.user_rows and [r.id for r in ld2.histories["c4"]] == ["c4-1"]
+    out = fresh.feedback("c4", [svc_record("c4-2", "2023-04-01")])
+    meta = json.loads((state / out["generation"] / "meta.json").read_text())
+    assert meta["base"] == "snapshot" and meta["bundle_version"] == "test-2"
+    restarted = TapperService(ServeConfig(**{**cfg, "model_dir": b2.path})).load()
+    assert [r.id for r in restarted.histories["c4"]] == ["c4-1", "c4-2"] and "c4" in restarted.model.user_rows
 
 
 def svc_record(rid: str, date: str):

@@ -1,0 +1,232 @@
+"""The serving stack's live state on disk: generations, each a base plus an append-only journal of feedback deltas.
+
+Writing the whole user table and every history on each feedback costs O(users) per request; at millions of
+users that is gigabytes per click. Here a feedback writes only what it changed (the user's new row values and
+new records, a few KB), and the full state is written only every `compact_every` feedbacks::
+
+    <state_dir>/
+      CURRENT                    {"generation": "gen-000003", "bundle_id": ..., "bundle_version": ..., "updated_at": ...}
+      gen-000003/
+        meta.json                {"generation", "bundle_id", "bundle_version", "base": "bundle" | "snapshot",
+                                  "bundle_path", "parent", "parent_sequence", "written_at"}
+        tapper/                  snapshot only: TapPer.save() of the model as of the generation's start
+        histories.json           snapshot only: every user's history store as of the generation's start
+        journal/
+          00000001.safetensors   delta 1: tensor "rows" [k, L*d] = the new values of k users' rows; metadata
+          00000002.safetensors   "delta" = {"sequence", "users" (k, in row order), "new_users" (appended to the
+          ...                    table in this order first), "records" {user: [LaMP items]}, "report", "written_at"}
+
+The state of a generation after delta n = its base (the bundle's own state for "bundle", the snapshot for
+"snapshot") with deltas 1..n applied in order. A delta is one file written to a temporary name and renamed, so
+it is there whole or not at all; a gap in the numbering (never written by a writer holding the lock) is an error.
+A generation is never modified except by appending deltas; compaction writes a new snapshot generation and then
+replaces CURRENT, so a reader always finds a complete base and a journal that extends it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from deploy.bundle import histories_from_json, histories_to_json
+from tapper.atomic import atomic_write, atomic_write_json
+from tapper.data.types import Record
+
+CURRENT_FILE = "CURRENT"
+LOCK_FILE = ".lock"
+META_FILE = "meta.json"
+JOURNAL_DIR = "journal"
+SNAPSHOT_STATE = "tapper"
+SNAPSHOT_HISTORIES = "histories.json"
+GEN_RE = re.compile(r"^gen-(\d{6,})$")
+DELTA_RE = re.compile(r"^(\d{8})\.safetensors$")
+
+
+class StateError(ValueError):
+    """The live state on disk is inconsistent (names the path)."""
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@dataclass
+class Delta:
+    """What one feedback changed."""
+
+    sequence: int
+    users: list[str]  # users whose rows are in `rows`, in that order
+    rows: torch.Tensor  # [len(users), L*d]; empty when the feedback updated no row
+    new_users: list[str] = field(default_factory=list)  # appended to the table, in this order, before rows are set
+    records: dict[str, list[Record]] = field(default_factory=dict)  # appended to each user's history
+    report: dict | None = None
+    written_at: str = ""
+
+
+class LiveState:
+    """Reads and writes the generations of one state directory. Writers must hold `lock_path`."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / LOCK_FILE
+
+    def gen_dir(self, name: str) -> Path:
+        return self.root / name
+
+    # --- reading -----------------------------------------------------------------------------------
+
+    def current(self) -> dict | None:
+        path = self.root / CURRENT_FILE
+        try:
+            cur = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        if not GEN_RE.match(str(cur.get("generation", ""))):
+            raise StateError(f"{path}: field 'generation' is not a generation name: {cur.get('generation')!r}")
+        return cur
+
+    def meta(self, name: str) -> dict:
+        path = self.gen_dir(name) / META_FILE
+        meta = json.loads(path.read_text())
+        if meta.get("base") not in ("bundle", "snapshot"):
+            raise StateError(f"{path}: field 'base' must be 'bundle' or 'snapshot', got {meta.get('base')!r}")
+        return meta
+
+    def snapshot_state_dir(self, name: str) -> Path:
+        return self.gen_dir(name) / SNAPSHOT_STATE
+
+    def snapshot_histories(self, name: str) -> dict[str, list[Record]]:
+        path = self.gen_dir(name) / SNAPSHOT_HISTORIES
+        return histories_from_json(json.loads(path.read_text()), str(path))
+
+    def sequences(self, name: str) -> list[int]:
+        journal = self.gen_dir(name) / JOURNAL_DIR
+        if not journal.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in journal.iterdir() if (m := DELTA_RE.match(p.name)))
+
+    def deltas_after(self, name: str, sequence: int) -> Iterator[Delta]:
+        """Deltas sequence+1, sequence+2, ... of generation `name`, in order."""
+        expected = sequence + 1
+        for seq in self.sequences(name):
+            if seq <= sequence:
+                continue
+            path = self._delta_path(name, seq)
+            if seq != expected:
+                raise StateError(f"{path}: journal gap, expected delta {expected} before {seq}")
+            yield self._read_delta(path)
+            expected += 1
+
+    def _delta_path(self, name: str, seq: int) -> Path:
+        return self.gen_dir(name) / JOURNAL_DIR / f"{seq:08d}.safetensors"
+
+    @staticmethod
+    def _read_delta(path: Path) -> Delta:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("delta", "null") or "null")
+            rows = f.get_tensor("rows")
+        if not isinstance(meta, dict):
+            raise StateError(f"{path}: missing the 'delta' metadata")
+        users = meta.get("users")
+        if not isinstance(users, list) or len(users) != rows.shape[0]:
+            raise StateError(f"{path}: field 'users' must list one user per row ({rows.shape[0]} rows)")
+        return Delta(sequence=int(meta["sequence"]), users=users, rows=rows, new_users=list(meta.get("new_users", [])),
+                     records=histories_from_json(meta.get("records", {}), f"{path}: records"),
+                     report=meta.get("report"), written_at=meta.get("written_at", ""))
+
+    def histories(self, name: str, bundle_histories: Mapping[str, Sequence[Record]] | None = None) -> dict[str, list[Record]]:
+        """Every user's history at the end of generation `name`'s journal (its base's, plus every delta's records).
+
+        For a "bundle"-based generation the base histories are the bundle's: `bundle_histories` if given, else
+        those of the bundle the generation recorded, if that directory still exists."""
+        meta = self.meta(name)
+        if meta["base"] == "snapshot":
+            out = self.snapshot_histories(name)
+        elif bundle_histories is not None:
+            out = {u: list(r) for u, r in bundle_histories.items()}
+        else:
+            out = _histories_of_bundle(meta.get("bundle_path"))
+        for delta in self.deltas_after(name, 0):
+            for user, recs in delta.records.items():
+                out.setdefault(user, []).extend(recs)
+        return out
+
+    def generation_numbers(self) -> list[int]:
+        if not self.root.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in self.root.iterdir() if (m := GEN_RE.match(p.name)))
+
+    # --- writing (hold the lock) -------------------------------------------------------------------
+
+    def write_delta(self, name: str, delta: Delta) -> Path:
+        path = self._delta_path(name, delta.sequence)
+        have = self.sequences(name)
+        if (have[-1] if have else 0) != delta.sequence - 1:
+            raise StateError(f"{path}: journal of {name} ends at {have[-1] if have else 0}, cannot append {delta.sequence}")
+        meta = {"sequence": delta.sequence, "users": delta.users, "new_users": delta.new_users,
+                "records": histories_to_json(delta.records), "report": delta.report, "written_at": delta.written_at or _now()}
+        rows = delta.rows.detach().cpu().contiguous()
+        atomic_write(path, lambda tmp: save_file({"rows": rows}, tmp, metadata={"delta": json.dumps(meta, ensure_ascii=False)}))
+        return path
+
+    def start_generation(self, *, bundle_id: str, bundle_version: str, bundle_path: Path, parent: str | None,
+                         parent_sequence: int, model=None, histories: Mapping[str, Sequence[Record]] | None = None) -> str:
+        """Write a new generation and point CURRENT at it.
+
+        With `model` and `histories` it is a snapshot of them; without, it starts from the bundle's own state."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        nums = self.generation_numbers()
+        name = f"gen-{(nums[-1] + 1 if nums else 1):06d}"
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=self.root))
+        try:
+            base = "bundle"
+            if model is not None:
+                base = "snapshot"
+                model.save(tmp / SNAPSHOT_STATE)
+                atomic_write_json(tmp / SNAPSHOT_HISTORIES, histories_to_json(histories or {}))
+            (tmp / JOURNAL_DIR).mkdir()
+            atomic_write_json(tmp / META_FILE, {
+                "generation": name, "bundle_id": bundle_id, "bundle_version": bundle_version, "base": base,
+                "bundle_path": str(bundle_path), "parent": parent, "parent_sequence": parent_sequence, "written_at": _now(),
+            })
+            for p in (tmp, tmp / JOURNAL_DIR):
+                os.chmod(p, 0o755)
+            os.replace(tmp, self.gen_dir(name))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        atomic_write_json(self.root / CURRENT_FILE, {"generation": name, "bundle_id": bundle_id,
+                                                     "bundle_version": bundle_version, "updated_at": _now()})
+        return name
+
+    def prune(self, keep_generations: int, current: str) -> None:
+        """Remove all but the newest `keep_generations` generations (never `current`).
+
+        Old generations stay a little while so a replica that is reading one finishes before it goes."""
+        nums = self.generation_numbers()
+        for n in nums[: max(0, len(nums) - keep_generations)]:
+            name = f"gen-{n:06d}"
+            if name != current:
+                shutil.rmtree(self.gen_dir(name), ignore_errors=True)
+
+
+def _histories_of_bundle(path: str | None) -> dict[str, list[Record]]:
+    if not path:
+        return {}
+    file = Path(path) / "histories.json"
+    if not file.is_file():
+        return {}
+    return histories_from_json(json.loads(file.read_text()), str(file))
