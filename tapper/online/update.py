@@ -9,10 +9,12 @@ Modes (paper 4.6):
            λ_t, λ_o) + the bridge LoRA. The merged backbone never changes.
 
 Guarantees, whatever the mode:
-    - rows of E that belong to users without a new example stay bit-identical (the
-      gradient of E is masked to the affected rows, and those other rows are copied
-      back afterwards, so an optimizer with weight decay or momentum could not move
-      them either), and row 0, the unknown-user row, is never touched;
+    - rows of E that belong to users without a new example stay bit-identical, and row 0,
+      the unknown-user row, is never touched: during the update the table is replaced by
+      a parameter holding only the affected rows, which are written back afterwards. So
+      the optimizer never sees the other rows (weight decay or momentum cannot move them),
+      and an update costs the same with a thousand users as with millions (no dense
+      gradient or Adam state the size of the whole table);
     - in `emb` mode no other tensor changes: every other parameter is frozen for the
       duration of the update (requires_grad restored afterwards);
     - a user not yet in the table gets a new row, initialised to zero, i.e. exactly the
@@ -136,14 +138,14 @@ def update_users(
     n_steps = steps_for(n, cfg.batch_size, epochs)
 
     which = MODES[mode]
-    groups = model.trainable_parameters()
     rows = sorted(model.user_rows[u] for u in users) if model.cfg.use_pu else []
-    table = model.prefix.user_table.weight
-    touched = len(rows) * table.shape[1] + sum(p.numel() for k in which if k != "user_table" for p in groups[k])
-    with _only_trainable([p for k in which for p in groups[k]], model), _rows_only(table, rows):
-        set_seed(seed)
-        losses = fit(model, encoded, tokenizer.pad_token_id, cfg, epochs, seed, which=which, progress=progress,
-                     desc=f"online-{mode} update")
+    with _rows_only(model, rows):
+        groups = model.trainable_parameters()
+        touched = sum(p.numel() for k in which for p in groups[k])
+        with _only_trainable([p for k in which for p in groups[k]], model):
+            set_seed(seed)
+            losses = fit(model, encoded, tokenizer.pad_token_id, cfg, epochs, seed, which=which, progress=progress,
+                         desc=f"online-{mode} update")
     return UpdateReport(mode, users, new_users, n, n_steps, touched, time.perf_counter() - t0, losses)
 
 
@@ -161,17 +163,38 @@ def _only_trainable(params: list[nn.Parameter], model: nn.Module) -> Iterator[No
             p.requires_grad_(before[id(p)])
 
 
+class _RowSubset(nn.Module):
+    """Stands in for the user table during an update: the affected rows only, as their own parameter.
+
+    Looks up global row indices (what the encoded examples carry); an index outside `rows` is an error,
+    since every example of an update belongs to one of its users."""
+
+    def __init__(self, table: nn.Embedding, rows: list[int]):
+        super().__init__()
+        self.register_buffer("rows", torch.tensor(rows, dtype=torch.long, device=table.weight.device))
+        self.weight = nn.Parameter(table.weight.detach()[rows].clone(), requires_grad=table.weight.requires_grad)
+        self.num_embeddings, self.embedding_dim = table.num_embeddings, table.embedding_dim
+
+    def forward(self, index: torch.Tensor) -> torch.Tensor:
+        local = torch.searchsorted(self.rows, index).clamp(max=len(self.rows) - 1)
+        if not torch.equal(self.rows[local], index):
+            raise ValueError("an example's user row is not among the rows this update may change")
+        return nn.functional.embedding(local, self.weight)
+
+
 @contextmanager
-def _rows_only(weight: nn.Parameter, rows: list[int]) -> Iterator[None]:
-    """Let only `rows` of the table change: masked gradient, and the other rows copied back."""
-    mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
-    mask[rows] = 1
-    frozen = mask.squeeze(1) == 0
-    saved = weight.detach()[frozen].clone()
-    handle = weight.register_hook(lambda g: g * mask)
+def _rows_only(model: TapPer, rows: list[int]) -> Iterator[None]:
+    """Let only `rows` of the user table change; they are written back when the block completes."""
+    if not model.cfg.use_pu:
+        yield
+        return
+    table = model.prefix.user_table
+    subset = _RowSubset(table, rows)
+    model.prefix.user_table = subset
     try:
         yield
     finally:
-        handle.remove()
-        with torch.no_grad():
-            weight[frozen] = saved
+        model.prefix.user_table = table
+    # Only after a completed update: a failed one leaves the table as it was.
+    with torch.no_grad():
+        table.weight[rows] = subset.weight.detach()

@@ -1,0 +1,128 @@
+"""What one serving feedback costs as the number of users grows: the journal delta against a full snapshot.
+
+    python bench/feedback_state.py [--users 1000,10000,100000] [--history 10] [--feedbacks 20]
+                                   [--out bench/results/feedback_state.json]
+
+For each user count it builds a real bundle (tiny backbone, a TapPer state with that many rows of the user
+table, `--history` records per user), loads a real TapperService on it, and sends `--feedbacks` feedbacks to
+random users through `TapperService.feedback` (the Online-Emb update and the journal write, as /feedback does).
+It records the bytes each feedback wrote and its wall time, and the bytes and time of one snapshot of the
+whole state (`LiveState.start_generation` with the model: what every feedback wrote before the journal, and
+what compaction writes every `compact_every` feedbacks), and the time a restarted server needs to load.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from deploy.bundle import export_bundle  # noqa: E402
+from deploy.service import ServeConfig, TapperService  # noqa: E402
+from tapper.config import Stage2Config  # noqa: E402
+from tapper.data.tasks import LAMP_2N_LABELS  # noqa: E402
+from tapper.data.types import Record  # noqa: E402
+from tapper.model.backbone import load_backbone, weights_hash  # noqa: E402
+from tapper.model.tapper import TapPer  # noqa: E402
+
+
+def _record(rng: random.Random, rid: str, day: int) -> Record:
+    import datetime as dt
+
+    date = dt.date(2020, 1, 1) + dt.timedelta(days=day)
+    label = rng.choice(LAMP_2N_LABELS)
+    return Record(id=rid, fields={"text": f"a story about {label} number {rid}", "title": f"On {label}", "category": label},
+                  date=date, raw_date=date.isoformat())
+
+
+def _du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def measure(n_users: int, history: int, feedbacks: int, work: Path, seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    users = [f"u{i:07d}" for i in range(n_users)]
+    histories = {u: [_record(rng, f"{u}-{j}", j) for j in range(history)] for u in users}
+    bb = load_backbone("tiny", texts=[f"a story about {c} On {c}" for c in LAMP_2N_LABELS])
+    model = TapPer(bb.model, users, Stage2Config(), backbone_hash=weights_hash(bb.model))
+    model.save(work / "state")
+    bundle = export_bundle(bb.path, work / "state", "LaMP_2N", work / "bundle", version="bench", histories=histories)
+    del model, histories
+
+    cfg = ServeConfig(model_dir=bundle.path, state_dir=work / "live", feedback_steps=1, sync_seconds=0,
+                      compact_every=10 ** 9)
+    t0 = time.perf_counter()
+    svc = TapperService(cfg)
+    ld = svc.load()
+    load_s = time.perf_counter() - t0
+
+    latencies, written = [], []
+    for k in range(feedbacks):
+        user = rng.choice(users)
+        before = _du(cfg.state_dir) if cfg.state_dir.exists() else 0
+        t0 = time.perf_counter()
+        svc.feedback(user, [_record(rng, f"{user}-fb{k}", history + k)])
+        latencies.append(time.perf_counter() - t0)
+        written.append(_du(cfg.state_dir) - before)
+    # The first feedback of a bundle also writes the generation's meta.json; the rest are deltas only.
+    delta_bytes = statistics.median(written[1:]) if len(written) > 1 else written[0]
+
+    t0 = time.perf_counter()
+    snap = svc.state.start_generation(bundle_id=ld.bundle_id, bundle_version=ld.bundle.version, bundle_path=ld.bundle.path,
+                                      parent=ld.generation, parent_sequence=ld.sequence, model=ld.model, histories=ld.histories)
+    snapshot_s = time.perf_counter() - t0
+    snapshot_bytes = _du(cfg.state_dir / snap)
+
+    t0 = time.perf_counter()
+    TapperService(cfg).load()
+    reload_s = time.perf_counter() - t0
+    width = ld.model.prefix.user_table.embedding_dim
+    return {
+        "users": n_users, "history_per_user": history, "row_floats": width,
+        "user_table_bytes": (n_users + 1) * width * 4,
+        "load_s": round(load_s, 3), "reload_from_snapshot_s": round(reload_s, 3),
+        "feedbacks": feedbacks,
+        "feedback_ms_median": round(1000 * statistics.median(latencies), 1),
+        "feedback_ms_max": round(1000 * max(latencies), 1),
+        "feedback_bytes_median": int(delta_bytes),
+        "snapshot_bytes": snapshot_bytes, "snapshot_s": round(snapshot_s, 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--users", default="1000,10000,100000", help="comma-separated user counts (default: %(default)s)")
+    ap.add_argument("--history", type=int, default=10, help="records per user in the bundle (default: %(default)s)")
+    ap.add_argument("--feedbacks", type=int, default=20, help="feedbacks timed per user count (default: %(default)s)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "feedback_state.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = []
+    for n in [int(x) for x in args.users.split(",")]:
+        with tempfile.TemporaryDirectory(prefix="tapper-feedback-bench-") as tmp:
+            row = measure(n, args.history, args.feedbacks, Path(tmp))
+        rows.append(row)
+        print(f"{n:>9,} users: feedback {row['feedback_ms_median']:>7.1f} ms, {row['feedback_bytes_median']:>9,} B written;  "
+              f"snapshot {row['snapshot_s']:>7.2f} s, {row['snapshot_bytes']:>13,} B;  load {row['load_s']:.1f} s", flush=True)
+    out = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__, "threads": 1},
+           "command": "python bench/feedback_state.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "results": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
