@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--feedback-epochs", type=float, default=None, help="Online-Emb epochs over a feedback's examples (default 1)")
     p.add_argument("--feedback-steps", type=int, default=None, help="or exactly this many optimizer steps per feedback")
     p.add_argument("--feedback-lr", type=float, default=None, help="Online-Emb learning rate (default: the model's Stage-2 lr)")
+    p.add_argument("--compact-every", type=int, default=None,
+                   help="write the whole live state as a snapshot after this many feedback deltas (env TAPPER_COMPACT_EVERY; default 1000)")
     p.add_argument("--no-verify-backbone", action="store_true", help="skip hashing stage1/ against the state's backbone hash")
     p.add_argument("--log-level", default=os.environ.get("TAPPER_LOG_LEVEL", "info"))
     p.set_defaults(func=cmd_serve)
@@ -82,6 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = ServeConfig.from_env(model_dir=args.model_dir, state_dir=args.state_dir, feedback_epochs=args.feedback_epochs,
                                feedback_steps=args.feedback_steps, feedback_lr=args.feedback_lr,
+                               compact_every=args.compact_every,
                                **({"verify_backbone": False} if args.no_verify_backbone else {}))
     # One process per replica: the model lives in memory; scale with replicas (they share --state-dir safely).
     uvicorn.run(create_app(cfg), host=args.host, port=args.port, log_level=args.log_level.lower(), workers=1)
