@@ -19,7 +19,9 @@ before "-s<seed>", the mean and standard deviation over seeds.
     python bench/synthetic_sweep.py bench/sweeps/core.json --jobs 2 --out bench/results/synthetic_core.json
 
 Seeds run at different times (`--runs A-s0 --out a.json`, `--runs A-s1 --out b.json`)
-are combined with `--merge a.json b.json --out all.json`.
+are combined with `--merge a.json b.json --out all.json`. A sweep stopped part way (given
+`--work`) keeps its finished runs: `--collect --work DIR` reports those without running
+anything.
 """
 from __future__ import annotations
 
@@ -144,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help="where data and runs go (default: a temporary directory)")
     parser.add_argument("--limit-s", type=float, help="kill runs still going after this many seconds")
     parser.add_argument("--runs", help="comma-separated run names to do (default: all in the spec)")
+    parser.add_argument("--collect", action="store_true",
+                        help="run nothing: report the runs of the spec that finished in --work (a sweep stopped part way)")
     parser.add_argument("--merge", type=Path, nargs="+", metavar="RESULT",
                         help="run nothing: combine result JSONs of parts of this spec (e.g. seeds run at different "
                              "times with --runs) into one, with the mean and sd over all their seeds")
@@ -164,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             parser.error(f"{args.spec}: {e}")
     out = args.out or ROOT / "bench" / "results" / f"synthetic_{args.spec.stem}.json"
+    if args.collect:
+        if not args.work:
+            parser.error("--collect needs --work")
+        write_report(collect_runs(spec, args.work, args.jobs), out)
+        return 0
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
@@ -175,6 +184,25 @@ def main(argv: list[str] | None = None) -> int:
     }
     write_report(report, out)
     return 0
+
+
+def collect_runs(spec: dict, work: Path, jobs: int) -> dict:
+    """The report of the spec's runs that finished in `work` (metrics.json with nothing pending);
+    the others are listed under "not_finished", and the report's spec holds only the finished ones,
+    so it merges (--merge) with a later report of the rest."""
+    done, not_finished = {}, []
+    for run in spec["runs"]:
+        metrics = work / "runs" / run["name"] / "metrics.json"
+        m = json.loads(metrics.read_text()) if metrics.is_file() else None
+        if m is None or m.get("pending"):
+            not_finished.append(run["name"])
+            continue
+        done[run["name"]] = read_run(work, run["name"], m.get("seconds", 0.0))
+    if not done:
+        raise SystemExit(f"{work}: no run of the spec has finished")
+    return {"machine": machine(jobs), "spec": select_runs(spec, list(done)), "results": done,
+            "by_group": aggregate(done), "seconds": round(sum(r["seconds"] for r in done.values())),
+            "collected_from": str(work), "not_finished": not_finished}
 
 
 def select_runs(spec: dict, wanted: list[str]) -> dict:

@@ -72,6 +72,32 @@ def test_merge_command_writes_the_combined_report(tmp_path):
     assert json.loads(out.read_text())["by_group"]["A"]["tap-per"]["mean"] == pytest.approx(0.65)
 
 
+def test_collect_reports_the_finished_runs_of_a_stopped_sweep(tmp_path):
+    """What `tapper experiment` leaves in a sweep's work dir: a finished run, one stopped mid-way
+    (metrics.json still lists pending variants) and one never started."""
+    def metrics(name: str, accuracies: dict, pending: list[str]) -> None:
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps({
+            "variants": {v: {"accuracy": a} for v, a in accuracies.items()}, "pending": pending, "seconds": 700.4,
+            "groups": {v: {"drifting": {"accuracy": a - 0.1, "n": 40}} for v, a in accuracies.items()},
+            "details": {"tap-per": {"lambda_t": 0.5, "lambda_o": 0.5}}}))
+
+    metrics("A-s0", {"base": 0.4, "tap-per": 0.62, "lambda0": 0.6}, [])
+    metrics("A-s1", {"base": 0.41}, ["tap-per", "lambda0"])
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(SPEC))
+    out = tmp_path / "collected.json"
+    assert sweep.main([str(spec_file), "--collect", "--work", str(tmp_path), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert list(report["results"]) == ["A-s0"] and report["not_finished"] == ["A-s1", "A-s2"]
+    assert report["results"]["A-s0"]["tap-per@drifting"] == pytest.approx(0.52) and report["results"]["A-s0"]["seconds"] == 700
+    assert [r["name"] for r in report["spec"]["runs"]] == ["A-s0"]  # merges with a later report of the rest
+    assert report["by_group"]["A"]["tap-per_minus_base"]["per_seed"] == pytest.approx([0.22])
+    with pytest.raises(SystemExit):
+        sweep.main([str(spec_file), "--collect", "--out", str(out)])  # needs --work
+
+
 def test_label_counting_oracle_on_a_seeded_build(tmp_path):
     """bench/synthetic_oracle.py: the user's own labels beat popularity; pinned for seed 0."""
     from tapper.builders.synthetic import build_synthetic
