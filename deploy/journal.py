@@ -173,6 +173,9 @@ class LiveState:
 
     def write_delta(self, name: str, delta: Delta) -> Path:
         path = self._delta_path(name, delta.sequence)
+        if not (self.gen_dir(name) / META_FILE).is_file():
+            # The generation was removed under us (e.g. the state directory was wiped): never start a headless journal.
+            raise StateError(f"{self.gen_dir(name)}: no such generation; reload the server")
         have = self.sequences(name)
         if (have[-1] if have else 0) != delta.sequence - 1:
             raise StateError(f"{path}: journal of {name} ends at {have[-1] if have else 0}, cannot append {delta.sequence}")
