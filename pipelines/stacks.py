@@ -88,6 +88,8 @@ def stack_up(name: str, dry_run: bool = False, path: Path | None = None) -> str:
     for ctype, comp in spec["components"].items():
         t = StackComponentType(ctype)
         config = comp.get("config", {})
+        if ctype == "artifact_store" and comp["flavor"] == "local":
+            comp = dict(comp, name=f"{comp['name']}-{local_store_id(Path(config['path']))}")
         try:
             client.get_stack_component(t, comp["name"], allow_name_prefix_match=False)
             client.update_stack_component(comp["name"], t, configuration=config)
@@ -104,6 +106,27 @@ def stack_up(name: str, dry_run: bool = False, path: Path | None = None) -> str:
     if spec.get("mlflow_artifacts"):
         ensure_mlflow_local(spec)
     return f"stack {stack_name!r} registered and active"
+
+
+STORE_ID_FILE = ".tapper-store-id"
+
+
+def local_store_id(path: Path) -> str:
+    """An id for the local artifact store at `path`, kept in a file inside it.
+
+    ZenML's step cache is keyed by the artifact store component, and the ZenML store is per machine
+    user. A checkout deleted and cloned again at the same path would otherwise get the old component
+    back and reuse cached steps whose artifact files went with the old checkout. A directory without
+    the id file holds none of the old artifacts, so it gets a new id, a new component, a new cache."""
+    import uuid
+
+    marker = path / STORE_ID_FILE
+    if marker.is_file():
+        return marker.read_text().strip()
+    path.mkdir(parents=True, exist_ok=True)
+    store_id = uuid.uuid4().hex[:12]
+    marker.write_text(store_id + "\n")
+    return store_id
 
 
 def ensure_mlflow_local(spec: dict | None = None) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -187,6 +188,35 @@ def test_schedule_refused_on_local_stack(zen):
     cfg["schedule"] = {"cron_expression": "0 3 * * 1"}
     with pytest.raises(RunSetupError, match="local runs cannot be scheduled"):
         run_training(cfg)
+
+
+def test_a_wiped_local_artifact_store_gets_a_new_component(zen, tmp_path, monkeypatch):
+    """A checkout deleted and cloned again at the same path must not reuse cached steps whose artifacts
+    went with it: the step cache is keyed by the artifact store component, so that component must change."""
+    from zenml.client import Client
+    from zenml.enums import StackComponentType as T
+
+    from pipelines.stacks import STORE_ID_FILE, stack_up
+
+    client = Client()
+    previous = client.active_stack_model.name
+    monkeypatch.setenv("TAPPER_HOME", str(tmp_path / "checkout"))
+    store = tmp_path / "checkout" / ".tapper" / "artifacts"
+
+    def artifact_store():
+        return client.active_stack_model.components[T.ARTIFACT_STORE][0]
+
+    try:
+        stack_up("local")
+        first = artifact_store()
+        assert (store / STORE_ID_FILE).is_file() and first.configuration["path"] == str(store)
+        stack_up("local")
+        assert artifact_store().id == first.id  # the same checkout keeps its component (and its cache)
+        shutil.rmtree(tmp_path / "checkout")
+        stack_up("local")
+        assert artifact_store().id != first.id and artifact_store().configuration["path"] == str(store)
+    finally:
+        client.activate_stack(previous)
 
 
 def test_k8s_stack_registers_with_its_flavors(zen, monkeypatch):
