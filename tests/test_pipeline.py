@@ -200,6 +200,7 @@ def test_a_wiped_local_artifact_store_gets_a_new_component(zen, tmp_path, monkey
 
     client = Client()
     previous = client.active_stack_model.name
+    home = os.environ["TAPPER_HOME"]
     monkeypatch.setenv("TAPPER_HOME", str(tmp_path / "checkout"))
     store = tmp_path / "checkout" / ".tapper" / "artifacts"
 
@@ -216,6 +217,9 @@ def test_a_wiped_local_artifact_store_gets_a_new_component(zen, tmp_path, monkey
         stack_up("local")
         assert artifact_store().id != first.id and artifact_store().configuration["path"] == str(store)
     finally:
+        # stack_up re-points tapper-local's components (MLflow too): point them back at this module's project.
+        monkeypatch.setenv("TAPPER_HOME", home)
+        stack_up("local")
         client.activate_stack(previous)
 
 
