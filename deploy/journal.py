@@ -38,7 +38,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from deploy.bundle import histories_from_json, histories_to_json
+from deploy.bundle import BundleError, histories_from_json, histories_to_json, read_bundle, read_histories
 from tapper.atomic import atomic_write, atomic_write_json
 from tapper.data.types import Record
 
@@ -124,13 +124,13 @@ class LiveState:
         for seq in self.sequences(name):
             if seq <= sequence:
                 continue
-            path = self._delta_path(name, seq)
+            path = self.delta_path(name, seq)
             if seq != expected:
                 raise StateError(f"{path}: journal gap, expected delta {expected} before {seq}")
             yield self._read_delta(path)
             expected += 1
 
-    def _delta_path(self, name: str, seq: int) -> Path:
+    def delta_path(self, name: str, seq: int) -> Path:
         return self.gen_dir(name) / JOURNAL_DIR / f"{seq:08d}.safetensors"
 
     @staticmethod
@@ -172,7 +172,7 @@ class LiveState:
     # --- writing (hold the lock) -------------------------------------------------------------------
 
     def write_delta(self, name: str, delta: Delta) -> Path:
-        path = self._delta_path(name, delta.sequence)
+        path = self.delta_path(name, delta.sequence)
         if not (self.gen_dir(name) / META_FILE).is_file():
             # The generation was removed under us (e.g. the state directory was wiped): never start a headless journal.
             raise StateError(f"{self.gen_dir(name)}: no such generation; reload the server")
@@ -227,9 +227,11 @@ class LiveState:
 
 
 def _histories_of_bundle(path: str | None) -> dict[str, list[Record]]:
+    """The histories of the bundle at `path`, or none if that bundle is gone."""
     if not path:
         return {}
-    file = Path(path) / "histories.json"
-    if not file.is_file():
+    try:
+        info = read_bundle(path)
+    except BundleError:
         return {}
-    return histories_from_json(json.loads(file.read_text()), str(file))
+    return read_histories(info)  # a corrupt histories file is an error, as anywhere else

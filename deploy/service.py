@@ -279,11 +279,10 @@ class TapperService:
 
         model = ld.model
         for delta in self.state.deltas_after(ld.generation, ld.sequence):
-            where = self.state.gen_dir(ld.generation) / "journal" / f"{delta.sequence:08d}.safetensors"
             clash = [u for u in delta.new_users if u in model.user_rows]
             missing = [u for u in delta.users if u not in model.user_rows and u not in delta.new_users]
             if clash or missing:
-                raise StateError(f"{where}: users {clash or missing} do not fit the table this delta extends")
+                raise StateError(f"{self.state.delta_path(ld.generation, delta.sequence)}: users {clash or missing} do not fit the table this delta extends")
             add_users(model, delta.new_users)
             if delta.users:
                 table = model.prefix.user_table.weight
