@@ -1,11 +1,9 @@
 """Analyses (issue 4): footprint counted from the real modules, report with bold best, attention heatmap, CLI."""
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
-import torch
 from transformers import AutoConfig
 
 from model_fixtures import TASK, corpus, tiny_examples

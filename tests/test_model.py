@@ -1,7 +1,6 @@
 """The TAP-PER model on the tiny backbone: LoRA targets and merge, trainable set, cache, checkpoints, switches."""
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -9,12 +8,12 @@ import torch
 
 from model_fixtures import TASK, corpus, tiny_examples
 from tapper.config import Stage1Config, Stage2Config
-from tapper.model.backbone import load_backbone, load_backbone_dir, weights_hash
+from tapper.model.backbone import load_backbone, load_backbone_dir
 from tapper.model.embedding_cache import EmbeddingCache
 from tapper.model.lora import LoraTargetError, attach_lora, merge_lora
 from tapper.model.prefixed_lm import PrefixedLM
 from tapper.model.tapper import TapPer
-from tapper.train.features import FeatureEncoder, bm25_keep, lm_train_batch, time_gaps
+from tapper.train.features import bm25_keep, lm_train_batch, time_gaps
 from tapper.train.stage1 import tokenize_examples, train_stage1
 from tapper.train.stage2 import encoder_for, train_stage2
 from tapper.eval.predict import generate_texts

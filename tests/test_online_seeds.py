@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from test_synthetic_sweep import ROOT, bench_script
+from test_synthetic_sweep import bench_script
 
 seeds = bench_script("online_seeds")
 

@@ -126,7 +126,6 @@ def pick_query(examples: list[Example], predictions: dict[str, dict[str, str]] |
 def case_study_from_run(run_dir: str | Path, questions, outputs, task_name: str | None = None, variant: str = "tap-per",
                         query_id: str | None = None, out_dir: str | Path | None = None) -> list[Path]:
     """Load a `tapper experiment` output directory and write attention.png + attention.json."""
-    from tapper.data import read_outputs  # noqa: F401  (validates the outputs file format)
     from tapper.experiment import embedding_cache, prepare_data
     from tapper.model.backbone import load_backbone_dir
     from tapper.model.tapper import TapPer

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from tapper.atomic import atomic_write, atomic_write_json
+from tapper.atomic import atomic_write_json
 from tapper.config import RunConfig
 from tapper.data.chronology import sort_chronologically
 from tapper.data.splits import record_examples
