@@ -1,12 +1,14 @@
 """What one serving feedback costs as the number of users grows: the journal delta against a full snapshot.
 
-    python bench/feedback_state.py [--users 1000,10000,100000] [--history 10] [--feedbacks 20]
+    python bench/feedback_state.py [--users 1000,10000,100000] [--history 10] [--feedbacks 20] [--new-users 20]
                                    [--out bench/results/feedback_state.json]
 
 For each user count it builds a real bundle (tiny backbone, a TapPer state with that many rows of the user
 table, `--history` records per user), loads a real TapperService on it, and sends `--feedbacks` feedbacks to
-random users through `TapperService.feedback` (the Online-Emb update and the journal write, as /feedback does).
-It records the bytes each feedback wrote and its wall time, and the bytes and time of one snapshot of the
+random users through `TapperService.feedback` (the Online-Emb update and the journal write, as /feedback does),
+then `--new-users` first feedbacks of users the table does not hold yet (each needs a row; the table keeps spare
+rows, so only some of them reallocate it, which is counted). It records the bytes each feedback wrote and its
+wall time, and the bytes and time of one snapshot of the
 whole state (`LiveState.start_generation` with the model: what every feedback wrote before the journal, and
 what compaction writes every `compact_every` feedbacks), and the time a restarted server needs to load.
 """
@@ -50,7 +52,7 @@ def _du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def measure(n_users: int, history: int, feedbacks: int, work: Path, seed: int = 0) -> dict:
+def measure(n_users: int, history: int, feedbacks: int, new_users: int, work: Path, seed: int = 0) -> dict:
     rng = random.Random(seed)
     users = [f"u{i:07d}" for i in range(n_users)]
     histories = {u: [_record(rng, f"{u}-{j}", j) for j in range(history)] for u in users}
@@ -78,6 +80,14 @@ def measure(n_users: int, history: int, feedbacks: int, work: Path, seed: int = 
     # The first feedback of a bundle also writes the generation's meta.json; the rest are deltas only.
     delta_bytes = statistics.median(written[1:]) if len(written) > 1 else written[0]
 
+    new_latencies, reallocations = [], 0
+    for k in range(new_users):
+        table = ld.model.prefix.user_table
+        t0 = time.perf_counter()
+        svc.feedback(f"new{k:05d}", [_record(rng, f"new{k}-fb", history + feedbacks + k)])
+        new_latencies.append(time.perf_counter() - t0)
+        reallocations += ld.model.prefix.user_table is not table
+
     t0 = time.perf_counter()
     snap = svc.state.start_generation(bundle_id=ld.bundle_id, bundle_version=ld.bundle.version, bundle_path=ld.bundle.path,
                                       parent=ld.generation, parent_sequence=ld.sequence, model=ld.model, histories=ld.histories)
@@ -96,6 +106,10 @@ def measure(n_users: int, history: int, feedbacks: int, work: Path, seed: int = 
         "feedback_ms_median": round(1000 * statistics.median(latencies), 1),
         "feedback_ms_max": round(1000 * max(latencies), 1),
         "feedback_bytes_median": int(delta_bytes),
+        "new_users": new_users,
+        "new_user_feedback_ms_median": round(1000 * statistics.median(new_latencies), 1) if new_latencies else None,
+        "new_user_feedback_ms_max": round(1000 * max(new_latencies), 1) if new_latencies else None,
+        "new_user_table_reallocations": reallocations,
         "snapshot_bytes": snapshot_bytes, "snapshot_s": round(snapshot_s, 3),
     }
 
@@ -105,15 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--users", default="1000,10000,100000", help="comma-separated user counts (default: %(default)s)")
     ap.add_argument("--history", type=int, default=10, help="records per user in the bundle (default: %(default)s)")
     ap.add_argument("--feedbacks", type=int, default=20, help="feedbacks timed per user count (default: %(default)s)")
+    ap.add_argument("--new-users", type=int, default=20, help="first feedbacks of new users timed (default: %(default)s)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "feedback_state.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
     for n in [int(x) for x in args.users.split(",")]:
         with tempfile.TemporaryDirectory(prefix="tapper-feedback-bench-") as tmp:
-            row = measure(n, args.history, args.feedbacks, Path(tmp))
+            row = measure(n, args.history, args.feedbacks, args.new_users, Path(tmp))
         rows.append(row)
         print(f"{n:>9,} users: feedback {row['feedback_ms_median']:>7.1f} ms, {row['feedback_bytes_median']:>9,} B written;  "
+              f"new user {row['new_user_feedback_ms_median']} ms ({row['new_user_table_reallocations']} reallocations);  "
               f"snapshot {row['snapshot_s']:>7.2f} s, {row['snapshot_bytes']:>13,} B;  load {row['load_s']:.1f} s", flush=True)
     out = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__, "threads": 1},
            "command": "python bench/feedback_state.py " + " ".join(argv if argv is not None else sys.argv[1:]),

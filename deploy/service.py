@@ -465,22 +465,17 @@ class _RowUndo:
 
     def __init__(self, model, user_id: str):
         self.model = model
-        table = model.prefix.user_table
-        self.n_rows = table.num_embeddings
+        self.rows_in_use = model.rows_in_use
         self.user_ids = list(model.user_ids)
         row = model.user_rows.get(user_id)
-        self.rows = {row: table.weight.detach()[row].clone()} if row is not None else {}
+        self.rows = {row: model.prefix.user_table.weight.detach()[row].clone()} if row is not None else {}
 
     def restore(self) -> None:
         model = self.model
-        table = model.prefix.user_table
-        if table.num_embeddings != self.n_rows:
-            kept = nn.Embedding(self.n_rows, table.embedding_dim, dtype=table.weight.dtype, device=table.weight.device)
-            with torch.no_grad():
-                kept.weight.copy_(table.weight.detach()[: self.n_rows])
-            kept.weight.requires_grad_(table.weight.requires_grad)
-            model.prefix.user_table = kept
+        added = model.rows_in_use
         with torch.no_grad():
+            # Rows a new user took go back to spare (zero); a table reallocated meanwhile keeps its room.
+            model.prefix.user_table.weight[self.rows_in_use: added] = 0
             for row, value in self.rows.items():
                 model.prefix.user_table.weight[row] = value
         model.user_ids = list(self.user_ids)

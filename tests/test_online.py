@@ -100,14 +100,32 @@ def test_new_user_gets_a_new_row_and_row0_stays_unknown(backbone, cache, data, t
     newcomer = [ex for ex in train if ex.user_id == "user5"]
     rep = update_users(model, TASK, backbone.tokenizer, cache, newcomer, "emb", epochs=1, seed=0)
     table = model.prefix.user_table.weight
-    assert rep.new_users == ["user5"] and model.user_rows["user5"] == 5 == table.shape[0] - 1
+    assert rep.new_users == ["user5"] and model.user_rows["user5"] == 5 == model.rows_in_use - 1
+    assert not table[5 + 1:].any()  # the room the table grew by is spare: zero
     assert torch.equal(table[:5], before[TABLE]) and not (table[0] != 0).any()  # old rows and the zero row 0 unchanged
     assert (table[5] != 0).any()  # started at zero (= unknown user), moved by the update
     assert add_users(model, ["user5", "user0"]) == []
     # The grown model saves and reloads like any other.
     model.save(tmp_path / "state")
     reloaded = TapPer.load(tmp_path / "state", load_backbone_dir(backbone.path).model)
-    assert reloaded.user_rows == model.user_rows and torch.equal(reloaded.prefix.user_table.weight, table.detach())
+    assert reloaded.user_rows == model.user_rows and torch.equal(reloaded.prefix.user_table.weight, table[:6].detach())
+    assert reloaded.prefix.user_table.num_embeddings == 6  # spare rows are not saved
+
+
+def test_new_users_take_spare_rows_and_the_table_is_copied_rarely(backbone):
+    """A full table grows by a quarter (at least 64 rows), so most new users cost one row, not a table copy."""
+    model = fresh_model(backbone, ["a", "b"])
+    trained = model.user_table_in_use().detach().clone()
+    reallocations = 0
+    for i in range(200):
+        before = model.prefix.user_table
+        add_users(model, [f"n{i}"])
+        reallocations += model.prefix.user_table is not before
+    assert model.rows_in_use == 203 and model.user_rows["n199"] == 202
+    assert reallocations == 4  # 3 -> 67 -> 131 -> 195 -> 259 rows: four reallocations for 200 new users
+    assert model.prefix.user_table.num_embeddings == 259
+    assert torch.equal(model.user_table_in_use()[:3], trained) and not model.user_table_in_use()[3:].any()
+    assert model.state_tensors()["prefix.user_table.weight"].shape[0] == 203
 
 
 def test_online_emb_refuses_a_model_without_pu(backbone, cache, data):

@@ -208,7 +208,8 @@ def test_feedback_for_a_new_user_adds_a_row(server, trained):
     rows, meta = _delta(state, body["generation"], body["sequence"])
     assert meta["new_users"] == meta["users"] == ["newbie"] and rows[0].abs().sum() > 0  # zero-initialised, then trained
     model = server["app"].state.service.loaded.model
-    assert model.prefix.user_table.weight.shape[0] == len(trained["users"]) + 2 and model.user_ids[-1] == "newbie"
+    assert model.rows_in_use == len(trained["users"]) + 2 and model.user_ids[-1] == "newbie"
+    assert not model.prefix.user_table.weight[model.rows_in_use:].any()  # spare rows stay zero
     code, pred = c.call("POST", "/predict", {"user_id": "newbie", "fields": {"text": "x"}})
     assert pred["known_user"] and pred["history_used"] == 2
 
@@ -268,7 +269,7 @@ def test_restart_replica_sync_undo_and_reload(server, bundle, monkeypatch):
     ld = svc.load()  # a restarted server / another replica on the same state dir
     assert (ld.generation, ld.sequence) == (live.generation, live.sequence) and "newbie" in ld.model.user_rows
     assert ld.model.user_ids == live.model.user_ids
-    assert torch.equal(ld.model.prefix.user_table.weight.detach(), live.model.prefix.user_table.weight.detach())
+    assert torch.equal(ld.model.user_table_in_use().detach(), live.model.user_table_in_use().detach())
     assert {u: [r.id for r in h] for u, h in ld.histories.items()} == {u: [r.id for r in h] for u, h in live.histories.items()}
 
     # This replica takes a feedback; the HTTP server (the other replica) picks the delta up.
@@ -280,7 +281,7 @@ def test_restart_replica_sync_undo_and_reload(server, bundle, monkeypatch):
     assert torch.equal(live.model.prefix.user_table.weight[row], ld.model.prefix.user_table.weight[row])
 
     # Writing the delta fails: nothing on disk changes, the in-memory model is put back exactly.
-    table = ld.model.prefix.user_table.weight.detach().clone()
+    table = ld.model.user_table_in_use().detach().clone()
     n_users, seq = len(ld.model.user_ids), ld.sequence
     journal = sorted(p.name for p in (state / ld.generation / "journal").iterdir())
 
@@ -294,7 +295,8 @@ def test_restart_replica_sync_undo_and_reload(server, bundle, monkeypatch):
     monkeypatch.undo()
     assert sorted(p.name for p in (state / ld.generation / "journal").iterdir()) == journal
     assert len(ld.model.user_ids) == n_users and "doomed-user" not in ld.model.user_rows and ld.sequence == seq
-    assert torch.equal(ld.model.prefix.user_table.weight.detach(), table)
+    assert torch.equal(ld.model.user_table_in_use().detach(), table)
+    assert not ld.model.prefix.user_table.weight[ld.model.rows_in_use:].any()  # the doomed user's row is spare (zero) again
     assert "doomed-user" not in ld.histories and [r.id for r in ld.histories["replica-user"]] == ["r1"]
 
     code, body = c.call("POST", "/reload")
@@ -321,7 +323,7 @@ def test_compaction_pruning_and_a_new_bundle_carrying_histories(trained, bundle,
     assert (ld.generation, ld.sequence) == (None, 0)
     reader.predict("c0", "a story")  # the reader syncs: adopts the snapshot, then its one delta
     assert (ld.generation, ld.sequence) == ("gen-000003", 1) and ld.model.user_ids == writer.loaded.model.user_ids
-    assert torch.equal(ld.model.prefix.user_table.weight, writer.loaded.model.prefix.user_table.weight)
+    assert torch.equal(ld.model.user_table_in_use(), writer.loaded.model.user_table_in_use())
     assert set(ld.histories) == set(writer.loaded.histories)
 
     # A journal with a hole (a delta file gone) is an error naming the file, not a silent skip.

@@ -67,6 +67,18 @@ class TapPer(nn.Module):
     def per_user_params(self) -> int:
         return self.prefix.per_user_params() if self.cfg.use_pu else 0
 
+    @property
+    def rows_in_use(self) -> int:
+        """Rows of the user table that hold a user: row 0 (unknown user) + one per user id.
+
+        The table may hold more (spare zero rows, so that a new user does not copy the whole
+        table; see tapper.online.update.add_users); those are never trained and never saved."""
+        return len(self.user_ids) + 1 if self.cfg.use_pu else 1
+
+    def user_table_in_use(self) -> torch.Tensor:
+        """The user table's rows in use (a view, without the spare rows)."""
+        return self.prefix.user_table.weight[: self.rows_in_use]
+
     def shared_params(self) -> int:
         """Parameters shared by all users: bridge LoRA + DIN/projection MLPs + λ's (not the backbone)."""
         groups = self.trainable_parameters()
@@ -92,6 +104,8 @@ class TapPer(nn.Module):
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = {f"prefix.{k}": v.detach().cpu().contiguous() for k, v in self.prefix.state_dict().items()}
+        # Spare rows are not state: the saved table has exactly one row per user (+ row 0).
+        out["prefix.user_table.weight"] = self.user_table_in_use().detach().cpu().contiguous()
         if self.cfg.use_bridge:
             for k, v in get_peft_model_state_dict(self.plm.lm).items():
                 out[f"bridge.{k}"] = v.detach().cpu().contiguous()

@@ -18,7 +18,8 @@ Guarantees, whatever the mode:
     - in `emb` mode no other tensor changes: every other parameter is frozen for the
       duration of the update (requires_grad restored afterwards);
     - a user not yet in the table gets a new row, initialised to zero, i.e. exactly the
-      unknown-user prefix (P_q only) until the update moves it.
+      unknown-user prefix (P_q only) until the update moves it; the table keeps spare zero
+      rows, so a new user does not copy the whole table (see `add_users`).
 
 Training reuses `tapper.train.stage2.fit` (the Stage-2 loop, AdamW, clipping), with the
 budget given as epochs over the new examples or as an exact number of optimizer steps.
@@ -60,21 +61,34 @@ class UpdateReport:
         return dataclasses.asdict(self)
 
 
-def add_users(model: TapPer, user_ids: Sequence[str]) -> list[str]:
-    """Give every user not yet in the table a new row (zero = the unknown-user prefix).
+# Spare rows added when the table is full: a quarter of its size, at least this many. A new
+# user then costs one row write, and the table is copied only once per ~25 % growth (amortised
+# O(1) per user instead of a copy of the whole table for every new user).
+GROWTH_FRACTION = 0.25
+MIN_GROWTH_ROWS = 64
 
-    Existing rows, row 0 included, keep their values and their indices. Returns the new ids.
+
+def add_users(model: TapPer, user_ids: Sequence[str]) -> list[str]:
+    """Give every user not yet in the table a row (zero = the unknown-user prefix).
+
+    Existing rows, row 0 included, keep their values and their indices. The new users take
+    spare rows if the table has them (they are zero: never trained, never saved); only a
+    full table is reallocated, with room to spare. Without P_u (use_pu=false) nothing is
+    stored per user, so only the id is recorded. Returns the new ids.
     """
     new = [u for u in dict.fromkeys(user_ids) if u not in model.user_rows]
     if not new:
         return []
+    needed = model.rows_in_use + len(new) if model.cfg.use_pu else 1
     old = model.prefix.user_table
-    grown = nn.Embedding(old.num_embeddings + len(new), old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
-    with torch.no_grad():
-        grown.weight.zero_()
-        grown.weight[: old.num_embeddings].copy_(old.weight)
-    grown.weight.requires_grad_(old.weight.requires_grad)
-    model.prefix.user_table = grown
+    if needed > old.num_embeddings:
+        capacity = max(needed, old.num_embeddings + max(MIN_GROWTH_ROWS, int(old.num_embeddings * GROWTH_FRACTION)))
+        grown = nn.Embedding(capacity, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            grown.weight.zero_()
+            grown.weight[: old.num_embeddings].copy_(old.weight)
+        grown.weight.requires_grad_(old.weight.requires_grad)
+        model.prefix.user_table = grown
     for u in new:
         model.user_ids.append(u)
         model.user_rows[u] = len(model.user_ids)  # row 0 is the unknown user, known users start at 1
