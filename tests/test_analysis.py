@@ -162,3 +162,24 @@ def test_report_names_two_runs_of_one_task_and_refuses_them_unnamed(tmp_path, ca
     table = md.split("## All tasks")[1].split("##")[0]
     assert "| news | accuracy ↑ |" in table and "| synthetic | accuracy ↑ |" in table
     assert (tmp_path / "rep" / "news_comparison.png").exists() and (tmp_path / "rep" / "synthetic_comparison.png").exists()
+
+
+def test_attention_cli_on_a_real_experiment_run(tmp_path, capsys):
+    """`tapper attention` on a `tapper experiment` output dir: both variants' attention, the files, a summary line each."""
+    from tapper.cli import main
+    from workflow_data import make_lamp_2n
+
+    q, o = make_lamp_2n(tmp_path / "data", users=5, records=4, queries=1)
+    run = tmp_path / "run"
+    assert main(["experiment", "--questions", str(q), "--outputs", str(o), "--out", str(run), "--stage2-users", "2",
+                 "--variants", "tap-per,lambda0", "--no-progress", "--set", "stage1.epochs=1", "--set", "stage1.max_examples=16",
+                 "--set", "stage2.epochs=1", "--set", "eval.max_new_tokens=3"]) == 0
+    capsys.readouterr()
+    assert main(["attention", "--run", str(run), "--questions", str(q), "--outputs", str(o)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    study = json.loads((run / "report" / "attention.json").read_text())
+    assert (run / "report" / "attention.png").stat().st_size > 0
+    assert set(study["predictions"]) == {"tap-per", "lambda0"}
+    summary_lines = [line for line in printed if ":" in line and "=" in line]
+    assert len(summary_lines) == len(study["over_all_queries"]) >= 2
+    assert printed[-2:] == [str(run / "report" / "attention.png"), str(run / "report" / "attention.json")]

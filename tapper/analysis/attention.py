@@ -124,8 +124,10 @@ def pick_query(examples: list[Example], predictions: dict[str, dict[str, str]] |
 
 
 def case_study_from_run(run_dir: str | Path, questions, outputs, task_name: str | None = None, variant: str = "tap-per",
-                        query_id: str | None = None, out_dir: str | Path | None = None) -> list[Path]:
-    """Load a `tapper experiment` output directory and write attention.png + attention.json."""
+                        query_id: str | None = None, out_dir: str | Path | None = None) -> tuple[dict, list[Path]]:
+    """Load a `tapper experiment` output directory and write attention.png + attention.json.
+
+    Returns the study (what attention.json holds) and the two files."""
     from tapper.experiment import embedding_cache, prepare_data
     from tapper.model.backbone import load_backbone_dir
     from tapper.model.tapper import TapPer
@@ -153,4 +155,4 @@ def case_study_from_run(run_dir: str | Path, questions, outputs, task_name: str 
     out = Path(out_dir or run_dir / "report")
     png = plot_case_study(study, out / "attention.png")
     js = atomic_write_json(out / "attention.json", study)
-    return [png, js]
+    return study, [png, js]

@@ -32,8 +32,7 @@ def load_named_metrics(arg: str) -> dict:
 def cmd_attention(args: argparse.Namespace) -> int:
     from tapper.analysis.attention import case_study_from_run
 
-    files = case_study_from_run(args.run, args.questions, args.outputs, args.task, args.variant, args.query, args.out)
-    study = json.loads(Path(files[-1]).read_text())
+    study, files = case_study_from_run(args.run, args.questions, args.outputs, args.task, args.variant, args.query, args.out)
     for name, summary in study.get("over_all_queries", {}).items():
         print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     for f in files:
