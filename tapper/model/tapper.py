@@ -103,8 +103,9 @@ class TapPer(nn.Module):
     # --- persistence ------------------------------------------------------------------
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"prefix.{k}": v.detach().cpu().contiguous() for k, v in self.prefix.state_dict().items()}
-        # Spare rows are not state: the saved table has exactly one row per user (+ row 0).
+        # Spare rows are not state: the saved table has exactly one row per user (+ row 0), and only
+        # those rows are copied off the device.
+        out = {f"prefix.{k}": v.detach().cpu().contiguous() for k, v in self.prefix.state_dict().items() if k != "user_table.weight"}
         out["prefix.user_table.weight"] = self.user_table_in_use().detach().cpu().contiguous()
         if self.cfg.use_bridge:
             for k, v in get_peft_model_state_dict(self.plm.lm).items():
