@@ -30,6 +30,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from deploy.histories import HistoryError
 from deploy.service import FeedbackConflict, ServeConfig, TapperService
 from tapper.data.chronology import parse_lamp_date
 from tapper.data.types import Record
@@ -140,6 +141,12 @@ def create_app(cfg: ServeConfig | None = None, service: TapperService | None = N
     async def _conflict(request: Request, exc: FeedbackConflict):
         detail = [{"loc": list(exc.loc), "msg": exc.msg, "type": "conflict"}]
         return JSONResponse(status_code=409, content={"detail": detail, "error": _summary(detail)})
+
+    @app.exception_handler(HistoryError)
+    async def _bad_stored_history(request: Request, exc: HistoryError):
+        # The server's own stored data is malformed (a hand-edited histories file): not the caller's fault.
+        log.error("stored history is malformed: %s", exc)
+        return JSONResponse(status_code=500, content={"detail": "a stored history is malformed", "error": str(exc)})
 
     def _svc() -> TapperService:
         if not svc.ready:

@@ -33,9 +33,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from deploy.histories import HistoryStore, histories_to_json
 from tapper.atomic import atomic_write_json
 from tapper.data import get_task
-from tapper.data.chronology import parse_lamp_date
 from tapper.data.types import Record
 
 FORMAT = "tapper-bundle"
@@ -81,40 +81,6 @@ class BundleInfo:
             others = tuple(t for t in (spec.input_template, *spec.alternative_templates) if t != self.input_template)
             spec = replace(spec, input_template=self.input_template, alternative_templates=others)
         return spec
-
-
-# --- records <-> LaMP profile items ----------------------------------------------------------------
-
-def record_to_json(record: Record) -> dict[str, Any]:
-    item: dict[str, Any] = {"id": record.id, **record.fields}
-    if record.raw_date is not None:
-        item["date"] = record.raw_date
-    elif record.date is not None:
-        item["date"] = record.date.isoformat()
-    return item
-
-
-def record_from_json(item: Mapping[str, Any], where: str = "record") -> Record:
-    if "id" not in item:
-        raise BundleError(f"{where}: missing 'id'")
-    raw = item.get("date")
-    try:
-        date = parse_lamp_date(raw)
-    except ValueError as err:
-        raise BundleError(f"{where}, field 'date': {err}") from None
-    fields = {k: str(v) for k, v in item.items() if k not in ("id", "date") and v is not None}
-    return Record(id=str(item["id"]), fields=fields, date=date, raw_date=None if raw is None else str(raw))
-
-
-def histories_to_json(histories: Mapping[str, Sequence[Record]]) -> dict[str, list[dict]]:
-    return {str(u): [record_to_json(r) for r in recs] for u, recs in histories.items()}
-
-
-def histories_from_json(obj: Any, where: str) -> dict[str, list[Record]]:
-    if not isinstance(obj, dict):
-        raise BundleError(f"{where}: expected an object {{user_id: [records]}}")
-    return {str(u): [record_from_json(r, f"{where}, user {u!r} record [{i}]") for i, r in enumerate(recs)]
-            for u, recs in obj.items()}
 
 
 # --- export ----------------------------------------------------------------------------------------
@@ -230,10 +196,11 @@ def read_bundle(path: str | os.PathLike) -> BundleInfo:
     return info
 
 
-def read_histories(info: BundleInfo) -> dict[str, list[Record]]:
+def read_histories(info: BundleInfo) -> HistoryStore:
+    """The bundle's history store (each user's records converted when first read; see deploy.histories)."""
     if not info.histories_file.is_file():
-        return {}
-    return histories_from_json(json.loads(info.histories_file.read_text()), str(info.histories_file))
+        return HistoryStore()
+    return HistoryStore.from_json(json.loads(info.histories_file.read_text()), str(info.histories_file))
 
 
 # --- MLflow registry -------------------------------------------------------------------------------

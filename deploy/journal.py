@@ -38,7 +38,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from deploy.bundle import BundleError, histories_from_json, histories_to_json, read_bundle, read_histories
+from deploy.bundle import BundleError, read_bundle, read_histories
+from deploy.histories import HistoryStore, histories_from_json, histories_to_json
 from tapper.atomic import atomic_write, atomic_write_json
 from tapper.data.types import Record
 
@@ -108,9 +109,9 @@ class LiveState:
     def snapshot_state_dir(self, name: str) -> Path:
         return self.gen_dir(name) / SNAPSHOT_STATE
 
-    def snapshot_histories(self, name: str) -> dict[str, list[Record]]:
+    def snapshot_histories(self, name: str) -> HistoryStore:
         path = self.gen_dir(name) / SNAPSHOT_HISTORIES
-        return histories_from_json(json.loads(path.read_text()), str(path))
+        return HistoryStore.from_json(json.loads(path.read_text()), str(path))
 
     def sequences(self, name: str) -> list[int]:
         journal = self.gen_dir(name) / JOURNAL_DIR
@@ -147,7 +148,7 @@ class LiveState:
                      records=histories_from_json(meta.get("records", {}), f"{path}: records"),
                      report=meta.get("report"), written_at=meta.get("written_at", ""))
 
-    def histories(self, name: str, bundle_histories: Mapping[str, Sequence[Record]] | None = None) -> dict[str, list[Record]]:
+    def histories(self, name: str, bundle_histories: HistoryStore | None = None) -> HistoryStore:
         """Every user's history at the end of generation `name`'s journal (its base's, plus every delta's records).
 
         For a "bundle"-based generation the base histories are the bundle's: `bundle_histories` if given, else
@@ -156,7 +157,7 @@ class LiveState:
         if meta["base"] == "snapshot":
             out = self.snapshot_histories(name)
         elif bundle_histories is not None:
-            out = {u: list(r) for u, r in bundle_histories.items()}
+            out = bundle_histories.copy()
         else:
             out = _histories_of_bundle(meta.get("bundle_path"))
         for delta in self.deltas_after(name, 0):
@@ -226,12 +227,12 @@ class LiveState:
                 shutil.rmtree(self.gen_dir(name), ignore_errors=True)
 
 
-def _histories_of_bundle(path: str | None) -> dict[str, list[Record]]:
+def _histories_of_bundle(path: str | None) -> HistoryStore:
     """The histories of the bundle at `path`, or none if that bundle is gone."""
     if not path:
-        return {}
+        return HistoryStore()
     try:
         info = read_bundle(path)
     except BundleError:
-        return {}
+        return HistoryStore()
     return read_histories(info)  # a corrupt histories file is an error, as anywhere else

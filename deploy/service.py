@@ -31,7 +31,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 from peft import set_peft_model_state_dict
@@ -39,9 +39,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from deploy.bundle import BundleInfo, read_bundle, read_histories
+from deploy.histories import HistoryStore, merge_histories
 from deploy.journal import CURRENT_FILE, Delta, LiveState, StateError
 from tapper.atomic import file_lock
-from tapper.data.chronology import sort_chronologically
 from tapper.data.types import Example, Record
 from tapper.model.embedding_cache import EmbeddingCache
 
@@ -141,27 +141,23 @@ class Loaded:
     backbone: object  # tapper.model.backbone.Backbone
     model: object  # TapPer
     vectors: ServingVectors
-    histories: dict[str, list[Record]]
-    bundle_histories: dict[str, list[Record]]  # the bundle's own, the base of a "bundle" generation
+    histories: HistoryStore
     generation: str | None  # None: the bundle's own state, no feedback applied yet
     sequence: int  # deltas of `generation` applied
     loaded_at: float
+    _bundle_histories: HistoryStore | None = None
+
+    def bundle_histories(self) -> HistoryStore:
+        """The bundle's own history store, the base of a "bundle" generation: read when first needed (a server
+        that resumes from a snapshot never needs it), then kept."""
+        if self._bundle_histories is None:
+            self._bundle_histories = read_histories(self.bundle)
+        return self._bundle_histories
 
 
 def bundle_id(info: BundleInfo) -> str:
     key = json.dumps({k: info.meta.get(k) for k in ("version", "backbone_hash", "created_at", "task")}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def merge_histories(*stores: Mapping[str, Sequence[Record]]) -> dict[str, list[Record]]:
-    """Union per user by record id (later stores win), chronological."""
-    out: dict[str, dict[str, Record]] = {}
-    for store in stores:
-        for user, recs in store.items():
-            d = out.setdefault(user, {})
-            for r in recs:
-                d[r.id] = r
-    return {u: sort_chronologically(list(d.values())) for u, d in out.items()}
 
 
 def load_state_into(model, state_dir: Path) -> None:
@@ -241,14 +237,15 @@ class TapperService:
                 raise ValueError(f"{info.stage1_dir}: weights hash {got[:16]}… is not the backbone the TapPer state "
                                  f"was trained on ({expected[:16]}…); the bundle is inconsistent")
         model = TapPer.load(info.state_dir, bb.model)
-        bundle_histories = read_histories(info)
         ld = Loaded(bundle=info, bundle_id=bid, task=info.task_spec(), backbone=bb, model=model,
-                    vectors=ServingVectors(bb.model, bb.tokenizer), histories={u: list(r) for u, r in bundle_histories.items()},
-                    bundle_histories=bundle_histories, generation=None, sequence=0, loaded_at=time.time())
+                    vectors=ServingVectors(bb.model, bb.tokenizer), histories=HistoryStore(),
+                    generation=None, sequence=0, loaded_at=time.time())
         cur = self.state.current()
         if cur and cur.get("bundle_id") == bid:
             self._adopt(ld, cur["generation"], fresh=True)
-        elif cur:
+            return ld
+        ld.histories = ld.bundle_histories().copy()
+        if cur:
             # A generation of another bundle: keep the users' records, not the rows trained for another model.
             with contextlib.suppress(FileNotFoundError):
                 ld.histories = merge_histories(ld.histories, self.state.histories(cur["generation"]))
@@ -269,7 +266,7 @@ class TapperService:
         else:
             if not fresh:
                 load_state_into(ld.model, ld.bundle.state_dir)
-            histories = {u: list(r) for u, r in ld.bundle_histories.items()}
+            histories = ld.bundle_histories().copy()
         ld.histories, ld.generation, ld.sequence = histories, name, 0
         self._catch_up(ld)
 

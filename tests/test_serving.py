@@ -7,6 +7,7 @@ generations, carrying histories over to a new bundle, and 4xx errors naming the 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -75,15 +76,13 @@ class Client:
             return e.code, json.loads(e.read())
 
 
-@pytest.fixture(scope="module")
-def server(bundle, tmp_path_factory):
+@contextlib.contextmanager
+def _running(cfg: ServeConfig):
     """uvicorn on 127.0.0.1:<free port> in a thread of this process (the model modules are already imported)."""
     import uvicorn
 
     from deploy.app import create_app
 
-    state = tmp_path_factory.mktemp("live")
-    cfg = ServeConfig(model_dir=bundle.path, state_dir=state, feedback_steps=3, feedback_lr=0.05, sync_seconds=0)
     app = create_app(cfg)
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
@@ -100,9 +99,19 @@ def server(bundle, tmp_path_factory):
         time.sleep(0.1)
     else:
         pytest.fail("server did not become healthy in 60 s")
-    yield {"client": client, "state": state, "cfg": cfg, "app": app}
-    srv.should_exit = True
-    th.join(timeout=10)
+    try:
+        yield client, app
+    finally:
+        srv.should_exit = True
+        th.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(bundle, tmp_path_factory):
+    state = tmp_path_factory.mktemp("live")
+    cfg = ServeConfig(model_dir=bundle.path, state_dir=state, feedback_steps=3, feedback_lr=0.05, sync_seconds=0)
+    with _running(cfg) as (client, app):
+        yield {"client": client, "state": state, "cfg": cfg, "app": app}
 
 
 def _record(rid: str, date: str, category: str = "politics") -> dict:
@@ -326,6 +335,12 @@ def test_compaction_pruning_and_a_new_bundle_carrying_histories(trained, bundle,
     assert torch.equal(ld.model.user_table_in_use(), writer.loaded.model.user_table_in_use())
     assert set(ld.histories) == set(writer.loaded.histories)
 
+    # A restart on the snapshot generation: the bundle's histories are never read, and users are converted
+    # only as they are read (here, only the delta's user).
+    resumed = TapperService(ServeConfig(**cfg)).load()
+    assert resumed._bundle_histories is None and resumed.generation == "gen-000003"
+    assert [r.id for r in resumed.histories["c4"]] == ["c4-1"] and resumed.histories.unread() == len(resumed.histories) - 1
+
     # A journal with a hole (a delta file gone) is an error naming the file, not a silent skip.
     (snap / "journal" / "00000001.safetensors").rename(snap / "journal" / "00000002.safetensors")
     with pytest.raises(StateError, match="00000002.safetensors: journal gap"):
@@ -343,6 +358,29 @@ def test_compaction_pruning_and_a_new_bundle_carrying_histories(trained, bundle,
     assert meta["base"] == "snapshot" and meta["bundle_version"] == "test-2"
     restarted = TapperService(ServeConfig(**{**cfg, "model_dir": b2.path})).load()
     assert [r.id for r in restarted.histories["c4"]] == ["c4-1", "c4-2"] and "c4" in restarted.model.user_rows
+
+
+def test_a_malformed_stored_record_fails_only_its_users_requests(trained, tmp_path):
+    """Histories are converted per user when first read: a hand-edited bundle with one bad record still loads,
+    serves every other user, and answers that user's requests with a 500 naming the file, user, record and field."""
+    b = export_bundle(trained["stage1"], trained["state"], "LaMP_2N", tmp_path / "b", version="bad-1",
+                      histories=trained["histories"])
+    items = json.loads(b.histories_file.read_text())
+    bad_user, good_user = sorted(items)[:2]
+    items[bad_user][1]["date"] = "the day before yesterday"
+    b.histories_file.write_text(json.dumps(items))
+    cfg = ServeConfig(model_dir=b.path, state_dir=tmp_path / "live", feedback_steps=1, sync_seconds=0)
+    with _running(cfg) as (c, app):
+        code, body = c.call("POST", "/predict", {"user_id": good_user, "fields": {"text": "a story"}})
+        assert code == 200 and body["history_stored"] == len(items[good_user])
+        for path, req in (("/predict", {"user_id": bad_user, "fields": {"text": "a story"}}),
+                          ("/feedback", {"user_id": bad_user, "records": [_record("late-1", "2030-01-01")]})):
+            code, body = c.call("POST", path, req)
+            assert code == 500, body
+            assert body["error"].startswith(f"{b.histories_file}, user {bad_user!r} record [1], field 'date'")
+        # Only the good user was converted; the bad one stays unread (and fails again on the next request).
+        assert app.state.service.loaded.histories.unread() == len(items) - 1
+        assert not (tmp_path / "live").exists() or not list((tmp_path / "live").rglob("*.safetensors"))  # nothing written
 
 
 def svc_record(rid: str, date: str):

@@ -1,0 +1,79 @@
+"""The serving history store: users converted when first read, unread ones written back untouched, merges."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deploy.histories import HistoryError, HistoryStore, histories_from_json, histories_to_json, merge_histories
+from tapper.data.chronology import parse_lamp_date
+from tapper.data.types import Record
+
+
+def _item(rid: str, date: str | None, category: str = "travel") -> dict:
+    item = {"id": rid, "text": f"story {rid}", "category": category}
+    if date is not None:
+        item["date"] = date
+    return item
+
+
+def _rec(rid: str, date: str | None) -> Record:
+    return Record(id=rid, fields={"text": f"story {rid}", "category": "travel"}, date=parse_lamp_date(date), raw_date=date)
+
+
+STORED = {"a": [_item("a1", "2021-01-01"), _item("a2", "2021-02-01")], "b": [_item("b1", "2020")], "c": []}
+
+
+def test_users_are_converted_when_read_and_unread_ones_are_written_back_as_they_were():
+    obj = json.loads(json.dumps(STORED))
+    store = HistoryStore.from_json(obj, "h.json")
+    assert len(store) == 3 and list(store) == ["a", "b", "c"] and store.unread() == 3
+    assert [r.id for r in store["a"]] == ["a1", "a2"] and store["a"][0].date.isoformat() == "2021-01-01"
+    assert store.unread() == 2 and store["a"] is store["a"]  # converted once, then kept
+    assert "b" in store and "z" not in store and store.get("z", []) == []
+    out = store.to_json()
+    assert out["b"] is obj["b"]  # passed through, not converted and re-encoded
+    assert out == STORED and histories_to_json(store) == STORED
+    # The eager reader gives the same records.
+    assert {u: [r.id for r in rs] for u, rs in histories_from_json(obj, "h.json").items()} == {u: [r.id for r in store[u]] for u in store}
+
+
+def test_copies_never_share_a_list_and_setdefault_extends_the_stored_one():
+    store = HistoryStore.from_json(json.loads(json.dumps(STORED)), "h.json")
+    store["a"]  # read before the copy
+    twin = store.copy()
+    twin["a"].append(_rec("a3", "2021-03-01"))
+    twin.setdefault("new", []).append(_rec("n1", "2022-01-01"))
+    twin["b"].append(_rec("b2", "2021"))  # read for the first time in the copy
+    assert [r.id for r in store["a"]] == ["a1", "a2"] and [r.id for r in store["b"]] == ["b1"] and "new" not in store
+    assert [r.id for r in twin["a"]] == ["a1", "a2", "a3"] and [r.id for r in twin["new"]] == ["n1"]
+    del twin["c"]
+    assert "c" in store and "c" not in twin
+
+
+def test_a_malformed_record_is_found_when_its_user_is_read_and_named():
+    obj = {"good": [_item("g1", "2021-01-01")], "bad": [_item("x1", "2021-01-01"), _item("x2", "yesterday")],
+           "noid": [{"text": "no id"}]}
+    store = HistoryStore.from_json(obj, "h.json")  # the top level is fine: loading does not look inside
+    assert [r.id for r in store["good"]] == ["g1"]
+    with pytest.raises(HistoryError, match=r"^h\.json, user 'bad' record \[1\], field 'date': unparsable date 'yesterday'"):
+        store["bad"]
+    with pytest.raises(HistoryError, match=r"^h\.json, user 'noid' record \[0\]: missing 'id'"):
+        store["noid"]
+    with pytest.raises(HistoryError, match=r"^h\.json: expected an object"):
+        HistoryStore.from_json([1, 2], "h.json")
+    with pytest.raises(HistoryError, match=r"^h\.json, user 'u': expected a list of records, got str"):
+        HistoryStore.from_json({"u": "not a list"}, "h.json")
+
+
+def test_merge_keeps_single_store_users_unread_sorts_them_and_unions_shared_users_by_id():
+    older = HistoryStore.from_json({"solo": [_item("s2", "2021-05-01"), _item("s0", None), _item("s1", "2021-01-01")],
+                                    "both": [_item("x1", "2021-01-01"), _item("x2", "2021-02-01", "sports")]}, "old.json")
+    newer = {"both": [_rec("x2", "2021-02-01"), _rec("x3", "2021-03-01")], "fresh": [_rec("f1", "2022-01-01")]}
+    merged = merge_histories(older, newer)
+    assert merged.unread() == 1  # only "solo", which one store holds and nobody read
+    # Dated records sorted, the undated one kept in its slot (tapper.data.chronology.sort_chronologically).
+    assert [r.id for r in merged["solo"]] == ["s1", "s0", "s2"]
+    assert [r.id for r in merged["both"]] == ["x1", "x2", "x3"] and merged["both"][1].fields["category"] == "travel"  # later wins
+    assert [r.id for r in merged["fresh"]] == ["f1"]
+    assert [r.id for r in older["solo"]] == ["s2", "s0", "s1"]  # the source store is unchanged
