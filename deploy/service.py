@@ -175,7 +175,8 @@ def load_state_into(model, state_dir: Path) -> None:
     rows, width = prefix_sd["user_table.weight"].shape
     old = model.prefix.user_table
     if old.num_embeddings != rows:
-        grown = nn.Embedding(rows, width, dtype=old.weight.dtype, device=old.weight.device)
+        # _weight: no random init of rows that load_state_dict overwrites next.
+        grown = nn.Embedding(rows, width, _weight=torch.empty(rows, width, dtype=old.weight.dtype, device=old.weight.device))
         grown.weight.requires_grad_(old.weight.requires_grad)
         model.prefix.user_table = grown
     model.prefix.load_state_dict(prefix_sd)

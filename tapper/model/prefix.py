@@ -30,7 +30,7 @@ def _inverse_softplus(y: float) -> float:
 
 
 class PrefixEncoder(nn.Module):
-    def __init__(self, n_users: int, d: int, cfg: Stage2Config, emb_std: float):
+    def __init__(self, n_users: int, d: int, cfg: Stage2Config, emb_std: float, init_user_table: bool = True):
         super().__init__()
         self.cfg = cfg
         self.L, self.d = cfg.prefix_len, d
@@ -40,10 +40,16 @@ class PrefixEncoder(nn.Module):
         # Row 0 of the table is reserved for users never seen in training (kept at zero):
         # they get P_q only, which is what the P_q-only deployment mode serves.
         # Without P_u (the P_q-only mode) nothing is stored per user: only the unknown row exists.
-        self.user_table = nn.Embedding((n_users if cfg.use_pu else 0) + 1, self.L * d)
-        nn.init.normal_(self.user_table.weight, std=cfg.user_init_std)
-        with torch.no_grad():
-            self.user_table.weight[0].zero_()
+        rows = (n_users if cfg.use_pu else 0) + 1
+        if init_user_table:
+            self.user_table = nn.Embedding(rows, self.L * d)
+            nn.init.normal_(self.user_table.weight, std=cfg.user_init_std)
+            with torch.no_grad():
+                self.user_table.weight[0].zero_()
+        else:
+            # Loading overwrites every row: drawing them at random first (twice, nn.Embedding's own init and
+            # ours) took seconds at 100k users. _weight skips nn.Embedding's init.
+            self.user_table = nn.Embedding(rows, self.L * d, _weight=torch.empty(rows, self.L * d))
         self.din = nn.Sequential(nn.Linear(4 * d, din_h), nn.GELU(), nn.Linear(din_h, 1))
         self.proj = nn.Sequential(nn.Linear(d, proj_h), nn.GELU(), nn.Linear(proj_h, self.L * d))
         init = _inverse_softplus(cfg.lambda_init)

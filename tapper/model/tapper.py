@@ -31,7 +31,8 @@ CONFIG_FILE = "tapper_config.json"
 
 
 class TapPer(nn.Module):
-    def __init__(self, backbone: nn.Module, user_ids: list[str], cfg: Stage2Config, backbone_hash: str = ""):
+    def __init__(self, backbone: nn.Module, user_ids: list[str], cfg: Stage2Config, backbone_hash: str = "",
+                 init_user_table: bool = True):
         super().__init__()
         self.cfg = cfg
         self.user_ids = list(user_ids)
@@ -45,7 +46,7 @@ class TapPer(nn.Module):
         emb_std = float(emb.detach().float().std())
         lm = attach_lora(backbone, cfg.bridge_r, cfg.bridge_alpha, cfg.bridge_dropout, cfg.target_modules) if cfg.use_bridge else backbone
         self.plm = PrefixedLM(lm)
-        self.prefix = PrefixEncoder(len(self.user_ids), self.d, cfg, emb_std).to(emb.device)
+        self.prefix = PrefixEncoder(len(self.user_ids), self.d, cfg, emb_std, init_user_table).to(emb.device)
 
     # --- parameters -------------------------------------------------------------------
 
@@ -127,7 +128,7 @@ class TapPer(nn.Module):
         directory = Path(directory)
         meta = json.loads((directory / CONFIG_FILE).read_text())
         cfg = from_dict(Stage2Config, meta["stage2"], f"{directory / CONFIG_FILE}: stage2")
-        model = cls(backbone, meta["user_ids"], cfg, meta.get("backbone_hash", ""))
+        model = cls(backbone, meta["user_ids"], cfg, meta.get("backbone_hash", ""), init_user_table=False)
         tensors = load_file(directory / STATE_FILE)
         prefix_sd = {k[len("prefix."):]: v for k, v in tensors.items() if k.startswith("prefix.")}
         model.prefix.load_state_dict(prefix_sd)
