@@ -134,7 +134,7 @@ def export_bundle(
         for name in STATE_FILES:
             shutil.copy2(state_dir / name, tmp / STATE_DIR / name)
         if histories:
-            atomic_write_json(tmp / HISTORIES_FILE, histories_to_json(histories))
+            atomic_write_json(tmp / HISTORIES_FILE, histories_to_json(histories), compact=True)
         atomic_write_json(tmp / META_FILE, meta)  # last: a bundle with model.json is complete
         os.chmod(tmp, 0o755)
         if out_dir.exists():

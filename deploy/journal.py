@@ -200,7 +200,7 @@ class LiveState:
             if model is not None:
                 base = "snapshot"
                 model.save(tmp / SNAPSHOT_STATE)
-                atomic_write_json(tmp / SNAPSHOT_HISTORIES, histories_to_json(histories or {}))
+                atomic_write_json(tmp / SNAPSHOT_HISTORIES, histories_to_json(histories or {}), compact=True)
             (tmp / JOURNAL_DIR).mkdir()
             atomic_write_json(tmp / META_FILE, {
                 "generation": name, "bundle_id": bundle_id, "bundle_version": bundle_version, "base": base,

@@ -36,7 +36,11 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, _w)
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> Path:
+def atomic_write_json(path: str | Path, obj: Any, compact: bool = False) -> Path:
+    """Indented for people by default; `compact` for bulk data files: json's C encoder only runs without
+    indent, so a million history records take ~2.5 s compact against ~13 s indented."""
+    if compact:
+        return atomic_write_text(path, json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n")
     return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
