@@ -17,20 +17,12 @@ from __future__ import annotations
 from typing import Any, Iterator, Mapping, MutableMapping, Sequence
 
 from tapper.data.chronology import parse_lamp_date, sort_chronologically
+from tapper.data.lamp_io import record_to_json
 from tapper.data.types import Record
 
 
 class HistoryError(ValueError):
     """A stored history is malformed. Names the file, user, record and field."""
-
-
-def record_to_json(record: Record) -> dict[str, Any]:
-    item: dict[str, Any] = {"id": record.id, **record.fields}
-    if record.raw_date is not None:
-        item["date"] = record.raw_date
-    elif record.date is not None:
-        item["date"] = record.date.isoformat()
-    return item
 
 
 def record_from_json(item: Mapping[str, Any], where: str = "record") -> Record:

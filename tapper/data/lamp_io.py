@@ -105,7 +105,7 @@ def write_questions(ds: LampDataset, path: PathLike) -> Path:
         items.append({
             "id": query.id,
             "input": query.input,
-            "profile": [_record_to_json(record) for record in query.profile],
+            "profile": [record_to_json(record) for record in query.profile],
             "user_id": query.user_id,
         })
     return _write_json(path, items)
@@ -134,7 +134,8 @@ def golds_of(ds: LampDataset) -> dict[str, str]:
     return {q.id: q.output for q in ds.queries if q.output is not None}
 
 
-def _record_to_json(record: Record) -> dict[str, Any]:
+def record_to_json(record: Record) -> dict[str, Any]:
+    """A Record as a LaMP profile item: its id, its fields, and its date as it was written (if any)."""
     item: dict[str, Any] = {"id": record.id, **record.fields}
     if record.raw_date is not None:
         item["date"] = record.raw_date
