@@ -36,6 +36,7 @@ from typing import Any, Mapping, Sequence
 from deploy.histories import HistoryStore, histories_to_json
 from tapper.atomic import atomic_write_json
 from tapper.data import get_task
+from tapper.data.chronology import sort_chronologically
 from tapper.data.types import Record
 
 FORMAT = "tapper-bundle"
@@ -134,7 +135,9 @@ def export_bundle(
         for name in STATE_FILES:
             shutil.copy2(state_dir / name, tmp / STATE_DIR / name)
         if histories:
-            atomic_write_json(tmp / HISTORIES_FILE, histories_to_json(histories), compact=True)
+            # Stored in time order, as feedback keeps them, so a server can use them as read.
+            ordered = {u: sort_chronologically(list(recs)) for u, recs in histories.items()}
+            atomic_write_json(tmp / HISTORIES_FILE, histories_to_json(ordered), compact=True)
         atomic_write_json(tmp / META_FILE, meta)  # last: a bundle with model.json is complete
         os.chmod(tmp, 0o755)
         if out_dir.exists():
