@@ -84,8 +84,8 @@ class HistoryStore(MutableMapping[str, list[Record]]):
     `copy()` is cheap: unread users are shared, read ones copied, so two stores never share a list.
     """
 
-    def __init__(self, records: Mapping[str, Sequence[Record]] | None = None):
-        self._users: dict[str, list[Record] | _Unread] = {str(u): list(r) for u, r in (records or {}).items()}
+    def __init__(self) -> None:
+        self._users: dict[str, list[Record] | _Unread] = {}
 
     @classmethod
     def from_json(cls, obj: Any, where: str) -> "HistoryStore":

@@ -148,16 +148,14 @@ class LiveState:
                      records=histories_from_json(meta.get("records", {}), f"{path}: records"),
                      report=meta.get("report"), written_at=meta.get("written_at", ""))
 
-    def histories(self, name: str, bundle_histories: HistoryStore | None = None) -> HistoryStore:
+    def histories(self, name: str) -> HistoryStore:
         """Every user's history at the end of generation `name`'s journal (its base's, plus every delta's records).
 
-        For a "bundle"-based generation the base histories are the bundle's: `bundle_histories` if given, else
-        those of the bundle the generation recorded, if that directory still exists."""
+        For a "bundle"-based generation the base histories are those of the bundle the generation recorded, if
+        that directory still exists."""
         meta = self.meta(name)
         if meta["base"] == "snapshot":
             out = self.snapshot_histories(name)
-        elif bundle_histories is not None:
-            out = bundle_histories.copy()
         else:
             out = _histories_of_bundle(meta.get("bundle_path"))
         for delta in self.deltas_after(name, 0):
