@@ -10,8 +10,10 @@ Layout (format version 1)::
                         "users": <rows in the table>, "created_at": "<UTC ISO time>", "source": {...}}
       stage1/          the merged Stage-1 backbone, a Hugging Face directory (config, safetensors, tokenizer)
       tapper/          TapPer.save(): prefix.safetensors + tapper_config.json
-      histories.json   optional: {user_id: [LaMP profile items {id, date?, <task fields>}]}, the histories the
-                       server starts from (the Stage-2 users' records); feedback adds to them
+      histories.jsonl  optional: one line per user, {"user": id, "records": [LaMP profile items {id, date?,
+                       <task fields>}]}, the histories the server starts from (the Stage-2 users' records);
+                       feedback adds to them. Bundles written before JSON lines hold histories.json
+                       ({user_id: [items]}), which still loads (deploy.histories).
 
 A bundle is immutable once written: `export_bundle` builds it in a sibling temporary directory and renames it
 into place, so a reader never sees half a bundle. Online updates never write into a bundle; the server keeps
@@ -33,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from deploy.histories import HistoryStore, histories_to_json
+from deploy.histories import HISTORIES_FILE, HistoryStore, histories_file, read_histories_dir, write_histories
 from tapper.atomic import atomic_write_json
 from tapper.data import get_task
 from tapper.data.chronology import sort_chronologically
@@ -44,7 +46,6 @@ FORMAT_VERSION = 1
 META_FILE = "model.json"
 STAGE1_DIR = "stage1"
 STATE_DIR = "tapper"
-HISTORIES_FILE = "histories.json"
 STATE_FILES = ("prefix.safetensors", "tapper_config.json")
 
 
@@ -71,7 +72,7 @@ class BundleInfo:
 
     @property
     def histories_file(self) -> Path:
-        return self.path / HISTORIES_FILE
+        return histories_file(self.path)
 
     def task_spec(self):
         """The TaskSpec, with the input wording the training data used (e.g. MovieLens-built LaMP_3)."""
@@ -137,7 +138,7 @@ def export_bundle(
         if histories:
             # Stored in time order, as feedback keeps them, so a server can use them as read.
             ordered = {u: sort_chronologically(list(recs)) for u, recs in histories.items()}
-            atomic_write_json(tmp / HISTORIES_FILE, histories_to_json(ordered), compact=True)
+            write_histories(tmp / HISTORIES_FILE, ordered)
         atomic_write_json(tmp / META_FILE, meta)  # last: a bundle with model.json is complete
         os.chmod(tmp, 0o755)
         if out_dir.exists():
@@ -201,9 +202,7 @@ def read_bundle(path: str | os.PathLike) -> BundleInfo:
 
 def read_histories(info: BundleInfo) -> HistoryStore:
     """The bundle's history store (each user's records converted when first read; see deploy.histories)."""
-    if not info.histories_file.is_file():
-        return HistoryStore()
-    return HistoryStore.from_json(json.loads(info.histories_file.read_text()), str(info.histories_file))
+    return read_histories_dir(info.path)
 
 
 # --- MLflow registry -------------------------------------------------------------------------------

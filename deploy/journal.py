@@ -10,7 +10,8 @@ new records, a few KB), and the full state is written only every `compact_every`
         meta.json                {"generation", "bundle_id", "bundle_version", "base": "bundle" | "snapshot",
                                   "bundle_path", "parent", "parent_sequence", "written_at"}
         tapper/                  snapshot only: TapPer.save() of the model as of the generation's start
-        histories.json           snapshot only: every user's history store as of the generation's start
+        histories.jsonl          snapshot only: every user's history store as of the generation's start
+                                 (deploy.histories; snapshots written before JSON lines hold histories.json)
         journal/
           00000001.safetensors   delta 1: tensor "rows" [k, L*d] = the new values of k users' rows; metadata
           00000002.safetensors   "delta" = {"sequence", "users" (k, in row order), "new_users" (appended to the
@@ -39,7 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from deploy.bundle import BundleError, read_bundle, read_histories
-from deploy.histories import HistoryStore, histories_from_json, histories_to_json
+from deploy.histories import HISTORIES_FILE, HistoryStore, histories_file, histories_from_json, histories_to_json, write_histories
 from tapper.atomic import atomic_write, atomic_write_json
 from tapper.data.types import Record
 
@@ -48,7 +49,6 @@ LOCK_FILE = ".lock"
 META_FILE = "meta.json"
 JOURNAL_DIR = "journal"
 SNAPSHOT_STATE = "tapper"
-SNAPSHOT_HISTORIES = "histories.json"
 GEN_RE = re.compile(r"^gen-(\d{6,})$")
 DELTA_RE = re.compile(r"^(\d{8})\.safetensors$")
 
@@ -110,8 +110,10 @@ class LiveState:
         return self.gen_dir(name) / SNAPSHOT_STATE
 
     def snapshot_histories(self, name: str) -> HistoryStore:
-        path = self.gen_dir(name) / SNAPSHOT_HISTORIES
-        return HistoryStore.from_json(json.loads(path.read_text()), str(path))
+        path = histories_file(self.gen_dir(name))
+        if not path.is_file():
+            raise StateError(f"{path}: missing (a snapshot generation holds every user's history)")
+        return HistoryStore.read(path)
 
     def sequences(self, name: str) -> list[int]:
         journal = self.gen_dir(name) / JOURNAL_DIR
@@ -198,7 +200,7 @@ class LiveState:
             if model is not None:
                 base = "snapshot"
                 model.save(tmp / SNAPSHOT_STATE)
-                atomic_write_json(tmp / SNAPSHOT_HISTORIES, histories_to_json(histories or {}), compact=True)
+                write_histories(tmp / HISTORIES_FILE, histories or {})
             (tmp / JOURNAL_DIR).mkdir()
             atomic_write_json(tmp / META_FILE, {
                 "generation": name, "bundle_id": bundle_id, "bundle_version": bundle_version, "base": base,

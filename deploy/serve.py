@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bundle", help="write a serving bundle from a Stage-1 backbone dir and a TapPer state dir",
-                       description="Write a serving bundle (model.json, stage1/, tapper/, histories.json) at --out, atomically. "
+                       description="Write a serving bundle (model.json, stage1/, tapper/, histories.jsonl) at --out, atomically. "
                                    "Or, with --model-uri, from the MLflow registry.")
     p.add_argument("--stage1", help="merged Stage-1 backbone directory (Hugging Face format)")
     p.add_argument("--state", help="TapPer state directory (prefix.safetensors + tapper_config.json)")

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from deploy.histories import HistoryError, HistoryStore, histories_from_json, histories_to_json, merge_histories
+from deploy.histories import (HistoryError, HistoryStore, histories_file, histories_from_json, histories_to_json,
+                              merge_histories, read_histories_dir, write_histories)
 from tapper.data.chronology import parse_lamp_date
 from tapper.data.types import Record
 
@@ -77,3 +78,59 @@ def test_merge_keeps_single_store_users_unread_sorts_them_and_unions_shared_user
     assert [r.id for r in merged["both"]] == ["x1", "x2", "x3"] and merged["both"][1].fields["category"] == "travel"  # later wins
     assert [r.id for r in merged["fresh"]] == ["f1"]
     assert [r.id for r in older["solo"]] == ["s2", "s0", "s1"]  # the source store is unchanged
+
+
+def _jsonl(path, users: dict) -> None:
+    path.write_text("".join(json.dumps({"user": u, "records": items}, separators=(",", ":")) + "\n" for u, items in users.items()))
+
+
+def test_json_lines_are_read_lazily_and_unread_lines_are_written_back_byte_for_byte(tmp_path):
+    src = tmp_path / "histories.jsonl"
+    _jsonl(src, STORED)
+    store = HistoryStore.read(src)
+    assert list(store) == ["a", "b", "c"] and store.unread() == 3
+    assert [r.id for r in store["b"]] == ["b1"] and store.unread() == 2
+    store["a"].append(_rec("a3", "2021-03-01"))
+    out = write_histories(tmp_path / "out" / "histories.jsonl", store)
+    lines = out.read_text().splitlines()
+    assert lines[2] == src.read_text().splitlines()[2]  # "c", never read: its line as it was
+    assert [json.loads(x)["user"] for x in lines] == ["a", "b", "c"]
+    again = HistoryStore.read(out)
+    assert [r.id for r in again["a"]] == ["a1", "a2", "a3"] and again.to_json()["b"] == STORED["b"]
+    assert not list((tmp_path / "out").glob("*.tmp"))  # written to a temporary name, then renamed
+    # A plain mapping is written the same way, and an empty store is an empty file.
+    plain = write_histories(tmp_path / "plain.jsonl", {"p": [_rec("p1", "2020-01-01")]})
+    assert [r.id for r in HistoryStore.read(plain)["p"]] == ["p1"]
+    assert len(HistoryStore.read(write_histories(tmp_path / "empty.jsonl", {}))) == 0
+
+
+def test_a_hand_edited_line_loads_and_bad_lines_are_named_by_file_and_line(tmp_path):
+    f = tmp_path / "histories.jsonl"
+    # Spaces and another key order: not the shape tapper writes, so the line is parsed (and checked) at load.
+    f.write_text('{"records": [{"id": "e1", "date": "2021-01-01", "text": "x"}], "user": "edited"}\n\n'
+                 + json.dumps({"user": "bad", "records": [_item("x1", "someday")]}, separators=(",", ":")) + "\n")
+    store = HistoryStore.read(f)
+    assert store.unread() == 2 and [r.id for r in store["edited"]] == ["e1"]
+    with pytest.raises(HistoryError, match=r"histories\.jsonl line 3, user 'bad' record \[0\], field 'date'"):
+        store["bad"]
+    for text, message in [
+        ('{"user":"u","records":[]}\nnot json\n', r"line 2: not JSON"),
+        ('{"user":"u","records":[]}\n{"user":"u","records":[]}\n', r"line 2: user 'u' again \(first on line 1\)"),
+        ('{"records":[]}\n', r"line 1, field 'user'"),
+        ('{"user": "u", "records": {"id": "r"}}\n', r"line 1, user 'u', field 'records': expected a list"),
+        ('{"user":"u","records":[{"id":"r"}\n', r"line 1, user 'u': not JSON"),  # cut short: found when read
+    ]:
+        f.write_text(text)
+        with pytest.raises(HistoryError, match=message):
+            HistoryStore.read(f)["u"]
+
+
+def test_a_legacy_one_document_file_still_loads_and_the_directory_reader_prefers_json_lines(tmp_path):
+    (tmp_path / "histories.json").write_text(json.dumps(STORED))
+    assert histories_file(tmp_path).name == "histories.json"
+    store = read_histories_dir(tmp_path)
+    assert [r.id for r in store["a"]] == ["a1", "a2"] and store.unread() == 2
+    write_histories(tmp_path / "histories.jsonl", store)  # what the next snapshot writes
+    assert histories_file(tmp_path).name == "histories.jsonl"
+    assert HistoryStore.read(histories_file(tmp_path)).to_json() == STORED
+    assert len(read_histories_dir(tmp_path / "nothing-here")) == 0

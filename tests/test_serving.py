@@ -326,7 +326,7 @@ def test_compaction_pruning_and_a_new_bundle_carrying_histories(trained, bundle,
         ("gen-000002", 2, "gen-000003"), ("gen-000003", 1, None)]
     assert sorted(p.name for p in state.iterdir() if p.name.startswith("gen-")) == ["gen-000002", "gen-000003"]  # pruned
     snap = state / "gen-000003"
-    assert {p.name for p in snap.iterdir()} == {"meta.json", "journal", "tapper", "histories.json"}
+    assert {p.name for p in snap.iterdir()} == {"meta.json", "journal", "tapper", "histories.jsonl"}
     assert json.loads((snap / "meta.json").read_text())["parent"] == "gen-000002"
     ld = reader.loaded
     assert (ld.generation, ld.sequence) == (None, 0)
@@ -365,10 +365,13 @@ def test_a_malformed_stored_record_fails_only_its_users_requests(trained, tmp_pa
     serves every other user, and answers that user's requests with a 500 naming the file, user, record and field."""
     b = export_bundle(trained["stage1"], trained["state"], "LaMP_2N", tmp_path / "b", version="bad-1",
                       histories=trained["histories"])
-    items = json.loads(b.histories_file.read_text())
+    lines = [json.loads(x) for x in b.histories_file.read_text().splitlines()]
+    items = {line["user"]: line["records"] for line in lines}
     bad_user, good_user = sorted(items)[:2]
+    bad_line = next(n for n, line in enumerate(lines, 1) if line["user"] == bad_user)
     items[bad_user][1]["date"] = "the day before yesterday"
-    b.histories_file.write_text(json.dumps(items))
+    b.histories_file.write_text("".join(json.dumps({"user": u, "records": r}, separators=(",", ":")) + "\n"
+                                        for u, r in items.items()))
     cfg = ServeConfig(model_dir=b.path, state_dir=tmp_path / "live", feedback_steps=1, sync_seconds=0)
     with _running(cfg) as (c, app):
         code, body = c.call("POST", "/predict", {"user_id": good_user, "fields": {"text": "a story"}})
@@ -377,10 +380,34 @@ def test_a_malformed_stored_record_fails_only_its_users_requests(trained, tmp_pa
                           ("/feedback", {"user_id": bad_user, "records": [_record("late-1", "2030-01-01")]})):
             code, body = c.call("POST", path, req)
             assert code == 500, body
-            assert body["error"].startswith(f"{b.histories_file}, user {bad_user!r} record [1], field 'date'")
+            assert body["error"].startswith(f"{b.histories_file} line {bad_line}, user {bad_user!r} record [1], field 'date'")
         # Only the good user was converted; the bad one stays unread (and fails again on the next request).
         assert app.state.service.loaded.histories.unread() == len(items) - 1
         assert not (tmp_path / "live").exists() or not list((tmp_path / "live").rglob("*.safetensors"))  # nothing written
+
+
+def test_a_bundle_written_before_json_lines_still_serves_and_compacts_into_json_lines(trained, tmp_path):
+    """Bundles and snapshots from before held one `histories.json` document; they load, and the next snapshot
+    is written as `histories.jsonl` with the same histories."""
+    b = export_bundle(trained["stage1"], trained["state"], "LaMP_2N", tmp_path / "old", version="old-1",
+                      histories=trained["histories"])
+    items = {line["user"]: line["records"] for line in map(json.loads, b.histories_file.read_text().splitlines())}
+    (b.path / "histories.json").write_text(json.dumps(items))
+    b.histories_file.unlink()
+    assert read_bundle(b.path).histories_file.name == "histories.json"
+    cfg = ServeConfig(model_dir=b.path, state_dir=tmp_path / "live", feedback_steps=1, sync_seconds=0, compact_every=1)
+    svc = TapperService(cfg)
+    svc.load()
+    user = sorted(items)[0]
+    assert svc.predict(user, "a story")["history_stored"] == len(items[user])
+    out = svc.feedback(user, [svc_record("legacy-1", "2031-01-01")])
+    snap = tmp_path / "live" / out["compacted_into"]
+    assert (snap / "histories.jsonl").is_file() and not (snap / "histories.json").exists()
+    resumed = TapperService(cfg).load()
+    assert set(resumed.histories) == set(items)
+    assert [r.id for r in resumed.histories[user]] == [r["id"] for r in items[user]] + ["legacy-1"]
+    other = sorted(items)[1]
+    assert [r.id for r in resumed.histories[other]] == [r["id"] for r in items[other]]
 
 
 def svc_record(rid: str, date: str):
