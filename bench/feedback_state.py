@@ -11,6 +11,10 @@ rows, so only some of them reallocate it, which is counted). It records the byte
 wall time, and the bytes and time of one snapshot of the
 whole state (`LiveState.start_generation` with the model: what every feedback wrote before the journal, and
 what compaction writes every `compact_every` feedbacks), and the time a restarted server needs to load.
+
+It also loads the bundle's history file alone in a fresh process, to see what the history store costs
+(seconds, and resident memory added): as written now (JSON lines, each user's line kept as text until read),
+and the same histories in the one-document `histories.json` that bundles held before.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from deploy.bundle import export_bundle  # noqa: E402
+from deploy.histories import HistoryStore, histories_to_json  # noqa: E402
+from tapper.atomic import atomic_write_json  # noqa: E402
 from deploy.service import ServeConfig, TapperService  # noqa: E402
 from tapper.config import Stage2Config  # noqa: E402
 from tapper.data.tasks import LAMP_2N_LABELS  # noqa: E402
@@ -52,6 +59,27 @@ def _du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+_STORE_PROBE = """
+import json, sys, time
+sys.path.insert(0, sys.argv[2])
+from deploy.histories import HistoryStore
+def rss():
+    return int(open('/proc/self/statm').read().split()[1]) * 4096
+before = rss(); t0 = time.perf_counter()
+store = HistoryStore.read(sys.argv[1])
+print(json.dumps({"load_s": round(time.perf_counter() - t0, 3), "rss_added_mb": round((rss() - before) / 1e6, 1),
+                  "users": len(store)}))
+"""
+
+
+def _history_store_cost(path: Path) -> dict:
+    """Load one history file in a fresh process: seconds and resident memory the store adds."""
+    root = str(Path(__file__).resolve().parent.parent)
+    out = subprocess.run([sys.executable, "-c", _STORE_PROBE, str(path), root], check=True, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return {"file_bytes": path.stat().st_size, **json.loads(out.stdout)}
+
+
 def measure(n_users: int, history: int, feedbacks: int, new_users: int, work: Path, seed: int = 0) -> dict:
     rng = random.Random(seed)
     users = [f"u{i:07d}" for i in range(n_users)]
@@ -61,6 +89,10 @@ def measure(n_users: int, history: int, feedbacks: int, new_users: int, work: Pa
     model.save(work / "state")
     bundle = export_bundle(bb.path, work / "state", "LaMP_2N", work / "bundle", version="bench", histories=histories)
     del model, histories
+    legacy = atomic_write_json(work / "legacy" / "histories.json",
+                               histories_to_json(HistoryStore.read(bundle.histories_file)), compact=True)
+    store_cost = {"jsonl": _history_store_cost(bundle.histories_file), "legacy_json": _history_store_cost(legacy)}
+    legacy.unlink()
 
     cfg = ServeConfig(model_dir=bundle.path, state_dir=work / "live", feedback_steps=1, sync_seconds=0,
                       compact_every=10 ** 9)
@@ -111,6 +143,7 @@ def measure(n_users: int, history: int, feedbacks: int, new_users: int, work: Pa
         "new_user_feedback_ms_max": round(1000 * max(new_latencies), 1) if new_latencies else None,
         "new_user_table_reallocations": reallocations,
         "snapshot_bytes": snapshot_bytes, "snapshot_s": round(snapshot_s, 3),
+        "history_store": store_cost,
     }
 
 
@@ -130,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"{n:>9,} users: feedback {row['feedback_ms_median']:>7.1f} ms, {row['feedback_bytes_median']:>9,} B written;  "
               f"new user {row['new_user_feedback_ms_median']} ms ({row['new_user_table_reallocations']} reallocations);  "
-              f"snapshot {row['snapshot_s']:>7.2f} s, {row['snapshot_bytes']:>13,} B;  load {row['load_s']:.1f} s", flush=True)
+              f"snapshot {row['snapshot_s']:>7.2f} s, {row['snapshot_bytes']:>13,} B;  load {row['load_s']:.1f} s;  "
+              f"history store {row['history_store']['jsonl']['load_s']} s, +{row['history_store']['jsonl']['rss_added_mb']} MB "
+              f"(legacy JSON {row['history_store']['legacy_json']['load_s']} s, "
+              f"+{row['history_store']['legacy_json']['rss_added_mb']} MB)", flush=True)
     out = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__, "threads": 1},
            "command": "python bench/feedback_state.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "results": rows}
