@@ -14,7 +14,8 @@ what compaction writes every `compact_every` feedbacks), and the time a restarte
 
 It also loads the bundle's history file alone in a fresh process, to see what the history store costs
 (seconds, and resident memory added): as written now (JSON lines, each user's line kept as text until read),
-and the same histories in the one-document `histories.json` that bundles held before.
+and the same histories in the one-document `histories.json` that bundles held before
+(`bench/history_store.py` does that alone, up to millions of users).
 """
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,11 +32,13 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
 from deploy.bundle import export_bundle  # noqa: E402
 from deploy.histories import HistoryStore, histories_to_json  # noqa: E402
+from history_store import probe_history_file  # noqa: E402
 from tapper.atomic import atomic_write_json  # noqa: E402
 from deploy.service import ServeConfig, TapperService  # noqa: E402
 from tapper.config import Stage2Config  # noqa: E402
@@ -59,27 +61,6 @@ def _du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-_STORE_PROBE = """
-import json, sys, time
-sys.path.insert(0, sys.argv[2])
-from deploy.histories import HistoryStore
-def rss():
-    return int(open('/proc/self/statm').read().split()[1]) * 4096
-before = rss(); t0 = time.perf_counter()
-store = HistoryStore.read(sys.argv[1])
-print(json.dumps({"load_s": round(time.perf_counter() - t0, 3), "rss_added_mb": round((rss() - before) / 1e6, 1),
-                  "users": len(store)}))
-"""
-
-
-def _history_store_cost(path: Path) -> dict:
-    """Load one history file in a fresh process: seconds and resident memory the store adds."""
-    root = str(Path(__file__).resolve().parent.parent)
-    out = subprocess.run([sys.executable, "-c", _STORE_PROBE, str(path), root], check=True, capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return {"file_bytes": path.stat().st_size, **json.loads(out.stdout)}
-
-
 def measure(n_users: int, history: int, feedbacks: int, new_users: int, work: Path, seed: int = 0) -> dict:
     rng = random.Random(seed)
     users = [f"u{i:07d}" for i in range(n_users)]
@@ -91,7 +72,7 @@ def measure(n_users: int, history: int, feedbacks: int, new_users: int, work: Pa
     del model, histories
     legacy = atomic_write_json(work / "legacy" / "histories.json",
                                histories_to_json(HistoryStore.read(bundle.histories_file)), compact=True)
-    store_cost = {"jsonl": _history_store_cost(bundle.histories_file), "legacy_json": _history_store_cost(legacy)}
+    store_cost = {"jsonl": probe_history_file(bundle.histories_file), "legacy_json": probe_history_file(legacy)}
     legacy.unlink()
 
     cfg = ServeConfig(model_dir=bundle.path, state_dir=work / "live", feedback_steps=1, sync_seconds=0,

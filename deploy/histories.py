@@ -85,14 +85,20 @@ class _Unread:
     """A user's stored history, not converted yet (never modified, so stores may share it).
 
     Either `line` (the user's line of a JSON-lines file, as read: parsed only when the user is read) or
-    `parsed` (the user's items, from a legacy one-document file). `where` names the file (and line) they came
-    from; `chronological`: sort the records when they are converted (what merge_histories promises)."""
+    `parsed` (the user's items, from a legacy one-document file). `source` names the file (one string shared
+    by all its users) and `lineno` the line, for errors; `chronological`: sort the records when they are
+    converted (what merge_histories promises)."""
 
-    __slots__ = ("user", "line", "parsed", "where", "chronological")
+    __slots__ = ("user", "line", "parsed", "source", "lineno", "chronological")
 
-    def __init__(self, user: str, where: str, *, line: str | None = None, parsed: list | None = None,
-                 chronological: bool = False):
-        self.user, self.line, self.parsed, self.where, self.chronological = user, line, parsed, where, chronological
+    def __init__(self, user: str, source: str, lineno: int | None = None, *, line: str | None = None,
+                 parsed: list | None = None, chronological: bool = False):
+        self.user, self.source, self.lineno, self.chronological = user, source, lineno, chronological
+        self.line, self.parsed = line, parsed
+
+    @property
+    def where(self) -> str:
+        return self.source if self.lineno is None else f"{self.source} line {self.lineno}"
 
     def items(self) -> list:
         if self.parsed is not None:
@@ -113,7 +119,7 @@ class _Unread:
         return _user_line(self.user, self.parsed)
 
     def sorted_on_read(self) -> "_Unread":
-        return _Unread(self.user, self.where, line=self.line, parsed=self.parsed, chronological=True)
+        return _Unread(self.user, self.source, self.lineno, line=self.line, parsed=self.parsed, chronological=True)
 
 
 def _user_line(user: str, items: list) -> str:
@@ -132,7 +138,7 @@ def _line_records(obj: Any, where: str) -> tuple[str, list]:
     return user, items
 
 
-def _user_of_line(line: str, where: str) -> tuple[str, list | None]:
+def _user_of_line(line: str, source: str, lineno: int) -> tuple[str, list | None]:
     """The user a line belongs to, reading only its start when it is written the way tapper writes it
     ({"user":"...","records":...}); any other line (e.g. hand-edited with spaces) is parsed whole and checked
     now. Returns (user, items parsed now or None)."""
@@ -143,6 +149,7 @@ def _user_of_line(line: str, where: str) -> tuple[str, list | None]:
             user, end = "", -1
         if user and line.startswith(_RECORDS_KEY, end):
             return user, None
+    where = f"{source} line {lineno}"
     try:
         obj = json.loads(line)
     except ValueError as err:
@@ -176,17 +183,16 @@ class HistoryStore(MutableMapping[str, list[Record]]):
             except ValueError as err:
                 raise HistoryError(f"{path}: not JSON ({err})") from None
             return cls.from_json(obj, str(path))
-        store, first_line = cls(), {}
+        store, source = cls(), str(path)
+        users = store._users
         with open(path, encoding="utf-8") as fh:
             for n, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
-                where = f"{path} line {n}"
-                user, parsed = _user_of_line(line, where)
-                if user in first_line:
-                    raise HistoryError(f"{where}: user {user!r} again (first on line {first_line[user]})")
-                first_line[user] = n
-                store._users[user] = _Unread(user, where, line=None if parsed is not None else line, parsed=parsed)
+                user, parsed = _user_of_line(line, source, n)
+                if user in users:
+                    raise HistoryError(f"{source} line {n}: user {user!r} again (first on line {users[user].lineno})")
+                users[user] = _Unread(user, source, n, line=None if parsed is not None else line, parsed=parsed)
         return store
 
     def __getitem__(self, user: str) -> list[Record]:

@@ -134,3 +134,16 @@ def test_a_legacy_one_document_file_still_loads_and_the_directory_reader_prefers
     assert histories_file(tmp_path).name == "histories.jsonl"
     assert HistoryStore.read(histories_file(tmp_path)).to_json() == STORED
     assert len(read_histories_dir(tmp_path / "nothing-here")) == 0
+
+
+def test_the_history_store_bench_loads_both_formats_and_writes_back_the_same_histories(tmp_path):
+    from test_synthetic_sweep import bench_script
+
+    bench = bench_script("history_store")
+    lines, legacy = bench.write_both(30, 3, tmp_path)
+    assert HistoryStore.read(lines).to_json() == HistoryStore.read(legacy).to_json()
+    out = tmp_path / "result.json"
+    assert bench.main(["--users", "30,60", "--history", "3", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["users"], r["jsonl"]["users"], r["legacy_json"]["users"]) for r in rows] == [(30, 30, 30), (60, 60, 60)]
+    assert all(r[k]["load_s"] >= 0 and r[k]["write_back_s"] >= 0 for r in rows for k in ("jsonl", "legacy_json"))

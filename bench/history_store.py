@@ -1,0 +1,117 @@
+"""What the serving history store costs to load, and to write back, as users grow to millions.
+
+    python bench/history_store.py [--users 100000,1000000] [--history 10] [--out bench/results/history_store.json]
+
+For each user count it writes one history file of `--history` records per user in the format bundles and
+snapshots use now (`histories.jsonl`, one user per line) and the same histories in the one-document
+`histories.json` they used before, streaming both so that the writer never holds them in memory. Each file is
+then loaded by `HistoryStore.read` in a fresh process, which reports the seconds the load took and the resident
+memory it added, then reads one user (the first request for a user converts that user's records) and writes
+the store back as a snapshot does (`write_histories`; unread users pass through). Records are shaped like
+news-category items: id, date, text, title, category.
+
+`bench/feedback_state.py` measures the whole serving path (user table included) up to 100,000 users; this one
+isolates the history store, which is the part whose cost grew with every user's records.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tapper.data.tasks import LAMP_2N_LABELS  # noqa: E402
+
+_PROBE = """
+import json, sys, time
+sys.path.insert(0, sys.argv[2])
+from deploy.histories import HistoryStore, write_histories
+def rss():
+    return int(open('/proc/self/statm').read().split()[1]) * 4096
+before = rss(); t0 = time.perf_counter()
+store = HistoryStore.read(sys.argv[1])
+load_s = time.perf_counter() - t0
+added = rss() - before
+out = {"load_s": round(load_s, 3), "rss_added_mb": round(added / 1e6, 1), "users": len(store)}
+if len(sys.argv) > 3:
+    t0 = time.perf_counter(); first = next(iter(store)); n = len(store[first])
+    out["first_read_ms"] = round(1000 * (time.perf_counter() - t0), 2)
+    t0 = time.perf_counter(); write_histories(sys.argv[3], store)
+    out["write_back_s"] = round(time.perf_counter() - t0, 3)
+print(json.dumps(out))
+"""
+
+
+def probe_history_file(path: Path, write_to: Path | None = None) -> dict:
+    """Load `path` with HistoryStore.read in a fresh process: seconds and resident memory the store adds; with
+    `write_to`, also the first read of one user and the time to write the store back there."""
+    argv = [sys.executable, "-c", _PROBE, str(path), str(ROOT)] + ([str(write_to)] if write_to else [])
+    out = subprocess.run(argv, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return {"file_bytes": path.stat().st_size, **json.loads(out.stdout)}
+
+
+def _items(rng: random.Random, user: str, history: int) -> list[dict]:
+    first = dt.date(2020, 1, 1)
+    out = []
+    for j in range(history):
+        label = rng.choice(LAMP_2N_LABELS)
+        out.append({"id": f"{user}-{j}", "date": (first + dt.timedelta(days=j)).isoformat(),
+                    "text": f"a story about {label} number {user}-{j}", "title": f"On {label}", "category": label})
+    return out
+
+
+def write_both(n_users: int, history: int, work: Path, seed: int = 0) -> tuple[Path, Path]:
+    """The same histories as JSON lines and as one legacy JSON document, streamed to disk."""
+    rng = random.Random(seed)
+    lines, legacy = work / "histories.jsonl", work / "histories.json"
+    with open(lines, "w", encoding="utf-8") as fl, open(legacy, "w", encoding="utf-8") as fj:
+        fj.write("{")
+        for i in range(n_users):
+            user = f"u{i:07d}"
+            items = _items(rng, user, history)
+            fl.write(json.dumps({"user": user, "records": items}, separators=(",", ":")) + "\n")
+            fj.write(("," if i else "") + json.dumps(user) + ":" + json.dumps(items, separators=(",", ":")))
+        fj.write("}\n")
+    return lines, legacy
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--users", default="100000,1000000", help="comma-separated user counts (default: %(default)s)")
+    ap.add_argument("--history", type=int, default=10, help="records per user (default: %(default)s)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "history_store.json")
+    args = ap.parse_args(argv)
+    rows = []
+    for n in [int(x) for x in args.users.split(",")]:
+        with tempfile.TemporaryDirectory(prefix="tapper-history-bench-") as tmp:
+            t0 = time.perf_counter()
+            lines, legacy = write_both(n, args.history, Path(tmp))
+            print(f"{n:>9,} users: files written in {time.perf_counter() - t0:.0f} s", flush=True)
+            row = {"users": n, "history_per_user": args.history,
+                   "jsonl": probe_history_file(lines, Path(tmp) / "back.jsonl"),
+                   "legacy_json": probe_history_file(legacy, Path(tmp) / "back-from-legacy.jsonl")}
+        rows.append(row)
+        a, b = row["jsonl"], row["legacy_json"]
+        print(f"{n:>9,} users: JSON lines load {a['load_s']} s, +{a['rss_added_mb']} MB, write back {a['write_back_s']} s;  "
+              f"legacy JSON load {b['load_s']} s, +{b['rss_added_mb']} MB, write back {b['write_back_s']} s", flush=True)
+    out = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+           "command": "python bench/history_store.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "results": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
