@@ -20,9 +20,7 @@ and the same histories in the one-document `histories.json` that bundles held be
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -38,6 +36,7 @@ import torch  # noqa: E402
 
 from deploy.bundle import export_bundle  # noqa: E402
 from deploy.histories import HistoryStore, histories_to_json  # noqa: E402
+from bench_io import write_results  # noqa: E402
 from history_store import probe_history_file  # noqa: E402
 from tapper.atomic import atomic_write_json  # noqa: E402
 from deploy.service import ServeConfig, TapperService  # noqa: E402
@@ -148,12 +147,7 @@ def main(argv: list[str] | None = None) -> int:
               f"history store {row['history_store']['jsonl']['load_s']} s, +{row['history_store']['jsonl']['rss_added_mb']} MB "
               f"(legacy JSON {row['history_store']['legacy_json']['load_s']} s, "
               f"+{row['history_store']['legacy_json']['rss_added_mb']} MB)", flush=True)
-    out = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__, "threads": 1},
-           "command": "python bench/feedback_state.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "results": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, "feedback_state.py", argv, rows, torch=torch.__version__, threads=1)
     return 0
 
 

@@ -19,7 +19,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -29,7 +28,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_io import write_results  # noqa: E402
 from tapper.data.tasks import LAMP_2N_LABELS  # noqa: E402
 
 _PROBE = """
@@ -104,12 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         a, b = row["jsonl"], row["legacy_json"]
         print(f"{n:>9,} users: JSON lines load {a['load_s']} s, +{a['rss_added_mb']} MB, write back {a['write_back_s']} s;  "
               f"legacy JSON load {b['load_s']} s, +{b['rss_added_mb']} MB, write back {b['write_back_s']} s", flush=True)
-    out = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-           "command": "python bench/history_store.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "results": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, "history_store.py", argv, rows)
     return 0
 
 
