@@ -83,6 +83,14 @@ def print_report(report: dict) -> None:
             if gname in groups:
                 gt.add_row(name, *(f"{groups[gname][m]:.4f}" for m in metrics))
         console.print(gt)
+    paired = report.get("paired", {})
+    if paired.get("pairs"):
+        from tapper.eval.paired import describe
+
+        direction = "higher" if paired["higher_is_better"] else "lower"
+        console.print(f"paired differences in {paired['metric']} ({direction} is better), mean [95 % bootstrap interval]:")
+        for pair, by_group in paired["pairs"].items():
+            console.print(f"  {pair}: " + ";  ".join(f"{g} {describe(st)}" for g, st in by_group.items()))
     console.print(f"per-user parameters: {report['per_user_params']:,}   shared parameters: {report['shared_params']:,}")
 
 

@@ -24,7 +24,8 @@ from tapper.config import RunConfig, Stage2Config, from_dict
 from tapper.data import get_task, load_lamp, make_splits, validate_dataset, write_predictions
 from tapper.data.splits import Splits
 from tapper.data.types import Example
-from tapper.eval.metrics import compute_metrics
+from tapper.eval.metrics import compute_metrics, per_query_scores
+from tapper.eval.paired import paired_difference
 from tapper.eval.predict import generate_texts
 from tapper.model.backbone import Backbone, load_backbone, load_backbone_dir
 from tapper.model.embedding_cache import EmbeddingCache
@@ -185,6 +186,26 @@ def group_metrics(data: PreparedData, preds: dict[str, str], groups: dict[str, l
     return out
 
 
+def paired_comparisons(data: PreparedData, predictions: dict[str, dict[str, str]],
+                       groups: dict[str, list[str]] | None = None) -> dict:
+    """Every variant against the base, and full TAP-PER against every other variant, on the same queries: the
+    per-query difference of the task's primary metric, its mean and a 95 % paired-bootstrap interval
+    (tapper.eval.paired), over all evaluation queries and within each user group."""
+    golds = {ex.id: ex.target for ex in data.splits.eval}
+    scores = {v: per_query_scores(data.task, {i: preds[i] for i in golds}, golds) for v, preds in predictions.items()}
+    pairs = [(v, "base") for v in scores if v != "base" and "base" in scores]
+    pairs += [("tap-per", v) for v in scores if v not in ("tap-per", "base") and "tap-per" in scores]
+    members = {g: [ex.id for ex in data.splits.eval if ex.user_id in set(users)] for g, users in (groups or {}).items()}
+    out = {}
+    for a, b in pairs:
+        entry = {"all": paired_difference(scores[a], scores[b])}
+        for g, ids in members.items():
+            if ids:
+                entry[g] = paired_difference({i: scores[a][i] for i in ids}, {i: scores[b][i] for i in ids})
+        out[f"{a} - {b}"] = entry
+    return {"metric": data.task.primary_metric, "higher_is_better": data.task.higher_is_better, "pairs": out}
+
+
 def run_experiment(
     task_name: str | None,
     questions: str | Path,
@@ -229,6 +250,7 @@ def run_experiment(
         }
         if user_groups:
             report["groups"] = {k: group_metrics(data, r.predictions, user_groups) for k, r in results.items()}
+        report["paired"] = paired_comparisons(data, {k: r.predictions for k, r in results.items()}, user_groups)
         return report
 
     for v in variants:

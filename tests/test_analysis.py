@@ -174,7 +174,14 @@ def test_attention_cli_on_a_real_experiment_run(tmp_path, capsys):
     assert main(["experiment", "--questions", str(q), "--outputs", str(o), "--out", str(run), "--stage2-users", "2",
                  "--variants", "tap-per,lambda0", "--no-progress", "--set", "stage1.epochs=1", "--set", "stage1.max_examples=16",
                  "--set", "stage2.epochs=1", "--set", "eval.max_new_tokens=3"]) == 0
-    capsys.readouterr()
+    out = capsys.readouterr().out
+    # Full TAP-PER against the ablation on the same queries, with a paired-bootstrap interval, saved and printed.
+    metrics = json.loads((run / "metrics.json").read_text())
+    pair = metrics["paired"]["pairs"]["tap-per - lambda0"]["all"]
+    assert metrics["paired"]["metric"] == "accuracy" and pair["queries"] == 2
+    assert pair["ci95"][0] <= pair["mean"] <= pair["ci95"][1]
+    assert pair["mean"] == metrics["variants"]["tap-per"]["accuracy"] - metrics["variants"]["lambda0"]["accuracy"]
+    assert "tap-per - lambda0: all " in out
     assert main(["attention", "--run", str(run), "--questions", str(q), "--outputs", str(o)]) == 0
     printed = capsys.readouterr().out.splitlines()
     study = json.loads((run / "report" / "attention.json").read_text())

@@ -70,3 +70,39 @@ def test_metric_names_follow_the_task_spec():
 def test_unparsable_gold_rating_names_the_id():
     with pytest.raises(ValueError, match="'g7'"):
         compute_metrics("LaMP_3", {"g7": "3"}, {"g7": "three"})
+
+
+def test_per_query_scores_average_to_the_primary_metric_for_every_kind():
+    from tapper.eval.metrics import per_query_scores
+
+    cases = [
+        ("LaMP_2N", {"a": " politics\n", "b": "Politics", "c": "sports", "d": "politics"},
+         {"a": "politics", "b": "politics", "c": "sports", "d": "crime"}, "accuracy", {"a": 1, "b": 0, "c": 1, "d": 0}),
+        ("LaMP_3", {"a": "2", "b": "five", "c": "", "d": " 4 ", "e": "nan"},
+         {"a": "1", "b": "5", "c": "3", "d": "4", "e": "1"}, "mae", {"a": 1, "b": 4, "c": 2, "d": 0, "e": 4}),
+        ("LaMP_4", {"x": "The cat", "y": "d c b a"}, {"x": "the cat sat", "y": "a b c d"}, "rouge-1", {"x": 0.8, "y": 1.0}),
+    ]
+    for task, preds, golds, metric, expected in cases:
+        per_query = per_query_scores(task, preds, golds)
+        assert per_query == pytest.approx(expected)
+        assert sum(per_query.values()) / len(per_query) == pytest.approx(compute_metrics(task, preds, golds)[metric])
+    with pytest.raises(ValueError, match="'b'"):
+        per_query_scores("LaMP_2N", {"a": "crime"}, {"a": "crime", "b": "crime"})
+
+
+def test_paired_difference_interval_covers_the_mean_and_is_seeded():
+    from tapper.eval.paired import describe, paired_difference
+
+    a = {str(i): float(i % 3 != 0) for i in range(300)}  # 2/3 right
+    b = {str(i): float(i % 2 == 0) for i in range(300)}  # 1/2 right
+    st = paired_difference(a, b, seed=0)
+    assert st["mean"] == pytest.approx(2 / 3 - 1 / 2) and st["queries"] == 300
+    lo, hi = st["ci95"]
+    assert lo < st["mean"] < hi and hi - lo < 0.2 and lo > 0
+    assert st == paired_difference(a, b, seed=0) and st["ci95"] != paired_difference(a, b, seed=1)["ci95"]
+    assert (st["a_higher"], st["b_higher"]) == (100, 50)
+    same = paired_difference(a, a)
+    assert same["mean"] == 0 and same["ci95"] == [0.0, 0.0]
+    assert describe(st).endswith("over 300 queries") and describe(st).startswith("+0.167 [")
+    with pytest.raises(ValueError, match="no query"):
+        paired_difference({"x": 1.0}, {"y": 0.0})
