@@ -227,6 +227,13 @@ def test_simulation_trajectories_flat_static_and_repeatable(synth, tmp_path, cap
     cost = report["cost"]
     assert 0 < cost["online-emb"]["params_touched_per_chunk"] < cost["online-full"]["params_touched_per_chunk"]
     assert [c["steps"] for c in cost["online-emb"]["per_chunk"]] == [c["steps"] for c in cost["online-full"]["per_chunk"]]
+    # The end points paired on the same queries: the mean difference is the difference of the final scores.
+    paired = report["final_paired"]
+    assert list(paired) == ["online-emb - static", "online-full - static", "full-retrain - static", "full-retrain - online-full"]
+    for pair, st in paired.items():
+        a, b = pair.split(" - ")
+        assert st["mean"] == pytest.approx(methods[a][-1] - methods[b][-1]) and st["queries"] == report["split"]["eval_queries"]
+        assert st["ci95"][0] <= st["mean"] <= st["ci95"][1]
 
     # Same seed, same trajectory (the Stage-1 directory of the first run is reused: Stage 1 is skipped anyway).
     cfg, ocfg = load_online_config(

@@ -70,6 +70,8 @@ def test_trajectories_artifact_has_the_contract_shape(zen):
     assert 0 < cost["online-emb"]["params_touched_per_chunk"] < cost["online-full"]["params_touched_per_chunk"]
     assert all(len(cost[m]["per_chunk"]) == 2 for m in METHODS)
     assert "final_gap_full_retrain_minus_online_full" in rep and rep["split"]["users"] == 3
+    # Per-query final scores travel in the per-method artifacts, so the pipeline's report pairs the end points too.
+    assert rep["final_paired"]["full-retrain - online-full"]["queries"] == rep["split"]["eval_queries"]
     # Dashboard: the Figure-6 PNG and a table; metadata has the final values.
     assert art.load().png.startswith(b"\x89PNG")
     assert len(art.visualizations) == 2

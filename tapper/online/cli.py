@@ -79,3 +79,9 @@ def print_trajectories(report: dict) -> None:
     console.print(table)
     if "final_gap_full_retrain_minus_online_full" in report:
         console.print(f"final gap Full-Retrain - Online-Full: {report['final_gap_full_retrain_minus_online_full']:+.4f}")
+    if report.get("final_paired"):
+        from tapper.eval.paired import describe
+
+        console.print(f"at 100 %, paired on the same queries ({report['metric']}), mean [95 % bootstrap interval]:")
+        for pair, st in report["final_paired"].items():
+            console.print(f"  {pair}: {describe(st, 4)}")

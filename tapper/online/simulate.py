@@ -42,6 +42,8 @@ from tapper.config import RunConfig
 from tapper.data.chronology import sort_chronologically
 from tapper.data.splits import record_examples
 from tapper.data.types import Example, Record
+from tapper.eval.metrics import per_query_scores
+from tapper.eval.paired import paired_difference
 from tapper.eval.predict import generate_texts
 from tapper.experiment import PreparedData, embedding_cache, open_backbone, prepare_data, run_stage1, score
 from tapper.model.backbone import load_backbone_dir, weights_hash
@@ -149,13 +151,16 @@ class Trajectory:
     method: str
     metrics: list[dict[str, float]]  # R_0..R_T, all of the task's metrics
     cost: list[dict] = field(default_factory=list)  # per chunk t = 1..T
+    # Each test query's share of the primary metric at R_T (tapper.eval.metrics.per_query_scores), for the
+    # paired comparisons of the methods' end points.
+    final_scores: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:  # JSON-safe, for pipeline artifacts
-        return {"method": self.method, "metrics": self.metrics, "cost": self.cost}
+        return {"method": self.method, "metrics": self.metrics, "cost": self.cost, "final_scores": self.final_scores}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Trajectory":
-        return cls(d["method"], list(d["metrics"]), list(d.get("cost", [])))
+        return cls(d["method"], list(d["metrics"]), list(d.get("cost", [])), dict(d.get("final_scores", {})))
 
 
 def predict(model: TapPer, bb, split: OnlineSplit, data: PreparedData, cfg: RunConfig, cache, t: int | None,
@@ -235,8 +240,12 @@ def simulate_method(method: str, stage1_dir: Path, bootstrap_dir: Path, r0: dict
         cost["seconds"] = round(cost["seconds"], 4)
         traj.cost.append(cost)
         target = model if model is not None else TapPer.load(bootstrap_dir, bb.model)
-        metrics = evaluate(target, bb, split, data, cfg, cache, eval_step(ocfg, method, t), progress, f"eval {method} t={t}")
+        preds, examples = predict(target, bb, split, data, cfg, cache, eval_step(ocfg, method, t), progress, f"eval {method} t={t}")
+        metrics = score(data, preds, examples)
         traj.metrics.append(metrics)
+        if t == split.n_chunks:
+            golds = {ex.id: ex.target for ex in examples}
+            traj.final_scores = per_query_scores(data.task, {i: preds[i] for i in golds}, golds)
         if on_step:
             on_step(method, t, split.fractions[t], metrics)
     if final_dir is not None and model is not None:
@@ -260,6 +269,13 @@ def trajectories_report(split: OnlineSplit, trajectories: dict[str, Trajectory],
     methods = report["methods"]
     if "online-full" in methods and "full-retrain" in methods:
         report["final_gap_full_retrain_minus_online_full"] = methods["full-retrain"][-1] - methods["online-full"][-1]
+    # The end points on the same test queries: mean difference and a 95 % paired-bootstrap interval.
+    pairs = [("online-emb", "static"), ("online-full", "static"), ("full-retrain", "static"), ("full-retrain", "online-full")]
+    report["final_paired"] = {
+        f"{a} - {b}": paired_difference(trajectories[a].final_scores, trajectories[b].final_scores)
+        for a, b in pairs if a in trajectories and b in trajectories
+        and trajectories[a].final_scores and trajectories[b].final_scores
+    }
     report["split"] = split.describe()
     report.update(extra or {})
     return report
