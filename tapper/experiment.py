@@ -195,7 +195,8 @@ def paired_comparisons(data: PreparedData, predictions: dict[str, dict[str, str]
     scores = {v: per_query_scores(data.task, {i: preds[i] for i in golds}, golds) for v, preds in predictions.items()}
     pairs = [(v, "base") for v in scores if v != "base" and "base" in scores]
     pairs += [("tap-per", v) for v in scores if v not in ("tap-per", "base") and "tap-per" in scores]
-    members = {g: [ex.id for ex in data.splits.eval if ex.user_id in set(users)] for g, users in (groups or {}).items()}
+    user_sets = {g: set(users) for g, users in (groups or {}).items()}
+    members = {g: [ex.id for ex in data.splits.eval if ex.user_id in users] for g, users in user_sets.items()}
     out = {}
     for a, b in pairs:
         entry = {"all": paired_difference(scores[a], scores[b])}
