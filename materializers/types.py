@@ -107,6 +107,9 @@ class EvalReport:
     params: dict[str, dict[str, int]]
     losses: dict[str, list[float]]  # "stage1", and each Stage-2 variant
     mlflow: dict = field(default_factory=dict)  # run id, registered model name/version
+    # The candidate's share of the primary metric on each evaluation query (tapper.eval.metrics.per_query_scores),
+    # so that promotion can pair it with the production version on the same queries. Empty in older reports.
+    candidate_per_query: dict[str, float] = field(default_factory=dict)
 
     @property
     def candidate_score(self) -> float:
@@ -131,6 +134,10 @@ class PromotionDecision:
     bundle_path: str | None = None  # the serving bundle exported on promotion (deploy.bundle)
     serving_link: str | None = None  # the `current` symlink pointing at it (deploy.bundle.publish_bundle)
     bundle_error: str | None = None  # why no bundle was exported, if exporting failed
+    # Candidate minus production on the same evaluation queries (tapper.eval.paired.paired_difference: mean,
+    # 95 % paired-bootstrap interval, queries, wins), when both sides' per-query scores are known. Recorded
+    # with the decision; the gate itself stays "strictly better on the primary metric".
+    paired: dict | None = None
 
 
 @dataclass

@@ -162,21 +162,29 @@ def is_better(new: float, old: float, higher_is_better: bool) -> bool:
     return new > old if higher_is_better else new < old
 
 
-def production_score(prod, report: EvalReport, data: PreparedData, run: Optional[dict]) -> tuple[float | None, str]:
-    """The production version's primary metric on this run's evaluation data (recorded, or re-measured)."""
+def production_score(prod, report: EvalReport, data: PreparedData,
+                     run: Optional[dict]) -> tuple[float | None, str, dict[str, float]]:
+    """The production version's primary metric on this run's evaluation data (recorded, or re-measured), how it
+    was obtained, and its per-query scores on those queries (empty when its recorded report has none)."""
     meta = prod.run_metadata or {}
     if meta.get("eval_data_hash") == report.eval_data_hash and meta.get("candidate_score") is not None:
-        return float(meta["candidate_score"]), "recorded on the same evaluation data"
+        try:
+            per_query = dict(prod.get_artifact("evaluation_report").load().candidate_per_query)
+        except Exception:  # noqa: BLE001 - a version whose report is gone: the figure alone still compares
+            per_query = {}
+        return float(meta["candidate_score"]), "recorded on the same evaluation data", per_query
     try:
         from steps._core import evaluate_state, run_config
+        from steps.evaluate import candidate_scores
 
         state: TapPerState = prod.get_artifact("tapper_state").load()
         s1: BackboneDir = prod.get_artifact("stage1_backbone").load()
         r = dict(run or {})
         ev = evaluate_state(state, s1.path, data, run_config(data, r.get("seed", 0), eval=r.get("eval")))
-        return float(ev.metrics[report.primary_metric]), "re-evaluated on this run's evaluation data"
+        return (float(ev.metrics[report.primary_metric]), "re-evaluated on this run's evaluation data",
+                candidate_scores(data, ev.predictions))
     except Exception as err:  # noqa: BLE001 - any failure means the two cannot be compared
-        return None, f"production could not be evaluated on this run's data ({type(err).__name__}: {err})"
+        return None, f"production could not be evaluated on this run's data ({type(err).__name__}: {err})", {}
 
 
 def set_production(model_name: str, version: str, registration: dict | None, forced: bool) -> Optional[str]:
@@ -231,8 +239,13 @@ def promote(report: EvalReport, registration: dict, data: PreparedData, tapper_s
         decision.promoted, decision.reason = True, "no production version yet: the first model becomes production"
     else:
         decision.production_version = str(prod.number)
-        old, how = production_score(prod, report, data, run)
+        old, how, prod_per_query = production_score(prod, report, data, run)
         decision.production_score = old
+        if report.candidate_per_query and prod_per_query:
+            from tapper.eval.paired import describe, paired_difference
+
+            decision.paired = paired_difference(report.candidate_per_query, prod_per_query)
+            how += f"; paired on the same queries, candidate - production = {describe(decision.paired, 4)}"
         if old is None:
             decision.reason = f"not promoted: {how}; promote by hand with `tapper promote {mv.number}` if intended"
         elif is_better(new, old, report.higher_is_better):

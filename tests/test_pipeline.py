@@ -75,7 +75,7 @@ def test_first_run_completes_and_is_promoted(zen):
     assert str(run.status.value) == "completed"
     assert all(v == "completed" for v in statuses(run).values()), statuses(run)
     d = decision(run)
-    assert d.promoted and d.production_version is None
+    assert d.promoted and d.production_version is None and d.paired is None  # nothing to pair with
     assert str(production(zen).number) == d.model_version
     # MLflow has the run's parameters, metrics and the registered model with the production alias.
     import mlflow
@@ -97,6 +97,10 @@ def test_better_model_is_promoted(zen):
     assert d.candidate_score > bad.candidate_score, (d, bad)
     assert d.promoted and d.production_version == bad.model_version and d.production_score == bad.candidate_score
     assert d.archived_version == bad.model_version
+    # Both models paired on the same evaluation queries (production's per-query scores from its recorded report).
+    report = run.steps["report"].outputs["evaluation_report"][0].load()
+    assert d.paired["queries"] == report.eval_queries == 6 and d.paired["mean"] == pytest.approx(d.candidate_score - d.production_score)
+    assert d.paired["ci95"][0] <= d.paired["mean"] <= d.paired["ci95"][1] and "paired on the same queries" in d.reason
     from zenml.client import Client
 
     assert str(Client().get_model_version("tapper-LaMP_2N", bad.model_version).stage) in ("archived", "ModelStages.ARCHIVED")
@@ -154,6 +158,8 @@ def test_worse_model_is_not_promoted(zen):
     assert not d.promoted and "does not beat" in d.reason
     assert d.bundle_path is None  # nothing new to serve
     assert d.production_score is not None and d.production_score > d.candidate_score
+    assert d.paired is not None, d.reason
+    assert d.paired["mean"] < 0 and d.paired["mean"] == pytest.approx(d.candidate_score - d.production_score)
     assert production(zen).number == before
 
 
