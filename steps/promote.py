@@ -7,7 +7,11 @@ re-evaluated on this run's evaluation split from its own artifacts. Only a
 strictly better model is promoted: ZenML stage `production` (the previous
 production version is archived) and MLflow alias `production` (the previous
 version gets alias `archived-<n>` and tag stage=archived). The decision and
-both figures are recorded as metadata on the model version and as an artifact.
+both figures are recorded as metadata on the model version and as an artifact,
+with the two models paired on the same queries (mean difference and a 95 %
+paired-bootstrap interval, tapper.eval.paired) when both per-query scores are
+known: a gate on a handful of queries can promote noise, and the interval says
+how much of the difference the queries can resolve.
 
 A promoted version (metric-gated or forced) is also exported as a serving bundle
 (deploy.bundle.export_bundle) to `<serving_dir>/<model name>/v<version>` and
