@@ -14,7 +14,7 @@ Older bundles and snapshots hold `histories.json` ({user_id: [items]}, one JSON 
 (the whole document is parsed, then each user converted when first read). Writers only write JSON lines.
 
 The price of reading lazily is when a malformed item is found: a hand-edited file with a bad record fails the
-first request for that user (HistoryError naming the file, line or user, record and field) instead of the
+first request for that user (HistoryError naming the file, line, user, record and field) instead of the
 server's start. Files tapper writes come from Records, which are valid by construction. What load itself
 checks: every line names its user (a line that does not start the way tapper writes it is parsed whole and
 checked then), and no user appears twice.
@@ -40,7 +40,7 @@ _RECORDS_KEY = ',"records":'
 
 
 class HistoryError(ValueError):
-    """A stored history is malformed. Names the file, user, record and field."""
+    """A stored history is malformed. Names the file (and line), user, record and field."""
 
 
 def record_from_json(item: Mapping[str, Any], where: str = "record") -> Record:
