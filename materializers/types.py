@@ -135,9 +135,10 @@ class PromotionDecision:
     serving_link: str | None = None  # the `current` symlink pointing at it (deploy.bundle.publish_bundle)
     bundle_error: str | None = None  # why no bundle was exported, if exporting failed
     # Candidate minus production on the same evaluation queries (tapper.eval.paired.paired_difference: mean,
-    # 95 % paired-bootstrap interval, queries, wins), when both sides' per-query scores are known. Recorded
-    # with the decision; the gate itself stays "strictly better on the primary metric".
+    # 95 % paired-bootstrap interval, queries, wins), when both sides' per-query scores are known. The gate
+    # uses it only with promote_if="significantly-better".
     paired: dict | None = None
+    promote_if: str = "better"  # the gate: "better", or "significantly-better" (the paired interval excludes 0)
 
 
 @dataclass

@@ -37,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "Without --questions/--outputs (and none in the config) the embedded default dataset is used.")
     p.add_argument("--config", default=None, help="YAML run config, e.g. configs/quickstart.yaml")
     _add_run_flags(p, "override a setting: stage2.epochs=6, stage1.lr=0.001, stage2_users=20, variants=[base,tap-per,no-bridge], "
-                      "compare=true (adds the comparison report), serving_dir=DIR (repeatable)")
+                      "compare=true (adds the comparison report), serving_dir=DIR, "
+                      "promote_if=significantly-better (promote only when the paired 95 %% interval excludes no change) (repeatable)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(

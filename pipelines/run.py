@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 PIPELINE_PARAMS = ("questions", "outputs", "task", "backbone", "run", "variants", "candidate",
-                   "min_history", "max_history", "log_backbone", "compare", "serving_dir")
+                   "min_history", "max_history", "log_backbone", "compare", "serving_dir", "promote_if")
 # The online_adaptation pipeline's parameters: the data/backbone/run ones are the training pipeline's
 # (so its upstream steps are cache hits), plus `online` (tapper.online.OnlineConfig).
 ONLINE_PARAMS = ("questions", "outputs", "task", "backbone", "run", "online", "min_history", "max_history")
@@ -93,6 +93,8 @@ def resolve_config(config: str | Path | dict | None, task: str | None = None, qu
         params[key] = str(p.resolve())
     if params.get("task"):
         params["task"] = canonical_task_name(params["task"])
+    if params.get("promote_if", "better") not in ("better", "significantly-better"):
+        raise RunSetupError(f"promote_if must be 'better' or 'significantly-better', got {params['promote_if']!r}")
     run_cfg = load_run_config(params.get("run") or {})  # unknown keys -> error, values checked
     params["run"] = run_cfg.to_dict()
     params.setdefault("backbone", "smollm2")

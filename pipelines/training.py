@@ -67,6 +67,7 @@ def training(
     log_backbone: bool = False,
     compare: bool = False,
     serving_dir: Optional[str] = None,
+    promote_if: str = "better",
 ) -> None:
     """TAP-PER training on LaMP files; `run` is tapper's RunConfig as a dict (stage1/stage2/eval/stage2_users/seed)."""
     run = dict(run or {})
@@ -88,4 +89,4 @@ def training(
     if compare:
         _tracked(comparison_report)(evals, stage1, data, backbone=backbone, run=run)
     reg = _tracked(register_model)(rep, state, stage1, run=run, backbone=backbone, log_backbone=log_backbone)
-    _tracked(promote)(rep, reg, data, state, stage1, run=run, serving_dir=serving_dir)
+    _tracked(promote)(rep, reg, data, state, stage1, run=run, serving_dir=serving_dir, promote_if=promote_if)

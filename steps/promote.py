@@ -11,7 +11,9 @@ both figures are recorded as metadata on the model version and as an artifact,
 with the two models paired on the same queries (mean difference and a 95 %
 paired-bootstrap interval, tapper.eval.paired) when both per-query scores are
 known: a gate on a handful of queries can promote noise, and the interval says
-how much of the difference the queries can resolve.
+how much of the difference the queries can resolve. With the pipeline parameter
+`promote_if: significantly-better` (default `better`) the interval must also
+exclude no change for a promotion.
 
 A promoted version (metric-gated or forced) is also exported as a serving bundle
 (deploy.bundle.export_bundle) to `<serving_dir>/<model name>/v<version>` and
@@ -166,6 +168,27 @@ def is_better(new: float, old: float, higher_is_better: bool) -> bool:
     return new > old if higher_is_better else new < old
 
 
+# `promote_if`, the pipeline parameter: "better" (the default) promotes a strictly better primary metric;
+# "significantly-better" also needs the paired 95 % interval of candidate - production to exclude no change.
+PROMOTE_IF = ("better", "significantly-better")
+
+
+def passes_gate(new: float, old: float, higher_is_better: bool, paired: dict | None, promote_if: str) -> tuple[bool, str]:
+    """(promote?, why not) for a candidate scoring `new` against production's `old`."""
+    if promote_if not in PROMOTE_IF:
+        raise ValueError(f"promote_if must be one of {list(PROMOTE_IF)}, got {promote_if!r}")
+    if not is_better(new, old, higher_is_better):
+        return False, "does not beat"
+    if promote_if == "better":
+        return True, ""
+    if paired is None:
+        return False, "beats, but cannot be paired with (no per-query scores for both), so is not significantly better than"
+    lo, hi = paired["ci95"]
+    if (lo > 0) if higher_is_better else (hi < 0):
+        return True, ""
+    return False, "beats, but its paired 95 % interval includes no change, so is not significantly better than"
+
+
 def production_score(prod, report: EvalReport, data: PreparedData,
                      run: Optional[dict]) -> tuple[float | None, str, dict[str, float]]:
     """The production version's primary metric on this run's evaluation data (recorded, or re-measured), how it
@@ -224,9 +247,10 @@ def set_production(model_name: str, version: str, registration: dict | None, for
 @step(enable_cache=False)
 def promote(report: EvalReport, registration: dict, data: PreparedData, tapper_state: TapPerState,
             stage1_backbone: BackboneDir, run: Optional[dict] = None,
-            serving_dir: Optional[str] = None) -> Annotated[PromotionDecision, "promotion_decision"]:
-    """Promote this run's model version only if its primary metric beats production's on the same data;
-    a promoted version is exported as a serving bundle and published as `<serving_dir>/<model>/current`."""
+            serving_dir: Optional[str] = None, promote_if: str = "better") -> Annotated[PromotionDecision, "promotion_decision"]:
+    """Promote this run's model version only if its primary metric beats production's on the same data (and,
+    with promote_if="significantly-better", its paired interval excludes no change); a promoted version is
+    exported as a serving bundle and published as `<serving_dir>/<model>/current`."""
     mv = get_step_context().model
     client = Client()
     try:
@@ -238,6 +262,7 @@ def promote(report: EvalReport, registration: dict, data: PreparedData, tapper_s
         model_name=mv.name, model_version=str(mv.number), promoted=False, reason="", metric=report.primary_metric,
         higher_is_better=report.higher_is_better, candidate_score=new,
         mlflow_model=registration.get("mlflow_model"), mlflow_version=registration.get("mlflow_version"),
+        promote_if=promote_if,
     )
     if prod is None:
         decision.promoted, decision.reason = True, "no production version yet: the first model becomes production"
@@ -252,11 +277,14 @@ def promote(report: EvalReport, registration: dict, data: PreparedData, tapper_s
             how += f"; paired on the same queries, candidate - production = {describe(decision.paired, 4)}"
         if old is None:
             decision.reason = f"not promoted: {how}; promote by hand with `tapper promote {mv.number}` if intended"
-        elif is_better(new, old, report.higher_is_better):
-            decision.promoted = True
-            decision.reason = f"{report.primary_metric} {new:.4f} beats production v{prod.number}'s {old:.4f} ({how})"
         else:
-            decision.reason = f"not promoted: {report.primary_metric} {new:.4f} does not beat production v{prod.number}'s {old:.4f} ({how})"
+            ok, why_not = passes_gate(new, old, report.higher_is_better, decision.paired, promote_if)
+            if ok:
+                decision.promoted = True
+                decision.reason = f"{report.primary_metric} {new:.4f} beats production v{prod.number}'s {old:.4f} ({how})"
+            else:
+                decision.reason = (f"not promoted: {report.primary_metric} {new:.4f} {why_not} "
+                                   f"production v{prod.number}'s {old:.4f} ({how})")
     if decision.promoted:
         decision.archived_version = set_production(mv.name, str(mv.number), registration, forced=False)
         _export_into(decision, tapper_state, stage1_backbone, data, serving_dir,

@@ -153,14 +153,34 @@ def test_stage2_change_reuses_data_embeddings_and_stage1(zen):
 
 def test_worse_model_is_not_promoted(zen):
     before = production(zen).number
-    run = train(zen, BAD, "bad-again")
+    # With the stricter gate (a pipeline parameter, `--set promote_if=...`), recorded on the decision.
+    run = train(zen, BAD + ["promote_if=significantly-better"], "bad-again")
     d = decision(run)
-    assert not d.promoted and "does not beat" in d.reason
+    assert not d.promoted and "does not beat" in d.reason and d.promote_if == "significantly-better"
     assert d.bundle_path is None  # nothing new to serve
     assert d.production_score is not None and d.production_score > d.candidate_score
     assert d.paired is not None, d.reason
     assert d.paired["mean"] < 0 and d.paired["mean"] == pytest.approx(d.candidate_score - d.production_score)
     assert production(zen).number == before
+
+
+def test_the_promotion_gate_better_or_significantly_better():
+    from steps.promote import passes_gate
+
+    clear = {"mean": 0.2, "ci95": [0.05, 0.35]}
+    unclear = {"mean": 0.1, "ci95": [-0.05, 0.25]}
+    assert passes_gate(0.6, 0.4, True, unclear, "better") == (True, "")
+    assert passes_gate(0.6, 0.4, True, clear, "significantly-better") == (True, "")
+    ok, why = passes_gate(0.6, 0.4, True, unclear, "significantly-better")
+    assert not ok and "includes no change" in why
+    ok, why = passes_gate(0.6, 0.4, True, None, "significantly-better")
+    assert not ok and "cannot be paired" in why
+    assert passes_gate(0.4, 0.4, True, clear, "better") == (False, "does not beat")  # equal is not better
+    # Lower is better (MAE): the interval of candidate - production must lie below 0.
+    assert passes_gate(0.7, 0.9, False, {"mean": -0.2, "ci95": [-0.3, -0.1]}, "significantly-better") == (True, "")
+    assert not passes_gate(0.7, 0.9, False, {"mean": -0.2, "ci95": [-0.3, 0.1]}, "significantly-better")[0]
+    with pytest.raises(ValueError, match="promote_if"):
+        passes_gate(0.6, 0.4, True, clear, "best")
 
 
 def test_corrupted_file_stops_at_validation(zen):
@@ -194,6 +214,9 @@ def test_schedule_refused_on_local_stack(zen):
     cfg["schedule"] = {"cron_expression": "0 3 * * 1"}
     with pytest.raises(RunSetupError, match="local runs cannot be scheduled"):
         run_training(cfg)
+    with pytest.raises(RunSetupError, match="promote_if must be 'better' or 'significantly-better', got 'best'"):
+        resolve_config(ROOT / "configs" / "tiny.yaml", questions=zen["questions"], outputs=zen["outputs"],
+                       overrides=["promote_if=best"])
 
 
 def test_a_wiped_local_artifact_store_gets_a_new_component(zen, tmp_path, monkeypatch):
