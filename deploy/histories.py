@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, MutableMapping, Sequence
 
 from tapper.atomic import atomic_write
-
 from tapper.data.chronology import parse_lamp_date, sort_chronologically
 from tapper.data.lamp_io import record_to_json
 from tapper.data.types import Record

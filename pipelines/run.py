@@ -93,8 +93,10 @@ def resolve_config(config: str | Path | dict | None, task: str | None = None, qu
         params[key] = str(p.resolve())
     if params.get("task"):
         params["task"] = canonical_task_name(params["task"])
-    if params.get("promote_if", "better") not in ("better", "significantly-better"):
-        raise RunSetupError(f"promote_if must be 'better' or 'significantly-better', got {params['promote_if']!r}")
+    from steps.promote import PROMOTE_IF
+
+    if params.get("promote_if", "better") not in PROMOTE_IF:
+        raise RunSetupError(f"promote_if must be one of {list(PROMOTE_IF)}, got {params['promote_if']!r}")
     run_cfg = load_run_config(params.get("run") or {})  # unknown keys -> error, values checked
     params["run"] = run_cfg.to_dict()
     params.setdefault("backbone", "smollm2")

@@ -8,7 +8,7 @@ from zenml.logger import get_logger
 
 from materializers.types import BackboneDir, ComparisonReport, EmbeddingTable, EvalReport, TapPerState, VariantEval
 from steps._core import active_mlflow, eval_data_hash, evaluate_state, install_embeddings, quiet, run_config, step_tempdir, variant_eval
-from tapper.experiment import PreparedData
+from tapper.experiment import PreparedData, query_scores
 
 logger = get_logger(__name__)
 
@@ -82,18 +82,10 @@ def report(evals: List[VariantEval], stage1_backbone: BackboneDir, data: Prepare
         variants={e.name: {k: float(v) for k, v in e.metrics.items()} for e in evals},
         params={e.name: {"per_user": e.per_user_params, "shared": e.shared_params} for e in evals},
         losses=losses,
-        candidate_per_query=candidate_scores(data, by_name[candidate].predictions),
+        candidate_per_query=query_scores(data, by_name[candidate].predictions),
     )
     logger.info("%s on %d queries: %s %s = %.4f", task.name, rep.eval_queries, candidate, rep.primary_metric, rep.candidate_score)
     return rep
-
-
-def candidate_scores(data: PreparedData, predictions: dict[str, str]) -> dict[str, float]:
-    """Each evaluation query's share of the primary metric (what promotion pairs with production's)."""
-    from tapper.eval.metrics import per_query_scores
-
-    golds = {ex.id: ex.target for ex in data.splits.eval}
-    return per_query_scores(data.task, {i: predictions[i] for i in golds}, golds)
 
 
 def comparison_metrics(evals: List[VariantEval], stage1_backbone: BackboneDir, data: PreparedData, backbone: str,

@@ -202,14 +202,14 @@ def production_score(prod, report: EvalReport, data: PreparedData,
         return float(meta["candidate_score"]), "recorded on the same evaluation data", per_query
     try:
         from steps._core import evaluate_state, run_config
-        from steps.evaluate import candidate_scores
+        from tapper.experiment import query_scores
 
         state: TapPerState = prod.get_artifact("tapper_state").load()
         s1: BackboneDir = prod.get_artifact("stage1_backbone").load()
         r = dict(run or {})
         ev = evaluate_state(state, s1.path, data, run_config(data, r.get("seed", 0), eval=r.get("eval")))
         return (float(ev.metrics[report.primary_metric]), "re-evaluated on this run's evaluation data",
-                candidate_scores(data, ev.predictions))
+                query_scores(data, ev.predictions))
     except Exception as err:  # noqa: BLE001 - any failure means the two cannot be compared
         return None, f"production could not be evaluated on this run's data ({type(err).__name__}: {err})", {}
 

@@ -110,10 +110,19 @@ def encoder_for_base(bb: Backbone, data: PreparedData, cfg: RunConfig):
     return FeatureEncoder(data.task, bb.tokenizer, embedding_cache(bb), max_len=cfg.stage1.max_len)
 
 
+def _golds(data: PreparedData, examples: list[Example] | None) -> dict[str, str]:
+    return {ex.id: ex.target for ex in (examples if examples is not None else data.splits.eval)}
+
+
 def score(data: PreparedData, preds: dict[str, str], examples: list[Example] | None = None) -> dict[str, float]:
-    examples = examples if examples is not None else data.splits.eval
-    golds = {ex.id: ex.target for ex in examples}
+    golds = _golds(data, examples)
     return compute_metrics(data.task, {k: preds[k] for k in golds}, golds)
+
+
+def query_scores(data: PreparedData, preds: dict[str, str], examples: list[Example] | None = None) -> dict[str, float]:
+    """Each query's share of the primary metric (tapper.eval.metrics.per_query_scores), for paired comparisons."""
+    golds = _golds(data, examples)
+    return per_query_scores(data.task, {k: preds[k] for k in golds}, golds)
 
 
 def stage2_config_for(variant: str, cfg: RunConfig) -> Stage2Config:
@@ -191,8 +200,7 @@ def paired_comparisons(data: PreparedData, predictions: dict[str, dict[str, str]
     """Every variant against the base, and full TAP-PER against every other variant, on the same queries: the
     per-query difference of the task's primary metric, its mean and a 95 % paired-bootstrap interval
     (tapper.eval.paired), over all evaluation queries and within each user group."""
-    golds = {ex.id: ex.target for ex in data.splits.eval}
-    scores = {v: per_query_scores(data.task, {i: preds[i] for i in golds}, golds) for v, preds in predictions.items()}
+    scores = {v: query_scores(data, preds) for v, preds in predictions.items()}
     pairs = [(v, "base") for v in scores if v != "base" and "base" in scores]
     pairs += [("tap-per", v) for v in scores if v not in ("tap-per", "base") and "tap-per" in scores]
     user_sets = {g: set(users) for g, users in (groups or {}).items()}

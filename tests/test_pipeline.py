@@ -214,7 +214,7 @@ def test_schedule_refused_on_local_stack(zen):
     cfg["schedule"] = {"cron_expression": "0 3 * * 1"}
     with pytest.raises(RunSetupError, match="local runs cannot be scheduled"):
         run_training(cfg)
-    with pytest.raises(RunSetupError, match="promote_if must be 'better' or 'significantly-better', got 'best'"):
+    with pytest.raises(RunSetupError, match=r"promote_if must be one of \['better', 'significantly-better'\], got 'best'"):
         resolve_config(ROOT / "configs" / "tiny.yaml", questions=zen["questions"], outputs=zen["outputs"],
                        overrides=["promote_if=best"])
 

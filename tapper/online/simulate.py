@@ -42,10 +42,9 @@ from tapper.config import RunConfig
 from tapper.data.chronology import sort_chronologically
 from tapper.data.splits import record_examples
 from tapper.data.types import Example, Record
-from tapper.eval.metrics import per_query_scores
 from tapper.eval.paired import paired_difference
 from tapper.eval.predict import generate_texts
-from tapper.experiment import PreparedData, embedding_cache, open_backbone, prepare_data, run_stage1, score
+from tapper.experiment import PreparedData, embedding_cache, open_backbone, prepare_data, query_scores, run_stage1, score
 from tapper.model.backbone import load_backbone_dir, weights_hash
 from tapper.model.tapper import TapPer
 from tapper.online.config import OnlineConfig
@@ -244,8 +243,7 @@ def simulate_method(method: str, stage1_dir: Path, bootstrap_dir: Path, r0: dict
         metrics = score(data, preds, examples)
         traj.metrics.append(metrics)
         if t == split.n_chunks:
-            golds = {ex.id: ex.target for ex in examples}
-            traj.final_scores = per_query_scores(data.task, {i: preds[i] for i in golds}, golds)
+            traj.final_scores = query_scores(data, preds, examples)
         if on_step:
             on_step(method, t, split.fractions[t], metrics)
     if final_dir is not None and model is not None:
