@@ -75,10 +75,15 @@ class ServeConfig:
     sync_seconds: float = 2.0
     # Write the whole state as a new snapshot generation after this many feedback deltas (bounds replay at load).
     compact_every: int = 1000
+    # Opt-in: keep the user table in a shared mapping of a scratch file here (page cache, evictable, only rows in
+    # use resident) instead of anonymous memory; see tapper.model.paged_table. Must be on a local disk, never the
+    # shared state volume. Created if missing. None: the table is ordinary memory.
+    table_dir: Path | None = None
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)
         self.state_dir = Path(self.state_dir) if self.state_dir else self.model_dir / "live"
+        self.table_dir = Path(self.table_dir) if self.table_dir else None
         if self.feedback_steps is not None and self.feedback_steps <= 0:
             raise ValueError("feedback_steps must be > 0")
         if self.feedback_epochs <= 0:
@@ -105,6 +110,7 @@ class ServeConfig:
             keep_generations=int(env.get("TAPPER_KEEP_GENERATIONS", 3)),
             sync_seconds=float(env.get("TAPPER_SYNC_SECONDS", 2.0)),
             compact_every=int(env.get("TAPPER_COMPACT_EVERY", 1000)),
+            table_dir=env.get("TAPPER_TABLE_DIR") or None,
         )
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(model_dir=Path(model_dir), **kw)
@@ -164,22 +170,27 @@ def load_state_into(model, state_dir: Path) -> None:
     """Replace a loaded TapPer's trained tensors and user ids with those saved in `state_dir` (no backbone reload).
 
     The Stage-2 configuration must be the one the model was built with (a generation of the same bundle).
+    A paged table (`model.table_dir` set) is replaced by a new paged one filled from the file in chunks.
     """
+    from tapper.model.paged_table import load_prefix_paged
     from tapper.model.tapper import CONFIG_FILE, STATE_FILE
 
     meta = json.loads((state_dir / CONFIG_FILE).read_text())
     if meta["stage2"] != dataclasses.asdict(model.cfg):
         raise ValueError(f"{state_dir}: its Stage-2 config differs from the loaded model's; a full reload is needed")
-    tensors = load_file(state_dir / STATE_FILE)
-    prefix_sd = {k[len("prefix."):]: v for k, v in tensors.items() if k.startswith("prefix.")}
-    rows, width = prefix_sd["user_table.weight"].shape
-    old = model.prefix.user_table
-    if old.num_embeddings != rows:
-        # _weight: no random init of rows that load_state_dict overwrites next.
-        grown = nn.Embedding(rows, width, _weight=torch.empty(rows, width, dtype=old.weight.dtype, device=old.weight.device))
-        grown.weight.requires_grad_(old.weight.requires_grad)
-        model.prefix.user_table = grown
-    model.prefix.load_state_dict(prefix_sd)
+    if getattr(model, "table_dir", None) is not None:
+        tensors = load_prefix_paged(model, state_dir / STATE_FILE, model.table_dir)
+    else:
+        tensors = load_file(state_dir / STATE_FILE)
+        prefix_sd = {k[len("prefix."):]: v for k, v in tensors.items() if k.startswith("prefix.")}
+        rows, width = prefix_sd["user_table.weight"].shape
+        old = model.prefix.user_table
+        if old.num_embeddings != rows:
+            # _weight: no random init of rows that load_state_dict overwrites next.
+            grown = nn.Embedding(rows, width, _weight=torch.empty(rows, width, dtype=old.weight.dtype, device=old.weight.device))
+            grown.weight.requires_grad_(old.weight.requires_grad)
+            model.prefix.user_table = grown
+        model.prefix.load_state_dict(prefix_sd)
     if model.cfg.use_bridge:
         set_peft_model_state_dict(model.plm.lm, {k[len("bridge."):]: v for k, v in tensors.items() if k.startswith("bridge.")})
     model.user_ids = list(meta["user_ids"])
@@ -237,7 +248,8 @@ class TapperService:
             if got != expected:
                 raise ValueError(f"{info.stage1_dir}: weights hash {got[:16]}… is not the backbone the TapPer state "
                                  f"was trained on ({expected[:16]}…); the bundle is inconsistent")
-        model = TapPer.load(info.state_dir, bb.model)
+        # table_dir: the user table is paged from the start (filled from the file in chunks, never a full copy in memory).
+        model = TapPer.load(info.state_dir, bb.model, table_dir=self.cfg.table_dir)
         ld = Loaded(bundle=info, bundle_id=bid, task=info.task_spec(), backbone=bb, model=model,
                     vectors=ServingVectors(bb.model, bb.tokenizer), histories=HistoryStore(),
                     generation=None, sequence=0, loaded_at=time.time())
@@ -451,6 +463,7 @@ class TapperService:
                                                              ("use_pu", "use_pq", "use_bridge", "use_lambda_t", "use_lambda_o", "bm25_k")},
                 "n_users": len(users), "users": users[:max_users], "users_truncated": len(users) > max_users,
                 "users_with_history": len(ld.histories), "state_dir": str(self.cfg.state_dir),
+                "table_dir": str(self.cfg.table_dir) if self.cfg.table_dir else None,
                 "feedback": {"mode": "emb", "epochs": self.cfg.feedback_epochs, "steps": self.cfg.feedback_steps,
                              "lr": self.cfg.feedback_lr or m.cfg.lr},
                 "source": ld.bundle.meta.get("source", {}), "created_at": ld.bundle.meta.get("created_at"),

@@ -360,6 +360,58 @@ def test_compaction_pruning_and_a_new_bundle_carrying_histories(trained, bundle,
     assert [r.id for r in restarted.histories["c4"]] == ["c4-1", "c4-2"] and "c4" in restarted.model.user_rows
 
 
+def test_a_paged_user_table_serves_feedback_compaction_and_reload_like_an_in_memory_one(bundle, trained, tmp_path):
+    """--table-dir: the user table is a shared mapping of an unlinked scratch file. The same feedbacks (known and new
+    users, compactions) give bit-identical tables and the same predictions as a server without it; a restarted
+    replica and /reload (adopting a snapshot generation) keep the table paged."""
+    import gc
+
+    from tapper.model.paged_table import is_paged
+
+    def mapped(directory: Path) -> int:
+        return sum(str(directory.resolve()) + "/" in line for line in open("/proc/self/maps"))
+
+    common = dict(model_dir=bundle.path, feedback_steps=2, feedback_lr=0.05, sync_seconds=0, compact_every=2)
+    table_dir = tmp_path / "scratch" / "table"  # created when missing
+    paged_cfg = ServeConfig(state_dir=tmp_path / "paged-state", table_dir=table_dir, **common)
+    plain_cfg = ServeConfig(state_dir=tmp_path / "plain-state", **common)
+    with _running(paged_cfg) as (pc, papp), _running(plain_cfg) as (mc, mapp):
+        assert pc.call("GET", "/info")[1]["table_dir"] == str(table_dir) and mc.call("GET", "/info")[1]["table_dir"] is None
+        known = trained["users"][0]
+        feedbacks = [(known, "2030-01-01"), ("pnew1", "2030-01-02"), (known, "2030-01-03"), ("pnew2", "2030-01-04"),
+                     ("pnew1", "2030-01-05")]
+        for i, (user, date) in enumerate(feedbacks):
+            body = {"user_id": user, "records": [_record(f"p{i}", date, "sports")]}
+            (pcode, pout), (mcode, mout) = pc.call("POST", "/feedback", body), mc.call("POST", "/feedback", body)
+            assert pcode == mcode == 200, (pout, mout)
+            assert (pout["generation"], pout["sequence"], pout["compacted_into"]) == (mout["generation"], mout["sequence"], mout["compacted_into"])
+        assert pout["generation"] == "gen-000003"  # two compactions happened
+        pm, mm = papp.state.service.loaded.model, mapp.state.service.loaded.model
+        assert is_paged(pm.prefix.user_table.weight) and not is_paged(mm.prefix.user_table.weight)
+        assert pm.user_ids == mm.user_ids and torch.equal(pm.user_table_in_use(), mm.user_table_in_use())
+        for user in (known, "pnew1", "pnew2", "stranger"):
+            req = {"user_id": user, "fields": {"text": "a story about the match"}}
+            assert pc.call("POST", "/predict", req)[1]["prediction"] == mc.call("POST", "/predict", req)[1]["prediction"]
+
+        # A restarted replica on the paged server's state: adopts the snapshot generation into a paged table.
+        replica = TapperService(ServeConfig(state_dir=tmp_path / "paged-state", table_dir=tmp_path / "replica-table", **common)).load()
+        assert (replica.generation, replica.sequence) == ("gen-000003", 1)
+        assert is_paged(replica.model.prefix.user_table.weight) and mapped(tmp_path / "replica-table") == 1
+        assert torch.equal(replica.model.user_table_in_use(), mm.user_table_in_use())
+
+        # /reload: a new model, paged from the start, then the snapshot; the old table's mapping goes with it.
+        code, body = pc.call("POST", "/reload")
+        assert code == 200 and (body["generation"], body["sequence"]) == ("gen-000003", 1)
+        reloaded = papp.state.service.loaded.model
+        assert reloaded is not pm and is_paged(reloaded.prefix.user_table.weight)
+        assert torch.equal(reloaded.user_table_in_use(), mm.user_table_in_use())
+        del pm
+        gc.collect()
+        assert mapped(table_dir) == 1 and list(table_dir.iterdir()) == []  # no scratch file left on disk
+        req = {"user_id": "pnew2", "fields": {"text": "another story"}}
+        assert pc.call("POST", "/predict", req)[1]["prediction"] == mc.call("POST", "/predict", req)[1]["prediction"]
+
+
 def test_a_malformed_stored_record_fails_only_its_users_requests(trained, tmp_path):
     """Histories are converted per user when first read: a hand-edited bundle with one bad record still loads,
     serves every other user, and answers that user's requests with a 500 naming the file, user, record and field."""

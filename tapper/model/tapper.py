@@ -39,6 +39,9 @@ class TapPer(nn.Module):
         # Row 0 is the "unknown user" row (P_q only); known users start at 1.
         self.user_rows = {u: i + 1 for i, u in enumerate(self.user_ids)}
         self.backbone_hash = backbone_hash
+        # Set when the user table is paged (tapper.model.paged_table): where its scratch files go, so that a table
+        # replaced later (growth, reload) is paged too. None: an ordinary in-memory table.
+        self.table_dir: Path | None = None
         for p in backbone.parameters():
             p.requires_grad_(False)
         emb = backbone.get_input_embeddings().weight
@@ -124,14 +127,19 @@ class TapPer(nn.Module):
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, backbone: nn.Module) -> "TapPer":
+    def load(cls, directory: str | Path, backbone: nn.Module, table_dir: str | Path | None = None) -> "TapPer":
+        """Load a saved state onto `backbone`. `table_dir`: page the user table there (tapper.model.paged_table),
+        filling it from the file in chunks, so the whole table is never held in anonymous memory."""
         directory = Path(directory)
         meta = json.loads((directory / CONFIG_FILE).read_text())
         cfg = from_dict(Stage2Config, meta["stage2"], f"{directory / CONFIG_FILE}: stage2")
         model = cls(backbone, meta["user_ids"], cfg, meta.get("backbone_hash", ""), init_user_table=False)
-        tensors = load_file(directory / STATE_FILE)
-        prefix_sd = {k[len("prefix."):]: v for k, v in tensors.items() if k.startswith("prefix.")}
-        model.prefix.load_state_dict(prefix_sd)
+        if table_dir is None:
+            tensors = load_file(directory / STATE_FILE)
+            prefix_sd = {k[len("prefix."):]: v for k, v in tensors.items() if k.startswith("prefix.")}
+            model.prefix.load_state_dict(prefix_sd)
+        else:
+            tensors = _load_paged(model, directory / STATE_FILE, table_dir)
         if cfg.use_bridge:
             bridge_sd = {k[len("bridge."):]: v for k, v in tensors.items() if k.startswith("bridge.")}
             result = set_peft_model_state_dict(model.plm.lm, bridge_sd)
@@ -140,3 +148,15 @@ class TapPer(nn.Module):
                 raise ValueError(f"{directory / STATE_FILE}: unexpected bridge tensors {unexpected[:5]}")
         model.eval()
         return model
+
+
+def _load_paged(model: TapPer, state_file: Path, table_dir: str | Path) -> dict[str, torch.Tensor]:
+    """TapPer.load's prefix part with a paged user table; returns the other tensors (for the bridge)."""
+    from tapper.model.paged_table import TABLE_KEY, load_prefix_paged, prepare_table_dir
+
+    expected = model.prefix.user_table.num_embeddings
+    tensors = load_prefix_paged(model, state_file, prepare_table_dir(table_dir))
+    rows = model.prefix.user_table.num_embeddings
+    if rows != expected:
+        raise ValueError(f"{state_file}: {TABLE_KEY} has {rows} rows, the config's users need {expected}")
+    return tensors

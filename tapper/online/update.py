@@ -19,7 +19,8 @@ Guarantees, whatever the mode:
       duration of the update (requires_grad restored afterwards);
     - a user not yet in the table gets a new row, initialised to zero, i.e. exactly the
       unknown-user prefix (P_q only) until the update moves it; the table keeps spare zero
-      rows, so a new user does not copy the whole table (see `add_users`).
+      rows, so a new user does not copy the whole table (see `add_users`); a paged table
+      (tapper.model.paged_table) stays paged when it grows.
 
 Training reuses `tapper.train.stage2.fit` (the Stage-2 loop, AdamW, clipping), with the
 budget given as epochs over the new examples or as an exact number of optimizer steps.
@@ -39,6 +40,7 @@ from torch import nn
 from tapper.data.splits import record_examples
 from tapper.data.types import Example, Record
 from tapper.model.embedding_cache import EmbeddingCache
+from tapper.model.paged_table import CHUNK_ROWS, paged_tensor, release_resident
 from tapper.model.tapper import TapPer
 from tapper.train.loop import set_seed
 from tapper.train.stage2 import encoder_for, fit
@@ -83,10 +85,22 @@ def add_users(model: TapPer, user_ids: Sequence[str]) -> list[str]:
     old = model.prefix.user_table
     if needed > old.num_embeddings:
         capacity = max(needed, old.num_embeddings + max(MIN_GROWTH_ROWS, int(old.num_embeddings * GROWTH_FRACTION)))
-        grown = nn.Embedding(capacity, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
-        with torch.no_grad():
-            grown.weight.zero_()
-            grown.weight[: old.num_embeddings].copy_(old.weight)
+        table_dir = getattr(model, "table_dir", None)
+        if table_dir is not None:
+            # A paged table stays paged: the grown one is a new scratch file in the same directory (zero-filled
+            # already, so only the copied rows are written); the old file goes with the old tensor.
+            grown = nn.Embedding(capacity, old.embedding_dim,
+                                 _weight=paged_tensor(table_dir, capacity, old.embedding_dim, old.weight.dtype))
+            with torch.no_grad():
+                for a in range(0, old.num_embeddings, CHUNK_ROWS):  # chunks: never the whole table mapped in at once
+                    b = min(a + CHUNK_ROWS, old.num_embeddings)
+                    grown.weight[a:b].copy_(old.weight[a:b])
+                    release_resident(grown.weight[a:b])
+        else:
+            grown = nn.Embedding(capacity, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+            with torch.no_grad():
+                grown.weight.zero_()
+                grown.weight[: old.num_embeddings].copy_(old.weight)
         grown.weight.requires_grad_(old.weight.requires_grad)
         model.prefix.user_table = grown
     for u in new:
