@@ -22,3 +22,24 @@ os.makedirs(os.environ["TAPPER_HOME"], exist_ok=True)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+# The tiny backbone and embedding cache most model tests build from their module's own `data` fixture
+# (train, evals, users); a module that needs another corpus defines its own `backbone`.
+import pytest  # noqa: E402  (after the environment above is set)
+
+
+@pytest.fixture(scope="module")
+def backbone(data):
+    from model_fixtures import corpus
+    from tapper.model.backbone import load_backbone
+
+    train, evals, _ = data
+    return load_backbone("tiny", texts=corpus(train, evals))
+
+
+@pytest.fixture(scope="module")
+def cache(backbone, tmp_path_factory):
+    from tapper.model.embedding_cache import EmbeddingCache
+
+    return EmbeddingCache(tmp_path_factory.mktemp("cache"), backbone.model, backbone.tokenizer)

@@ -6,13 +6,13 @@ import json
 import pytest
 from transformers import AutoConfig
 
-from model_fixtures import TASK, corpus, tiny_examples
+from model_fixtures import TASK, tiny_examples
 from tapper.analysis.attention import case_study, plot_case_study, summaries, temporal_bias_off
 from tapper.analysis.footprint import footprint, lora_numel, oppu_state_numel, tapper_state_numel
 from tapper.analysis.report import markdown_table, ranks, write_report
 from tapper.config import Stage2Config
 from tapper.experiment import embedding_cache
-from tapper.model.backbone import load_backbone, load_backbone_dir
+from tapper.model.backbone import load_backbone_dir
 from tapper.model.lora import attach_lora
 from tapper.model.tapper import TapPer
 from tapper.train.stage2 import encoder_for
@@ -21,12 +21,6 @@ from tapper.train.stage2 import encoder_for
 @pytest.fixture(scope="module")
 def data():
     return tiny_examples(n_users=3, n_hist=5)
-
-
-@pytest.fixture(scope="module")
-def backbone(data):
-    train, evals, _ = data
-    return load_backbone("tiny", texts=corpus(train, evals))
 
 
 def _stored(model: TapPer) -> int:

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from model_fixtures import TASK, corpus, tiny_examples
+from model_fixtures import TASK, tiny_examples
 from tapper.config import Stage1Config, Stage2Config
-from tapper.model.backbone import load_backbone, load_backbone_dir
+from tapper.model.backbone import load_backbone_dir
 from tapper.model.embedding_cache import EmbeddingCache
 from tapper.model.lora import LoraTargetError, attach_lora, merge_lora
 from tapper.model.prefixed_lm import PrefixedLM
@@ -22,12 +22,6 @@ from tapper.eval.predict import generate_texts
 @pytest.fixture(scope="module")
 def data():
     return tiny_examples()
-
-
-@pytest.fixture(scope="module")
-def backbone(data):
-    train, evals, _ = data
-    return load_backbone("tiny", texts=corpus(train, evals))
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,11 @@ import json
 import pytest
 import torch
 
-from model_fixtures import TASK, corpus, tiny_examples
+from model_fixtures import TASK, tiny_examples
 from tapper.builders.synthetic import build_synthetic
 from tapper.config import ConfigError, RunConfig, Stage2Config
 from tapper.experiment import prepare_data
-from tapper.model.backbone import load_backbone, load_backbone_dir
-from tapper.model.embedding_cache import EmbeddingCache
+from tapper.model.backbone import load_backbone_dir
 from tapper.model.tapper import TapPer
 from tapper.online import (
     OnlineConfig, add_users, feedback_examples, load_online_config, simulate, split_chunks, stream_split, update_users,
@@ -23,17 +22,6 @@ from tapper.online import (
 @pytest.fixture(scope="module")
 def data():
     return tiny_examples(n_users=6, n_hist=4)
-
-
-@pytest.fixture(scope="module")
-def backbone(data):
-    train, evals, _ = data
-    return load_backbone("tiny", texts=corpus(train, evals))
-
-
-@pytest.fixture(scope="module")
-def cache(backbone, tmp_path_factory):
-    return EmbeddingCache(tmp_path_factory.mktemp("cache"), backbone.model, backbone.tokenizer)
 
 
 def fresh_model(backbone, users, **cfg) -> TapPer:

@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from model_fixtures import TASK, corpus, tiny_examples
+from model_fixtures import TASK, tiny_examples
 from tapper.config import Stage2Config
 from tapper.eval.predict import generate_texts
-from tapper.model.backbone import load_backbone, load_backbone_dir
-from tapper.model.embedding_cache import EmbeddingCache
+from tapper.model.backbone import load_backbone_dir
 from tapper.model.paged_table import (
     TableDirError, is_paged, load_paged_table, page_user_table, paged_tensor, prepare_table_dir, release_resident,
 )
@@ -36,17 +35,6 @@ def mapped_files(directory: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def data():
     return tiny_examples(n_users=6, n_hist=4)
-
-
-@pytest.fixture(scope="module")
-def backbone(data):
-    train, evals, _ = data
-    return load_backbone("tiny", texts=corpus(train, evals))
-
-
-@pytest.fixture(scope="module")
-def cache(backbone, tmp_path_factory):
-    return EmbeddingCache(tmp_path_factory.mktemp("cache"), backbone.model, backbone.tokenizer)
 
 
 @pytest.fixture(scope="module")
