@@ -200,9 +200,10 @@ def read_bundle(path: str | os.PathLike) -> BundleInfo:
     return info
 
 
-def read_histories(info: BundleInfo) -> HistoryStore:
-    """The bundle's history store (each user's records converted when first read; see deploy.histories)."""
-    return read_histories_dir(info.path)
+def read_histories(info: BundleInfo, spool_dir: str | os.PathLike | None = None) -> HistoryStore:
+    """The bundle's history store (each user's records converted when first read; see deploy.histories).
+    `spool_dir`: keep the unread users' lines in a scratch file there instead of memory (HistoryStore.read)."""
+    return read_histories_dir(info.path, spool_dir)
 
 
 # --- MLflow registry -------------------------------------------------------------------------------

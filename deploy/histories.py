@@ -18,18 +18,32 @@ first request for that user (HistoryError naming the file, line, user, record an
 server's start. Files tapper writes come from Records, which are valid by construction. What load itself
 checks: every line names its user (a line that does not start the way tapper writes it is parsed whole and
 checked then), and no user appears twice.
+
+Kept as text, the unread lines still cost about the file's size in anonymous memory (1.7 GB at 1,000,000 users
+with 10 records each). With a spool dir (the server's scratch dir, `--scratch-dir`), `HistoryStore.read` copies
+the lines into one scratch file there instead and keeps per user only where its line is; the line is read back
+(os.pread) when the user is first read or the store is written. The spool file is unlinked as soon as it is
+open, like the paged user table's (tapper.model.paged_table): a crash leaves nothing behind, and its disk space
+is freed when the last store that shares its unread users is gone. Its pages are page cache, which the kernel
+writes back and reclaims under pressure, not anonymous memory.
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
+import uuid
+import weakref
+from array import array
 from json.decoder import scanstring
 from pathlib import Path
-from typing import Any, Iterator, Mapping, MutableMapping, Sequence
+from typing import Any, BinaryIO, Iterator, Mapping, MutableMapping, Sequence
 
 from tapper.atomic import atomic_write
 from tapper.data.chronology import parse_lamp_date, sort_chronologically
 from tapper.data.lamp_io import record_to_json
 from tapper.data.types import Record
+from tapper.scratch import ScratchDirError, prepare_scratch_dir
 
 
 HISTORIES_FILE = "histories.jsonl"
@@ -80,30 +94,145 @@ def histories_from_json(obj: Any, where: str) -> dict[str, list[Record]]:
     return {u: _records_from_json(u, items, where) for u, items in _checked_top_level(obj, where).items()}
 
 
+class HistorySpoolError(ScratchDirError):
+    """The spool dir cannot hold a history file's lines (not creatable, not writable, a network filesystem, full)."""
+
+
+# Bytes buffered per write while a file is spooled (one write syscall per MiB, not per line).
+_SPOOL_BUFFER = 1 << 20
+
+
+class _Spool:
+    """The lines of one history file, copied into one unlinked scratch file; line i is read back with os.pread.
+
+    Per line it keeps 16 bytes (its end offset and its line number in the source file, in arrays) instead of
+    the line's text. The file is unlinked right after it is created, so only the open descriptor keeps it: the
+    descriptor is closed (and the disk space freed) when the last _Unread referring to this spool is gone.
+    Written once by HistoryStore.read, then only read (os.pread takes no file position, so threads may share it)."""
+
+    __slots__ = ("fd", "directory", "source", "ends", "linenos", "_pending", "__weakref__")
+
+    def __init__(self, directory: Path, source: str):
+        path = directory / f"tapper-histories-{uuid.uuid4().hex}.spool"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        except OSError as err:
+            raise HistorySpoolError(f"history spool dir {directory}: cannot create a spool file for {source} "
+                                    f"({err.strerror or err})") from err
+        try:
+            # The name is not needed any more: the descriptor keeps the file, and a crash leaves nothing behind.
+            os.unlink(path)
+        except OSError:
+            os.close(fd)
+            raise
+        self.fd, self.directory, self.source = fd, directory, source
+        weakref.finalize(self, os.close, fd)
+        self.ends = array("q", [0])  # line i is bytes [ends[i], ends[i + 1]) of the spool
+        self.linenos = array("q")  # line i's line number in the source file, for errors
+        # Our own write buffer rather than a file object: nothing may flush to the descriptor after it is closed.
+        self._pending = bytearray()
+
+    def add(self, data: bytes, lineno: int) -> int:
+        """Append one line (without its line end); returns its index."""
+        self._pending += data
+        if len(self._pending) >= _SPOOL_BUFFER:
+            self._flush()
+        self.ends.append(self.ends[-1] + len(data))
+        self.linenos.append(lineno)
+        return len(self.linenos) - 1
+
+    def finish(self) -> None:
+        """Write what add() buffered; the spool is read-only from here on."""
+        self._flush()
+
+    def _flush(self) -> None:
+        try:
+            with memoryview(self._pending) as pending:
+                done = 0
+                while done < len(pending):  # os.write may write less than it was given
+                    done += os.write(self.fd, pending[done:])
+        except OSError as err:
+            raise self._write_error(err) from err
+        self._pending.clear()
+
+    def _write_error(self, err: OSError) -> HistorySpoolError:
+        hint = " (disk full)" if err.errno == errno.ENOSPC else ""
+        return HistorySpoolError(f"history spool dir {self.directory}: cannot copy {self.source} into a spool file "
+                                 f"({err.strerror or err}){hint}")
+
+    def line(self, index: int) -> str:
+        return self.read(self.ends[index], self.ends[index + 1], index).decode("utf-8")
+
+    def read(self, start: int, end: int, index: int) -> bytes:
+        """Bytes [start, end) of the spool (`index`: the line they start with, for the error)."""
+        data = os.pread(self.fd, end - start, start)
+        while len(data) < end - start:  # a regular file reads short only at its end; loop rather than assume
+            more = os.pread(self.fd, end - start - len(data), start + len(data))
+            if not more:
+                raise HistoryError(f"{self.source} line {self.linenos[index]}: its spooled copy is truncated")
+            data += more
+        return data
+
+
+# Bytes read at once when a whole store is written: its unread users' lines follow each other in the spool
+# (stores keep the file's order), so one pread serves hundreds of lines instead of one syscall per user.
+_SPOOL_READ_BLOCK = 1 << 22
+
+
+class _BlockReader:
+    """The last block read from a spool, for one pass over a store (HistoryStore.lines); not shared by threads."""
+
+    __slots__ = ("spool", "start", "data")
+
+    def __init__(self) -> None:
+        self.spool, self.start, self.data = None, 0, b""
+
+    def line(self, spool: _Spool, index: int) -> str:
+        start, end = spool.ends[index], spool.ends[index + 1]
+        if spool is not self.spool or start < self.start or end > self.start + len(self.data):
+            # A block from this line on (the line whole, even when it is longer than a block).
+            block_end = max(end, min(spool.ends[-1], start + _SPOOL_READ_BLOCK))
+            self.spool, self.start, self.data = spool, start, spool.read(start, block_end, index)
+        return self.data[start - self.start: end - self.start].decode("utf-8")
+
+
 class _Unread:
     """A user's stored history, not converted yet (never modified, so stores may share it).
 
-    Either `line` (the user's line of a JSON-lines file, as read: parsed only when the user is read) or
-    `parsed` (the user's items, from a legacy one-document file). `source` names the file (one string shared
-    by all its users) and `lineno` the line, for errors; `chronological`: sort the records when they are
-    converted (what merge_histories promises)."""
+    Either `line` (the user's line of a JSON-lines file, as read: parsed only when the user is read), `spool`
+    and `index` (the same line, kept in a spool file instead of memory), or `parsed` (the user's items, from a
+    legacy one-document file or a line not in tapper's shape). `source` names the file (one string shared by all
+    its users) and `lineno` the line, for errors; `chronological`: sort the records when they are converted
+    (what merge_histories promises)."""
 
-    __slots__ = ("user", "line", "parsed", "source", "lineno", "chronological")
+    __slots__ = ("user", "source", "_lineno", "line", "parsed", "spool", "index", "chronological")
 
     def __init__(self, user: str, source: str, lineno: int | None = None, *, line: str | None = None,
-                 parsed: list | None = None, chronological: bool = False):
-        self.user, self.source, self.lineno, self.chronological = user, source, lineno, chronological
-        self.line, self.parsed = line, parsed
+                 parsed: list | None = None, spool: _Spool | None = None, index: int = -1, chronological: bool = False):
+        self.user, self.source, self._lineno, self.chronological = user, source, lineno, chronological
+        self.line, self.parsed, self.spool, self.index = line, parsed, spool, index
+
+    @property
+    def lineno(self) -> int | None:
+        # A spooled line's number lives in the spool's array (8 bytes, not an int object per user).
+        return self.spool.linenos[self.index] if self.spool is not None else self._lineno
 
     @property
     def where(self) -> str:
-        return self.source if self.lineno is None else f"{self.source} line {self.lineno}"
+        lineno = self.lineno
+        return self.source if lineno is None else f"{self.source} line {lineno}"
+
+    def text(self, reader: "_BlockReader | None" = None) -> str | None:
+        """The user's line as read (from the spool when spooled, through `reader` if given); None for parsed items."""
+        if self.spool is None:
+            return self.line
+        return reader.line(self.spool, self.index) if reader is not None else self.spool.line(self.index)
 
     def items(self) -> list:
         if self.parsed is not None:
             return self.parsed
         try:
-            obj = json.loads(self.line)
+            obj = json.loads(self.text())
         except ValueError as err:
             raise HistoryError(f"{self.where}, user {self.user!r}: not JSON ({err})") from None
         return _line_records(obj, self.where)[1]
@@ -112,13 +241,15 @@ class _Unread:
         records = _records_from_json(self.user, self.items(), self.where)
         return sort_chronologically(records) if self.chronological else records
 
-    def as_line(self) -> str:
-        if self.line is not None:
-            return self.line if self.line.endswith("\n") else self.line + "\n"
+    def as_line(self, reader: "_BlockReader | None" = None) -> str:
+        line = self.text(reader)
+        if line is not None:
+            return line if line.endswith("\n") else line + "\n"
         return _user_line(self.user, self.parsed)
 
     def sorted_on_read(self) -> "_Unread":
-        return _Unread(self.user, self.source, self.lineno, line=self.line, parsed=self.parsed, chronological=True)
+        return _Unread(self.user, self.source, self._lineno, line=self.line, parsed=self.parsed, spool=self.spool,
+                       index=self.index, chronological=True)
 
 
 def _user_line(user: str, items: list) -> str:
@@ -156,6 +287,25 @@ def _user_of_line(line: str, source: str, lineno: int) -> tuple[str, list | None
     return _line_records(obj, where)
 
 
+def _check_first(users: Mapping[str, Any], user: str, source: str, lineno: int) -> None:
+    if user in users:
+        raise HistoryError(f"{source} line {lineno}: user {user!r} again (first on line {users[user].lineno})")
+
+
+def _text_mode_lines(fh: BinaryIO) -> Iterator[bytes]:
+    """The lines of a binary file split as text mode splits them ("\\n", "\\r\\n" and a lone "\\r" end a line),
+    each without its line end: so a spooled read numbers lines, and writes them back, exactly as a read without
+    a spool does (which reads in text mode and writes every line back ending in "\\n")."""
+    for raw in fh:
+        if b"\r" not in raw:  # the usual case: one line ending in "\n" (or the last line, without one)
+            yield raw[:-1] if raw.endswith(b"\n") else raw
+            continue
+        parts = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        if parts[-1] == b"":  # the piece after the final line end
+            parts.pop()
+        yield from parts
+
+
 class HistoryStore(MutableMapping[str, list[Record]]):
     """{user_id: [Record]} whose users are converted from stored JSON the first time they are read.
 
@@ -173,8 +323,11 @@ class HistoryStore(MutableMapping[str, list[Record]]):
         return store
 
     @classmethod
-    def read(cls, path: str | Path) -> "HistoryStore":
-        """A history file: JSON lines (`histories.jsonl`), or the legacy one-document `histories.json`."""
+    def read(cls, path: str | Path, spool_dir: str | Path | None = None) -> "HistoryStore":
+        """A history file: JSON lines (`histories.jsonl`), or the legacy one-document `histories.json`.
+
+        `spool_dir`: keep the JSON lines' text in an unlinked scratch file there instead of memory (created if
+        missing; a local disk, see tapper.scratch). A legacy file is parsed whole either way."""
         path = Path(path)
         if path.suffix == ".json":
             try:
@@ -182,6 +335,8 @@ class HistoryStore(MutableMapping[str, list[Record]]):
             except ValueError as err:
                 raise HistoryError(f"{path}: not JSON ({err})") from None
             return cls.from_json(obj, str(path))
+        if spool_dir is not None:
+            return cls._read_spooled(path, prepare_scratch_dir(spool_dir, "history spool dir", HistorySpoolError))
         store, source = cls(), str(path)
         users = store._users
         with open(path, encoding="utf-8") as fh:
@@ -189,9 +344,31 @@ class HistoryStore(MutableMapping[str, list[Record]]):
                 if not line.strip():
                     continue
                 user, parsed = _user_of_line(line, source, n)
-                if user in users:
-                    raise HistoryError(f"{source} line {n}: user {user!r} again (first on line {users[user].lineno})")
+                _check_first(users, user, source, n)
                 users[user] = _Unread(user, source, n, line=None if parsed is not None else line, parsed=parsed)
+        return store
+
+    @classmethod
+    def _read_spooled(cls, path: Path, spool_dir: Path) -> "HistoryStore":
+        """read() with the lines' text copied to a spool file in `spool_dir`; the same users, checks and errors."""
+        store, source = cls(), str(path)
+        users = store._users
+        with open(path, "rb") as fh:  # opened first: a missing file creates no spool
+            spool = _Spool(spool_dir, source)
+            for n, raw in enumerate(_text_mode_lines(fh), 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise HistoryError(f"{source} line {n}: not UTF-8 ({err})") from None
+                if not line.strip():
+                    continue
+                user, parsed = _user_of_line(line, source, n)
+                _check_first(users, user, source, n)
+                if parsed is not None:  # a line not in tapper's shape was parsed whole to check it: keep the items
+                    users[user] = _Unread(user, source, n, parsed=parsed)
+                else:
+                    users[user] = _Unread(user, source, spool=spool, index=spool.add(raw, n))
+        spool.finish()
         return store
 
     def __getitem__(self, user: str) -> list[Record]:
@@ -227,8 +404,9 @@ class HistoryStore(MutableMapping[str, list[Record]]):
 
     def lines(self) -> Iterator[str]:
         """The store as JSON lines, one user each; unread users' lines pass through as they were read."""
+        reader = _BlockReader()  # spooled lines are read a block at a time
         for user, value in self._users.items():
-            yield value.as_line() if isinstance(value, _Unread) else _user_line(user, [record_to_json(r) for r in value])
+            yield value.as_line(reader) if isinstance(value, _Unread) else _user_line(user, [record_to_json(r) for r in value])
 
     def unread(self) -> int:
         """Users whose items have not been converted yet."""
@@ -267,10 +445,11 @@ def histories_file(directory: str | Path) -> Path:
     return legacy if legacy.is_file() and not current.is_file() else current
 
 
-def read_histories_dir(directory: str | Path) -> HistoryStore:
-    """The history store of a bundle or snapshot directory (empty when it has no history file)."""
+def read_histories_dir(directory: str | Path, spool_dir: str | Path | None = None) -> HistoryStore:
+    """The history store of a bundle or snapshot directory (empty when it has no history file); `spool_dir`: see
+    HistoryStore.read."""
     path = histories_file(directory)
-    return HistoryStore.read(path) if path.is_file() else HistoryStore()
+    return HistoryStore.read(path, spool_dir) if path.is_file() else HistoryStore()
 
 
 def write_histories(path: str | Path, histories: Mapping[str, Sequence[Record]]) -> Path:

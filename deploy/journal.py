@@ -75,10 +75,14 @@ class Delta:
 
 
 class LiveState:
-    """Reads and writes the generations of one state directory. Writers must hold `lock_path`."""
+    """Reads and writes the generations of one state directory. Writers must hold `lock_path`.
 
-    def __init__(self, root: str | Path):
+    `spool_dir`: the history stores it reads (snapshots', bundles') keep their unread users' lines in a scratch
+    file there instead of memory (deploy.histories); None: in memory."""
+
+    def __init__(self, root: str | Path, spool_dir: str | Path | None = None):
         self.root = Path(root)
+        self.spool_dir = Path(spool_dir) if spool_dir is not None else None
 
     @property
     def lock_path(self) -> Path:
@@ -113,7 +117,7 @@ class LiveState:
         path = histories_file(self.gen_dir(name))
         if not path.is_file():
             raise StateError(f"{path}: missing (a snapshot generation holds every user's history)")
-        return HistoryStore.read(path)
+        return HistoryStore.read(path, self.spool_dir)
 
     def sequences(self, name: str) -> list[int]:
         journal = self.gen_dir(name) / JOURNAL_DIR
@@ -159,7 +163,7 @@ class LiveState:
         if meta["base"] == "snapshot":
             out = self.snapshot_histories(name)
         else:
-            out = _histories_of_bundle(meta.get("bundle_path"))
+            out = _histories_of_bundle(meta.get("bundle_path"), self.spool_dir)
         for delta in self.deltas_after(name, 0):
             for user, recs in delta.records.items():
                 out.setdefault(user, []).extend(recs)
@@ -227,7 +231,7 @@ class LiveState:
                 shutil.rmtree(self.gen_dir(name), ignore_errors=True)
 
 
-def _histories_of_bundle(path: str | None) -> HistoryStore:
+def _histories_of_bundle(path: str | None, spool_dir: Path | None = None) -> HistoryStore:
     """The histories of the bundle at `path`, or none if that bundle is gone."""
     if not path:
         return HistoryStore()
@@ -235,4 +239,4 @@ def _histories_of_bundle(path: str | None) -> HistoryStore:
         info = read_bundle(path)
     except BundleError:
         return HistoryStore()
-    return read_histories(info)  # a corrupt histories file is an error, as anywhere else
+    return read_histories(info, spool_dir)  # a corrupt histories file is an error, as anywhere else

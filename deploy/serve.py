@@ -7,7 +7,7 @@
 
 Settings also come from the environment (TAPPER_MODEL_DIR, TAPPER_STATE_DIR, TAPPER_FEEDBACK_EPOCHS,
 TAPPER_FEEDBACK_STEPS, TAPPER_FEEDBACK_LR, TAPPER_MAX_NEW_TOKENS, TAPPER_VERIFY_BACKBONE, TAPPER_TORCH_THREADS,
-TAPPER_TABLE_DIR, TAPPER_ADMIN_TOKEN); flags win over the environment.
+TAPPER_SCRATCH_DIR, TAPPER_ADMIN_TOKEN); flags win over the environment.
 """
 from __future__ import annotations
 
@@ -33,10 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--feedback-lr", type=float, default=None, help="Online-Emb learning rate (default: the model's Stage-2 lr)")
     p.add_argument("--compact-every", type=int, default=None,
                    help="write the whole live state as a snapshot after this many feedback deltas (env TAPPER_COMPACT_EVERY; default 1000)")
-    p.add_argument("--table-dir", default=None,
-                   help="opt-in: keep the user table in a file-backed mapping of a scratch file in this directory on a LOCAL "
-                        "disk (page cache: only rows in use resident, evictable), not in anonymous memory; created if "
-                        "missing (env TAPPER_TABLE_DIR; default: in memory)")
+    p.add_argument("--scratch-dir", default=None,
+                   help="opt-in: keep per-user state in unlinked scratch files in this directory on a LOCAL disk, not in "
+                        "anonymous memory: the user table in a file-backed mapping (page cache: only rows in use resident, "
+                        "evictable) and the history stores' unread users' lines in spool files; created if missing "
+                        "(env TAPPER_SCRATCH_DIR; default: in memory)")
     p.add_argument("--no-verify-backbone", action="store_true", help="skip hashing stage1/ against the state's backbone hash")
     p.add_argument("--log-level", default=os.environ.get("TAPPER_LOG_LEVEL", "info"))
     p.set_defaults(func=cmd_serve)
@@ -88,7 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = ServeConfig.from_env(model_dir=args.model_dir, state_dir=args.state_dir, feedback_epochs=args.feedback_epochs,
                                feedback_steps=args.feedback_steps, feedback_lr=args.feedback_lr,
-                               compact_every=args.compact_every, table_dir=args.table_dir,
+                               compact_every=args.compact_every, scratch_dir=args.scratch_dir,
                                **({"verify_backbone": False} if args.no_verify_backbone else {}))
     # One process per replica: the model lives in memory; scale with replicas (they share --state-dir safely).
     uvicorn.run(create_app(cfg), host=args.host, port=args.port, log_level=args.log_level.lower(), workers=1)

@@ -75,15 +75,16 @@ class ServeConfig:
     sync_seconds: float = 2.0
     # Write the whole state as a new snapshot generation after this many feedback deltas (bounds replay at load).
     compact_every: int = 1000
-    # Opt-in: keep the user table in a shared mapping of a scratch file here (page cache, evictable, only rows in
-    # use resident) instead of anonymous memory; see tapper.model.paged_table. Must be on a local disk, never the
-    # shared state volume. Created if missing. None: the table is ordinary memory.
-    table_dir: Path | None = None
+    # Opt-in: keep per-user state in unlinked scratch files here instead of anonymous memory: the user table in a
+    # shared mapping (page cache, evictable, only rows in use resident; tapper.model.paged_table) and the history
+    # stores' unread lines in spool files (deploy.histories). Must be on a local disk (tapper.scratch), never the
+    # shared state volume; each replica its own. Created if missing. None: both in memory.
+    scratch_dir: Path | None = None
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)
         self.state_dir = Path(self.state_dir) if self.state_dir else self.model_dir / "live"
-        self.table_dir = Path(self.table_dir) if self.table_dir else None
+        self.scratch_dir = Path(self.scratch_dir) if self.scratch_dir else None
         if self.feedback_steps is not None and self.feedback_steps <= 0:
             raise ValueError("feedback_steps must be > 0")
         if self.feedback_epochs <= 0:
@@ -110,7 +111,7 @@ class ServeConfig:
             keep_generations=int(env.get("TAPPER_KEEP_GENERATIONS", 3)),
             sync_seconds=float(env.get("TAPPER_SYNC_SECONDS", 2.0)),
             compact_every=int(env.get("TAPPER_COMPACT_EVERY", 1000)),
-            table_dir=env.get("TAPPER_TABLE_DIR") or None,
+            scratch_dir=env.get("TAPPER_SCRATCH_DIR") or None,
         )
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(model_dir=Path(model_dir), **kw)
@@ -151,13 +152,14 @@ class Loaded:
     generation: str | None  # None: the bundle's own state, no feedback applied yet
     sequence: int  # deltas of `generation` applied
     loaded_at: float
+    spool_dir: Path | None = None  # where history stores read from files keep their unread lines (ServeConfig.scratch_dir)
     _bundle_histories: HistoryStore | None = None
 
     def bundle_histories(self) -> HistoryStore:
         """The bundle's own history store, the base of a "bundle" generation: read when first needed (a server
         that resumes from a snapshot never needs it), then kept."""
         if self._bundle_histories is None:
-            self._bundle_histories = read_histories(self.bundle)
+            self._bundle_histories = read_histories(self.bundle, self.spool_dir)
         return self._bundle_histories
 
 
@@ -232,7 +234,7 @@ class TapperService:
 
     @property
     def state(self) -> LiveState:
-        return LiveState(self.cfg.state_dir)
+        return LiveState(self.cfg.state_dir, spool_dir=self.cfg.scratch_dir)
 
     def _build(self) -> Loaded:
         from tapper.model.backbone import load_backbone_dir, weights_hash
@@ -248,11 +250,12 @@ class TapperService:
             if got != expected:
                 raise ValueError(f"{info.stage1_dir}: weights hash {got[:16]}… is not the backbone the TapPer state "
                                  f"was trained on ({expected[:16]}…); the bundle is inconsistent")
-        # table_dir: the user table is paged from the start (filled from the file in chunks, never a full copy in memory).
-        model = TapPer.load(info.state_dir, bb.model, table_dir=self.cfg.table_dir)
+        # scratch_dir: the user table is paged there from the start (filled from the file in chunks, never a full
+        # copy in memory), and history files read below are spooled there.
+        model = TapPer.load(info.state_dir, bb.model, table_dir=self.cfg.scratch_dir)
         ld = Loaded(bundle=info, bundle_id=bid, task=info.task_spec(), backbone=bb, model=model,
                     vectors=ServingVectors(bb.model, bb.tokenizer), histories=HistoryStore(),
-                    generation=None, sequence=0, loaded_at=time.time())
+                    generation=None, sequence=0, loaded_at=time.time(), spool_dir=self.cfg.scratch_dir)
         cur = self.state.current()
         if cur and cur.get("bundle_id") == bid:
             self._adopt(ld, cur["generation"], fresh=True)
@@ -463,7 +466,7 @@ class TapperService:
                                                              ("use_pu", "use_pq", "use_bridge", "use_lambda_t", "use_lambda_o", "bm25_k")},
                 "n_users": len(users), "users": users[:max_users], "users_truncated": len(users) > max_users,
                 "users_with_history": len(ld.histories), "state_dir": str(self.cfg.state_dir),
-                "table_dir": str(self.cfg.table_dir) if self.cfg.table_dir else None,
+                "scratch_dir": str(self.cfg.scratch_dir) if self.cfg.scratch_dir else None,
                 "feedback": {"mode": "emb", "epochs": self.cfg.feedback_epochs, "steps": self.cfg.feedback_steps,
                              "lr": self.cfg.feedback_lr or m.cfg.lr},
                 "source": ld.bundle.meta.get("source", {}), "created_at": ld.bundle.meta.get("created_at"),

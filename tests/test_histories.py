@@ -1,12 +1,14 @@
 """The serving history store: users converted when first read, unread ones written back untouched, merges."""
 from __future__ import annotations
 
+import gc
 import json
+import os
 
 import pytest
 
-from deploy.histories import (HistoryError, HistoryStore, histories_file, histories_from_json, histories_to_json,
-                              merge_histories, read_histories_dir, write_histories)
+from deploy.histories import (HistoryError, HistorySpoolError, HistoryStore, histories_file, histories_from_json,
+                              histories_to_json, merge_histories, read_histories_dir, write_histories)
 from tapper.data.chronology import parse_lamp_date
 from tapper.data.types import Record
 
@@ -125,6 +127,114 @@ def test_a_hand_edited_line_loads_and_bad_lines_are_named_by_file_and_line(tmp_p
             HistoryStore.read(f)["u"]
 
 
+def spool_files(directory) -> list[str]:
+    """What this process's open descriptors point at among the history spool files of `directory`."""
+    prefix = str(directory.resolve()) + "/tapper-histories-"
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the descriptor listdir itself used, closed by now
+            continue
+        if target.startswith(prefix):
+            out.append(target)
+    return out
+
+
+def _mixed_file(path) -> dict:
+    """A history file with what a real one may hold: tapper's lines (more than the spool's 1 MiB write buffer and
+    4 MiB read block in all, one line longer than a block), non-ASCII text, a hand-edited line, blank lines, CRLF
+    and lone-CR line ends, no newline at the end. Returns {user: items}."""
+    users = {f"u{i:03d}": [_item(f"u{i}-{j}", f"2021-0{1 + j}-01") for j in range(3)] for i in range(300)}
+    users["u001"][0]["text"] = "Zürich café — 東京 " * 400  # ~8 KB: 300 users pass 1 MiB, so the spool flushes mid-file
+    for items in users.values():
+        items[1]["text"] = "x" * 15000
+    users["u250"][2]["text"] = "y" * (5 << 20)
+    lines = [json.dumps({"user": u, "records": items}, separators=(",", ":"), ensure_ascii=False) for u, items in users.items()]
+    lines.insert(5, "")
+    lines.insert(9, '{ "records": [{"id": "e1", "date": "2021-01-01", "text": "edited"}], "user": "edited" }')
+    users["edited"] = [{"id": "e1", "date": "2021-01-01", "text": "edited"}]
+    text = "\n".join(lines[:20]) + "\r\n" + "\r\n".join(lines[20:40]) + "\r" + "\n".join(lines[40:])  # no final newline
+    path.write_bytes(text.encode("utf-8"))
+    return users
+
+
+def test_a_spooled_store_reads_and_writes_every_user_exactly_like_one_in_memory(tmp_path):
+    src = tmp_path / "histories.jsonl"
+    users = _mixed_file(src)
+    plain, spooled = HistoryStore.read(src), HistoryStore.read(src, spool_dir=tmp_path / "spool")
+    assert list(spooled) == list(plain) and set(plain) == set(users) and spooled.unread() == len(users)
+    assert list(plain)[8] == "edited" and plain._users["edited"].lineno == 10
+    assert [spooled._users[u].lineno for u in spooled] == [plain._users[u].lineno for u in plain]
+    # Written back unread: the same bytes (line ends normalised to "\n" both ways).
+    assert write_histories(tmp_path / "a.jsonl", plain).read_bytes() == write_histories(tmp_path / "b.jsonl", spooled).read_bytes()
+    for user in users:
+        assert spooled[user] == plain[user] and histories_to_json({user: spooled[user]})[user] == users[user]
+    assert spooled.unread() == 0 and spooled.to_json() == plain.to_json() == users
+    # Read, changed and written back: still the same bytes.
+    for store in (plain, spooled):
+        store["u007"].append(_rec("u7-new", "2022-01-01"))
+        store["brand-new"] = [_rec("n1", "2022-01-01")]
+    assert write_histories(tmp_path / "a.jsonl", plain).read_bytes() == write_histories(tmp_path / "b.jsonl", spooled).read_bytes()
+    # A legacy one-document file is parsed whole with or without a spool dir (nothing spooled).
+    legacy = tmp_path / "old"
+    legacy.mkdir()
+    (legacy / "histories.json").write_text(json.dumps(STORED))
+    assert HistoryStore.read(legacy / "histories.json", tmp_path / "spool2").to_json() == STORED
+    assert spool_files(tmp_path / "spool2") == [] and read_histories_dir(legacy, tmp_path / "spool2").to_json() == STORED
+
+
+def test_a_spooled_store_names_the_source_file_and_line_in_every_error(tmp_path):
+    f = tmp_path / "histories.jsonl"
+    spool = tmp_path / "spool"
+    f.write_text('{"records": [{"id": "e1", "date": "2021-01-01", "text": "x"}], "user": "edited"}\n\n'
+                 + json.dumps({"user": "bad", "records": [_item("x1", "someday")]}, separators=(",", ":")) + "\n")
+    store = HistoryStore.read(f, spool)
+    assert [r.id for r in store["edited"]] == ["e1"]
+    with pytest.raises(HistoryError, match=f"^{f} line 3, user 'bad' record \\[0\\], field 'date'"):
+        store["bad"]
+    for text, message in [
+        (b'{"user":"u","records":[]}\nnot json\n', r"line 2: not JSON"),
+        (b'{"user":"u","records":[]}\r\n{"user":"u","records":[]}\n', r"line 2: user 'u' again \(first on line 1\)"),
+        (b'{"user":"v","records":[]}\r{"user":"u","records":[]}\r{"user":"u","records":[]}', r"line 3: user 'u' again \(first on line 2\)"),
+        (b'{"records":[]}\n', r"line 1, field 'user'"),
+        (b'{"user": "u", "records": {"id": "r"}}\n', r"line 1, user 'u', field 'records': expected a list"),
+        (b'\n{"user":"u","records":[{"id":"r"}\n', r"line 2, user 'u': not JSON"),  # cut short: found when read
+        (b'{"user":"u","records":[]}\n{"user":"w","records":[{"id":"\xff"}]}\n', r"line 2: not UTF-8"),
+    ]:
+        f.write_bytes(text)
+        with pytest.raises(HistoryError, match=f"^{f} {message}"):
+            HistoryStore.read(f, spool)["u"]
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(HistorySpoolError, match=f"^history spool dir {afile}: not a directory"):
+        HistoryStore.read(f, afile)
+
+
+def test_the_spool_file_is_unlinked_yet_readable_and_lives_as_long_as_a_store_that_shares_it(tmp_path):
+    src, spool = tmp_path / "histories.jsonl", tmp_path / "scratch" / "spool"  # created when missing
+    _jsonl(src, STORED)
+    store = HistoryStore.read(src, spool)
+    assert list(spool.iterdir()) == []  # unlinked at once: a crash leaves nothing behind
+    (open_spool,) = spool_files(spool)
+    assert open_spool.endswith(".spool (deleted)")
+    twin = store.copy()
+    merged = merge_histories(store, {"b": [_rec("b0", "2019")]})
+    assert merged.unread() == 2  # "a" and "c": still in the spool
+    del store
+    gc.collect()
+    assert spool_files(spool) == [open_spool]  # the copy and the merge still refer to it
+    assert [r.id for r in twin["a"]] == ["a1", "a2"] and [r.id for r in merged["b"]] == ["b0", "b1"]
+    assert list(merged.lines())[2] == src.read_text().splitlines(keepends=True)[2]  # "c", never read: verbatim
+    del twin
+    gc.collect()
+    assert spool_files(spool) == [open_spool]
+    assert [r.id for r in merged["a"]] == ["a1", "a2"] and merged["c"] == []
+    del merged
+    gc.collect()
+    assert spool_files(spool) == []  # closed with the last store: its disk space is free
+
+
 def test_a_legacy_one_document_file_still_loads_and_the_directory_reader_prefers_json_lines(tmp_path):
     (tmp_path / "histories.json").write_text(json.dumps(STORED))
     assert histories_file(tmp_path).name == "histories.json"
@@ -136,7 +246,7 @@ def test_a_legacy_one_document_file_still_loads_and_the_directory_reader_prefers
     assert len(read_histories_dir(tmp_path / "nothing-here")) == 0
 
 
-def test_the_history_store_bench_loads_both_formats_and_writes_back_the_same_histories(tmp_path):
+def test_the_history_store_bench_loads_each_format_and_mode_and_writes_back_the_same_histories(tmp_path):
     from test_synthetic_sweep import bench_script
 
     bench = bench_script("history_store")
@@ -145,5 +255,8 @@ def test_the_history_store_bench_loads_both_formats_and_writes_back_the_same_his
     out = tmp_path / "result.json"
     assert bench.main(["--users", "30,60", "--history", "3", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
-    assert [(r["users"], r["jsonl"]["users"], r["legacy_json"]["users"]) for r in rows] == [(30, 30, 30), (60, 60, 60)]
-    assert all(r[k]["load_s"] >= 0 and r[k]["write_back_s"] >= 0 for r in rows for k in ("jsonl", "legacy_json"))
+    assert [(r["users"], r["jsonl"]["users"], r["legacy_json"]["users"], r["jsonl_spooled"]["users"]) for r in rows] == [
+        (30, 30, 30, 30), (60, 60, 60, 60)]
+    assert all(r[k]["load_s"] >= 0 and r[k]["write_back_s"] >= 0 and "rss_anon_added_mb" in r[k]
+               for r in rows for k in ("jsonl", "legacy_json", "jsonl_spooled"))
+    assert all(r["jsonl_spooled"]["write_back_identical"] for r in rows)

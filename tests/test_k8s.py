@@ -126,6 +126,17 @@ def test_configmap_settings_are_read_by_the_server(rendered):
         assert keys | env <= known, f"{name}: settings nobody reads: {sorted((keys | env) - known)}"
 
 
+def test_the_opt_in_scratch_dir_is_the_pods_local_scratch_volume():
+    """The commented-out TAPPER_SCRATCH_DIR in the ConfigMap, once uncommented, must name the pod's own disk-backed
+    emptyDir (a RAM-backed one would save nothing; the shared PVC is a network filesystem the server refuses)."""
+    (scratch,) = re.findall(r"^\s*#\s*TAPPER_SCRATCH_DIR:\s*(\S+)\s*$", (K8S / "base" / "configmap.yaml").read_text(), re.M)
+    deployment = next(d for d in yaml.safe_load_all((K8S / "base" / "deployment.yaml").read_text()) if d and d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    volume = {v["name"]: v for v in pod["volumes"]}[mounts[scratch]]
+    assert mounts[scratch] == "user-scratch" and "medium" not in volume["emptyDir"] and volume["emptyDir"]["sizeLimit"]
+
+
 @needs_kubectl
 def test_zenml_orchestrator_rbac(rendered):
     docs = rendered["base"]

@@ -360,23 +360,29 @@ def test_compaction_pruning_and_a_new_bundle_carrying_histories(trained, bundle,
     assert [r.id for r in restarted.histories["c4"]] == ["c4-1", "c4-2"] and "c4" in restarted.model.user_rows
 
 
-def test_a_paged_user_table_serves_feedback_compaction_and_reload_like_an_in_memory_one(bundle, trained, tmp_path):
-    """--table-dir: the user table is a shared mapping of an unlinked scratch file. The same feedbacks (known and new
-    users, compactions) give bit-identical tables and the same predictions as a server without it; a restarted
-    replica and /reload (adopting a snapshot generation) keep the table paged."""
+def test_per_user_state_on_scratch_serves_feedback_compaction_and_reload_like_in_memory(bundle, trained, tmp_path):
+    """--scratch-dir: the user table is a shared mapping of an unlinked scratch file and every history file read
+    (the bundle's, snapshots') is spooled into an unlinked scratch file. The same feedbacks (known and new users,
+    compactions) give bit-identical tables, the same histories and snapshot files, and the same predictions as a
+    server without it; a restarted replica and /reload (adopting a snapshot generation) keep both on scratch."""
     import gc
 
+    from deploy.histories import _Unread
     from tapper.model.paged_table import is_paged
+    from test_histories import spool_files
 
     def mapped(directory: Path) -> int:
         return sum(str(directory.resolve()) + "/" in line for line in open("/proc/self/maps"))
 
+    def spooled_users(histories) -> int:
+        return sum(isinstance(v, _Unread) and v.spool is not None for v in histories._users.values())
+
     common = dict(model_dir=bundle.path, feedback_steps=2, feedback_lr=0.05, sync_seconds=0, compact_every=2)
-    table_dir = tmp_path / "scratch" / "table"  # created when missing
-    paged_cfg = ServeConfig(state_dir=tmp_path / "paged-state", table_dir=table_dir, **common)
+    scratch = tmp_path / "scratch" / "tapper"  # created when missing
+    paged_cfg = ServeConfig(state_dir=tmp_path / "paged-state", scratch_dir=scratch, **common)
     plain_cfg = ServeConfig(state_dir=tmp_path / "plain-state", **common)
     with _running(paged_cfg) as (pc, papp), _running(plain_cfg) as (mc, mapp):
-        assert pc.call("GET", "/info")[1]["table_dir"] == str(table_dir) and mc.call("GET", "/info")[1]["table_dir"] is None
+        assert pc.call("GET", "/info")[1]["scratch_dir"] == str(scratch) and mc.call("GET", "/info")[1]["scratch_dir"] is None
         known = trained["users"][0]
         feedbacks = [(known, "2030-01-01"), ("pnew1", "2030-01-02"), (known, "2030-01-03"), ("pnew2", "2030-01-04"),
                      ("pnew1", "2030-01-05")]
@@ -385,31 +391,53 @@ def test_a_paged_user_table_serves_feedback_compaction_and_reload_like_an_in_mem
             (pcode, pout), (mcode, mout) = pc.call("POST", "/feedback", body), mc.call("POST", "/feedback", body)
             assert pcode == mcode == 200, (pout, mout)
             assert (pout["generation"], pout["sequence"], pout["compacted_into"]) == (mout["generation"], mout["sequence"], mout["compacted_into"])
+            assert pout["history_stored"] == mout["history_stored"]
         assert pout["generation"] == "gen-000003"  # two compactions happened
-        pm, mm = papp.state.service.loaded.model, mapp.state.service.loaded.model
+        pld, mld = papp.state.service.loaded, mapp.state.service.loaded
+        pm, mm = pld.model, mld.model
         assert is_paged(pm.prefix.user_table.weight) and not is_paged(mm.prefix.user_table.weight)
         assert pm.user_ids == mm.user_ids and torch.equal(pm.user_table_in_use(), mm.user_table_in_use())
+        # The bundle's histories were spooled; users nobody gave feedback for are still only in the spool.
+        assert spooled_users(pld.histories) == len(set(trained["histories"]) - {known}) > 0
+        assert spooled_users(mld.histories) == 0 and pld.histories.to_json() == mld.histories.to_json()
+        for gen in ("gen-000002", "gen-000003"):  # snapshots: unread users' lines copied back from the spool
+            assert (tmp_path / "paged-state" / gen / "histories.jsonl").read_bytes() == (tmp_path / "plain-state" / gen / "histories.jsonl").read_bytes()
+        for gen in ("gen-000001", "gen-000003"):  # a bundle-based and a snapshot generation, as a new bundle carries them over
+            carried = LiveState(tmp_path / "paged-state", spool_dir=scratch).histories(gen)
+            assert spooled_users(carried) > 0 and carried.to_json() == LiveState(tmp_path / "plain-state").histories(gen).to_json()
         for user in (known, "pnew1", "pnew2", "stranger"):
             req = {"user_id": user, "fields": {"text": "a story about the match"}}
             assert pc.call("POST", "/predict", req)[1]["prediction"] == mc.call("POST", "/predict", req)[1]["prediction"]
 
-        # A restarted replica on the paged server's state: adopts the snapshot generation into a paged table.
-        replica = TapperService(ServeConfig(state_dir=tmp_path / "paged-state", table_dir=tmp_path / "replica-table", **common)).load()
+        # A restarted replica on the paged server's state: adopts the snapshot generation onto its own scratch dir.
+        replica = TapperService(ServeConfig(state_dir=tmp_path / "paged-state", scratch_dir=tmp_path / "replica-scratch", **common)).load()
         assert (replica.generation, replica.sequence) == ("gen-000003", 1)
-        assert is_paged(replica.model.prefix.user_table.weight) and mapped(tmp_path / "replica-table") == 1
+        assert is_paged(replica.model.prefix.user_table.weight) and mapped(tmp_path / "replica-scratch") == 1
         assert torch.equal(replica.model.user_table_in_use(), mm.user_table_in_use())
+        assert spooled_users(replica.histories) > 0 and replica.histories.to_json() == mld.histories.to_json()
+        assert len(spool_files(tmp_path / "replica-scratch")) == 1
 
-        # /reload: a new model, paged from the start, then the snapshot; the old table's mapping goes with it.
+        # /reload: a new model, paged from the start, then the snapshot; the old table's mapping and the old
+        # histories' spools go with the old state.
         code, body = pc.call("POST", "/reload")
         assert code == 200 and (body["generation"], body["sequence"]) == ("gen-000003", 1)
-        reloaded = papp.state.service.loaded.model
-        assert reloaded is not pm and is_paged(reloaded.prefix.user_table.weight)
-        assert torch.equal(reloaded.user_table_in_use(), mm.user_table_in_use())
-        del pm
+        reloaded = papp.state.service.loaded
+        assert reloaded.model is not pm and is_paged(reloaded.model.prefix.user_table.weight)
+        assert torch.equal(reloaded.model.user_table_in_use(), mm.user_table_in_use())
+        assert spooled_users(reloaded.histories) > 0 and reloaded.histories.to_json() == mld.histories.to_json()
+        del pm, pld, carried
         gc.collect()
-        assert mapped(table_dir) == 1 and list(table_dir.iterdir()) == []  # no scratch file left on disk
+        assert mapped(scratch) == 1 and list(scratch.iterdir()) == []  # no scratch file left on disk
+        assert len(spool_files(scratch)) == 1 and all(f.endswith(" (deleted)") for f in spool_files(scratch))
         req = {"user_id": "pnew2", "fields": {"text": "another story"}}
         assert pc.call("POST", "/predict", req)[1]["prediction"] == mc.call("POST", "/predict", req)[1]["prediction"]
+        # Feedback after the reload: a user still in the spool is read from it, updated and written at compaction.
+        spooled_user = next(u for u, v in reloaded.histories._users.items() if isinstance(v, _Unread))
+        body = {"user_id": spooled_user, "records": [_record("after-reload", "2031-01-01", "sports")]}
+        (pcode, pout), (mcode, mout) = pc.call("POST", "/feedback", body), mc.call("POST", "/feedback", body)
+        assert pcode == mcode == 200 and pout["compacted_into"] == mout["compacted_into"] == "gen-000004"
+        assert pout["history_stored"] == mout["history_stored"]
+        assert (tmp_path / "paged-state" / "gen-000004" / "histories.jsonl").read_bytes() == (tmp_path / "plain-state" / "gen-000004" / "histories.jsonl").read_bytes()
 
 
 def test_a_malformed_stored_record_fails_only_its_users_requests(trained, tmp_path):
@@ -469,11 +497,18 @@ def svc_record(rid: str, date: str):
     return Record(id=rid, fields={"text": f"t {rid}", "title": f"ti {rid}", "category": "travel"}, date=parse_lamp_date(date), raw_date=date)
 
 
-def test_cli_registers_serve_and_bundle(bundle, tmp_path):
+def test_cli_registers_serve_and_bundle(bundle, tmp_path, monkeypatch):
     from tapper.cli import build_parser
 
     args = build_parser().parse_args(["serve", "--model-dir", str(bundle.path), "--port", "9999"])
-    assert args.func.__name__ == "cmd_serve" and args.port == 9999
+    assert args.func.__name__ == "cmd_serve" and args.port == 9999 and args.scratch_dir is None
+    args = build_parser().parse_args(["serve", "--model-dir", str(bundle.path), "--scratch-dir", str(tmp_path / "s")])
+    assert args.scratch_dir == str(tmp_path / "s")
+    monkeypatch.setenv("TAPPER_SCRATCH_DIR", str(tmp_path / "from-env"))
+    assert ServeConfig.from_env(model_dir=bundle.path).scratch_dir == tmp_path / "from-env"
+    assert ServeConfig.from_env(model_dir=bundle.path, scratch_dir=tmp_path / "flag").scratch_dir == tmp_path / "flag"
+    monkeypatch.delenv("TAPPER_SCRATCH_DIR")
+    assert ServeConfig.from_env(model_dir=bundle.path).scratch_dir is None
     args = build_parser().parse_args(["bundle", "--stage1", str(bundle.stage1_dir), "--state", str(bundle.state_dir),
                                       "--task", "LaMP_2N", "--out", str(tmp_path / "b2"), "--version", "7"])
     assert args.func(args) == 0 and read_bundle(tmp_path / "b2").version == "7"

@@ -10,7 +10,7 @@ The scratch file is unlinked as soon as it is mapped: the mapping keeps the inod
 freed, so a crashed replica leaves no file behind, and replacing the table (growth, a reload) frees its disk
 space with the old tensor. The directory must be on a local disk: on a network volume, page-cache writeback
 would become network traffic and the mapping could be invalidated by the server (e.g. other replicas cleaning
-the directory). Core module: no ZenML, no deploy.
+the directory); tapper.scratch checks that. Core module: no ZenML, no deploy.
 """
 from __future__ import annotations
 
@@ -23,57 +23,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tapper.scratch import ScratchDirError, prepare_scratch_dir
+
 log = logging.getLogger(__name__)
 
 TABLE_KEY = "prefix.user_table.weight"
 # Rows copied per step when filling a table from a file: bounds the anonymous memory a load needs
 # (4096 rows x 18 KB = 75 MB with SmolLM2) instead of a second full copy of the table.
 CHUNK_ROWS = 4096
-# Filesystems where a shared file mapping means network I/O or cross-client invalidation.
-NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "lustre", "9p", "afs", "gpfs", "beegfs"}
 
 
-class TableDirError(ValueError):
+class TableDirError(ScratchDirError):
     """The table directory cannot hold a paged table (not creatable, not writable, a network filesystem, full)."""
 
 
-def _filesystem_type(path: Path) -> str | None:
-    """The type of the filesystem holding `path` (longest mount point prefix in /proc/self/mounts); None off Linux."""
-    try:
-        lines = Path("/proc/self/mounts").read_text().splitlines()
-    except OSError:
-        return None
-    best, fstype = "", None
-    resolved = str(path.resolve())
-    for line in lines:
-        parts = line.split()
-        if len(parts) < 3:
-            continue
-        mount = parts[1].replace("\\040", " ")
-        if (resolved == mount or resolved.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
-            best, fstype = mount, parts[2]
-    return fstype
-
-
 def prepare_table_dir(directory: str | Path) -> Path:
-    """Create `directory` if missing and check that it can hold a paged table; errors name the path."""
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise TableDirError(f"table dir {directory}: not a directory")
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise TableDirError(f"table dir {directory}: cannot create it ({err.strerror or err})") from err
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise TableDirError(f"table dir {directory}: not writable by uid {os.getuid()}")
-    fstype = _filesystem_type(directory)
-    if fstype is not None and (fstype in NETWORK_FS or fstype.startswith("fuse.")):
-        raise TableDirError(f"table dir {directory}: on a {fstype} filesystem; the paged table needs a local disk "
-                            "(page-cache writeback would go over the network, and the mapping is not safe there)")
-    if fstype == "tmpfs":
-        # Works, but tmpfs pages are memory (shmem), never written back to a disk: nothing is saved.
-        log.warning("table dir %s is on tmpfs: the paged table will use memory as before, not evictable page cache", directory)
-    return directory
+    """Create `directory` if missing and check that it can hold a paged table (tapper.scratch); errors name the path."""
+    return prepare_scratch_dir(directory, "table dir", TableDirError)
 
 
 def paged_tensor(directory: str | Path, rows: int, width: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
