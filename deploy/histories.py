@@ -292,6 +292,13 @@ def _check_first(users: Mapping[str, Any], user: str, source: str, lineno: int) 
         raise HistoryError(f"{source} line {lineno}: user {user!r} again (first on line {users[user].lineno})")
 
 
+def _decoded(raw: bytes, source: str, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise HistoryError(f"{source} line {lineno}: not UTF-8 ({err})") from None
+
+
 def _text_mode_lines(fh: BinaryIO) -> Iterator[bytes]:
     """The lines of a binary file split as text mode splits them ("\\n", "\\r\\n" and a lone "\\r" end a line),
     each without its line end: so a spooled read numbers lines, and writes them back, exactly as a read without
@@ -339,8 +346,9 @@ class HistoryStore(MutableMapping[str, list[Record]]):
             return cls._read_spooled(path, prepare_scratch_dir(spool_dir, "history spool dir", HistorySpoolError))
         store, source = cls(), str(path)
         users = store._users
-        with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
+        with open(path, "rb") as fh:  # binary, decoded line by line: a byte that is not UTF-8 is named by its line
+            for n, raw in enumerate(_text_mode_lines(fh), 1):
+                line = _decoded(raw, source, n)
                 if not line.strip():
                     continue
                 user, parsed = _user_of_line(line, source, n)
@@ -356,10 +364,7 @@ class HistoryStore(MutableMapping[str, list[Record]]):
         with open(path, "rb") as fh:  # opened first: a missing file creates no spool
             spool = _Spool(spool_dir, source)
             for n, raw in enumerate(_text_mode_lines(fh), 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    raise HistoryError(f"{source} line {n}: not UTF-8 ({err})") from None
+                line = _decoded(raw, source, n)
                 if not line.strip():
                     continue
                 user, parsed = _user_of_line(line, source, n)

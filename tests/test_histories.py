@@ -184,6 +184,14 @@ def test_a_spooled_store_reads_and_writes_every_user_exactly_like_one_in_memory(
     assert spool_files(tmp_path / "spool2") == [] and read_histories_dir(legacy, tmp_path / "spool2").to_json() == STORED
 
 
+def test_a_byte_that_is_not_utf8_is_named_by_file_and_line_with_or_without_a_spool(tmp_path):
+    f = tmp_path / "histories.jsonl"
+    f.write_bytes(b'{"user":"u","records":[]}\n{"user":"w","records":[{"id":"\xff"}]}\n')
+    for spool in (None, tmp_path / "spool"):
+        with pytest.raises(HistoryError, match=f"^{f} line 2: not UTF-8"):
+            HistoryStore.read(f, spool)
+
+
 def test_a_spooled_store_names_the_source_file_and_line_in_every_error(tmp_path):
     f = tmp_path / "histories.jsonl"
     spool = tmp_path / "spool"
