@@ -16,13 +16,20 @@ It also loads the bundle's history file alone in a fresh process, to see what th
 (seconds, and resident memory added): as written now (JSON lines, each user's line kept as text until read),
 and the same histories in the one-document `histories.json` that bundles held before
 (`bench/history_store.py` does that alone, up to millions of users).
+
+And it loads the whole server in a fresh process, twice: with the per-user state in memory (the default) and with
+`--scratch-dir` (the user table paged, the histories spooled, into a scratch directory next to the bundle), then
+sends the same `--feedbacks` feedbacks to each: the anonymous memory (RssAnon) and file pages mapped (RssFile)
+after load and after the feedbacks, and the load time. That is what a replica's memory limit has to hold.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -56,6 +63,46 @@ def _record(rng: random.Random, rid: str, day: int) -> Record:
                   date=date, raw_date=date.isoformat())
 
 
+_SERVER_PROBE = """
+import json, os, random, sys, time
+sys.path.insert(0, sys.argv[1]); sys.path.insert(0, os.path.join(sys.argv[1], "bench"))
+import torch
+torch.set_num_threads(1)
+from deploy.service import ServeConfig, TapperService
+from feedback_state import _record
+def status(key):
+    return int(next(x for x in open('/proc/self/status') if x.startswith(key + ':')).split()[1]) * 1024 / 1e6
+bundle, live, scratch, n = sys.argv[2], sys.argv[3], sys.argv[4] or None, int(sys.argv[5])
+base = {"anon_mb": status("RssAnon"), "file_mb": status("RssFile")}
+t0 = time.perf_counter()
+svc = TapperService(ServeConfig(model_dir=bundle, state_dir=live, scratch_dir=scratch, feedback_steps=1,
+                                sync_seconds=0, compact_every=10 ** 9))
+ld = svc.load()
+out = {"load_s": round(time.perf_counter() - t0, 3),
+       "after_load": {"anon_added_mb": round(status("RssAnon") - base["anon_mb"], 1),
+                      "file_added_mb": round(status("RssFile") - base["file_mb"], 1)}}
+rng = random.Random(0)
+users = list(ld.model.user_ids)
+for k in range(n):
+    user = rng.choice(users)
+    svc.feedback(user, [_record(rng, f"{user}-probe{k}", 10 ** 4 + k)])
+out["after_feedbacks"] = {"anon_added_mb": round(status("RssAnon") - base["anon_mb"], 1),
+                          "file_added_mb": round(status("RssFile") - base["file_mb"], 1)}
+out["peak_rss_mb"] = round(status("VmHWM"), 1)
+print(json.dumps(out))
+"""
+
+
+def probe_server(bundle: Path, work: Path, scratch: Path | None, feedbacks: int) -> dict:
+    """A fresh process loads a TapperService on `bundle` (per-user state on `scratch` if given) and takes
+    `feedbacks` feedbacks: load seconds and memory added (anonymous, and file pages mapped), after load and after."""
+    live = work / ("live-scratch" if scratch else "live-memory")
+    argv = [sys.executable, "-c", _SERVER_PROBE, str(Path(__file__).resolve().parent.parent), str(bundle), str(live),
+            str(scratch or ""), str(feedbacks)]
+    out = subprocess.run(argv, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def _du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -73,6 +120,8 @@ def measure(n_users: int, history: int, feedbacks: int, new_users: int, work: Pa
                                histories_to_json(HistoryStore.read(bundle.histories_file)), compact=True)
     store_cost = {"jsonl": probe_history_file(bundle.histories_file), "legacy_json": probe_history_file(legacy)}
     legacy.unlink()
+    server_memory = {"in_memory": probe_server(bundle.path, work, None, feedbacks),
+                     "scratch_dir": probe_server(bundle.path, work, work / "scratch", feedbacks)}
 
     cfg = ServeConfig(model_dir=bundle.path, state_dir=work / "live", feedback_steps=1, sync_seconds=0,
                       compact_every=10 ** 9)
@@ -124,6 +173,7 @@ def measure(n_users: int, history: int, feedbacks: int, new_users: int, work: Pa
         "new_user_table_reallocations": reallocations,
         "snapshot_bytes": snapshot_bytes, "snapshot_s": round(snapshot_s, 3),
         "history_store": store_cost,
+        "server_memory": server_memory,
     }
 
 
@@ -147,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
               f"history store {row['history_store']['jsonl']['load_s']} s, +{row['history_store']['jsonl']['rss_added_mb']} MB "
               f"(legacy JSON {row['history_store']['legacy_json']['load_s']} s, "
               f"+{row['history_store']['legacy_json']['rss_added_mb']} MB)", flush=True)
+        for mode, m in row["server_memory"].items():
+            print(f"{'':>16}server, state {mode:>11}: load {m['load_s']} s, anonymous +{m['after_load']['anon_added_mb']} MB "
+                  f"(+{m['after_feedbacks']['anon_added_mb']} MB after the feedbacks), file pages "
+                  f"+{m['after_load']['file_added_mb']} / +{m['after_feedbacks']['file_added_mb']} MB", flush=True)
     write_results(args.out, "feedback_state.py", argv, rows, torch=torch.__version__, threads=1)
     return 0
 
