@@ -5,6 +5,8 @@
     POST /predict    {"user_id", "input" | "fields", "date"?, "history"?: [records], "id"?, "max_new_tokens"?}
     POST /feedback   {"user_id", "records": [records with their answers]} -> history store + Online-Emb update
     POST /reload     re-read the bundle (and its newest live generation) from the model dir; swap when loaded
+    GET  /metrics    Prometheus metrics (text exposition format): requests, latencies, feedback, model and memory
+                     gauges (deploy.metrics); answers also when no model is loaded, and needs no admin token
 
 A record is a LaMP profile item: {"id", "date"?: "YYYY-MM-DD" | "YYYY", <the task's profile fields>}, e.g. for
 LaMP_2N {"id": "r1", "date": "2021-03-04", "text": "...", "title": "...", "category": "politics"}.
@@ -14,7 +16,7 @@ holds). Invalid requests get 422 with FastAPI's error shape (`detail[].loc` name
 `error`; feedback that contradicts the stored history gets 409 naming the field.
 
 Run: `tapper serve --model-dir DIR`, or `uvicorn --factory deploy.app:app_from_env` with TAPPER_MODEL_DIR set.
-If TAPPER_ADMIN_TOKEN is set, /reload requires `Authorization: Bearer <token>`.
+If TAPPER_ADMIN_TOKEN is set, /reload requires `Authorization: Bearer <token>` (/metrics never does: scrapers need it).
 """
 from __future__ import annotations
 
@@ -27,10 +29,11 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.encoders import jsonable_encoder
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from deploy.histories import HistoryError
+from deploy.metrics import RequestMetricsMiddleware, ServingMetrics
 from deploy.service import FeedbackConflict, ServeConfig, TapperService
 from tapper.data.chronology import parse_lamp_date
 from tapper.data.types import Record
@@ -127,6 +130,10 @@ def create_app(cfg: ServeConfig | None = None, service: TapperService | None = N
 
     app = FastAPI(title="tapper", summary="TAP-PER personalized generation with online feedback", lifespan=lifespan)
     app.state.service = svc
+    # Per app, on its own registry (deploy.metrics); every request is counted, whatever answered it.
+    metrics = ServingMetrics(svc)
+    app.state.metrics = metrics
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -153,8 +160,11 @@ def create_app(cfg: ServeConfig | None = None, service: TapperService | None = N
             raise HTTPException(503, "model not loaded")
         return svc
 
+    # async: answered on the event loop. As a plain `def` it would queue for the thread pool behind predictions and
+    # feedbacks waiting for the model lock, and a busy replica would fail its liveness probe and be restarted.
+    # It reads attributes only (no lock, no I/O).
     @app.get("/health")
-    def health():
+    async def health():
         if not svc.ready:
             return JSONResponse(status_code=503, content={"status": "unavailable", "detail": "model not loaded"})
         ld = svc.loaded
@@ -186,7 +196,9 @@ def create_app(cfg: ServeConfig | None = None, service: TapperService | None = N
     def feedback(req: FeedbackRequest):
         s = _svc()
         records = to_records(req.records, ("body", "records"), s.loaded.task, require_answer=True)
-        return s.feedback(req.user_id, records)
+        result = s.feedback(req.user_id, records)
+        metrics.feedback(result)
+        return result
 
     @app.post("/reload")
     def reload(authorization: str | None = Header(default=None)):
@@ -200,6 +212,13 @@ def create_app(cfg: ServeConfig | None = None, service: TapperService | None = N
             raise HTTPException(500, f"reload failed, still serving the previous model: {err}") from None
         return {"status": "reloaded", "model_version": ld.bundle.version, "generation": ld.generation, "sequence": ld.sequence,
                 "n_users": len(ld.model.user_ids)}
+
+    # async: runs on the event loop, not in the thread pool where predictions and feedbacks wait for the model
+    # lock (a pool full of them would make a sync scrape wait); collecting reads attributes and /proc only.
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics(request: Request):
+        body, content_type = metrics.render(request.headers.get("accept"))
+        return Response(content=body, media_type=content_type)
 
     return app
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="serve a model bundle over HTTP (FastAPI: /health /info /predict /feedback /reload)",
+    p = sub.add_parser("serve", help="serve a model bundle over HTTP (FastAPI: /health /info /predict /feedback /reload /metrics)",
                        description="Serve a TAP-PER model bundle (deploy/bundle.py layout: model.json, stage1/, tapper/). "
                                    "Feedback state (updated user rows, history store) is written to --state-dir.")
     p.add_argument("--model-dir", default=os.environ.get("TAPPER_MODEL_DIR"), help="bundle directory (env TAPPER_MODEL_DIR)")

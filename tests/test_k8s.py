@@ -1,6 +1,7 @@
 """Kubernetes manifests: every kustomization renders with `kubectl kustomize`, every rendered resource passes
 `kubernetes-validate --strict` (bundled OpenAPI schemas, no cluster needed), and the pieces fit together
-(selectors, probes, resources, RBAC for the ZenML orchestrator, GPU scheduling, settings the server reads)."""
+(selectors, probes, Prometheus scrape annotations, resources, RBAC for the ZenML orchestrator, GPU scheduling,
+settings the server reads)."""
 from __future__ import annotations
 
 import re
@@ -18,6 +19,8 @@ K8S = REPO / "k8s"
 KUSTOMIZATIONS = ["base", "overlays/cpu", "overlays/gpu"]
 # Kubernetes versions the manifests must be valid for (schemas ship with kubernetes-validate).
 VERSIONS = ["1.34.0", "1.37.0"]
+# GET routes the serving app declares (read from its source, so this test needs no model stack imported).
+APP_GET_ROUTES = set(re.findall(r'@app\.get\("([^"]+)"', (REPO / "deploy" / "app.py").read_text()))
 
 
 def _kubectl() -> str | None:
@@ -102,6 +105,10 @@ def test_serving_pieces_fit_together(rendered):
         assert svc["spec"]["ports"][0]["targetPort"] == "http" and ports["http"] == 8080
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert c[probe]["httpGet"] == {"path": "/health", "port": "http"}, (name, probe)
+        # Prometheus scrapes the pod's own port and the app's metrics route (annotation values are strings).
+        notes = dep["spec"]["template"]["metadata"]["annotations"]
+        assert notes["prometheus.io/scrape"] == "true" and notes["prometheus.io/port"] == str(ports["http"]), name
+        assert notes["prometheus.io/path"] == "/metrics" and "/metrics" in APP_GET_ROUTES, name
         for key in ("requests", "limits"):
             assert {"cpu", "memory"} <= set(c["resources"][key]), (name, key)
         assert pod["securityContext"]["runAsNonRoot"] and c["securityContext"]["readOnlyRootFilesystem"]

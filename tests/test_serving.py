@@ -3,7 +3,8 @@
 Covers the bundle layout, /health, /info, /predict for known and unknown users, /feedback (only that user's
 row changes, and only it and the new records are written, as one journal delta; new users get a row; the state
 survives a restart), another replica picking the deltas up, undo when writing fails, compaction into snapshot
-generations, carrying histories over to a new bundle, and 4xx errors naming the field.
+generations, carrying histories over to a new bundle, 4xx errors naming the field, and /metrics counting what
+was done.
 """
 from __future__ import annotations
 
@@ -66,9 +67,10 @@ class Client:
     def __init__(self, base: str):
         self.base = base
 
-    def call(self, method: str, path: str, body=None) -> tuple[int, dict]:
+    def call(self, method: str, path: str, body=None, headers: dict | None = None) -> tuple[int, dict]:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.base + path, data=data, method=method, headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(self.base + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
                 return r.status, json.loads(r.read())
@@ -77,22 +79,23 @@ class Client:
 
 
 @contextlib.contextmanager
-def _running(cfg: ServeConfig):
-    """uvicorn on 127.0.0.1:<free port> in a thread of this process (the model modules are already imported)."""
+def _running(cfg: ServeConfig, lifespan: str = "on", ready: int = 200):
+    """uvicorn on 127.0.0.1:<free port> in a thread of this process (the model modules are already imported).
+    lifespan="off": the app's startup (the model load) never runs, and /health answers `ready`=503."""
     import uvicorn
 
     from deploy.app import create_app
 
     app = create_app(cfg)
     port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan=lifespan))
     th = threading.Thread(target=srv.run, daemon=True)
     th.start()
     client = Client(f"http://127.0.0.1:{port}")
     deadline = time.time() + 60
     while time.time() < deadline:
         try:
-            if client.call("GET", "/health")[0] == 200:
+            if client.call("GET", "/health")[0] == ready:
                 break
         except OSError:
             pass
@@ -488,6 +491,103 @@ def test_a_bundle_written_before_json_lines_still_serves_and_compacts_into_json_
     assert [r.id for r in resumed.histories[user]] == [r["id"] for r in items[user]] + ["legacy-1"]
     other = sorted(items)[1]
     assert [r.id for r in resumed.histories[other]] == [r["id"] for r in items[other]]
+
+
+# --- /metrics ----------------------------------------------------------------------------------------
+
+
+def _scrape(client: Client, timeout: float = 10) -> dict[tuple[str, frozenset], float]:
+    """GET /metrics (no token), parsed by prometheus_client's own parser: {(sample name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(client.base + "/metrics", timeout=timeout) as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def _sample(scraped: dict, name: str, **labels) -> float | None:
+    return scraped.get((name, frozenset(labels.items())))
+
+
+def test_metrics_count_what_was_done(bundle, trained, tmp_path, monkeypatch):
+    """A fresh server (its own registry): predictions, a new user's feedback, a conflict, an invalid request and a
+    /reload (refused without the token, then done) show up as exactly those counts; the model gauges follow the
+    feedback; a scrape answers while the model lock is held; another app in this process counts nothing of it."""
+    from prometheus_client import generate_latest
+
+    from deploy.app import create_app
+
+    cfg = ServeConfig(model_dir=bundle.path, state_dir=tmp_path / "live", feedback_steps=1, sync_seconds=0)
+    with _running(cfg) as (c, app):
+        before = _scrape(c)
+        assert _sample(before, "tapper_model_loaded") == 1
+        assert _sample(before, "tapper_model_info", version="test-1", task="LaMP_2N", generation="none") == 1
+        assert _sample(before, "tapper_users") == len(trained["users"])
+        assert _sample(before, "tapper_users_with_history") == len(trained["histories"])
+        assert _sample(before, "tapper_live_sequence") == 0 and _sample(before, "tapper_scratch_dir_enabled") == 0
+        assert _sample(before, "tapper_model_age_seconds") >= 0
+        assert _sample(before, "tapper_process_anonymous_memory_bytes") > 0 and _sample(before, "tapper_process_file_memory_bytes") > 0
+        assert _sample(before, "process_resident_memory_bytes") > 0  # the standard process collector, on this registry
+        assert _sample(before, "tapper_requests_total", endpoint="/predict", status="200") is None
+        assert _sample(before, "tapper_feedback_records_total") == 0 == _sample(before, "tapper_new_users_total")
+
+        known, q = trained["users"][0], trained["evals"][0]
+        for i in range(3):
+            assert c.call("POST", "/predict", {"user_id": known, "input": q.input, "id": f"m{i}"})[0] == 200
+        assert c.call("POST", "/predict", {"input": "no user"})[0] == 422
+        fb = {"user_id": "metrics-newbie", "records": [_record("mn1", "2022-01-01"), _record("mn2", "2022-02-01")]}
+        code, body = c.call("POST", "/feedback", fb)
+        assert code == 200 and body["report"]["new_users"] == ["metrics-newbie"]
+        assert c.call("POST", "/feedback", {"user_id": "metrics-newbie", "records": [_record("mn1", "2022-03-01")]})[0] == 409
+        monkeypatch.setenv("TAPPER_ADMIN_TOKEN", "s3cret")
+        assert c.call("POST", "/reload")[0] == 401
+        assert _sample(_scrape(c), "tapper_model_loaded") == 1  # /metrics needs no token
+        assert c.call("POST", "/reload", headers={"Authorization": "Bearer s3cret"})[0] == 200
+
+        # A scrape never waits for the model lock (held here as a feedback update would hold it).
+        with app.state.service._lock:
+            started = time.monotonic()
+            after = _scrape(c, timeout=5)
+            assert time.monotonic() - started < 5
+
+    def requests(endpoint: str, status: int) -> float | None:
+        return _sample(after, "tapper_requests_total", endpoint=endpoint, status=str(status))
+
+    assert requests("/predict", 200) == 3 and requests("/predict", 422) == 1
+    assert requests("/feedback", 200) == 1 and requests("/feedback", 409) == 1
+    assert requests("/reload", 401) == 1 and requests("/reload", 200) == 1
+    assert requests("/health", 200) >= 1  # the readiness polling of _running
+    assert not [k for k in after if dict(k[1]).get("endpoint") == "/metrics"]  # scrapes are not counted
+    assert _sample(after, "tapper_request_duration_seconds_count", endpoint="/predict") == 4
+    assert _sample(after, "tapper_request_duration_seconds_sum", endpoint="/predict") > 0
+    assert _sample(after, "tapper_request_duration_seconds_bucket", endpoint="/predict", le="+Inf") == 4
+    assert _sample(after, "tapper_feedback_records_total") == 2 and _sample(after, "tapper_new_users_total") == 1
+    assert _sample(after, "tapper_users") == _sample(before, "tapper_users") + 1
+    assert _sample(after, "tapper_users_with_history") == _sample(before, "tapper_users_with_history") + 1
+    assert _sample(after, "tapper_live_sequence") == 1
+    assert _sample(after, "tapper_model_info", version="test-1", task="LaMP_2N", generation="gen-000001") == 1
+    assert _sample(after, "tapper_model_info", version="test-1", task="LaMP_2N", generation="none") is None
+    assert _sample(after, "tapper_process_anonymous_memory_bytes") > 0
+
+    other = create_app(cfg)  # another app in this process: its own registry, none of the numbers above
+    assert b"tapper_requests_total{" not in generate_latest(other.state.metrics.registry)
+
+
+def test_metrics_answer_without_a_loaded_model(tmp_path):
+    """No model loaded (here: the startup load never ran): /metrics is still 200, with the request counts, the
+    process gauges and tapper_model_loaded 0, and without the model's gauges."""
+    cfg = ServeConfig(model_dir=tmp_path / "no-bundle", state_dir=tmp_path / "live")
+    with _running(cfg, lifespan="off", ready=503) as (c, app):
+        assert c.call("POST", "/predict", {"user_id": "u", "input": "x"})[0] == 503
+        scraped = _scrape(c)
+    assert _sample(scraped, "tapper_model_loaded") == 0
+    assert _sample(scraped, "tapper_requests_total", endpoint="/predict", status="503") == 1
+    assert _sample(scraped, "tapper_requests_total", endpoint="/health", status="503") >= 1
+    assert _sample(scraped, "tapper_process_anonymous_memory_bytes") > 0
+    names = {name for name, _ in scraped}
+    assert not names & {"tapper_users", "tapper_users_with_history", "tapper_live_sequence", "tapper_model_info",
+                        "tapper_model_age_seconds", "tapper_scratch_dir_enabled"}
 
 
 def svc_record(rid: str, date: str):
