@@ -343,26 +343,13 @@ class HistoryStore(MutableMapping[str, list[Record]]):
                 raise HistoryError(f"{path}: not JSON ({err})") from None
             return cls.from_json(obj, str(path))
         if spool_dir is not None:
-            return cls._read_spooled(path, prepare_scratch_dir(spool_dir, "history spool dir", HistorySpoolError))
+            spool_dir = prepare_scratch_dir(spool_dir, "history spool dir", HistorySpoolError)
         store, source = cls(), str(path)
         users = store._users
-        with open(path, "rb") as fh:  # binary, decoded line by line: a byte that is not UTF-8 is named by its line
-            for n, raw in enumerate(_text_mode_lines(fh), 1):
-                line = _decoded(raw, source, n)
-                if not line.strip():
-                    continue
-                user, parsed = _user_of_line(line, source, n)
-                _check_first(users, user, source, n)
-                users[user] = _Unread(user, source, n, line=None if parsed is not None else line, parsed=parsed)
-        return store
-
-    @classmethod
-    def _read_spooled(cls, path: Path, spool_dir: Path) -> "HistoryStore":
-        """read() with the lines' text copied to a spool file in `spool_dir`; the same users, checks and errors."""
-        store, source = cls(), str(path)
-        users = store._users
-        with open(path, "rb") as fh:  # opened first: a missing file creates no spool
-            spool = _Spool(spool_dir, source)
+        # Binary, decoded line by line: a byte that is not UTF-8 is named by its line. Opened before the spool is
+        # made, so a missing file creates none.
+        with open(path, "rb") as fh:
+            spool = _Spool(spool_dir, source) if spool_dir is not None else None
             for n, raw in enumerate(_text_mode_lines(fh), 1):
                 line = _decoded(raw, source, n)
                 if not line.strip():
@@ -371,9 +358,12 @@ class HistoryStore(MutableMapping[str, list[Record]]):
                 _check_first(users, user, source, n)
                 if parsed is not None:  # a line not in tapper's shape was parsed whole to check it: keep the items
                     users[user] = _Unread(user, source, n, parsed=parsed)
+                elif spool is None:
+                    users[user] = _Unread(user, source, n, line=line)
                 else:
                     users[user] = _Unread(user, source, spool=spool, index=spool.add(raw, n))
-        spool.finish()
+        if spool is not None:
+            spool.finish()
         return store
 
     def __getitem__(self, user: str) -> list[Record]:
