@@ -272,3 +272,20 @@ def test_bundled_default_dataset():
     assert questions.stat().st_size + outputs.stat().st_size < 300_000
     readme = (questions.parent / "README.md").read_text()
     assert "CC BY 4.0" in readme and "tapper build news" in readme
+
+
+def test_synthetic_reverse_drift_turns_the_whole_ranking_around(tmp_path):
+    ds, people = generate_synthetic(users=20, seed=3, drift_fraction=1.0, drift_kind="reverse")
+    for q, person in zip(ds.queries, people):
+        assert person.ranking_after == tuple(reversed(person.ranking_before))
+        for record in q.profile:
+            ranking = person.ranking_on(record.date)
+            assert record.fields["category"] == min(candidates_in(record.fields["text"]), key=ranking.index)
+    for q, person in zip(ds.queries, people):  # the drift date is inside the history, as with a swap
+        assert q.profile[0].date < person.drift_date <= q.profile[-1].date
+    with pytest.raises(ValueError, match="drift_kind"):
+        generate_synthetic(users=2, drift_kind="sideways")
+    summary = build_synthetic(tmp_path, users=10, seed=3, drift_kind="reverse")
+    readme = (tmp_path / "README.md").read_text()
+    assert "--drift-kind reverse" in readme and "reverse their whole ranking" in readme
+    assert summary.users == 10

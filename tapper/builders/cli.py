@@ -109,6 +109,9 @@ def _add_synthetic(kinds: argparse._SubParsersAction) -> None:
                         help="the drift date falls between these fractions of the user's history (default: 0.3 0.5)")
     parser.add_argument("--gap-days", type=_positive, nargs=2, metavar=("MIN", "MAX"), default=(1, 1),
                         help="days between consecutive items, drawn uniformly from MIN..MAX (default: 1 1)")
+    parser.add_argument("--drift-kind", choices=("swap", "reverse"), default="swap",
+                        help="swap: the top three categories trade places with three of the bottom nine; reverse: "
+                             "the whole ranking turns around (default: swap)")
     parser.set_defaults(func=_run_synthetic)
 
 
@@ -141,7 +144,8 @@ def _run_synthetic(args: argparse.Namespace) -> int:
     try:
         summary = build_synthetic(args.out, users=args.users, history=(low, high), queries_per_user=args.queries_per_user,
                                   seed=args.seed, drift_fraction=args.drift_fraction,
-                                  drift_at=tuple(args.drift_at), gap_days=tuple(args.gap_days))
+                                  drift_at=tuple(args.drift_at), gap_days=tuple(args.gap_days),
+                                  drift_kind=args.drift_kind)
     except ValueError as err:  # the generator's own range checks (--drift-at, --gap-days)
         raise SystemExit(f"tapper build synthetic: {err}") from None
     print(summary.describe())

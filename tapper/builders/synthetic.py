@@ -8,9 +8,11 @@ among its candidates. The text says which categories are possible; only the
 user's history says which one this user picks.
 
 Drift: a fraction of users change their ranking on a drift date inside their
-history (by default between 30% and 50% of it; `drift_at` moves it): three
-categories from the bottom nine become the new top three and the old top three
-drop to the bottom. Queries are the latest items, so always after the drift,
+history (by default between 30% and 50% of it; `drift_at` moves it). By default
+(`drift_kind="swap"`) three categories from the bottom nine become the new top
+three and the old top three drop to the bottom; `drift_kind="reverse"` turns
+the whole ranking around, so that every earlier choice between two categories
+points the wrong way afterwards. Queries are the latest items, so always after the drift,
 and recent history is then more informative than old history. The later the
 drift, the more of the history argues for the old ranking.
 
@@ -118,7 +120,12 @@ def _article(rng: random.Random, ranking: tuple[str, ...]) -> tuple[list[str], s
     return candidates, " ".join(sentences), title[0].upper() + title[1:]
 
 
-def _drifted(rng: random.Random, before: tuple[str, ...]) -> tuple[str, ...]:
+DRIFT_KINDS = ("swap", "reverse")
+
+
+def _drifted(rng: random.Random, before: tuple[str, ...], kind: str = "swap") -> tuple[str, ...]:
+    if kind == "reverse":
+        return tuple(reversed(before))
     new_top = rng.sample(before[2 * _DRIFT_SIZE:], _DRIFT_SIZE)
     old_top = before[:_DRIFT_SIZE]
     middle = [c for c in before if c not in new_top and c not in old_top]
@@ -133,6 +140,7 @@ def generate_synthetic(
     drift_fraction: float = 0.5,
     drift_at: tuple[float, float] = (0.3, 0.5),
     gap_days: tuple[int, int] = (1, 1),
+    drift_kind: str = "swap",
 ) -> tuple[LampDataset, list[SyntheticUser]]:
     low, high = history
     if not (1 <= low <= high) or users < 1 or queries_per_user < 1 or not 0 <= drift_fraction <= 1:
@@ -141,6 +149,8 @@ def generate_synthetic(
         raise ValueError(f"drift_at must satisfy 0 < low <= high < 1 (fractions of the history), got {drift_at}")
     if not 1 <= gap_days[0] <= gap_days[1]:
         raise ValueError(f"gap_days must satisfy 1 <= low <= high, got {gap_days}")
+    if drift_kind not in DRIFT_KINDS:
+        raise ValueError(f"drift_kind must be one of {list(DRIFT_KINDS)}, got {drift_kind!r}")
     rng = random.Random(seed)
     # Gaps come from their own stream, so any gap_days leaves every article and label
     # of the seed unchanged (and the default (1, 1) gives the daily dates of before).
@@ -165,7 +175,7 @@ def generate_synthetic(
             first = min(n - 1, max(1, math.ceil(drift_at[0] * n)))
             drift_index = rng.randint(first, min(n - 1, max(first, math.floor(drift_at[1] * n))))
             drift_date = days[drift_index]
-            after = _drifted(rng, before)
+            after = _drifted(rng, before, drift_kind)
         person = SyntheticUser(user_id, drifts, drift_date, before, after)
         people.append(person)
 
@@ -198,24 +208,29 @@ def build_synthetic(
     drift_fraction: float = 0.5,
     drift_at: tuple[float, float] = (0.3, 0.5),
     gap_days: tuple[int, int] = (1, 1),
+    drift_kind: str = "swap",
 ) -> BuildSummary:
-    ds, people = generate_synthetic(users, history, queries_per_user, seed, drift_fraction, drift_at, gap_days)
+    ds, people = generate_synthetic(users, history, queries_per_user, seed, drift_fraction, drift_at, gap_days, drift_kind)
     pairs = {"history": history, "drift_at": drift_at, "gap_days": gap_days}
     command = command_line("synthetic", {
         "out": out, "users": users, **{k: f"{v[0]} {v[1]}" for k, v in pairs.items()},
         "queries_per_user": queries_per_user, "seed": seed, "drift_fraction": drift_fraction,
+        # Written only when not the default, so the command lines of earlier builds read as before.
+        **({"drift_kind": drift_kind} if drift_kind != "swap" else {}),
     })
     # Pairs are two numbers on the command line, not one quoted string.
     for v in pairs.values():
         command = command.replace(f"'{v[0]} {v[1]}'", f"{v[0]} {v[1]}")
-    summary = write_build(ds, out, _readme(ds, people, command))
+    summary = write_build(ds, out, _readme(ds, people, command, drift_kind))
     users_json = {"seed": seed, "users": {p.user_id: p.to_json() for p in people}}
     atomic_write_text(Path(out) / "users.json", json.dumps(users_json) + "\n")
     return summary
 
 
-def _readme(ds: LampDataset, people: list[SyntheticUser], command: str) -> str:
+def _readme(ds: LampDataset, people: list[SyntheticUser], command: str, drift_kind: str = "swap") -> str:
     drifting = sum(p.drifts for p in people)
+    change = ("reverse their whole ranking" if drift_kind == "reverse"
+              else "swap their top\nthree categories for three of their bottom nine")
     return f"""# Synthetic LaMP_2N with a drifting personalization signal
 
 Generated data (no third-party source): free to use for any purpose (CC0).
@@ -226,8 +241,7 @@ Generated data (no third-party source): free to use for any purpose (CC0).
 ```
 Each category owns six keywords; an article mentions keywords of 2-3 candidate
 categories; the gold is the user's most-preferred candidate under their ranking
-of the 15 categories. Drifting users ({drifting} of {len(people)}) swap their top
-three categories for three of their bottom nine on a drift date inside their
+of the 15 categories. Drifting users ({drifting} of {len(people)}) {change} on a drift date inside their
 history; queries come after it. `users.json` holds each user's `drifts`,
 `drift_date`, `ranking_before` and `ranking_after`, so evaluations can split
 drifting from stable users.
