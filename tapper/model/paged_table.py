@@ -113,6 +113,17 @@ def release_resident(view: torch.Tensor) -> None:
         _madvise(view, MADV_DONTNEED)
 
 
+def fill_in_chunks(table: torch.Tensor, source, rows: int) -> None:
+    """Copy rows [0, rows) of `source` (a tensor, or a safetensors slice: anything sliced by rows) into the paged
+    `table`, CHUNK_ROWS at a time, releasing each chunk's mappings as it goes: a fill never holds a second full copy
+    of the table in memory, nor the whole table mapped into the process. Every fill (paging, loading, growth) uses it."""
+    with torch.no_grad():
+        for a in range(0, rows, CHUNK_ROWS):
+            b = min(a + CHUNK_ROWS, rows)
+            table[a:b].copy_(source[a:b])
+            release_resident(table[a:b])
+
+
 def is_paged(tensor: torch.Tensor) -> bool:
     """Whether `tensor` lives in a file mapping made by `paged_tensor` (its storage cannot be resized).
 
@@ -137,11 +148,7 @@ def page_user_table(model, directory: str | Path) -> nn.Module:
     if old.weight.device.type != "cpu":
         raise ValueError(f"the paged user table is CPU memory; this table is on {old.weight.device}")
     weight = paged_tensor(directory, old.num_embeddings, old.embedding_dim, old.weight.dtype)
-    with torch.no_grad():
-        # Chunks: the source may itself be paged (a reload), and copy_ of a slice allocates nothing.
-        for a in range(0, old.num_embeddings, CHUNK_ROWS):
-            weight[a: a + CHUNK_ROWS].copy_(old.weight[a: a + CHUNK_ROWS])
-            release_resident(weight[a: a + CHUNK_ROWS])
+    fill_in_chunks(weight, old.weight, old.num_embeddings)
     model.prefix.user_table = _embedding(weight, old.weight.requires_grad)
     model.table_dir = directory
     return model
@@ -163,10 +170,7 @@ def load_paged_table(path: str | Path, directory: str | Path, dtype: torch.dtype
             raise ValueError(f"{path}: {key} has shape {shape}, expected [rows, width]")
         rows, width = shape
         table = paged_tensor(directory, rows, width, dtype)
-        with torch.no_grad():
-            for a in range(0, rows, CHUNK_ROWS):
-                table[a: a + CHUNK_ROWS].copy_(part[a: min(a + CHUNK_ROWS, rows)])
-                release_resident(table[a: a + CHUNK_ROWS])
+        fill_in_chunks(table, part, rows)
     return table
 
 

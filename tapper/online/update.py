@@ -40,7 +40,7 @@ from torch import nn
 from tapper.data.splits import record_examples
 from tapper.data.types import Example, Record
 from tapper.model.embedding_cache import EmbeddingCache
-from tapper.model.paged_table import CHUNK_ROWS, paged_tensor, release_resident
+from tapper.model.paged_table import fill_in_chunks, paged_tensor
 from tapper.model.tapper import TapPer
 from tapper.train.loop import set_seed
 from tapper.train.stage2 import encoder_for, fit
@@ -91,11 +91,7 @@ def add_users(model: TapPer, user_ids: Sequence[str]) -> list[str]:
             # already, so only the copied rows are written); the old file goes with the old tensor.
             grown = nn.Embedding(capacity, old.embedding_dim,
                                  _weight=paged_tensor(table_dir, capacity, old.embedding_dim, old.weight.dtype))
-            with torch.no_grad():
-                for a in range(0, old.num_embeddings, CHUNK_ROWS):  # chunks: never the whole table mapped in at once
-                    b = min(a + CHUNK_ROWS, old.num_embeddings)
-                    grown.weight[a:b].copy_(old.weight[a:b])
-                    release_resident(grown.weight[a:b])
+            fill_in_chunks(grown.weight, old.weight, old.num_embeddings)
         else:
             grown = nn.Embedding(capacity, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
             with torch.no_grad():
