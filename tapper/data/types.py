@@ -55,6 +55,8 @@ class Query:
 class LampDataset:
     task: str
     queries: list[Query] = field(default_factory=list)
+    # The questions file it was read from, for error messages (None: built in memory).
+    source: str | None = None
 
     def users(self) -> list[str]:
         seen: dict[str, None] = {}

@@ -21,7 +21,7 @@ from torch import nn
 
 from tapper.atomic import atomic_write, atomic_write_json
 from tapper.config import Stage2Config, from_dict
-from tapper.model.lora import attach_lora
+from tapper.model.lora import PositionScope, attach_lora
 from tapper.model.prefix import PrefixEncoder
 from tapper.model.prefixed_lm import PrefixedLM
 from tapper.train.features import EncodedExample, lm_generate_batch, lm_train_batch, prefix_inputs
@@ -48,7 +48,8 @@ class TapPer(nn.Module):
         self.d = int(emb.shape[1])
         emb_std = float(emb.detach().float().std())
         lm = attach_lora(backbone, cfg.bridge_r, cfg.bridge_alpha, cfg.bridge_dropout, cfg.target_modules) if cfg.use_bridge else backbone
-        self.plm = PrefixedLM(lm)
+        scope = PositionScope(lm) if cfg.use_bridge and cfg.bridge_scope == "prefix" else None
+        self.plm = PrefixedLM(lm, scope)
         self.prefix = PrefixEncoder(len(self.user_ids), self.d, cfg, emb_std, init_user_table).to(emb.device)
 
     # --- parameters -------------------------------------------------------------------
