@@ -122,6 +122,9 @@ class Stage2Config:
     # Share of the Stage-2 training examples held out (seeded) to choose the epoch whose state is kept; 0 = train
     # on all of them for `epochs` and keep the last state (the paper).
     validation_share: float = 0.0
+    # Weight of an auxiliary loss: a linear readout of the attention-pooled history predicts the example's answer
+    # (classification tasks; tapper.train.stage2.AnswerReadout). 0 = the paper's loss alone.
+    aux_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.bridge_scope not in ("all", "prefix"):
@@ -134,6 +137,8 @@ class Stage2Config:
         if self.user_init_std < 0:
             raise ConfigError(f"Stage2Config.user_init_std must be >= 0, got {self.user_init_std!r}")
         _check_schedule(self)
+        if self.aux_weight < 0:
+            raise ConfigError(f"Stage2Config.aux_weight must be >= 0, got {self.aux_weight!r}")
         if not 0 <= self.validation_share < 1:
             raise ConfigError(f"Stage2Config.validation_share must be in [0, 1), got {self.validation_share!r}")
         if not 0 <= self.history_dropout < 1:

@@ -46,6 +46,10 @@ from torch import nn
 from tapper.config import Stage2Config
 
 
+# Buffers fit_input_stats sets (absent from states saved before inputs were standardized).
+INPUT_STATS = ("record_mean", "query_mean", "pooled_mean", "pooled_scale")
+
+
 def _inverse_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
@@ -151,8 +155,13 @@ class PrefixEncoder(nn.Module):
     def attention(self, zq, zh, mask, dt, dpi) -> torch.Tensor:
         """α [B, N] over each user's history; zero rows for empty histories."""
         h = self.records_in(zh)
-        q = self.query_in(zq).unsqueeze(1).expand_as(h)
-        s = self.din(torch.cat([q, h, q - h, q * h], dim=-1)).squeeze(-1)
+        q = self.query_in(zq).unsqueeze(1)
+        # din[0] applied to [q, h, q - h, q * h] without building that [B, N, 4d] tensor: its weight's four
+        # blocks act on q once per query, on h, and on q * h.
+        first, rest = self.din[0], self.din[1:]
+        w_q, w_h, w_d, w_p = first.weight.split(self.d, dim=1)
+        hidden = q @ (w_q + w_d).T + h @ (w_h - w_d).T + (q * h) @ w_p.T + first.bias
+        s = rest(hidden).squeeze(-1)
         b = self.cfg.din_score_bound
         if b is not None:
             s = b * torch.tanh(s / b)
@@ -193,7 +202,10 @@ class PrefixEncoder(nn.Module):
                 mask = self._drop_records(mask, self.cfg.history_dropout)
             if zh.shape[1] > 0:
                 alpha = self.attention(zq, zh, mask, dt, dpi)
-            P = P + self.proj(self.pooled(alpha, zh, mask)).view(B, self.L, self.d)
+            pooled = self.pooled(alpha, zh, mask)
+            # Kept for an auxiliary objective on what P_q read (tapper.train.stage2.AnswerReadout).
+            self.last_pooled = pooled
+            P = P + self.proj(pooled).view(B, self.L, self.d)
         if self.cfg.use_pu:
             P = P + self.user_table(user_rows).view(B, self.L, self.d)
         return P * self.emb_std, alpha

@@ -81,14 +81,13 @@ class PrefixedLM(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=embeds.device)
         generated: list[list[int]] = [[] for _ in range(B)]
         logits = self.lm_head(out.last_hidden_state[:, -1])
+        steps = []
         for _ in range(max_new_tokens):
             tok = logits.argmax(-1)
-            for i in range(B):
-                if not done[i]:
-                    if int(tok[i]) == eos_id:
-                        done[i] = True
-                    else:
-                        generated[i].append(int(tok[i]))
+            # Tokens stay on the device; finished rows are read back once, after the loop (no sync per token,
+            # but one per step for the stop test).
+            steps.append(tok)
+            done = done | (tok == eos_id)
             if bool(done.all()):
                 break
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
@@ -101,4 +100,7 @@ class PrefixedLM(nn.Module):
             past = out.past_key_values
             next_pos = next_pos + 1
             logits = self.lm_head(out.last_hidden_state[:, -1])
+        if steps:
+            for i, row in enumerate(torch.stack(steps, 1).tolist()):
+                generated[i] = row[: row.index(eos_id)] if eos_id in row else row
         return generated

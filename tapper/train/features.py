@@ -133,24 +133,28 @@ class FeatureEncoder:
 
 
 def prefix_inputs(items: list[EncodedExample], vectors: torch.Tensor):
-    """(user_rows, zq, zh, mask, dt, dpi) with histories right-padded to the batch's longest."""
+    """(user_rows, zq, zh, mask, dt, dpi) with histories right-padded to the batch's longest.
+
+    One gather from `vectors` through a padded index matrix (on `vectors`' device), not a copy per example."""
     B = len(items)
     N = max((len(it.hist_rows) for it in items), default=0)
-    d = vectors.shape[1]
-    zh = torch.zeros(B, N, d)
+    index = torch.zeros(B, N, dtype=torch.long)
     mask = torch.zeros(B, N, dtype=torch.bool)
     dt = torch.zeros(B, N)
     dpi = torch.zeros(B, N)
     for i, it in enumerate(items):
         n = len(it.hist_rows)
         if n:
-            zh[i, :n] = vectors[torch.tensor(it.hist_rows)]
+            index[i, :n] = torch.tensor(it.hist_rows)
             mask[i, :n] = True
             dt[i, :n] = torch.tensor(it.dt)
             dpi[i, :n] = torch.tensor(it.dpi)
+    device = vectors.device
+    index, mask = index.to(device), mask.to(device)
+    zh = vectors[index] * mask.unsqueeze(-1).to(vectors.dtype)
     user_rows = torch.tensor([it.user_row for it in items], dtype=torch.long)
-    zq = vectors[torch.tensor([it.q_row for it in items])]
-    return user_rows, zq, zh, mask, dt, dpi
+    zq = vectors[torch.tensor([it.q_row for it in items], device=device)]
+    return user_rows, zq, zh, mask, dt.to(device), dpi.to(device)
 
 
 def lm_train_batch(items: list[EncodedExample], pad_id: int):

@@ -100,13 +100,45 @@ def param_groups(model: TapPer, cfg: Stage2Config, which: tuple[str, ...] = ("us
             for k in which]
 
 
+class AnswerReadout(nn.Module):
+    """Auxiliary objective (`Stage2Config.aux_weight`): a linear readout of the attention-pooled history P_q reads
+    must predict the example's answer among the task's labels.
+
+    The LM's loss reaches the DIN attention only through the projection, the backbone and the bridge, a long and
+    weak path; this one reaches it directly, so the attention learns early which records bear on a query (for
+    LaMP-2: those labelled with one of the categories the article could have). Used in training only; the
+    readout is not part of the saved model."""
+
+    def __init__(self, model: TapPer, labels: tuple[str, ...]):
+        super().__init__()
+        self.index = {label: i for i, label in enumerate(labels)}
+        self.head = nn.Linear(model.d, len(labels)).to(model.plm.device)
+
+    def loss(self, model: TapPer, items) -> torch.Tensor:
+        pooled = model.prefix.last_pooled
+        known = [i for i, it in enumerate(items) if it.target in self.index]
+        if not known:
+            return pooled.sum() * 0.0
+        y = torch.tensor([self.index[items[i].target] for i in known], device=pooled.device)
+        return nn.functional.cross_entropy(self.head(pooled[known]), y)
+
+
 def fit(model: TapPer, encoded: EncodedSet, pad_id: int, cfg: Stage2Config, epochs: float, seed: int,
         which=("user_table", "shared", "lambdas", "bridge"), progress=True, desc="stage 2 (prefix + bridge)",
-        on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
+        on_epoch: Callable[[int, float], None] | None = None, aux: AnswerReadout | None = None) -> list[float]:
     """Train the named parameter groups of `model` on `encoded` (Stage 2 and online updates share this)."""
     model.train()
+    groups = param_groups(model, cfg, which)
+    use_aux = aux is not None and cfg.aux_weight > 0 and cfg.use_pq and "shared" in which
+    if use_aux:
+        groups.append({"params": list(aux.parameters()), "lr": cfg.lr, "weight_decay": 0.0})
+
+    def loss_fn(batch):
+        loss = model.loss(batch, encoded.vectors, pad_id)
+        return loss + cfg.aux_weight * aux.loss(model, batch) if use_aux else loss
+
     losses = train_epochs(
-        encoded.items, lambda b: model.loss(b, encoded.vectors, pad_id), param_groups(model, cfg, which),
+        encoded.items, loss_fn, groups,
         epochs, cfg.batch_size, seed=seed, desc=desc, progress=progress, on_epoch=on_epoch,
         warmup=cfg.warmup, schedule=cfg.schedule,
     )
@@ -146,7 +178,8 @@ def train_stage2(
         if on_epoch:
             on_epoch(epoch, loss)
 
-    losses = fit(model, encoded, tokenizer.pad_token_id, cfg, cfg.epochs, seed, progress=progress, on_epoch=after_epoch)
+    aux = AnswerReadout(model, tuple(task.labels)) if cfg.aux_weight > 0 and task.labels else None
+    losses = fit(model, encoded, tokenizer.pad_token_id, cfg, cfg.epochs, seed, progress=progress, on_epoch=after_epoch, aux=aux)
     best = selector.restore() if selector is not None else None
     model.eval()
     return Stage2Result(model=model, losses=losses, n_examples=len(encoded.items),
