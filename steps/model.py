@@ -52,7 +52,7 @@ def train_stage1(data: PreparedData, backbone: str, stage1: Optional[dict] = Non
 
     quiet()
     cfg = run_config(data, seed, stage1=stage1)
-    bb = open_backbone(backbone, data, seed)
+    bb = open_backbone(backbone, data, seed, cfg.stage1.dtype)
     out = step_tempdir("tapper-stage1-") / "merged"
     res = run_stage1(bb, data, cfg, out, progress=False, log=_loss_logger("stage1"))
     log_metadata(metadata={"stage1": {"losses": res.losses, "examples": res.n_examples, "weights_hash": res.weights_hash}})

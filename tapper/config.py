@@ -18,6 +18,8 @@ class ConfigError(ValueError):
 
 
 SCHEDULES = ("constant", "linear")
+# Backbone precisions (tapper.precision): trainable tensors (LoRAs, prefix encoder, user table) stay fp32 in every one.
+DTYPES = ("fp32", "bf16", "fp16")
 
 
 def _check_schedule(obj: Any) -> None:
@@ -25,6 +27,15 @@ def _check_schedule(obj: Any) -> None:
         raise ConfigError(f"{type(obj).__name__}.schedule must be one of {list(SCHEDULES)}, got {obj.schedule!r}")
     if not 0 <= obj.warmup < 1:
         raise ConfigError(f"{type(obj).__name__}.warmup must be in [0, 1), got {obj.warmup!r}")
+
+
+def _check_memory(obj: Any) -> None:
+    """The precision and memory settings every trained stage shares (dtype, gradient_checkpointing, micro_batch_size)."""
+    if obj.dtype not in DTYPES:
+        raise ConfigError(f"{type(obj).__name__}.dtype must be one of {list(DTYPES)}, got {obj.dtype!r}")
+    mb = obj.micro_batch_size
+    if mb is not None and (mb <= 0 or mb > obj.batch_size):
+        raise ConfigError(f"{type(obj).__name__}.micro_batch_size must be in [1, batch_size={obj.batch_size}], got {mb!r}")
 
 
 def _check_positive(obj: Any, *names: str) -> None:
@@ -57,12 +68,24 @@ class Stage1Config:
     # Learning-rate schedule: linear warm-up over this share of the steps, then "constant" or "linear" decay to 0.
     warmup: float = 0.0
     schedule: str = "constant"
+    # Precision of the frozen backbone: "fp32", "bf16", or "fp16" (with loss scaling, for GPUs without bf16).
+    # What trains (LoRA, prefix encoder, user table) keeps fp32 weights and optimizer state in every case.
+    dtype: str = "fp32"
+    # Recompute each transformer block in the backward pass instead of keeping its activations.
+    gradient_checkpointing: bool = False
+    # Examples per forward/backward; gradients of batch_size / micro_batch_size micro-batches are accumulated
+    # into one optimizer step (None = the whole batch at once). Same step as the full batch, within rounding.
+    micro_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         _check_positive(self, "lora_r", "lora_alpha", "epochs", "lr", "batch_size", "max_len", "max_examples")
         if self.mode not in ("lora", "full"):
             raise ConfigError(f"Stage1Config.mode must be 'lora' or 'full', got {self.mode!r}")
         _check_schedule(self)
+        _check_memory(self)
+        if self.mode == "full" and self.dtype != "fp32":
+            # Full mode trains the backbone's own weights: in bf16/fp16 their updates would be rounded away.
+            raise ConfigError(f"Stage1Config: mode 'full' trains the backbone's weights and needs dtype fp32, got {self.dtype!r}")
 
 
 @dataclass
@@ -125,6 +148,14 @@ class Stage2Config:
     # Weight of an auxiliary loss: a linear readout of the attention-pooled history predicts the example's answer
     # (classification tasks; tapper.train.stage2.AnswerReadout). 0 = the paper's loss alone.
     aux_weight: float = 0.0
+    # Precision of the frozen backbone: "fp32", "bf16", or "fp16" (with loss scaling, for GPUs without bf16).
+    # What trains (LoRA, prefix encoder, user table) keeps fp32 weights and optimizer state in every case.
+    dtype: str = "fp32"
+    # Recompute each transformer block in the backward pass instead of keeping its activations.
+    gradient_checkpointing: bool = False
+    # Examples per forward/backward; gradients of batch_size / micro_batch_size micro-batches are accumulated
+    # into one optimizer step (None = the whole batch at once). Same step as the full batch, within rounding.
+    micro_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.bridge_scope not in ("all", "prefix"):
@@ -147,6 +178,7 @@ class Stage2Config:
             raise ConfigError(f"Stage2Config.input_norm must be 'standardize' or 'unit_rms', got {self.input_norm!r}")
         if not (self.use_pq or self.use_pu):
             raise ConfigError("Stage2Config: use_pq and use_pu cannot both be false (there would be no prefix)")
+        _check_memory(self)
 
 
 @dataclass
@@ -154,6 +186,12 @@ class EvalConfig:
     batch_size: int = 16
     # None = per task kind: a few tokens for labels, more for headlines.
     max_new_tokens: int | None = None
+    # Precision of the backbone the non-personalized base generates with (a TAP-PER model uses its Stage-2 dtype).
+    dtype: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"EvalConfig.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
 
 
 @dataclass

@@ -72,8 +72,8 @@ def tokenizer_corpus(data: PreparedData) -> list[str]:
     return texts
 
 
-def open_backbone(spec: str, data: PreparedData, seed: int = 0) -> Backbone:
-    return load_backbone(spec, texts=tokenizer_corpus(data) if spec == "tiny" else None, seed=seed)
+def open_backbone(spec: str, data: PreparedData, seed: int = 0, dtype: str = "fp32") -> Backbone:
+    return load_backbone(spec, texts=tokenizer_corpus(data) if spec == "tiny" else None, seed=seed, dtype=dtype)
 
 
 def run_stage1(backbone: Backbone, data: PreparedData, cfg: RunConfig, out_dir: Path, progress=True, log: LossLogger | None = None) -> Stage1Result:
@@ -99,7 +99,7 @@ class VariantResult:
 
 def evaluate_base(stage1_dir: Path, data: PreparedData, cfg: RunConfig, progress=True) -> VariantResult:
     t0 = time.time()
-    bb = load_backbone_dir(stage1_dir)
+    bb = load_backbone_dir(stage1_dir, dtype=cfg.eval.dtype)
     enc = encoder_for_base(bb, data, cfg)
     encoded = enc.encode(data.splits.eval, progress=progress)
     preds = generate_texts(PrefixedLM(bb.model), encoded, bb.tokenizer, data.task, cfg.eval.batch_size, cfg.eval.max_new_tokens, progress, "base")
@@ -146,7 +146,7 @@ def train_tapper_variant(variant: str, stage1_dir: Path, data: PreparedData, cfg
     from tapper.model.backbone import weights_hash
 
     s2cfg = stage2_config_for(variant, cfg)
-    bb = load_backbone_dir(stage1_dir)
+    bb = load_backbone_dir(stage1_dir, dtype=s2cfg.dtype)
     result = train_stage2(
         bb.model, bb.tokenizer, data.task, data.splits.stage2_train, data.splits.stage2_users, s2cfg, embedding_cache(bb),
         seed=cfg.seed, backbone_hash=weights_hash(bb.model), progress=progress,
@@ -235,7 +235,7 @@ def run_experiment(
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     data = prepare_data(task_name, questions, outputs, cfg.stage2_users)
-    bb = open_backbone(backbone, data, cfg.seed)
+    bb = open_backbone(backbone, data, cfg.seed, cfg.stage1.dtype)
     s1 = run_stage1(bb, data, cfg, out_dir / "stage1", progress, log)
     results: dict[str, VariantResult] = {}
 

@@ -25,6 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from tapper.paths import cache_dir
+from tapper.precision import torch_dtype
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
@@ -44,8 +45,8 @@ class Backbone:
         return int(self.model.config.hidden_size)
 
 
-def load_backbone(spec: str, texts: list[str] | None = None, seed: int = 0) -> Backbone:
-    """Load a backbone by spec (see module doc). `texts` trains the tiny tokenizer."""
+def load_backbone(spec: str, texts: list[str] | None = None, seed: int = 0, dtype: str = "fp32") -> Backbone:
+    """Load a backbone by spec (see module doc). `texts` trains the tiny tokenizer; `dtype` as tapper.precision."""
     if spec == "tiny":
         if not texts:
             raise ValueError("the tiny backbone trains its tokenizer on the task's texts: pass texts=")
@@ -56,11 +57,11 @@ def load_backbone(spec: str, texts: list[str] | None = None, seed: int = 0) -> B
         path = Path(spec) if Path(spec).exists() else None
         if path is None:
             # A hub id: from_pretrained finds it in the local HF cache when offline.
-            model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype(dtype))
             tok = AutoTokenizer.from_pretrained(spec)
             _ensure_pad(tok)
             return Backbone(model=model, tokenizer=tok, spec=spec, path=Path(model.name_or_path))
-    return load_backbone_dir(path, spec=spec)
+    return load_backbone_dir(path, spec=spec, dtype=dtype)
 
 
 def default_device() -> torch.device:
@@ -69,9 +70,11 @@ def default_device() -> torch.device:
     return torch.device(name)
 
 
-def load_backbone_dir(path: str | Path, spec: str | None = None, device: str | torch.device | None = None) -> Backbone:
+def load_backbone_dir(path: str | Path, spec: str | None = None, device: str | torch.device | None = None,
+                      dtype: str = "fp32") -> Backbone:
+    """Weights are read straight into `dtype` (no fp32 copy on the way: 32 GB for an 8B model)."""
     path = Path(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device or default_device())
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype)).to(device or default_device())
     tok = AutoTokenizer.from_pretrained(path)
     _ensure_pad(tok)
     model.eval()
@@ -222,8 +225,10 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 
 def embedding_hash(model: torch.nn.Module) -> str:
-    """Hash of the input-embedding matrix only: the record vectors depend on nothing else."""
-    emb = model.get_input_embeddings().weight.detach().cpu().contiguous()
+    """Hash of the input-embedding matrix only: the record vectors depend on nothing else.
+
+    Hashed as fp32 (the vectors are computed in fp32): a bf16 backbone and its fp32 upcast share vectors."""
+    emb = model.get_input_embeddings().weight.detach().float().cpu().contiguous()
     return hashlib.sha256(emb.view(torch.uint8).numpy().tobytes()).hexdigest()
 
 

@@ -24,6 +24,7 @@ from tapper.config import Stage2Config, from_dict
 from tapper.model.lora import PositionScope, attach_lora
 from tapper.model.prefix import INPUT_STATS, PrefixEncoder
 from tapper.model.prefixed_lm import PrefixedLM
+from tapper.precision import cast_backbone, set_checkpointing
 from tapper.train.features import EncodedExample, lm_generate_batch, lm_train_batch, prefix_inputs
 
 STATE_FILE = "prefix.safetensors"
@@ -44,6 +45,10 @@ class TapPer(nn.Module):
         self.table_dir: Path | None = None
         for p in backbone.parameters():
             p.requires_grad_(False)
+        # The frozen backbone in the configured precision; the bridge LoRA (PEFT keeps adapters fp32) and the
+        # prefix encoder (created below, fp32) are the fp32 master weights (tapper.precision).
+        cast_backbone(backbone, cfg.dtype)
+        set_checkpointing(backbone, cfg.gradient_checkpointing)
         emb = backbone.get_input_embeddings().weight
         self.d = int(emb.shape[1])
         emb_std = float(emb.detach().float().std())

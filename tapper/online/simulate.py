@@ -308,7 +308,7 @@ def run_online(
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     data = prepare_data(task_name, questions, outputs, cfg.stage2_users)
-    bb = open_backbone(backbone, data, cfg.seed)
+    bb = open_backbone(backbone, data, cfg.seed, cfg.stage1.dtype)
     s1 = run_stage1(bb, data, cfg, out_dir / "stage1", progress)
     report = simulate(s1.path, data, cfg, ocfg, out_dir, progress, on_step,
                       extra={"task": data.task.name, "backbone": backbone, "stage1": {"weights_hash": s1.weights_hash}})

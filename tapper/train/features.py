@@ -157,6 +157,12 @@ def prefix_inputs(items: list[EncodedExample], vectors: torch.Tensor):
     return user_rows, zq, zh, mask, dt.to(device), dpi.to(device)
 
 
+def loss_tokens(items) -> int:
+    """Target tokens the LM loss of `items` averages over (prompts are never empty, so every target token is
+    predicted): the weight of a micro-batch in gradient accumulation (tapper.train.loop)."""
+    return sum(len(it.target_ids) for it in items)
+
+
 def lm_train_batch(items: list[EncodedExample], pad_id: int):
     from tapper.model.prefixed_lm import LMBatch
 

@@ -51,17 +51,31 @@ def train_epochs(
     max_grad_norm: float = 1.0,
     warmup: float = 0.0,
     schedule: str = "constant",
+    micro_batch_size: int | None = None,
+    weight_fn: Callable[[list], int] | None = None,
+    loss_scaling: bool = False,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """AdamW over `param_groups` for `epochs` (fractions allowed) passes; returns mean loss per epoch.
 
     A group marked `"rows": True` is a user table updated row-sparsely (RowAdamW). The learning rate
     follows `lr_factor` (constant by default). Shuffling uses its own seeded RNG so that runs repeat exactly.
+
+    Micro-batches: each batch is cut into `micro_batch_size` pieces whose gradients add up before the one
+    optimizer step. `loss_fn` returns a mean, so a piece's loss is weighted by its share of the batch's loss
+    terms, `weight_fn(piece) / weight_fn(batch)` (the number of target tokens for an LM loss; default: the
+    number of examples): the summed gradient is then the full batch's. `loss_scaling`: fp16 backbones
+    (tapper.precision) scale the loss so small gradients survive fp16, and skip steps whose gradients overflow.
+    `on_step(step, loss)` sees every step's loss (one host sync per step, as the progress bar already does).
     """
     groups = [g for g in param_groups if g["params"]]
     if not groups or not items:
         return []
     params = [p for g in groups for p in g["params"]]
     opts = make_optimizer(groups)
+    weigh = weight_fn or len
+    micro = micro_batch_size or batch_size
+    scaler = torch.amp.GradScaler(params[0].device.type) if loss_scaling else None
     rng = random.Random(seed)
     steps_per_epoch = math.ceil(len(items) / batch_size)
     total = max(1, math.ceil(epochs * steps_per_epoch))
@@ -78,15 +92,33 @@ def train_epochs(
             if step >= total:
                 break
             batch = [items[i] for i in order[b : b + batch_size]]
-            loss = loss_fn(batch)
             for o in opts:
                 o.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            total_weight = weigh(batch)
+            loss = 0.0
+            for m in range(0, len(batch), micro):
+                piece = batch[m : m + micro]
+                part = loss_fn(piece) * (weigh(piece) / total_weight if len(piece) < len(batch) else 1.0)
+                (scaler.scale(part) if scaler else part).backward()
+                loss = loss + part.detach()
+            step_ok = True
+            if scaler is not None:
+                for o in opts:
+                    scaler.unscale_(o)
+            norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            if scaler is not None:
+                # One decision for every optimizer (GradScaler.step would decide per optimizer): an overflow
+                # anywhere skips the whole step and lowers the scale.
+                step_ok = bool(torch.isfinite(norm))
+                scaler.update()
             for o, sch in zip(opts, scheds):
-                o.step()
+                if step_ok:
+                    o.step()
                 sch.step()
-            running += float(loss.detach())
+            loss_value = float(loss)
+            if on_step:
+                on_step(step, loss_value)
+            running += loss_value
             count += 1
             step += 1
             bar.update(1)

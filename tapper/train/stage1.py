@@ -11,7 +11,8 @@ from tapper.data.types import Example
 from tapper.model.backbone import Backbone, save_backbone_dir, weights_hash
 from tapper.model.lora import attach_lora, merge_lora
 from tapper.model.prefixed_lm import PrefixedLM
-from tapper.train.features import FeatureEncoder, lm_train_batch
+from tapper.precision import cast_backbone, needs_loss_scaling, set_checkpointing
+from tapper.train.features import FeatureEncoder, lm_train_batch, loss_tokens
 from tapper.train.loop import set_seed, train_epochs
 
 
@@ -50,6 +51,7 @@ def train_stage1(
     seed: int = 0,
     progress: bool = True,
     on_epoch: Callable[[int, float], None] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> Stage1Result:
     """Train the task LoRA, merge it, check it is finite, save the merged backbone to `out_dir`."""
     set_seed(seed)
@@ -62,6 +64,11 @@ def train_stage1(
     model = backbone.model
     losses: list[float] = []
     pad = backbone.tokenizer.pad_token_id
+    # The merged backbone is saved in this dtype too: Stage 2 and serving read what Stage 1 trained on.
+    cast_backbone(model, cfg.dtype)
+    set_checkpointing(model, cfg.gradient_checkpointing and not cfg.skip)
+    memory = dict(micro_batch_size=cfg.micro_batch_size, weight_fn=loss_tokens, loss_scaling=needs_loss_scaling(cfg.dtype),
+                  on_step=on_step)
     if not cfg.skip and cfg.mode == "lora":
         peft_model = attach_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
         plm = PrefixedLM(peft_model)
@@ -70,7 +77,7 @@ def train_stage1(
         losses = train_epochs(
             items, lambda b: plm.loss(lm_train_batch(b, pad)), [{"params": params, "lr": cfg.lr}],
             cfg.epochs, cfg.batch_size, seed=seed, desc="stage 1 (task LoRA)", progress=progress, on_epoch=on_epoch,
-            warmup=cfg.warmup, schedule=cfg.schedule,
+            warmup=cfg.warmup, schedule=cfg.schedule, **memory,
         )
         model = merge_lora(peft_model)
     elif not cfg.skip:
@@ -82,8 +89,9 @@ def train_stage1(
         losses = train_epochs(
             items, lambda b: plm.loss(lm_train_batch(b, pad)), [{"params": params, "lr": cfg.lr}],
             cfg.epochs, cfg.batch_size, seed=seed, desc="stage 1 (full, embeddings frozen)", progress=progress, on_epoch=on_epoch,
-            warmup=cfg.warmup, schedule=cfg.schedule,
+            warmup=cfg.warmup, schedule=cfg.schedule, **memory,
         )
+    set_checkpointing(model, False)
     model.eval()
     path = save_backbone_dir(model, backbone.tokenizer, Path(out_dir))
     return Stage1Result(path=path, losses=losses, weights_hash=weights_hash(model), n_examples=len(items))

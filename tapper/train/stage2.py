@@ -12,7 +12,8 @@ from tapper.config import Stage2Config
 from tapper.data.types import Example
 from tapper.model.embedding_cache import EmbeddingCache
 from tapper.model.tapper import TapPer
-from tapper.train.features import EncodedSet, FeatureEncoder
+from tapper.precision import needs_loss_scaling
+from tapper.train.features import EncodedSet, FeatureEncoder, loss_tokens
 from tapper.train.loop import set_seed, train_epochs
 
 
@@ -125,7 +126,8 @@ class AnswerReadout(nn.Module):
 
 def fit(model: TapPer, encoded: EncodedSet, pad_id: int, cfg: Stage2Config, epochs: float, seed: int,
         which=("user_table", "shared", "lambdas", "bridge"), progress=True, desc="stage 2 (prefix + bridge)",
-        on_epoch: Callable[[int, float], None] | None = None, aux: AnswerReadout | None = None) -> list[float]:
+        on_epoch: Callable[[int, float], None] | None = None, aux: AnswerReadout | None = None,
+        on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """Train the named parameter groups of `model` on `encoded` (Stage 2 and online updates share this)."""
     model.train()
     groups = param_groups(model, cfg, which)
@@ -141,6 +143,10 @@ def fit(model: TapPer, encoded: EncodedSet, pad_id: int, cfg: Stage2Config, epoc
         encoded.items, loss_fn, groups,
         epochs, cfg.batch_size, seed=seed, desc=desc, progress=progress, on_epoch=on_epoch,
         warmup=cfg.warmup, schedule=cfg.schedule,
+        # Micro-batches are weighted by target tokens, exact for the LM loss; the auxiliary readout's mean is
+        # then weighted the same way, close to (not exactly) its full-batch mean.
+        micro_batch_size=cfg.micro_batch_size, weight_fn=loss_tokens, loss_scaling=needs_loss_scaling(cfg.dtype),
+        on_step=on_step,
     )
     model.eval()
     return losses
@@ -158,6 +164,7 @@ def train_stage2(
     backbone_hash: str = "",
     progress: bool = True,
     on_epoch: Callable[[int, float], None] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> Stage2Result:
     set_seed(seed)
     examples = limit_per_user(examples, cfg.max_examples_per_user)
@@ -179,7 +186,8 @@ def train_stage2(
             on_epoch(epoch, loss)
 
     aux = AnswerReadout(model, tuple(task.labels)) if cfg.aux_weight > 0 and task.labels else None
-    losses = fit(model, encoded, tokenizer.pad_token_id, cfg, cfg.epochs, seed, progress=progress, on_epoch=after_epoch, aux=aux)
+    losses = fit(model, encoded, tokenizer.pad_token_id, cfg, cfg.epochs, seed, progress=progress, on_epoch=after_epoch, aux=aux,
+                 on_step=on_step)
     best = selector.restore() if selector is not None else None
     model.eval()
     return Stage2Result(model=model, losses=losses, n_examples=len(encoded.items),
