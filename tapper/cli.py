@@ -3,6 +3,7 @@
     tapper experiment   both stages + evaluation directly on LaMP files
     tapper online       streaming-feedback simulation (Static / Online-Emb / Online-Full / Full-Retrain)
     tapper build        LaMP-format datasets from real or synthetic data
+    tapper plan         memory each stage needs on one GPU (meta-device modules), the largest micro-batch that fits
     (ZenML commands — train, promote, lineage, dashboard, stack — register
     themselves from pipelines/cli_commands.py; ZenML is imported only when one runs.)
 """
@@ -130,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tapper.analysis.cli import register as register_analysis
 
     register_analysis(sub)
+    from tapper.plan.cli import register as register_plan
+
+    register_plan(sub)
     from deploy.serve import register as register_serve  # serve, bundle (heavy imports inside the commands)
 
     register_serve(sub)

@@ -51,7 +51,8 @@ class TapPer(nn.Module):
         set_checkpointing(backbone, cfg.gradient_checkpointing)
         emb = backbone.get_input_embeddings().weight
         self.d = int(emb.shape[1])
-        emb_std = float(emb.detach().float().std())
+        # On the meta device (tapper.plan builds this model to count bytes) there are no values to measure.
+        emb_std = 1.0 if emb.is_meta else float(emb.detach().float().std())
         lm = attach_lora(backbone, cfg.bridge_r, cfg.bridge_alpha, cfg.bridge_dropout, cfg.target_modules) if cfg.use_bridge else backbone
         scope = PositionScope(lm) if cfg.use_bridge and cfg.bridge_scope == "prefix" else None
         self.plm = PrefixedLM(lm, scope)

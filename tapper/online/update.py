@@ -149,8 +149,11 @@ def update_users(
     t0 = time.perf_counter()
     users = sorted({ex.user_id for ex in new_examples})
     new_users = add_users(model, users)
+    bs = batch_size or model.cfg.batch_size
+    # The model's micro-batch (a memory bound) still applies to an update's own batch size, capped by it.
+    micro = min(model.cfg.micro_batch_size, bs) if model.cfg.micro_batch_size else None
     cfg = dataclasses.replace(
-        model.cfg, lr=lr or model.cfg.lr, lambda_lr=lambda_lr or model.cfg.lambda_lr, batch_size=batch_size or model.cfg.batch_size,
+        model.cfg, lr=lr or model.cfg.lr, lambda_lr=lambda_lr or model.cfg.lambda_lr, batch_size=bs, micro_batch_size=micro,
     )
     if not new_examples:
         return UpdateReport(mode, users, new_users, 0, 0, 0, time.perf_counter() - t0)
