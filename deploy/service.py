@@ -242,7 +242,7 @@ class TapperService:
 
         info = read_bundle(self.cfg.model_dir)
         bid = bundle_id(info)
-        bb = load_backbone_dir(info.stage1_dir)
+        bb = load_backbone_dir(info.stage1_dir, dtype=TapPer.saved_dtype(info.state_dir))
         state_meta = json.loads((info.state_dir / "tapper_config.json").read_text())
         expected = state_meta.get("backbone_hash") or info.backbone_hash
         if self.cfg.verify_backbone and expected:

@@ -133,6 +133,13 @@ class TapPer(nn.Module):
         )
         return directory
 
+    @staticmethod
+    def saved_dtype(directory: str | Path) -> str:
+        """The backbone precision a saved state was trained with: load the backbone in it (its weights hash, which
+        the state records, is the hash of the backbone as loaded in that precision)."""
+        meta = json.loads((Path(directory) / CONFIG_FILE).read_text())
+        return meta["stage2"].get("dtype", "fp32")
+
     @classmethod
     def load(cls, directory: str | Path, backbone: nn.Module, table_dir: str | Path | None = None) -> "TapPer":
         """Load a saved state onto `backbone`. `table_dir`: page the user table there (tapper.model.paged_table),

@@ -23,8 +23,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 
 def _status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -47,76 +45,21 @@ def peak_rss() -> int:
     return _status_kib("VmHWM") * 1024
 
 
-def _items(b: int, seq: int, prefix_len: int, history: int, vocab: int):
-    from tapper.train.features import EncodedExample
-
-    room = seq - prefix_len
-    n_tgt = max(1, room // 2)
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for i in range(2 * b):  # two steps of b
-        ids = torch.randint(4, vocab, (room,), generator=g).tolist()
-        out.append(EncodedExample(id=str(i), user_id=f"u{i % 4}", user_row=1 + i % 4, q_row=0,
-                                  hist_rows=list(range(1, history + 1)), dt=[1.0] * history, dpi=[1.0] * history,
-                                  prompt_ids=ids[: room - n_tgt], target_ids=ids[room - n_tgt :], target=None))
-    return out
-
-
 def run_step(backbone: str, stage: int, b: int, seq: int, history: int, dtype: str, checkpointing: bool,
              micro: int | None) -> dict:
     """Two training steps of `stage` on a random-init `backbone`; the second one's peak over its baseline."""
-    import dataclasses
-
-    from transformers import AutoModelForCausalLM
-
-    from tapper.config import RunConfig, Stage1Config, Stage2Config
-    from tapper.plan.backbones import backbone_config
-    from tapper.plan.plan import plan_stage1, plan_stage2
-    from tapper.precision import cast_backbone, set_checkpointing
-    from tapper.train.features import lm_train_batch, loss_tokens
+    from tapper.plan.workload import build_workload
     from tapper.train.loop import train_epochs
 
-    torch.manual_seed(0)
-    config = backbone_config(backbone)
-    model = cast_backbone(AutoModelForCausalLM.from_config(config), dtype)
-    pad, vocab = 0, int(config.vocab_size)
-    mem = dict(micro_batch_size=micro, weight_fn=loss_tokens, progress=False)
-    if stage == 1:
-        s1 = Stage1Config(batch_size=b, max_len=seq, dtype=dtype, gradient_checkpointing=checkpointing,
-                          micro_batch_size=micro, lora_dropout=0.0)
-        cfg = RunConfig(stage1=s1)
-        from tapper.model.lora import attach_lora
-        from tapper.model.prefixed_lm import PrefixedLM
-
-        set_checkpointing(model, checkpointing)
-        lm = attach_lora(model, s1.lora_r, s1.lora_alpha, 0.0, s1.target_modules)
-        plm = PrefixedLM(lm)
-        lm.train()
-        items = _items(b, seq, 0, 0, vocab)
-        groups = [{"params": [p for p in lm.parameters() if p.requires_grad], "lr": 1e-4}]
-        loss_fn = lambda batch: plm.loss(lm_train_batch(batch, pad))  # noqa: E731
-        plan = plan_stage1(config, cfg)
-    else:
-        from tapper.model.tapper import TapPer
-        from tapper.train.stage2 import param_groups
-
-        s2 = Stage2Config(batch_size=b, max_len=seq, dtype=dtype, gradient_checkpointing=checkpointing,
-                          micro_batch_size=micro, bridge_dropout=0.0)
-        cfg = RunConfig(stage2=s2, stage2_users=4)
-        tp = TapPer(model, [f"u{i}" for i in range(4)], s2)
-        tp.train()
-        items = _items(b, seq, s2.prefix_len, history, vocab)
-        vectors = torch.randn(history + 1, tp.d)
-        groups = param_groups(tp, s2)
-        loss_fn = lambda batch: tp.loss(batch, vectors, pad)  # noqa: E731
-        plan = plan_stage2(config, cfg, history)
+    w = build_workload(backbone, stage, b, seq, history, dtype, checkpointing, micro, device="cpu")
+    plan = w.plan()
     marks: dict[str, int] = {}
 
     def after(step: int, loss: float) -> None:
         if step == 0:
             marks["baseline"] = reset_peak()
 
-    train_epochs(items, loss_fn, groups, epochs=1, batch_size=b, on_step=after, **mem)
+    train_epochs(w.items[: 2 * b], w.loss_fn, w.groups, epochs=1, batch_size=b, on_step=after, progress=False, **w.loop_kwargs)
     peak = peak_rss()
     act, ws = (plan.activations_ckpt, plan.workspace_ckpt) if checkpointing else (plan.activations, plan.workspace)
     return {"backbone": backbone, "stage": stage, "batch": b, "seq": seq, "history": history, "dtype": dtype,
