@@ -2,9 +2,10 @@
 
 Covers the bundle layout, /health, /info, /predict for known and unknown users, /feedback (only that user's
 row changes, and only it and the new records are written, as one journal delta; new users get a row; the state
-survives a restart), another replica picking the deltas up, undo when writing fails, compaction into snapshot
-generations, carrying histories over to a new bundle, 4xx errors naming the field, and /metrics counting what
-was done.
+survives a restart), another replica picking the deltas up, nothing changed when writing fails, compaction into
+snapshot generations (in the background), carrying histories over to a new bundle, 4xx errors naming the field,
+and /metrics counting what was done. tests/test_serving_production.py covers batching, limits, auth, durability,
+privacy and the OpenAI API.
 """
 from __future__ import annotations
 
@@ -32,6 +33,26 @@ from tapper.train.stage1 import train_stage1
 from tapper.train.stage2 import train_stage2
 
 TABLE = "prefix.user_table.weight"
+API_TOKEN = "test-api-token-0123456789"
+ADMIN_TOKEN = "test-admin-token-0123456789"
+AUTH = {"api_tokens": (API_TOKEN,), "admin_tokens": (ADMIN_TOKEN,)}
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def serve_config(**kw) -> ServeConfig:
+    """A ServeConfig with the test tokens (a server without tokens does not start)."""
+    return ServeConfig(**{"auth": AUTH, **kw})
+
+
+def wait_for(check, timeout: float = 20.0, what: str = "condition"):
+    """Poll `check()` until it returns something truthy (replicas sync in the background within sync_seconds)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    pytest.fail(f"{what} not reached in {timeout} s")
 
 
 @pytest.fixture(scope="module")
@@ -64,18 +85,23 @@ def _free_port() -> int:
 
 
 class Client:
-    def __init__(self, base: str):
+    """Real HTTP (urllib) against the test server; sends the API token unless `headers` says otherwise."""
+
+    def __init__(self, base: str, token: str | None = API_TOKEN):
         self.base = base
+        self.token = token
 
     def call(self, method: str, path: str, body=None, headers: dict | None = None) -> tuple[int, dict]:
         data = None if body is None else json.dumps(body).encode()
+        auth = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         req = urllib.request.Request(self.base + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json", **(headers or {})})
+                                     headers={"Content-Type": "application/json", **auth, **(headers or {})})
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
+            raw = e.read()
+            return e.code, json.loads(raw) if raw else {}
 
 
 @contextlib.contextmanager
@@ -112,7 +138,7 @@ def _running(cfg: ServeConfig, lifespan: str = "on", ready: int = 200):
 @pytest.fixture(scope="module")
 def server(bundle, tmp_path_factory):
     state = tmp_path_factory.mktemp("live")
-    cfg = ServeConfig(model_dir=bundle.path, state_dir=state, feedback_steps=3, feedback_lr=0.05, sync_seconds=0)
+    cfg = serve_config(model_dir=bundle.path, state_dir=state, feedback_steps=3, feedback_lr=0.05, sync_seconds=0)
     with _running(cfg) as (client, app):
         yield {"client": client, "state": state, "cfg": cfg, "app": app}
 
@@ -150,11 +176,14 @@ def test_health_and_info(server, trained):
     c = server["client"]
     code, body = c.call("GET", "/health")
     assert code == 200 and body["status"] == "ok" and body["model_version"] == "test-1"
-    code, info = c.call("GET", "/info")
+    code, info = c.call("GET", "/info", headers=ADMIN)
     assert code == 200
     assert info["task"] == "LaMP_2N" and info["model_version"] == "test-1" and len(info["backbone_hash"]) == 64
     assert info["users"][:4] == trained["users"] and info["per_user_params"] == 8 * 128 and info["shared_params"] > 0
     assert info["feedback"]["mode"] == "emb"
+    # Without the admin token: no user ids, no server paths.
+    code, public = c.call("GET", "/info")
+    assert code == 200 and public["n_users"] >= 4 and "users" not in public and "bundle" not in public and "state_dir" not in public
 
 
 def test_predict_known_and_unknown_user(server, trained):
@@ -189,7 +218,7 @@ def test_feedback_changes_only_that_users_row_and_writes_one_delta(server, bundl
     user = trained["users"][1]
     before = load_file(bundle.path / "tapper" / "prefix.safetensors")
     last = max(r.date for r in trained["histories"][user]).isoformat()
-    code, body = c.call("POST", "/feedback", {"user_id": user, "records": [_record("fb1", last, "sports"), _record("fb2", "2030-01-01", "sports")]})
+    code, body = c.call("POST", "/feedback", {"user_id": user, "records": [_record("fb1", last, "sports"), _record("fb2", "2026-01-01", "sports")]})
     assert code == 200, body
     assert body["updated"] and body["report"]["users"] == [user] and body["report"]["steps"] == 3
     assert body["history_stored"] == len(trained["histories"][user]) + 2
@@ -277,17 +306,18 @@ def test_restart_replica_sync_undo_and_reload(server, bundle, monkeypatch):
     """Restart and a second replica replay the journal; a failed write changes nothing; /reload works."""
     c, state = server["client"], server["state"]
     live = server["app"].state.service.loaded
-    svc = TapperService(ServeConfig(model_dir=bundle.path, state_dir=state, feedback_steps=2, sync_seconds=0))
+    svc = TapperService(serve_config(model_dir=bundle.path, state_dir=state, feedback_steps=2, sync_seconds=0))
     ld = svc.load()  # a restarted server / another replica on the same state dir
     assert (ld.generation, ld.sequence) == (live.generation, live.sequence) and "newbie" in ld.model.user_rows
     assert ld.model.user_ids == live.model.user_ids
     assert torch.equal(ld.model.user_table_in_use().detach(), live.model.user_table_in_use().detach())
     assert {u: [r.id for r in h] for u, h in ld.histories.items()} == {u: [r.id for r in h] for u, h in live.histories.items()}
 
-    # This replica takes a feedback; the HTTP server (the other replica) picks the delta up.
+    # This replica takes a feedback; the HTTP server (the other replica) picks the delta up in the background.
     out = svc.feedback("replica-user", [svc_record("r1", "2023-01-01")])
     assert out["sequence"] == ld.sequence and out["generation"] == live.generation
-    code, pred = c.call("POST", "/predict", {"user_id": "replica-user", "fields": {"text": "x"}})
+    pred = wait_for(lambda: (lambda r: r if r["sequence"] == out["sequence"] else None)(
+        c.call("POST", "/predict", {"user_id": "replica-user", "fields": {"text": "x"}})[1]), what="the replica's delta")
     assert pred["known_user"] and (pred["generation"], pred["sequence"]) == (out["generation"], out["sequence"])
     row = live.model.user_rows["replica-user"]
     assert torch.equal(live.model.prefix.user_table.weight[row], ld.model.prefix.user_table.weight[row])
@@ -311,55 +341,61 @@ def test_restart_replica_sync_undo_and_reload(server, bundle, monkeypatch):
     assert not ld.model.prefix.user_table.weight[ld.model.rows_in_use:].any()  # the doomed user's row is spare (zero) again
     assert "doomed-user" not in ld.histories and [r.id for r in ld.histories["replica-user"]] == ["r1"]
 
-    code, body = c.call("POST", "/reload")
+    code, body = c.call("POST", "/reload", headers=ADMIN)
     assert code == 200 and (body["generation"], body["sequence"]) == (out["generation"], out["sequence"])
     assert body["model_version"] == "test-1"
+    svc.close()
 
 
 def test_compaction_pruning_and_a_new_bundle_carrying_histories(trained, bundle, tmp_path):
-    """Every `compact_every` deltas the state becomes a snapshot generation; a reader then adopts it; a journal
-    with a gap is refused; a new bundle starts with the users' histories but not the old rows."""
+    """Every `compact_every` deltas the state becomes a snapshot generation (written in the background); a reader
+    then adopts it; a journal with a gap is refused; a new bundle starts with the users' histories but not the
+    old rows."""
     state = tmp_path / "state"
     cfg = dict(model_dir=bundle.path, state_dir=state, feedback_steps=1, sync_seconds=0, compact_every=2, keep_generations=2)
-    writer, reader = TapperService(ServeConfig(**cfg)), TapperService(ServeConfig(**cfg))
+    writer, reader = TapperService(serve_config(**cfg)), TapperService(serve_config(**cfg))
     writer.load(), reader.load()
-    outs = [writer.feedback(f"c{i}", [svc_record(f"c{i}-1", "2023-03-01")]) for i in range(5)]
-    assert [(o["generation"], o["sequence"], o["compacted_into"]) for o in outs] == [
-        ("gen-000001", 1, None), ("gen-000001", 2, "gen-000002"), ("gen-000002", 1, None),
-        ("gen-000002", 2, "gen-000003"), ("gen-000003", 1, None)]
+    outs = []
+    for i in range(5):
+        outs.append(writer.feedback(f"c{i}", [svc_record(f"c{i}-1", "2023-03-01")]))
+        assert writer.compactor.wait_idle(60)
+    assert [(o["generation"], o["sequence"], o["compaction"]) for o in outs] == [
+        ("gen-000001", 1, None), ("gen-000001", 2, "scheduled"), ("gen-000002", 1, None),
+        ("gen-000002", 2, "scheduled"), ("gen-000003", 1, None)]
+    assert writer.compactor.stats.history == ["gen-000002", "gen-000003"]
     assert sorted(p.name for p in state.iterdir() if p.name.startswith("gen-")) == ["gen-000002", "gen-000003"]  # pruned
     snap = state / "gen-000003"
-    assert {p.name for p in snap.iterdir()} == {"meta.json", "journal", "tapper", "histories.jsonl"}
+    assert {p.name for p in snap.iterdir()} == {"meta.json", "journal", "tapper", "histories.jsonl", "updates.json"}
     assert json.loads((snap / "meta.json").read_text())["parent"] == "gen-000002"
     ld = reader.loaded
-    assert (ld.generation, ld.sequence) == (None, 0)
-    reader.predict("c0", "a story")  # the reader syncs: adopts the snapshot, then its one delta
-    assert (ld.generation, ld.sequence) == ("gen-000003", 1) and ld.model.user_ids == writer.loaded.model.user_ids
+    # The reader syncs in the background: adopts the snapshot, then its one delta.
+    wait_for(lambda: (ld.generation, ld.sequence) == ("gen-000003", 1), what="the reader's sync")
+    assert reader.predict("c0", "a story")["sequence"] == 1 and ld.model.user_ids == writer.loaded.model.user_ids
     assert torch.equal(ld.model.user_table_in_use(), writer.loaded.model.user_table_in_use())
     assert set(ld.histories) == set(writer.loaded.histories)
 
     # A restart on the snapshot generation: the bundle's histories are never read, and users are converted
     # only as they are read (here, only the delta's user).
-    resumed = TapperService(ServeConfig(**cfg)).load()
+    resumed = TapperService(serve_config(**cfg)).load()
     assert resumed._bundle_histories is None and resumed.generation == "gen-000003"
     assert [r.id for r in resumed.histories["c4"]] == ["c4-1"] and resumed.histories.unread() == len(resumed.histories) - 1
 
     # A journal with a hole (a delta file gone) is an error naming the file, not a silent skip.
     (snap / "journal" / "00000001.safetensors").rename(snap / "journal" / "00000002.safetensors")
     with pytest.raises(StateError, match="00000002.safetensors: journal gap"):
-        TapperService(ServeConfig(**cfg)).load()
+        TapperService(serve_config(**cfg)).load()
     (snap / "journal" / "00000002.safetensors").rename(snap / "journal" / "00000001.safetensors")
 
     # A new bundle: the old rows do not apply, the histories do; its first feedback snapshots them.
     b2 = export_bundle(trained["stage1"], trained["state"], "LaMP_2N", tmp_path / "b2", version="test-2",
                        histories=trained["histories"])
-    fresh = TapperService(ServeConfig(**{**cfg, "model_dir": b2.path}))
+    fresh = TapperService(serve_config(**{**cfg, "model_dir": b2.path}))
     ld2 = fresh.load()
     assert ld2.generation is None and "c4" not in ld2.model.user_rows and [r.id for r in ld2.histories["c4"]] == ["c4-1"]
     out = fresh.feedback("c4", [svc_record("c4-2", "2023-04-01")])
     meta = json.loads((state / out["generation"] / "meta.json").read_text())
     assert meta["base"] == "snapshot" and meta["bundle_version"] == "test-2"
-    restarted = TapperService(ServeConfig(**{**cfg, "model_dir": b2.path})).load()
+    restarted = TapperService(serve_config(**{**cfg, "model_dir": b2.path})).load()
     assert [r.id for r in restarted.histories["c4"]] == ["c4-1", "c4-2"] and "c4" in restarted.model.user_rows
 
 
@@ -382,18 +418,20 @@ def test_per_user_state_on_scratch_serves_feedback_compaction_and_reload_like_in
 
     common = dict(model_dir=bundle.path, feedback_steps=2, feedback_lr=0.05, sync_seconds=0, compact_every=2)
     scratch = tmp_path / "scratch" / "tapper"  # created when missing
-    paged_cfg = ServeConfig(state_dir=tmp_path / "paged-state", scratch_dir=scratch, **common)
-    plain_cfg = ServeConfig(state_dir=tmp_path / "plain-state", **common)
+    paged_cfg = serve_config(state_dir=tmp_path / "paged-state", scratch_dir=scratch, **common)
+    plain_cfg = serve_config(state_dir=tmp_path / "plain-state", **common)
     with _running(paged_cfg) as (pc, papp), _running(plain_cfg) as (mc, mapp):
-        assert pc.call("GET", "/info")[1]["scratch_dir"] == str(scratch) and mc.call("GET", "/info")[1]["scratch_dir"] is None
+        assert pc.call("GET", "/info", headers=ADMIN)[1]["scratch_dir"] == str(scratch)
+        assert mc.call("GET", "/info", headers=ADMIN)[1]["scratch_dir"] is None
         known = trained["users"][0]
-        feedbacks = [(known, "2030-01-01"), ("pnew1", "2030-01-02"), (known, "2030-01-03"), ("pnew2", "2030-01-04"),
-                     ("pnew1", "2030-01-05")]
+        feedbacks = [(known, "2026-01-01"), ("pnew1", "2026-01-02"), (known, "2026-01-03"), ("pnew2", "2026-01-04"),
+                     ("pnew1", "2026-01-05")]
         for i, (user, date) in enumerate(feedbacks):
             body = {"user_id": user, "records": [_record(f"p{i}", date, "sports")]}
             (pcode, pout), (mcode, mout) = pc.call("POST", "/feedback", body), mc.call("POST", "/feedback", body)
             assert pcode == mcode == 200, (pout, mout)
-            assert (pout["generation"], pout["sequence"], pout["compacted_into"]) == (mout["generation"], mout["sequence"], mout["compacted_into"])
+            assert papp.state.service.compactor.wait_idle(60) and mapp.state.service.compactor.wait_idle(60)
+            assert (pout["generation"], pout["sequence"], pout["compaction"]) == (mout["generation"], mout["sequence"], mout["compaction"])
             assert pout["history_stored"] == mout["history_stored"]
         assert pout["generation"] == "gen-000003"  # two compactions happened
         pld, mld = papp.state.service.loaded, mapp.state.service.loaded
@@ -413,16 +451,18 @@ def test_per_user_state_on_scratch_serves_feedback_compaction_and_reload_like_in
             assert pc.call("POST", "/predict", req)[1]["prediction"] == mc.call("POST", "/predict", req)[1]["prediction"]
 
         # A restarted replica on the paged server's state: adopts the snapshot generation onto its own scratch dir.
-        replica = TapperService(ServeConfig(state_dir=tmp_path / "paged-state", scratch_dir=tmp_path / "replica-scratch", **common)).load()
+        replica_svc = TapperService(serve_config(state_dir=tmp_path / "paged-state", scratch_dir=tmp_path / "replica-scratch", **common))
+        replica = replica_svc.load()
         assert (replica.generation, replica.sequence) == ("gen-000003", 1)
         assert is_paged(replica.model.prefix.user_table.weight) and mapped(tmp_path / "replica-scratch") == 1
         assert torch.equal(replica.model.user_table_in_use(), mm.user_table_in_use())
         assert spooled_users(replica.histories) > 0 and replica.histories.to_json() == mld.histories.to_json()
         assert len(spool_files(tmp_path / "replica-scratch")) == 1
+        replica_svc.close()
 
         # /reload: a new model, paged from the start, then the snapshot; the old table's mapping and the old
         # histories' spools go with the old state.
-        code, body = pc.call("POST", "/reload")
+        code, body = pc.call("POST", "/reload", headers=ADMIN)
         assert code == 200 and (body["generation"], body["sequence"]) == ("gen-000003", 1)
         reloaded = papp.state.service.loaded
         assert reloaded.model is not pm and is_paged(reloaded.model.prefix.user_table.weight)
@@ -436,9 +476,11 @@ def test_per_user_state_on_scratch_serves_feedback_compaction_and_reload_like_in
         assert pc.call("POST", "/predict", req)[1]["prediction"] == mc.call("POST", "/predict", req)[1]["prediction"]
         # Feedback after the reload: a user still in the spool is read from it, updated and written at compaction.
         spooled_user = next(u for u, v in reloaded.histories._users.items() if isinstance(v, _Unread))
-        body = {"user_id": spooled_user, "records": [_record("after-reload", "2031-01-01", "sports")]}
+        body = {"user_id": spooled_user, "records": [_record("after-reload", "2026-02-01", "sports")]}
         (pcode, pout), (mcode, mout) = pc.call("POST", "/feedback", body), mc.call("POST", "/feedback", body)
-        assert pcode == mcode == 200 and pout["compacted_into"] == mout["compacted_into"] == "gen-000004"
+        assert pcode == mcode == 200 and pout["compaction"] == mout["compaction"] == "scheduled"
+        assert papp.state.service.compactor.wait_idle(60) and mapp.state.service.compactor.wait_idle(60)
+        assert papp.state.service.compactor.stats.last_generation == mapp.state.service.compactor.stats.last_generation == "gen-000004"
         assert pout["history_stored"] == mout["history_stored"]
         assert (tmp_path / "paged-state" / "gen-000004" / "histories.jsonl").read_bytes() == (tmp_path / "plain-state" / "gen-000004" / "histories.jsonl").read_bytes()
 
@@ -455,12 +497,12 @@ def test_a_malformed_stored_record_fails_only_its_users_requests(trained, tmp_pa
     items[bad_user][1]["date"] = "the day before yesterday"
     b.histories_file.write_text("".join(json.dumps({"user": u, "records": r}, separators=(",", ":")) + "\n"
                                         for u, r in items.items()))
-    cfg = ServeConfig(model_dir=b.path, state_dir=tmp_path / "live", feedback_steps=1, sync_seconds=0)
+    cfg = serve_config(model_dir=b.path, state_dir=tmp_path / "live", feedback_steps=1, sync_seconds=0)
     with _running(cfg) as (c, app):
         code, body = c.call("POST", "/predict", {"user_id": good_user, "fields": {"text": "a story"}})
         assert code == 200 and body["history_stored"] == len(items[good_user])
         for path, req in (("/predict", {"user_id": bad_user, "fields": {"text": "a story"}}),
-                          ("/feedback", {"user_id": bad_user, "records": [_record("late-1", "2030-01-01")]})):
+                          ("/feedback", {"user_id": bad_user, "records": [_record("late-1", "2026-01-01")]})):
             code, body = c.call("POST", path, req)
             assert code == 500, body
             assert body["error"].startswith(f"{b.histories_file} line {bad_line}, user {bad_user!r} record [1], field 'date'")
@@ -478,13 +520,14 @@ def test_a_bundle_written_before_json_lines_still_serves_and_compacts_into_json_
     (b.path / "histories.json").write_text(json.dumps(items))
     b.histories_file.unlink()
     assert read_bundle(b.path).histories_file.name == "histories.json"
-    cfg = ServeConfig(model_dir=b.path, state_dir=tmp_path / "live", feedback_steps=1, sync_seconds=0, compact_every=1)
+    cfg = serve_config(model_dir=b.path, state_dir=tmp_path / "live", feedback_steps=1, sync_seconds=0, compact_every=1)
     svc = TapperService(cfg)
     svc.load()
     user = sorted(items)[0]
     assert svc.predict(user, "a story")["history_stored"] == len(items[user])
     out = svc.feedback(user, [svc_record("legacy-1", "2031-01-01")])
-    snap = tmp_path / "live" / out["compacted_into"]
+    assert out["compaction"] == "scheduled" and svc.compactor.wait_idle(60)
+    snap = tmp_path / "live" / svc.compactor.stats.last_generation
     assert (snap / "histories.jsonl").is_file() and not (snap / "histories.json").exists()
     resumed = TapperService(cfg).load()
     assert set(resumed.histories) == set(items)
@@ -518,7 +561,7 @@ def test_metrics_count_what_was_done(bundle, trained, tmp_path, monkeypatch):
 
     from deploy.app import create_app
 
-    cfg = ServeConfig(model_dir=bundle.path, state_dir=tmp_path / "live", feedback_steps=1, sync_seconds=0)
+    cfg = serve_config(model_dir=bundle.path, state_dir=tmp_path / "live", feedback_steps=1, sync_seconds=0)
     with _running(cfg) as (c, app):
         before = _scrape(c)
         assert _sample(before, "tapper_model_loaded") == 1
@@ -540,13 +583,14 @@ def test_metrics_count_what_was_done(bundle, trained, tmp_path, monkeypatch):
         code, body = c.call("POST", "/feedback", fb)
         assert code == 200 and body["report"]["new_users"] == ["metrics-newbie"]
         assert c.call("POST", "/feedback", {"user_id": "metrics-newbie", "records": [_record("mn1", "2022-03-01")]})[0] == 409
-        monkeypatch.setenv("TAPPER_ADMIN_TOKEN", "s3cret")
-        assert c.call("POST", "/reload")[0] == 401
+        assert Client(c.base, token=None).call("POST", "/reload")[0] == 401
+        assert c.call("POST", "/reload")[0] == 403  # the API token is not the admin token
         assert _sample(_scrape(c), "tapper_model_loaded") == 1  # /metrics needs no token
-        assert c.call("POST", "/reload", headers={"Authorization": "Bearer s3cret"})[0] == 200
+        assert c.call("POST", "/reload", headers=ADMIN)[0] == 200
 
-        # A scrape never waits for the model lock (held here as a feedback update would hold it).
-        with app.state.service._lock:
+        # A scrape never waits for the model's locks (held here as a feedback update and a batch would hold them).
+        svc = app.state.service
+        with svc._writer_lock, svc.loaded.lock:
             started = time.monotonic()
             after = _scrape(c, timeout=5)
             assert time.monotonic() - started < 5
@@ -556,7 +600,7 @@ def test_metrics_count_what_was_done(bundle, trained, tmp_path, monkeypatch):
 
     assert requests("/predict", 200) == 3 and requests("/predict", 422) == 1
     assert requests("/feedback", 200) == 1 and requests("/feedback", 409) == 1
-    assert requests("/reload", 401) == 1 and requests("/reload", 200) == 1
+    assert requests("/reload", 401) == 1 and requests("/reload", 403) == 1 and requests("/reload", 200) == 1
     assert requests("/health", 200) >= 1  # the readiness polling of _running
     assert not [k for k in after if dict(k[1]).get("endpoint") == "/metrics"]  # scrapes are not counted
     assert _sample(after, "tapper_request_duration_seconds_count", endpoint="/predict") == 4
@@ -577,7 +621,7 @@ def test_metrics_count_what_was_done(bundle, trained, tmp_path, monkeypatch):
 def test_metrics_answer_without_a_loaded_model(tmp_path):
     """No model loaded (here: the startup load never ran): /metrics is still 200, with the request counts, the
     process gauges and tapper_model_loaded 0, and without the model's gauges."""
-    cfg = ServeConfig(model_dir=tmp_path / "no-bundle", state_dir=tmp_path / "live")
+    cfg = serve_config(model_dir=tmp_path / "no-bundle", state_dir=tmp_path / "live")
     with _running(cfg, lifespan="off", ready=503) as (c, app):
         assert c.call("POST", "/predict", {"user_id": "u", "input": "x"})[0] == 503
         scraped = _scrape(c)
