@@ -9,12 +9,8 @@ privacy and the OpenAI API.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
-import threading
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -22,53 +18,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model_fixtures import TASK, corpus, tiny_examples
 from deploy.bundle import BundleError, export_bundle, read_bundle, read_histories
 from deploy.journal import LiveState, StateError
 from deploy.service import CURRENT_FILE, ServeConfig, TapperService
-from tapper.config import Stage1Config, Stage2Config
-from tapper.model.backbone import load_backbone, load_backbone_dir
-from tapper.model.embedding_cache import EmbeddingCache
-from tapper.train.stage1 import train_stage1
-from tapper.train.stage2 import train_stage2
+from serving_helpers import (ADMIN, Client, build_trained, record, running, serve_config, svc_record,  # noqa: F401
+                             wait_for)
 
 TABLE = "prefix.user_table.weight"
-API_TOKEN = "test-api-token-0123456789"
-ADMIN_TOKEN = "test-admin-token-0123456789"
-AUTH = {"api_tokens": (API_TOKEN,), "admin_tokens": (ADMIN_TOKEN,)}
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-def serve_config(**kw) -> ServeConfig:
-    """A ServeConfig with the test tokens (a server without tokens does not start)."""
-    return ServeConfig(**{"auth": AUTH, **kw})
-
-
-def wait_for(check, timeout: float = 20.0, what: str = "condition"):
-    """Poll `check()` until it returns something truthy (replicas sync in the background within sync_seconds)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    pytest.fail(f"{what} not reached in {timeout} s")
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny Stage-1 backbone dir + Stage-2 state dir + the users' histories (seconds)."""
-    root = tmp_path_factory.mktemp("trained")
-    train, evals, users = tiny_examples(n_users=4, n_hist=4)
-    bb = load_backbone("tiny", texts=corpus(train, evals))
-    s1 = train_stage1(load_backbone_dir(bb.path), TASK, train, Stage1Config(epochs=1, batch_size=16), root / "stage1", progress=False)
-    s1bb = load_backbone_dir(s1.path)
-    cache = EmbeddingCache(root / "cache", s1bb.model, s1bb.tokenizer)
-    res = train_stage2(s1bb.model, s1bb.tokenizer, TASK, train, users, Stage2Config(epochs=1, batch_size=16, lr=1e-2), cache,
-                       backbone_hash=s1.weights_hash, progress=False)
-    res.model.save(root / "state")
-    histories = {e.user_id: e.history for e in evals}
-    return {"stage1": s1.path, "state": root / "state", "users": users, "histories": histories, "evals": evals}
+    return build_trained(tmp_path_factory.mktemp("trained"))
 
 
 @pytest.fixture(scope="module")
@@ -78,73 +38,12 @@ def bundle(trained, tmp_path_factory):
                          histories=trained["histories"], source={"zenml_model_version": "1"})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Client:
-    """Real HTTP (urllib) against the test server; sends the API token unless `headers` says otherwise."""
-
-    def __init__(self, base: str, token: str | None = API_TOKEN):
-        self.base = base
-        self.token = token
-
-    def call(self, method: str, path: str, body=None, headers: dict | None = None) -> tuple[int, dict]:
-        data = None if body is None else json.dumps(body).encode()
-        auth = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        req = urllib.request.Request(self.base + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json", **auth, **(headers or {})})
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            raw = e.read()
-            return e.code, json.loads(raw) if raw else {}
-
-
-@contextlib.contextmanager
-def _running(cfg: ServeConfig, lifespan: str = "on", ready: int = 200):
-    """uvicorn on 127.0.0.1:<free port> in a thread of this process (the model modules are already imported).
-    lifespan="off": the app's startup (the model load) never runs, and /health answers `ready`=503."""
-    import uvicorn
-
-    from deploy.app import create_app
-
-    app = create_app(cfg)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan=lifespan))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    client = Client(f"http://127.0.0.1:{port}")
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if client.call("GET", "/health")[0] == ready:
-                break
-        except OSError:
-            pass
-        time.sleep(0.1)
-    else:
-        pytest.fail("server did not become healthy in 60 s")
-    try:
-        yield client, app
-    finally:
-        srv.should_exit = True
-        th.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def server(bundle, tmp_path_factory):
     state = tmp_path_factory.mktemp("live")
     cfg = serve_config(model_dir=bundle.path, state_dir=state, feedback_steps=3, feedback_lr=0.05, sync_seconds=0)
-    with _running(cfg) as (client, app):
+    with running(cfg) as (client, app):
         yield {"client": client, "state": state, "cfg": cfg, "app": app}
-
-
-def _record(rid: str, date: str, category: str = "politics") -> dict:
-    return {"id": rid, "date": date, "text": f"story {rid}", "title": f"title {rid}", "category": category}
 
 
 # --- bundle ------------------------------------------------------------------------------------------
@@ -195,7 +94,7 @@ def test_predict_known_and_unknown_user(server, trained):
     assert body["id"] == "q1" and body["known_user"] and body["user_row"] == 1 and isinstance(body["prediction"], str)
     assert body["history_used"] == len(trained["histories"][known])  # the server's history store
     # Unknown user: row 0 (P_q only), from the history sent with the request (not stored).
-    hist = [_record("h1", "2021-01-01"), _record("h2", "2021-02-01")]
+    hist = [record("h1", "2021-01-01"), record("h2", "2021-02-01")]
     code, body = c.call("POST", "/predict", {"user_id": "stranger", "fields": {"text": "a story"}, "history": hist})
     assert code == 200, body
     assert not body["known_user"] and body["user_row"] == 0 and body["history_used"] == 2 and body["history_stored"] == 0
@@ -218,7 +117,7 @@ def test_feedback_changes_only_that_users_row_and_writes_one_delta(server, bundl
     user = trained["users"][1]
     before = load_file(bundle.path / "tapper" / "prefix.safetensors")
     last = max(r.date for r in trained["histories"][user]).isoformat()
-    code, body = c.call("POST", "/feedback", {"user_id": user, "records": [_record("fb1", last, "sports"), _record("fb2", "2026-01-01", "sports")]})
+    code, body = c.call("POST", "/feedback", {"user_id": user, "records": [record("fb1", last, "sports"), record("fb2", "2026-01-01", "sports")]})
     assert code == 200, body
     assert body["updated"] and body["report"]["users"] == [user] and body["report"]["steps"] == 3
     assert body["history_stored"] == len(trained["histories"][user]) + 2
@@ -243,7 +142,7 @@ def test_feedback_changes_only_that_users_row_and_writes_one_delta(server, bundl
 
 def test_feedback_for_a_new_user_adds_a_row(server, trained):
     c, state = server["client"], server["state"]
-    code, body = c.call("POST", "/feedback", {"user_id": "newbie", "records": [_record("n1", "2022-01-01"), _record("n2", "2022-02-01")]})
+    code, body = c.call("POST", "/feedback", {"user_id": "newbie", "records": [record("n1", "2022-01-01"), record("n2", "2022-02-01")]})
     assert code == 200, body
     assert body["report"]["new_users"] == ["newbie"] and body["user_row"] == len(trained["users"]) + 1
     rows, meta = _delta(state, body["generation"], body["sequence"])
@@ -276,11 +175,11 @@ def test_bad_input_is_422_naming_the_field(server):
         assert loc in [e["loc"] for e in resp["detail"]], (loc, resp)
         assert ".".join(map(str, loc)) in resp["error"]
     # Feedback contradicting the stored history: 409 naming the field.
-    ok = c.call("POST", "/feedback", {"user_id": "dup", "records": [_record("d1", "2022-05-01")]})
+    ok = c.call("POST", "/feedback", {"user_id": "dup", "records": [record("d1", "2022-05-01")]})
     assert ok[0] == 200
-    code, resp = c.call("POST", "/feedback", {"user_id": "dup", "records": [_record("d1", "2022-06-01")]})
+    code, resp = c.call("POST", "/feedback", {"user_id": "dup", "records": [record("d1", "2022-06-01")]})
     assert code == 409 and resp["detail"][0]["loc"] == ["body", "records", 0, "id"]
-    code, resp = c.call("POST", "/feedback", {"user_id": "dup", "records": [_record("d2", "2022-04-01")]})
+    code, resp = c.call("POST", "/feedback", {"user_id": "dup", "records": [record("d2", "2022-04-01")]})
     assert code == 409 and resp["detail"][0]["loc"] == ["body", "records", 0, "date"]
 
 
@@ -291,7 +190,7 @@ def test_concurrent_feedback_and_predictions_are_serialized(server):
     c, state = server["client"], server["state"]
     start = server["app"].state.service.loaded.sequence
     users = [f"par{i}" for i in range(3)]
-    jobs = [("POST", "/feedback", {"user_id": u, "records": [_record(f"{u}-r", "2024-01-01")]}) for u in users]
+    jobs = [("POST", "/feedback", {"user_id": u, "records": [record(f"{u}-r", "2024-01-01")]}) for u in users]
     jobs += [("POST", "/predict", {"user_id": u, "fields": {"text": "x"}}) for u in users]
     with ThreadPoolExecutor(6) as pool:
         results = list(pool.map(lambda j: c.call(*j), jobs))
@@ -420,14 +319,14 @@ def test_per_user_state_on_scratch_serves_feedback_compaction_and_reload_like_in
     scratch = tmp_path / "scratch" / "tapper"  # created when missing
     paged_cfg = serve_config(state_dir=tmp_path / "paged-state", scratch_dir=scratch, **common)
     plain_cfg = serve_config(state_dir=tmp_path / "plain-state", **common)
-    with _running(paged_cfg) as (pc, papp), _running(plain_cfg) as (mc, mapp):
+    with running(paged_cfg) as (pc, papp), running(plain_cfg) as (mc, mapp):
         assert pc.call("GET", "/info", headers=ADMIN)[1]["scratch_dir"] == str(scratch)
         assert mc.call("GET", "/info", headers=ADMIN)[1]["scratch_dir"] is None
         known = trained["users"][0]
         feedbacks = [(known, "2026-01-01"), ("pnew1", "2026-01-02"), (known, "2026-01-03"), ("pnew2", "2026-01-04"),
                      ("pnew1", "2026-01-05")]
         for i, (user, date) in enumerate(feedbacks):
-            body = {"user_id": user, "records": [_record(f"p{i}", date, "sports")]}
+            body = {"user_id": user, "records": [record(f"p{i}", date, "sports")]}
             (pcode, pout), (mcode, mout) = pc.call("POST", "/feedback", body), mc.call("POST", "/feedback", body)
             assert pcode == mcode == 200, (pout, mout)
             assert papp.state.service.compactor.wait_idle(60) and mapp.state.service.compactor.wait_idle(60)
@@ -476,7 +375,7 @@ def test_per_user_state_on_scratch_serves_feedback_compaction_and_reload_like_in
         assert pc.call("POST", "/predict", req)[1]["prediction"] == mc.call("POST", "/predict", req)[1]["prediction"]
         # Feedback after the reload: a user still in the spool is read from it, updated and written at compaction.
         spooled_user = next(u for u, v in reloaded.histories._users.items() if isinstance(v, _Unread))
-        body = {"user_id": spooled_user, "records": [_record("after-reload", "2026-02-01", "sports")]}
+        body = {"user_id": spooled_user, "records": [record("after-reload", "2026-02-01", "sports")]}
         (pcode, pout), (mcode, mout) = pc.call("POST", "/feedback", body), mc.call("POST", "/feedback", body)
         assert pcode == mcode == 200 and pout["compaction"] == mout["compaction"] == "scheduled"
         assert papp.state.service.compactor.wait_idle(60) and mapp.state.service.compactor.wait_idle(60)
@@ -498,11 +397,11 @@ def test_a_malformed_stored_record_fails_only_its_users_requests(trained, tmp_pa
     b.histories_file.write_text("".join(json.dumps({"user": u, "records": r}, separators=(",", ":")) + "\n"
                                         for u, r in items.items()))
     cfg = serve_config(model_dir=b.path, state_dir=tmp_path / "live", feedback_steps=1, sync_seconds=0)
-    with _running(cfg) as (c, app):
+    with running(cfg) as (c, app):
         code, body = c.call("POST", "/predict", {"user_id": good_user, "fields": {"text": "a story"}})
         assert code == 200 and body["history_stored"] == len(items[good_user])
         for path, req in (("/predict", {"user_id": bad_user, "fields": {"text": "a story"}}),
-                          ("/feedback", {"user_id": bad_user, "records": [_record("late-1", "2026-01-01")]})):
+                          ("/feedback", {"user_id": bad_user, "records": [record("late-1", "2026-01-01")]})):
             code, body = c.call("POST", path, req)
             assert code == 500, body
             assert body["error"].startswith(f"{b.histories_file} line {bad_line}, user {bad_user!r} record [1], field 'date'")
@@ -562,7 +461,7 @@ def test_metrics_count_what_was_done(bundle, trained, tmp_path, monkeypatch):
     from deploy.app import create_app
 
     cfg = serve_config(model_dir=bundle.path, state_dir=tmp_path / "live", feedback_steps=1, sync_seconds=0)
-    with _running(cfg) as (c, app):
+    with running(cfg) as (c, app):
         before = _scrape(c)
         assert _sample(before, "tapper_model_loaded") == 1
         assert _sample(before, "tapper_model_info", version="test-1", task="LaMP_2N", generation="none") == 1
@@ -579,10 +478,10 @@ def test_metrics_count_what_was_done(bundle, trained, tmp_path, monkeypatch):
         for i in range(3):
             assert c.call("POST", "/predict", {"user_id": known, "input": q.input, "id": f"m{i}"})[0] == 200
         assert c.call("POST", "/predict", {"input": "no user"})[0] == 422
-        fb = {"user_id": "metrics-newbie", "records": [_record("mn1", "2022-01-01"), _record("mn2", "2022-02-01")]}
+        fb = {"user_id": "metrics-newbie", "records": [record("mn1", "2022-01-01"), record("mn2", "2022-02-01")]}
         code, body = c.call("POST", "/feedback", fb)
         assert code == 200 and body["report"]["new_users"] == ["metrics-newbie"]
-        assert c.call("POST", "/feedback", {"user_id": "metrics-newbie", "records": [_record("mn1", "2022-03-01")]})[0] == 409
+        assert c.call("POST", "/feedback", {"user_id": "metrics-newbie", "records": [record("mn1", "2022-03-01")]})[0] == 409
         assert Client(c.base, token=None).call("POST", "/reload")[0] == 401
         assert c.call("POST", "/reload")[0] == 403  # the API token is not the admin token
         assert _sample(_scrape(c), "tapper_model_loaded") == 1  # /metrics needs no token
@@ -622,7 +521,7 @@ def test_metrics_answer_without_a_loaded_model(tmp_path):
     """No model loaded (here: the startup load never ran): /metrics is still 200, with the request counts, the
     process gauges and tapper_model_loaded 0, and without the model's gauges."""
     cfg = serve_config(model_dir=tmp_path / "no-bundle", state_dir=tmp_path / "live")
-    with _running(cfg, lifespan="off", ready=503) as (c, app):
+    with running(cfg, lifespan="off", ready=503) as (c, app):
         assert c.call("POST", "/predict", {"user_id": "u", "input": "x"})[0] == 503
         scraped = _scrape(c)
     assert _sample(scraped, "tapper_model_loaded") == 0
@@ -632,13 +531,6 @@ def test_metrics_answer_without_a_loaded_model(tmp_path):
     names = {name for name, _ in scraped}
     assert not names & {"tapper_users", "tapper_users_with_history", "tapper_live_sequence", "tapper_model_info",
                         "tapper_model_age_seconds", "tapper_scratch_dir_enabled"}
-
-
-def svc_record(rid: str, date: str):
-    from tapper.data.chronology import parse_lamp_date
-    from tapper.data.types import Record
-
-    return Record(id=rid, fields={"text": f"t {rid}", "title": f"ti {rid}", "category": "travel"}, date=parse_lamp_date(date), raw_date=date)
 
 
 def test_cli_registers_serve_and_bundle(bundle, tmp_path, monkeypatch):
