@@ -45,6 +45,7 @@ class BatchStats:
     batches: int = 0
     rows: int = 0
     dropped: int = 0  # cancelled (client gone) before their batch ran
+    running: int = 0  # rows of the batch running now (0 when idle)
     last_sizes: list[int] = field(default_factory=list)  # recent batch sizes, for tests and metrics (bounded)
 
 
@@ -97,6 +98,7 @@ class Batcher:
         if not live:
             return
         started = time.monotonic()
+        self.stats.running = len(live)
         try:
             results = list(self.run_batch([j.payload for j in live]))
             if len(results) != len(live):
@@ -104,6 +106,8 @@ class Batcher:
         except BaseException as err:  # noqa: BLE001 - every job of the batch gets the error, the worker goes on
             log.exception("a prediction batch failed")
             results = [err] * len(live)
+        finally:
+            self.stats.running = 0
         for job, result in zip(live, results):
             if isinstance(result, BaseException):
                 job.future.set_exception(result)

@@ -88,21 +88,10 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
-    import torch
-    import uvicorn
-
-    from deploy.app import create_app
-    from deploy.bundle import META_FILE, bundle_from_mlflow
-    from deploy.service import ServeConfig
+    from deploy.config import ServeConfig
 
     if not args.model_dir:
         raise ValueError("no model bundle: pass --model-dir DIR or set TAPPER_MODEL_DIR")
-    if args.model_uri and not (Path(args.model_dir) / META_FILE).exists():
-        bundle_from_mlflow(args.model_uri, args.model_dir)
-    threads = os.environ.get("TAPPER_TORCH_THREADS")
-    if threads:
-        torch.set_num_threads(int(threads))
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = ServeConfig.from_env(model_dir=args.model_dir, state_dir=args.state_dir, feedback_epochs=args.feedback_epochs,
                                feedback_steps=args.feedback_steps, feedback_lr=args.feedback_lr,
                                compact_every=args.compact_every, scratch_dir=args.scratch_dir, mode=args.mode,
@@ -110,8 +99,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                batching={"max_batch": args.max_batch, "max_wait_ms": args.batch_wait_ms,
                                          "max_queue": args.max_queue},
                                **({"verify_backbone": False} if args.no_verify_backbone else {}))
-    # Fail closed before anything is loaded: no tokens (and no --insecure-local on loopback), no server.
+    # Fail closed before anything is loaded or downloaded: no tokens (and no --insecure-local on loopback), no server.
     cfg.auth.check_startable(args.host)
+
+    import torch
+    import uvicorn
+
+    from deploy.app import create_app
+    from deploy.bundle import META_FILE, bundle_from_mlflow
+
+    if args.model_uri and not (Path(args.model_dir) / META_FILE).exists():
+        bundle_from_mlflow(args.model_uri, args.model_dir)
+    threads = os.environ.get("TAPPER_TORCH_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # One process per replica: the model lives in memory; scale with replicas (they share --state-dir safely).
     uvicorn.run(create_app(cfg, host=args.host), host=args.host, port=args.port, log_level=args.log_level.lower(),
                 workers=1)
