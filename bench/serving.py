@@ -1,0 +1,358 @@
+"""Serving latency and throughput over real HTTP: TAP-PER against the bare Stage-1 backbone and RAG-k4.
+
+    python bench/serving.py [--backbones tiny,smollm2] [--concurrency 1,8,32] [--requests 24,64,128]
+                            [--max-seconds 90] [--feedback-seconds 40] [--threads N] [--work DIR]
+                            [--out bench/results/serving_cpu.json]
+
+For each backbone it builds (once, cached in --work) a small trained bundle on the embedded LaMP_2N data
+(Stage 1 on other users' examples, Stage 2 on the most active users; max_len 512, the paper's, so that RAG's
+four records fit in the prompt), then starts three real servers (`python -m deploy.serve serve`, one process
+each, --insecure-local on 127.0.0.1) on that bundle, the same server code in the three modes:
+
+    tapper  TAP-PER: the user's prefix (P_u + P_q over their stored history) in front of the prompt
+    base    the bare Stage-1 backbone: the prompt alone
+    rag     the Stage-1 backbone with the user's 4 BM25-best records written into the prompt (LaMP's RAG)
+
+and drives them over loopback with closed-loop clients (each keeps one request in flight, on a keep-alive
+connection): for each concurrency, the same queries (the evaluation queries of the Stage-2 users, cycled) go to
+each mode in turn, so the three see the same machine load. Per run: requests answered, throughput, p50/p90/p99
+latency as the client sees it, mean batch size and generated tokens as the servers report them, and the
+machine's load average before and after (other jobs share this CPU: compare modes within one concurrency).
+
+Then, on the TAP-PER server, prediction latency at concurrency 8 without and while feedback streams in: one
+client sends /feedback continuously (each a new record for a Stage-2 user; an Online-Emb update and a durable
+journal write each), the predictions' p99 is compared with the same load without it.
+
+Bounded: each run stops at its request count or --max-seconds, whichever comes first.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from bench_io import write_results  # noqa: E402
+
+MODES = ("tapper", "base", "rag")
+TODAY = time.strftime("%Y-%m-%d", time.gmtime())
+RUNS = {
+    # Small budgets: the bench measures serving, not accuracy; the models only need to answer like trained ones
+    # (a label, then end of sequence) so that every mode generates what it would in production.
+    "tiny": {"stage2_users": 10, "seed": 0,
+             "stage1": {"epochs": 2, "lr": 0.01, "batch_size": 8, "max_len": 512, "max_examples": 256},
+             "stage2": {"epochs": 1, "lr": 0.001, "batch_size": 8, "max_len": 512, "max_examples_per_user": 4}},
+    "smollm2": {"stage2_users": 10, "seed": 0,
+                "stage1": {"epochs": 1, "lr": 3.0e-4, "batch_size": 8, "max_len": 512, "max_examples": 96},
+                "stage2": {"epochs": 1, "lr": 1.0e-3, "batch_size": 8, "max_len": 512, "max_examples_per_user": 4}},
+}
+
+
+# --- the bundle ---------------------------------------------------------------------------------------------
+
+
+def ensure_bundle(backbone: str, work: Path) -> tuple[Path, list[dict], list[dict]]:
+    """A trained bundle for `backbone` under `work` (built once), the benchmark's queries and feedback users."""
+    from deploy.bundle import export_bundle, read_bundle
+    from tapper.config import load_run_config
+    from tapper.experiment import open_backbone, prepare_data, run_stage1, train_tapper_variant
+    from tapper.resources import default_dataset_paths
+
+    questions, outputs, _ = default_dataset_paths()
+    cfg = load_run_config(RUNS[backbone])
+    data = prepare_data("LaMP_2N", questions, outputs, cfg.stage2_users)
+    queries = [{"user_id": ex.user_id, "input": ex.input} for ex in data.splits.eval]
+    bundle = work / backbone / "bundle"
+    if not (bundle / "model.json").is_file():
+        t0 = time.time()
+        bb = open_backbone(backbone, data, cfg.seed)
+        s1 = run_stage1(bb, data, cfg, work / backbone / "stage1", progress=False)
+        _, result = train_tapper_variant("tap-per", s1.path, data, cfg, progress=False)
+        result.model.save(work / backbone / "state")
+        histories: dict = {}
+        for ex in data.splits.eval:
+            if len(ex.history) > len(histories.get(ex.user_id, [])):
+                histories[ex.user_id] = list(ex.history)
+        export_bundle(s1.path, work / backbone / "state", "LaMP_2N", bundle, version=f"bench-{backbone}",
+                      histories=histories, overwrite=True)
+        print(f"[{backbone}] bundle built in {time.time() - t0:.0f} s", flush=True)
+    read_bundle(bundle)
+    return bundle, queries, [{"user_id": ex.user_id} for ex in data.splits.eval]
+
+
+# --- servers ------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """One `tapper serve` process on loopback."""
+
+    def __init__(self, bundle: Path, state: Path, mode: str, threads: int, max_batch: int, log: Path):
+        self.port = free_port()
+        self.mode = mode
+        env = {**os.environ, "TAPPER_TORCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+        for k in ("TAPPER_API_TOKEN", "TAPPER_ADMIN_TOKEN"):
+            env.pop(k, None)
+        args = [sys.executable, "-m", "deploy.serve", "serve", "--model-dir", str(bundle), "--state-dir", str(state),
+                "--port", str(self.port), "--insecure-local", "--mode", mode, "--max-batch", str(max_batch),
+                "--batch-wait-ms", "5", "--max-queue", "1024", "--feedback-steps", "1", "--log-level", "warning"]
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 600) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.mode} server exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                status, _ = request(self.port, "GET", "/health", None, timeout=2)
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.mode} server not ready in {timeout} s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def request(port: int, method: str, path: str, body: dict | None, timeout: float = 300,
+            conn: http.client.HTTPConnection | None = None) -> tuple[int, dict]:
+    own = conn is None
+    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        data = None if body is None else json.dumps(body).encode()
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        raw = resp.read()
+        return resp.status, json.loads(raw) if raw else {}
+    finally:
+        if own:
+            conn.close()
+
+
+# --- load ---------------------------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float:
+    xs = sorted(values)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def load(port: int, queries: list[dict], concurrency: int, n_requests: int, max_seconds: float,
+         stop_event: threading.Event | None = None) -> dict:
+    """`concurrency` closed-loop clients send /predict for queries[i % len] until n_requests are answered or
+    max_seconds pass."""
+    lock = threading.Lock()
+    state = {"next": 0}
+    latencies: list[float] = []
+    batches: list[int] = []
+    tokens: list[int] = []
+    errors: list[str] = []
+    deadline = time.monotonic() + max_seconds
+
+    def worker():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        try:
+            while time.monotonic() < deadline and not (stop_event and stop_event.is_set()):
+                with lock:
+                    i = state["next"]
+                    if i >= n_requests:
+                        return
+                    state["next"] += 1
+                q = queries[i % len(queries)]
+                t0 = time.perf_counter()
+                status, body = request(port, "POST", "/predict", q, conn=conn)
+                dt = time.perf_counter() - t0
+                with lock:
+                    if status == 200:
+                        latencies.append(dt)
+                        batches.append(body.get("batch_size", 1))
+                        tokens.append(body.get("completion_tokens", 0))
+                    else:
+                        errors.append(f"{status}: {str(body)[:120]}")
+        finally:
+            conn.close()
+
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {
+        "concurrency": concurrency, "requests": len(latencies), "errors": len(errors), "error_sample": errors[:3],
+        "wall_s": round(wall, 2), "throughput_rps": round(len(latencies) / wall, 3) if wall else None,
+        "p50_ms": round(1000 * percentile(latencies, 0.5), 1), "p90_ms": round(1000 * percentile(latencies, 0.9), 1),
+        "p99_ms": round(1000 * percentile(latencies, 0.99), 1),
+        "mean_batch": round(statistics.mean(batches), 2) if batches else None,
+        "mean_generated_tokens": round(statistics.mean(tokens), 2) if tokens else None,
+        "time_bounded": len(latencies) + len(errors) < n_requests,
+        "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def feedback_stream(port: int, users: list[dict], stop: threading.Event, out: dict, seed: int = 0) -> None:
+    """One client sending /feedback back to back until `stop`: each a new dated record for a Stage-2 user."""
+    from tapper.data.tasks import LAMP_2N_LABELS
+
+    rng = random.Random(seed)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    n = 0
+    try:
+        while not stop.is_set():
+            user = rng.choice(users)["user_id"]
+            label = rng.choice(LAMP_2N_LABELS)
+            rec = {"id": f"bench-fb-{seed}-{n}", "date": TODAY, "text": f"a short news story about {label} number {n}",
+                   "title": f"On {label}", "category": label}
+            t0 = time.perf_counter()
+            status, body = request(port, "POST", "/feedback", {"user_id": user, "records": [rec]}, conn=conn)
+            out.setdefault("latencies", []).append(time.perf_counter() - t0)
+            out["ok" if status == 200 else "errors"] = out.get("ok" if status == 200 else "errors", 0) + 1
+            n += 1
+    finally:
+        conn.close()
+
+
+def with_feedback(port: int, queries: list[dict], users: list[dict], concurrency: int, n_requests: int,
+                  max_seconds: float) -> dict:
+    stop = threading.Event()
+    fb: dict = {}
+    thread = threading.Thread(target=feedback_stream, args=(port, users, stop, fb))
+    thread.start()
+    time.sleep(1.0)  # the stream is running before the predictions start
+    try:
+        res = load(port, queries, concurrency, n_requests, max_seconds)
+    finally:
+        stop.set()
+        thread.join()
+    lat = fb.get("latencies", [])
+    res["feedback"] = {"sent": len(lat), "ok": fb.get("ok", 0), "errors": fb.get("errors", 0),
+                       "rate_per_s": round(len(lat) / (res["wall_s"] + 1.0), 2),
+                       "p50_ms": round(1000 * percentile(lat, 0.5), 1), "p99_ms": round(1000 * percentile(lat, 0.99), 1)}
+    return res
+
+
+# --- the benchmark ------------------------------------------------------------------------------------------
+
+
+def bench_backbone(backbone: str, args, work: Path) -> dict:
+    bundle, queries, users = ensure_bundle(backbone, work)
+    random.Random(0).shuffle(queries)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    counts = [int(n) for n in args.requests.split(",")]
+    if len(counts) != len(levels):
+        raise SystemExit("--requests needs one count per --concurrency level")
+    runs = work / backbone / "runs" / time.strftime("%Y%m%dT%H%M%S")
+    runs.mkdir(parents=True, exist_ok=True)
+    servers = {m: Server(bundle, runs / f"live-{m}", m, args.threads, args.max_batch, runs / f"{m}.log") for m in MODES}
+    out: dict = {"backbone": backbone, "queries": len(queries), "bundle": str(bundle), "runs": []}
+    try:
+        for s in servers.values():
+            s.wait_ready()
+        for m, s in servers.items():  # warm-up: first batches pay one-off costs (allocations, caches)
+            for q in queries[: min(8, len(queries))]:
+                request(s.port, "POST", "/predict", q)
+            load(s.port, queries, min(8, max(levels)), 16, args.max_seconds)
+        for c, n in zip(levels, counts):
+            for m in MODES:
+                res = load(servers[m].port, queries, c, n, args.max_seconds)
+                res["mode"] = m
+                out["runs"].append(res)
+                print(f"[{backbone}] {m:6s} c={c:<3d} {res['requests']:4d} req  {res['throughput_rps']:7.2f} req/s  "
+                      f"p50 {res['p50_ms']:8.1f} ms  p99 {res['p99_ms']:8.1f} ms  batch {res['mean_batch']}  "
+                      f"load {res['loadavg_before'][0]}", flush=True)
+        # Predictions while feedback streams in (TAP-PER), against the same load without it, back to back.
+        c, n = args.feedback_concurrency, args.feedback_requests
+        tapper = servers["tapper"].port
+        without = load(tapper, queries, c, n, args.feedback_seconds)
+        during = with_feedback(tapper, queries, users, c, n, args.feedback_seconds)
+        out["feedback"] = {"concurrency": c, "without": without, "with": during,
+                           "p99_ratio": round(during["p99_ms"] / without["p99_ms"], 3) if without["p99_ms"] else None,
+                           "p50_ratio": round(during["p50_ms"] / without["p50_ms"], 3) if without["p50_ms"] else None}
+        print(f"[{backbone}] feedback stream: prediction p99 {without['p99_ms']} -> {during['p99_ms']} ms "
+              f"(x{out['feedback']['p99_ratio']}), {during['feedback']['sent']} feedbacks "
+              f"({during['feedback']['rate_per_s']}/s, p50 {during['feedback']['p50_ms']} ms)", flush=True)
+    finally:
+        for s in servers.values():
+            s.stop()
+    out["targets"] = targets(out)
+    return out
+
+
+def targets(result: dict) -> dict:
+    """The issue's targets, computed from this run (reported for every backbone; the issue sets them for SmolLM2)."""
+    by = {(r["mode"], r["concurrency"]): r for r in result["runs"]}
+    levels = sorted({r["concurrency"] for r in result["runs"]})
+    t: dict = {"tapper_p50_over_base": {}, "tapper_p50_over_rag": {}}
+    for c in levels:
+        tp, bp, rp = by[("tapper", c)]["p50_ms"], by[("base", c)]["p50_ms"], by[("rag", c)]["p50_ms"]
+        t["tapper_p50_over_base"][str(c)] = round(tp / bp, 3)
+        t["tapper_p50_over_rag"][str(c)] = round(tp / rp, 3)
+    t["p50_vs_base_met (<= 1.1)"] = all(v <= 1.1 for v in t["tapper_p50_over_base"].values())
+    t["p50_vs_rag_met (<= 0.5)"] = all(v <= 0.5 for v in t["tapper_p50_over_rag"].values())
+    if ("tapper", 1) in by and ("tapper", 8) in by:
+        t["tapper_throughput_c8_over_c1"] = round(by[("tapper", 8)]["throughput_rps"] / by[("tapper", 1)]["throughput_rps"], 3)
+        t["throughput_met (>= 3)"] = t["tapper_throughput_c8_over_c1"] >= 3
+    if result.get("feedback"):
+        t["p99_with_feedback_over_without"] = result["feedback"]["p99_ratio"]
+        t["feedback_p99_met (<= 2)"] = result["feedback"]["p99_ratio"] <= 2
+    return t
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbones", default="tiny,smollm2")
+    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--requests", default="24,64,128", help="requests per concurrency level (bounded by --max-seconds)")
+    p.add_argument("--max-seconds", type=float, default=90.0, help="time bound of each run")
+    p.add_argument("--feedback-concurrency", type=int, default=8)
+    p.add_argument("--feedback-requests", type=int, default=96)
+    p.add_argument("--feedback-seconds", type=float, default=40.0)
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per server")
+    p.add_argument("--work", default=str(Path.home() / ".cache" / "tapper" / "bench-serving"))
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serving_cpu.json"))
+    args = p.parse_args(argv)
+    work = Path(args.work)
+    results = [bench_backbone(b, args, work) for b in args.backbones.split(",")]
+    import torch
+
+    write_results(Path(args.out), "serving.py", argv, results, torch=torch.__version__, torch_threads=args.threads,
+                  loadavg_end=[round(x, 2) for x in os.getloadavg()])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
