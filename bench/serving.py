@@ -341,7 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--feedback-requests", type=int, default=96)
     p.add_argument("--feedback-seconds", type=float, default=40.0)
     p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per server")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per server (default 1: on a CPU shared with other jobs, 2 threads per process "
+                        "measured 5-15x slower than 1, from OpenMP threads waiting for a busy core)")
     p.add_argument("--work", default=str(Path.home() / ".cache" / "tapper" / "bench-serving"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serving_cpu.json"))
     args = p.parse_args(argv)

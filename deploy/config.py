@@ -121,6 +121,9 @@ class ServeConfig:
     # into the prompt, as LaMP's RAG). The last two are for A/B comparisons and benchmarks on the same server.
     mode: str = "tapper"
     rag_k: int = 4
+    # Predictions run with the bridge LoRA merged into a private copy of the weights it adapts (faster, exact up to
+    # float rounding; one copy of those weights in memory: deploy.loaded.merged_lm). False: unmerged.
+    merge_bridge: bool = True
     # Online-Emb budget per feedback request: `feedback_steps` optimizer steps if set, else epochs over its examples.
     feedback_epochs: float = 1.0
     feedback_steps: int | None = None
@@ -196,6 +199,7 @@ class ServeConfig:
             feedback_lr=num("TAPPER_FEEDBACK_LR", float),
             max_new_tokens=num("TAPPER_MAX_NEW_TOKENS"),
             verify_backbone=env.get("TAPPER_VERIFY_BACKBONE", "1").lower() not in ("0", "false", "no"),
+            merge_bridge=env.get("TAPPER_MERGE_BRIDGE", "1").lower() not in ("0", "false", "no"),
             keep_generations=num("TAPPER_KEEP_GENERATIONS"),
             sync_seconds=num("TAPPER_SYNC_SECONDS", float),
             compact_every=num("TAPPER_COMPACT_EVERY"),

@@ -17,7 +17,7 @@ import datetime as dt
 import uuid
 from dataclasses import dataclass, field
 
-from deploy.loaded import Loaded, ServingEncoder, ServingVectors, max_token_chars
+from deploy.loaded import Loaded, ServingEncoder, ServingVectors, max_token_chars, merged_lm
 from deploy.histories import merge_histories
 from tapper.data.types import Example, Record
 
@@ -35,11 +35,14 @@ class PredictJob:
 class Predictor:
     """Runs batches of PredictJobs on one Loaded model (a new Predictor after each reload)."""
 
-    def __init__(self, ld: Loaded, mode: str, rag_k: int, default_max_new_tokens: int | None):
+    def __init__(self, ld: Loaded, mode: str, rag_k: int, default_max_new_tokens: int | None, merge_bridge: bool = True):
         from tapper.eval.predict import default_max_new_tokens as task_default
 
         self.ld, self.mode, self.rag_k = ld, mode, rag_k
         bb, model = ld.backbone, ld.model
+        # The language model that generates: in tapper mode with the bridge merged into a private copy of the
+        # weights it adapts (deploy.loaded.merged_lm); base and rag run the backbone with the bridge switched off.
+        self.plm = merged_lm(model) if mode == "tapper" and model.cfg.use_bridge and merge_bridge else model.plm
         self.tokenizer = bb.tokenizer  # used by the batch worker only (deploy.batcher)
         self.vectors = ServingVectors(bb.model, self.tokenizer)
         cfg = model.cfg
@@ -87,8 +90,8 @@ class Predictor:
             encoded, _ = encode_augmented(ld.task, self.tokenizer, [ex for _, ex, _ in examples], self.rag_k, self.max_len)
         wanted = [jobs[i].max_new_tokens or self.default_max_new for i, _, _ in examples]
         tok = self.tokenizer
-        generated = model.plm.generate(lm_generate_batch(encoded.items, tok.pad_token_id), prefix, max(wanted),
-                                       tok.eos_token_id)
+        generated = self.plm.generate(lm_generate_batch(encoded.items, tok.pad_token_id), prefix, max(wanted),
+                                      tok.eos_token_id)
         for (i, ex, n_stored), item, ids, limit in zip(examples, encoded.items, generated, wanted):
             ids = ids[:limit]
             text = tok.decode(ids, skip_special_tokens=True)

@@ -137,6 +137,29 @@ class Loaded:
         return [u for u in self.model.user_ids if not is_tombstone(u)]
 
 
+def merged_lm(model):
+    """A copy of `model.plm` (the backbone with the bridge LoRA) for predictions, with the bridge merged into private
+    copies of the weights it adapts (q, k, v, o), every other tensor shared.
+
+    Unmerged, each adapted projection runs four more small operations per token (dropout, A, B, scale), which on a
+    CPU costs more than its FLOPs: +10 % CPU time for one row, +21 % for eight with SmolLM2 (one thread), against
+    +1 % / +14 % merged (the rest is the 8 soft tokens). The bridge never changes while serving (Online-Emb trains
+    user rows only), so merging once at load is exact up to float rounding. The feedback trainer keeps the unmerged
+    model, so its updates are exactly tapper.online's. Memory: one copy of the adapted projections (about 106 MB
+    for SmolLM2, fp32); ServeConfig.merge_bridge=False serves unmerged instead."""
+    import copy
+    import itertools
+
+    memo: dict[int, object] = {}
+    for name, tensor in itertools.chain(model.plm.named_parameters(), model.plm.named_buffers()):
+        if ".base_layer." not in name:
+            memo[id(tensor)] = tensor
+    plm = copy.deepcopy(model.plm, memo)
+    plm.lm.merge_adapter()
+    plm.eval()
+    return plm
+
+
 def bundle_id(info: BundleInfo) -> str:
     key = json.dumps({k: info.meta.get(k) for k in ("version", "backbone_hash", "created_at", "task")}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]

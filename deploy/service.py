@@ -83,7 +83,7 @@ class TapperService:
             if removed:
                 log.warning("removed %d temporary file(s) a crashed writer left: %s", len(removed), removed[:5])
             new = replica.build(self.cfg, self.state)
-            predictor = Predictor(new, self.cfg.mode, self.cfg.rag_k, self.cfg.max_new_tokens)
+            predictor = Predictor(new, self.cfg.mode, self.cfg.rag_k, self.cfg.max_new_tokens, self.cfg.merge_bridge)
             trainer = RowTrainer(new.model, new.backbone.model, new.backbone.tokenizer) if self.cfg.mode == "tapper" else None
             with self._writer_lock:
                 self._loaded, self._predictor, self._trainer = new, predictor, trainer

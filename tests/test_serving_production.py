@@ -649,3 +649,19 @@ def test_openai_completions_personalize_by_the_user_field(server, trained):
         code, resp = c.call("POST", "/v1/completions", body)
         assert code == 422, (body, resp)
         assert_error_shape(resp, loc)
+
+
+def test_the_merged_bridge_answers_as_the_unmerged_one(bundle, trained, tmp_path):
+    """Predictions run with the bridge LoRA merged into a private copy of the weights it adapts; the served model's
+    own weights (which the feedback trainer uses) stay unmerged, and the answers are those of the unmerged model."""
+    from deploy.inference import PredictJob
+
+    merged = TapperService(serve_config(model_dir=bundle.path, state_dir=tmp_path / "a"))
+    plain = TapperService(serve_config(model_dir=bundle.path, state_dir=tmp_path / "b", merge_bridge=False))
+    mld, pld = merged.load(), plain.load()
+    assert merged._predictor.plm is not mld.model.plm and plain._predictor.plm is pld.model.plm
+    assert not any(getattr(m, "merged", False) for m in mld.model.plm.modules())  # the served (trained) weights
+    jobs = [PredictJob(user_id=u, text=e.input, max_new_tokens=8) for u, e in zip(trained["users"], trained["evals"])]
+    a, b = merged._predictor.run(jobs), plain._predictor.run(jobs)
+    assert [(x["text"], x["completion_tokens"]) for x in a] == [(x["text"], x["completion_tokens"]) for x in b]
+    merged.close(), plain.close()
