@@ -15,9 +15,10 @@ each, --insecure-local on 127.0.0.1) on that bundle, the same server code in the
 
 and drives them over loopback with closed-loop clients (each keeps one request in flight, on a keep-alive
 connection): for each concurrency, the same queries (the evaluation queries of the Stage-2 users, cycled) go to
-each mode in turn, so the three see the same machine load. Per run: requests answered, throughput, p50/p90/p99
-latency as the client sees it, mean batch size and generated tokens as the servers report them, and the
-machine's load average before and after (other jobs share this CPU: compare modes within one concurrency).
+each mode, the three taking turns in --rounds segments (T B R T B R ...) so that they see the same machine load.
+Per run: requests answered, throughput, p50/p90/p99 latency as the client sees it, mean batch size and generated
+tokens as the servers report them, and the machine's 1-minute load average around each segment (other jobs share
+this CPU: compare modes within one concurrency).
 
 Then, on the TAP-PER server, prediction latency at concurrency 8 without and while feedback streams in: one
 client sends /feedback continuously (each a new record for a Stage-2 user; an Online-Emb update and a durable
@@ -168,59 +169,73 @@ def percentile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-def load(port: int, queries: list[dict], concurrency: int, n_requests: int, max_seconds: float,
-         stop_event: threading.Event | None = None) -> dict:
-    """`concurrency` closed-loop clients send /predict for queries[i % len] until n_requests are answered or
-    max_seconds pass."""
+def drive(port: int, queries: list[dict], concurrency: int, n_requests: int, max_seconds: float,
+          offset: int = 0) -> dict:
+    """`concurrency` closed-loop clients send /predict for queries[(offset + i) % len] until n_requests are answered
+    or max_seconds pass; the raw samples."""
     lock = threading.Lock()
     state = {"next": 0}
-    latencies: list[float] = []
-    batches: list[int] = []
-    tokens: list[int] = []
-    errors: list[str] = []
+    samples: dict = {"latencies": [], "batches": [], "tokens": [], "errors": []}
     deadline = time.monotonic() + max_seconds
 
     def worker():
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
         try:
-            while time.monotonic() < deadline and not (stop_event and stop_event.is_set()):
+            while time.monotonic() < deadline:
                 with lock:
                     i = state["next"]
                     if i >= n_requests:
                         return
                     state["next"] += 1
-                q = queries[i % len(queries)]
+                q = queries[(offset + i) % len(queries)]
                 t0 = time.perf_counter()
                 status, body = request(port, "POST", "/predict", q, conn=conn)
                 dt = time.perf_counter() - t0
                 with lock:
                     if status == 200:
-                        latencies.append(dt)
-                        batches.append(body.get("batch_size", 1))
-                        tokens.append(body.get("completion_tokens", 0))
+                        samples["latencies"].append(dt)
+                        samples["batches"].append(body.get("batch_size", 1))
+                        samples["tokens"].append(body.get("completion_tokens", 0))
                     else:
-                        errors.append(f"{status}: {str(body)[:120]}")
+                        samples["errors"].append(f"{status}: {str(body)[:120]}")
         finally:
             conn.close()
 
-    load_before = os.getloadavg()
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
+    samples["wall_s"] = time.perf_counter() - t0
+    samples["loadavg"] = [load_before, os.getloadavg()[0]]
+    samples["time_bounded"] = len(samples["latencies"]) + len(samples["errors"]) < n_requests
+    return samples
+
+
+def summarize(concurrency: int, parts: list[dict]) -> dict:
+    """One run's figures from the samples of its segments (rounds)."""
+    lat = [x for p in parts for x in p["latencies"]]
+    batches = [x for p in parts for x in p["batches"]]
+    tokens = [x for p in parts for x in p["tokens"]]
+    errors = [x for p in parts for x in p["errors"]]
+    wall = sum(p["wall_s"] for p in parts)
+    loads = [x for p in parts for x in p["loadavg"]]
     return {
-        "concurrency": concurrency, "requests": len(latencies), "errors": len(errors), "error_sample": errors[:3],
-        "wall_s": round(wall, 2), "throughput_rps": round(len(latencies) / wall, 3) if wall else None,
-        "p50_ms": round(1000 * percentile(latencies, 0.5), 1), "p90_ms": round(1000 * percentile(latencies, 0.9), 1),
-        "p99_ms": round(1000 * percentile(latencies, 0.99), 1),
+        "concurrency": concurrency, "requests": len(lat), "errors": len(errors), "error_sample": errors[:3],
+        "wall_s": round(wall, 2), "throughput_rps": round(len(lat) / wall, 3) if wall else None,
+        "p50_ms": round(1000 * percentile(lat, 0.5), 1), "p90_ms": round(1000 * percentile(lat, 0.9), 1),
+        "p99_ms": round(1000 * percentile(lat, 0.99), 1),
         "mean_batch": round(statistics.mean(batches), 2) if batches else None,
         "mean_generated_tokens": round(statistics.mean(tokens), 2) if tokens else None,
-        "time_bounded": len(latencies) + len(errors) < n_requests,
-        "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "time_bounded": any(p["time_bounded"] for p in parts), "segments": len(parts),
+        "loadavg_1min": {"min": round(min(loads), 2), "max": round(max(loads), 2), "mean": round(statistics.mean(loads), 2)},
     }
+
+
+def load(port: int, queries: list[dict], concurrency: int, n_requests: int, max_seconds: float) -> dict:
+    return summarize(concurrency, [drive(port, queries, concurrency, n_requests, max_seconds)])
 
 
 def feedback_stream(port: int, users: list[dict], stop: threading.Event, out: dict, seed: int = 0) -> None:
@@ -245,23 +260,34 @@ def feedback_stream(port: int, users: list[dict], stop: threading.Event, out: di
         conn.close()
 
 
-def with_feedback(port: int, queries: list[dict], users: list[dict], concurrency: int, n_requests: int,
-                  max_seconds: float) -> dict:
-    stop = threading.Event()
-    fb: dict = {}
-    thread = threading.Thread(target=feedback_stream, args=(port, users, stop, fb))
-    thread.start()
-    time.sleep(1.0)  # the stream is running before the predictions start
-    try:
-        res = load(port, queries, concurrency, n_requests, max_seconds)
-    finally:
-        stop.set()
-        thread.join()
-    lat = fb.get("latencies", [])
-    res["feedback"] = {"sent": len(lat), "ok": fb.get("ok", 0), "errors": fb.get("errors", 0),
-                       "rate_per_s": round(len(lat) / (res["wall_s"] + 1.0), 2),
-                       "p50_ms": round(1000 * percentile(lat, 0.5), 1), "p99_ms": round(1000 * percentile(lat, 0.99), 1)}
-    return res
+def feedback_comparison(port: int, queries: list[dict], users: list[dict], concurrency: int, n_requests: int,
+                        max_seconds: float, rounds: int) -> dict:
+    """Prediction latency at `concurrency` without and while one client streams feedback, in alternating segments
+    (without, with, without, with ...) so that both see the same machine load."""
+    without_parts, with_parts, fb_parts = [], [], []
+    for r in range(rounds):
+        size = n_requests // rounds
+        without_parts.append(drive(port, queries, concurrency, size, max_seconds / rounds, offset=r * size))
+        stop = threading.Event()
+        fb: dict = {}
+        thread = threading.Thread(target=feedback_stream, args=(port, users, stop, fb, r))
+        thread.start()
+        time.sleep(0.5)  # the stream is running before the predictions start
+        try:
+            with_parts.append(drive(port, queries, concurrency, size, max_seconds / rounds, offset=r * size))
+        finally:
+            stop.set()
+            thread.join()
+        fb_parts.append(fb)
+    without, during = summarize(concurrency, without_parts), summarize(concurrency, with_parts)
+    lat = [x for fb in fb_parts for x in fb.get("latencies", [])]
+    during["feedback"] = {"sent": len(lat), "ok": sum(fb.get("ok", 0) for fb in fb_parts),
+                          "errors": sum(fb.get("errors", 0) for fb in fb_parts),
+                          "rate_per_s": round(len(lat) / (during["wall_s"] + 0.5 * rounds), 2),
+                          "p50_ms": round(1000 * percentile(lat, 0.5), 1), "p99_ms": round(1000 * percentile(lat, 0.99), 1)}
+    return {"concurrency": concurrency, "without": without, "with": during,
+            "p99_ratio": round(during["p99_ms"] / without["p99_ms"], 3) if without["p99_ms"] else None,
+            "p50_ratio": round(during["p50_ms"] / without["p50_ms"], 3) if without["p50_ms"] else None}
 
 
 # --- the benchmark ------------------------------------------------------------------------------------------
@@ -286,21 +312,26 @@ def bench_backbone(backbone: str, args, work: Path) -> dict:
                 request(s.port, "POST", "/predict", q)
             load(s.port, queries, min(8, max(levels)), 16, args.max_seconds)
         for c, n in zip(levels, counts):
+            # The modes take turns in `rounds` segments of n / rounds requests each (T B R T B R ...), so that a
+            # change in the machine's load (other jobs) falls on all three alike.
+            rounds = max(1, min(args.rounds, n // max(c, 1)))
+            parts: dict = {m: [] for m in MODES}
+            for r in range(rounds):
+                for m in MODES:
+                    size = n // rounds + (1 if r < n % rounds else 0)
+                    parts[m].append(drive(servers[m].port, queries, c, size, args.max_seconds / rounds, offset=r * size))
             for m in MODES:
-                res = load(servers[m].port, queries, c, n, args.max_seconds)
+                res = summarize(c, parts[m])
                 res["mode"] = m
                 out["runs"].append(res)
                 print(f"[{backbone}] {m:6s} c={c:<3d} {res['requests']:4d} req  {res['throughput_rps']:7.2f} req/s  "
                       f"p50 {res['p50_ms']:8.1f} ms  p99 {res['p99_ms']:8.1f} ms  batch {res['mean_batch']}  "
-                      f"load {res['loadavg_before'][0]}", flush=True)
+                      f"tokens {res['mean_generated_tokens']}  load {res['loadavg_1min']['mean']}", flush=True)
         # Predictions while feedback streams in (TAP-PER), against the same load without it, back to back.
         c, n = args.feedback_concurrency, args.feedback_requests
-        tapper = servers["tapper"].port
-        without = load(tapper, queries, c, n, args.feedback_seconds)
-        during = with_feedback(tapper, queries, users, c, n, args.feedback_seconds)
-        out["feedback"] = {"concurrency": c, "without": without, "with": during,
-                           "p99_ratio": round(during["p99_ms"] / without["p99_ms"], 3) if without["p99_ms"] else None,
-                           "p50_ratio": round(during["p50_ms"] / without["p50_ms"], 3) if without["p50_ms"] else None}
+        out["feedback"] = feedback_comparison(servers["tapper"].port, queries, users, c, n, args.feedback_seconds,
+                                              max(1, min(args.rounds, n // c)))
+        without, during = out["feedback"]["without"], out["feedback"]["with"]
         print(f"[{backbone}] feedback stream: prediction p99 {without['p99_ms']} -> {during['p99_ms']} ms "
               f"(x{out['feedback']['p99_ratio']}), {during['feedback']['sent']} feedbacks "
               f"({during['feedback']['rate_per_s']}/s, p50 {during['feedback']['p50_ms']} ms)", flush=True)
@@ -339,8 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seconds", type=float, default=90.0, help="time bound of each run")
     p.add_argument("--feedback-concurrency", type=int, default=8)
     p.add_argument("--feedback-requests", type=int, default=96)
-    p.add_argument("--feedback-seconds", type=float, default=40.0)
+    p.add_argument("--feedback-seconds", type=float, default=120.0, help="time bound of each of the two feedback runs")
     p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=4, help="segments per run, the modes taking turns (load drift)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per server (default 1: on a CPU shared with other jobs, 2 threads per process "
                         "measured 5-15x slower than 1, from OpenMP threads waiting for a busy core)")

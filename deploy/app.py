@@ -185,9 +185,7 @@ def create_app(cfg: ServeConfig | None = None, service: TapperService | None = N
         if result is None:
             return Response(status_code=CLIENT_GONE)
         result = dict(result)
-        result.pop("text", None)
-        for key in ("prompt_tokens", "completion_tokens", "finish_reason"):
-            result.pop(key, None)
+        result.pop("text", None)  # the raw decoded text: /v1/completions returns it; /predict the parsed prediction
         return result
 
     from deploy.openai_api import register as register_openai
