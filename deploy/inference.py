@@ -13,6 +13,7 @@ cut to its own limit.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import uuid
 from dataclasses import dataclass, field
@@ -83,7 +84,9 @@ class Predictor:
         if not examples:
             return results
         if self.mode == "base":
-            encoded = self.encoder.encode([ex for _, ex, _ in examples], None, progress=False)
+            # The prompt alone: no history is embedded (nothing would read its vectors).
+            bare = [dataclasses.replace(ex, history=[]) for _, ex, _ in examples]
+            encoded = self.encoder.encode(bare, None, progress=False)
         elif self.mode == "rag":
             from tapper.baselines.prompted import encode_augmented
 

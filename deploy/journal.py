@@ -200,7 +200,8 @@ class LiveState:
             out = _histories_of_bundle(meta.get("bundle_path"), self.spool_dir)
         for delta in self.deltas_after(name, 0):
             for user in delta.deleted_users:
-                out.pop(user, None)
+                if user in out:
+                    del out[user]  # without parsing the user's line (it may be malformed)
             for user, recs in delta.records.items():
                 out.setdefault(user, []).extend(recs)
         return out

@@ -132,7 +132,8 @@ def _delete_in_memory(ld: Loaded, user: str) -> None:
     """The user's history and last-update time go; their row is zeroed and their id becomes a tombstone (rows are
     positional: the row stays, holding nothing, so every replica's table keeps the same layout)."""
     model = ld.model
-    ld.histories.pop(user, None)
+    if user in ld.histories:
+        del ld.histories[user]  # not pop(): that would parse the stored line first, and a malformed one would fail
     ld.updates.pop(user, None)
     row = model.user_rows.pop(user, None)
     if row is not None and model.cfg.use_pu:

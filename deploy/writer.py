@@ -143,8 +143,11 @@ def delete_user(ctx: WriteContext, ld: Loaded, user_id: str) -> dict:
     sync(ld, ctx.state)
     with ld.lock:
         had_row = user_id in ld.model.user_rows
-        records = len(ld.histories[user_id]) if user_id in ld.histories else 0
         held = had_row or user_id in ld.histories
+        try:
+            records = len(ld.histories[user_id]) if user_id in ld.histories else 0
+        except ValueError:  # a malformed stored history (HistoryError): it is deleted all the same
+            records = None
     if not held:
         raise ApiError.one(404, ["path", "user_id"], "no such user: nothing is stored for it", "not_found")
     if ld.generation is None:

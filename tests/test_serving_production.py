@@ -665,3 +665,24 @@ def test_the_merged_bridge_answers_as_the_unmerged_one(bundle, trained, tmp_path
     a, b = merged._predictor.run(jobs), plain._predictor.run(jobs)
     assert [(x["text"], x["completion_tokens"]) for x in a] == [(x["text"], x["completion_tokens"]) for x in b]
     merged.close(), plain.close()
+
+
+def test_a_user_whose_stored_history_is_malformed_can_still_be_deleted(trained, tmp_path):
+    """Erasure must not depend on the stored data being readable: a hand-edited bundle line that fails that user's
+    requests (500 naming the file) is deleted all the same, and stays deleted after a restart."""
+    b = export_bundle(trained["stage1"], trained["state"], "LaMP_2N", tmp_path / "b", version="bad-1",
+                      histories=trained["histories"])
+    lines = [json.loads(x) for x in b.histories_file.read_text().splitlines()]
+    bad = lines[0]["user"]
+    lines[0]["records"][0]["date"] = "not a date"
+    b.histories_file.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    cfg = serve_config(model_dir=b.path, state_dir=tmp_path / "live", sync_seconds=0)
+    with running(cfg) as (c, app):
+        code, resp = c.call("GET", f"/users/{bad}")
+        assert code == 500 and str(b.histories_file) in resp["error"]
+        code, out = c.call("DELETE", f"/users/{bad}")
+        assert code == 200 and out["had_row"] and out["records_deleted"] is None
+        assert app.state.service.compactor.wait_idle(60)
+        assert c.call("GET", f"/users/{bad}")[0] == 404
+    restarted = TapperService(cfg).load()
+    assert bad not in restarted.histories and bad not in restarted.model.user_rows
