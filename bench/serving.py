@@ -110,7 +110,9 @@ class Server:
     def __init__(self, bundle: Path, state: Path, mode: str, threads: int, max_batch: int, log: Path):
         self.port = free_port()
         self.mode = mode
-        env = {**os.environ, "TAPPER_TORCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+        # OMP_WAIT_POLICY=PASSIVE as the serving image sets it (deploy/Dockerfile): no busy-waiting OpenMP threads.
+        env = {**os.environ, "TAPPER_TORCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
+               "OMP_WAIT_POLICY": "PASSIVE"}
         for k in ("TAPPER_API_TOKEN", "TAPPER_ADMIN_TOKEN"):
             env.pop(k, None)
         args = [sys.executable, "-m", "deploy.serve", "serve", "--model-dir", str(bundle), "--state-dir", str(state),
