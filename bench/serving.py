@@ -376,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=4, help="segments per run, the modes taking turns (load drift)")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads per server (default 1: on a CPU shared with other jobs, 2 threads per process "
-                        "measured 5-15x slower than 1, from OpenMP threads waiting for a busy core)")
+                   help="torch threads per server (default 1: the CPU is shared with other jobs, and one mode is driven "
+                        "at a time, so one thread keeps the three comparable)")
     p.add_argument("--work", default=str(Path.home() / ".cache" / "tapper" / "bench-serving"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serving_cpu.json"))
     args = p.parse_args(argv)

@@ -233,7 +233,7 @@ def test_concurrent_predictions_are_batched_and_answer_as_alone(server, trained)
 def test_feedback_training_never_blocks_predictions(bundle, trained, tmp_path):
     """A feedback whose Online-Emb update takes seconds (many steps): predictions keep being answered while it
     trains and writes (the audit: one lock, so every prediction waited), and see the feedback once it is done."""
-    cfg = serve_config(model_dir=bundle.path, state_dir=tmp_path / "live", feedback_steps=200, sync_seconds=0)
+    cfg = serve_config(model_dir=bundle.path, state_dir=tmp_path / "live", feedback_steps=100, sync_seconds=0)
     with running(cfg) as (c, app):
         user = trained["users"][2]
         pred = {"user_id": user, "fields": {"text": "a story"}}
@@ -245,7 +245,7 @@ def test_feedback_training_never_blocks_predictions(bundle, trained, tmp_path):
                 if not fb.done():
                     during.append((code, body["sequence"]))
             code, out = fb.result()
-        assert code == 200 and out["report"]["steps"] == 200
+        assert code == 200 and out["report"]["steps"] == 100
         assert len(during) >= 3 and all(d == (200, 0) for d in during), during  # answered meanwhile, old state
         assert c.call("POST", "/predict", pred)[1]["sequence"] == 1
 
