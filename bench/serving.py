@@ -292,6 +292,34 @@ def feedback_comparison(port: int, queries: list[dict], users: list[dict], concu
             "p50_ratio": round(during["p50_ms"] / without["p50_ms"], 3) if without["p50_ms"] else None}
 
 
+def durable_write_cost(directory: Path, row_floats: int, n: int = 50) -> dict:
+    """What durability costs a feedback: one journal entry (a row of `row_floats` floats + metadata) written with
+    deploy.durable (fsync file, rename, fsync directory) against the same write and rename without the fsyncs, on
+    the filesystem of `directory` (where the bench's state directories are)."""
+    import torch
+    from safetensors.torch import save
+
+    from deploy.durable import durable_write_bytes
+
+    directory.mkdir(parents=True, exist_ok=True)
+    data = save({"rows": torch.randn(1, row_floats)}, metadata={"delta": json.dumps({"records": "x" * 600})})
+    fast, durable = [], []
+    for i in range(n):
+        t0 = time.perf_counter()
+        tmp = directory / f".plain-{i}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, directory / f"plain-{i}")
+        fast.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        durable_write_bytes(directory / f"durable-{i}", data)
+        durable.append(time.perf_counter() - t0)
+    for p in directory.iterdir():
+        p.unlink()
+    return {"bytes": len(data), "writes": n, "rename_only_ms_median": round(1000 * statistics.median(fast), 3),
+            "durable_ms_median": round(1000 * statistics.median(durable), 3),
+            "durable_ms_p99": round(1000 * percentile(durable, 0.99), 3)}
+
+
 # --- the benchmark ------------------------------------------------------------------------------------------
 
 
@@ -340,6 +368,10 @@ def bench_backbone(backbone: str, args, work: Path) -> dict:
     finally:
         for s in servers.values():
             s.stop()
+    cfg = json.loads((bundle / "tapper" / "tapper_config.json").read_text())
+    out["durable_write"] = durable_write_cost(runs / "fsync-probe", cfg["stage2"]["prefix_len"] * cfg["d"])
+    print(f"[{backbone}] a journal entry: {out['durable_write']['durable_ms_median']} ms durable, "
+          f"{out['durable_write']['rename_only_ms_median']} ms without fsync (median)", flush=True)
     out["targets"] = targets(out)
     return out
 

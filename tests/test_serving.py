@@ -506,6 +506,11 @@ def test_metrics_count_what_was_done(bundle, trained, tmp_path, monkeypatch):
     assert _sample(after, "tapper_request_duration_seconds_sum", endpoint="/predict") > 0
     assert _sample(after, "tapper_request_duration_seconds_bucket", endpoint="/predict", le="+Inf") == 4
     assert _sample(after, "tapper_feedback_records_total") == 2 and _sample(after, "tapper_new_users_total") == 1
+    # One batch per prediction here (they came one at a time); nothing waits, nothing was dropped or compacted.
+    assert _sample(after, "tapper_batch_size_count") == 3 and _sample(after, "tapper_batch_size_sum") == 3
+    assert _sample(after, "tapper_queue_wait_seconds_count") == 3 and _sample(after, "tapper_queue_depth") == 0
+    assert _sample(after, "tapper_predictions_dropped_total") == 0
+    assert _sample(after, "tapper_compactions_total", result="done") == 0 == _sample(after, "tapper_compactions_total", result="failed")
     assert _sample(after, "tapper_users") == _sample(before, "tapper_users") + 1
     assert _sample(after, "tapper_users_with_history") == _sample(before, "tapper_users_with_history") + 1
     assert _sample(after, "tapper_live_sequence") == 1
