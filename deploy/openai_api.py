@@ -13,7 +13,6 @@ suffix), rather than silently ignored. `stop` sequences cut the returned text.
 """
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 
@@ -48,7 +47,7 @@ def _cut_at_stop(text: str, stop) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-def register(app: FastAPI, svc, auth, limits, await_prediction, client_gone: int) -> None:
+def register(app: FastAPI, svc, auth, limits, await_predictions, client_gone: int) -> None:
     @app.post("/v1/completions", responses=responses(400, 401, 413, 422, 500, 503), dependencies=[Depends(bearer_scheme)])
     async def completions(req: CompletionRequest, request: Request, role: str = Depends(auth.api)):
         svc.loaded  # noqa: B018 - 503 before anything is queued
@@ -68,11 +67,16 @@ def register(app: FastAPI, svc, auth, limits, await_prediction, client_gone: int
             p.add(["body", "max_tokens"], f"at most {limits.max_new_tokens}", "less_than_equal")
         if p.items:
             raise FieldProblem(p.items)
-        futures = [svc.submit(PredictJob(user_id=req.user, text=text, max_new_tokens=req.max_tokens)) for text in prompts]
-        results = await asyncio.gather(*(await_prediction(f, request) for f in futures))
-        if any(r is None for r in results):
+        futures = []
+        try:
+            for text in prompts:
+                futures.append(svc.submit(PredictJob(user_id=req.user, text=text, max_new_tokens=req.max_tokens)))
+        except BaseException:  # the queue filled up part way: the ones queued are not wanted any more
             for f in futures:
                 f.cancel()
+            raise
+        results = await await_predictions(futures, request)
+        if results is None:
             return Response(status_code=client_gone)
         choices, prompt_tokens, completion_tokens = [], 0, 0
         for i, r in enumerate(results):
