@@ -128,6 +128,9 @@ class ServeConfig:
     feedback_epochs: float = 1.0
     feedback_steps: int | None = None
     feedback_lr: float | None = None  # default: the model's Stage-2 lr
+    # How much lower the CPU priority of feedback training is than predictions' (nice increment of the trainer
+    # thread, Linux; 0: the same). Predictions then win the cores when both want them (deploy.trainer).
+    feedback_nice: int = 10
     max_new_tokens: int | None = None  # default: per task kind
     # Check that stage1/ hashes to the backbone the TapPer state was trained on (one pass over the weights).
     verify_backbone: bool = True
@@ -165,6 +168,8 @@ class ServeConfig:
             raise ConfigError("feedback_steps must be > 0")
         if self.feedback_epochs <= 0:
             raise ConfigError("feedback_epochs must be > 0")
+        if not 0 <= self.feedback_nice <= 19:
+            raise ConfigError("feedback_nice must be in [0, 19]")
         if self.compact_every < 1:
             raise ConfigError("compact_every must be >= 1")
         if self.keep_generations < 2:
@@ -197,6 +202,7 @@ class ServeConfig:
             feedback_epochs=num("TAPPER_FEEDBACK_EPOCHS", float),
             feedback_steps=num("TAPPER_FEEDBACK_STEPS"),
             feedback_lr=num("TAPPER_FEEDBACK_LR", float),
+            feedback_nice=num("TAPPER_FEEDBACK_NICE"),
             max_new_tokens=num("TAPPER_MAX_NEW_TOKENS"),
             verify_backbone=env.get("TAPPER_VERIFY_BACKBONE", "1").lower() not in ("0", "false", "no"),
             merge_bridge=env.get("TAPPER_MERGE_BRIDGE", "1").lower() not in ("0", "false", "no"),

@@ -84,9 +84,13 @@ class TapperService:
                 log.warning("removed %d temporary file(s) a crashed writer left: %s", len(removed), removed[:5])
             new = replica.build(self.cfg, self.state)
             predictor = Predictor(new, self.cfg.mode, self.cfg.rag_k, self.cfg.max_new_tokens, self.cfg.merge_bridge)
-            trainer = RowTrainer(new.model, new.backbone.model, new.backbone.tokenizer) if self.cfg.mode == "tapper" else None
+            trainer = RowTrainer(new.model, new.backbone.model, new.backbone.tokenizer,
+                                 self.cfg.feedback_nice) if self.cfg.mode == "tapper" else None
             with self._writer_lock:
+                old = self._trainer
                 self._loaded, self._predictor, self._trainer = new, predictor, trainer
+            if old is not None:
+                old.close()
             self._start_syncer()
             log.info("loaded bundle %s (version %s, generation %s, %d users)", new.bundle.path, new.bundle.version,
                      new.generation, len(new.live_users()))
@@ -97,6 +101,8 @@ class TapperService:
         self._stop.set()
         self.batcher.close()
         self.compactor.close()
+        if self._trainer is not None:
+            self._trainer.close()
 
     def _start_syncer(self) -> None:
         if self._syncer is None:

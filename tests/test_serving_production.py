@@ -248,6 +248,10 @@ def test_feedback_training_never_blocks_predictions(bundle, trained, tmp_path):
         assert code == 200 and out["report"]["steps"] == 100
         assert len(during) >= 3 and all(d == (200, 0) for d in during), during  # answered meanwhile, old state
         assert c.call("POST", "/predict", pred)[1]["sequence"] == 1
+        # The training ran on the trainer's own thread, at a lower CPU priority than the predictions (nice +10).
+        (trainer,) = [t for t in threading.enumerate() if t.name.startswith("tapper-trainer")
+                      and t in app.state.service._trainer._pool._threads]
+        assert os.getpriority(os.PRIO_PROCESS, trainer.native_id) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
 
 
 def test_writes_and_compaction_locks_are_not_the_predictions_lock(server, trained):
