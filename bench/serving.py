@@ -177,7 +177,7 @@ def drive(port: int, queries: list[dict], concurrency: int, n_requests: int, max
     or max_seconds pass; the raw samples."""
     lock = threading.Lock()
     state = {"next": 0}
-    samples: dict = {"latencies": [], "batches": [], "tokens": [], "errors": []}
+    samples: dict = {"latencies": [], "batches": [], "tokens": [], "prompt_tokens": [], "errors": []}
     deadline = time.monotonic() + max_seconds
 
     def worker():
@@ -198,6 +198,7 @@ def drive(port: int, queries: list[dict], concurrency: int, n_requests: int, max
                         samples["latencies"].append(dt)
                         samples["batches"].append(body.get("batch_size", 1))
                         samples["tokens"].append(body.get("completion_tokens", 0))
+                        samples["prompt_tokens"].append(body.get("prompt_tokens", 0))
                     else:
                         samples["errors"].append(f"{status}: {str(body)[:120]}")
         finally:
@@ -221,6 +222,7 @@ def summarize(concurrency: int, parts: list[dict]) -> dict:
     lat = [x for p in parts for x in p["latencies"]]
     batches = [x for p in parts for x in p["batches"]]
     tokens = [x for p in parts for x in p["tokens"]]
+    prompt = [x for p in parts for x in p["prompt_tokens"]]
     errors = [x for p in parts for x in p["errors"]]
     wall = sum(p["wall_s"] for p in parts)
     loads = [x for p in parts for x in p["loadavg"]]
@@ -231,6 +233,9 @@ def summarize(concurrency: int, parts: list[dict]) -> dict:
         "p99_ms": round(1000 * percentile(lat, 0.99), 1),
         "mean_batch": round(statistics.mean(batches), 2) if batches else None,
         "mean_generated_tokens": round(statistics.mean(tokens), 2) if tokens else None,
+        # What the model reads per request (TAP-PER: the prompt and its prefix_len soft tokens; RAG: the prompt
+        # with the retrieved records): on a CPU the forward pass's cost grows with it.
+        "mean_prompt_tokens": round(statistics.mean(prompt), 1) if prompt else None,
         "time_bounded": any(p["time_bounded"] for p in parts), "segments": len(parts),
         "loadavg_1min": {"min": round(min(loads), 2), "max": round(max(loads), 2), "mean": round(statistics.mean(loads), 2)},
     }
@@ -356,7 +361,7 @@ def bench_backbone(backbone: str, args, work: Path) -> dict:
                 out["runs"].append(res)
                 print(f"[{backbone}] {m:6s} c={c:<3d} {res['requests']:4d} req  {res['throughput_rps']:7.2f} req/s  "
                       f"p50 {res['p50_ms']:8.1f} ms  p99 {res['p99_ms']:8.1f} ms  batch {res['mean_batch']}  "
-                      f"tokens {res['mean_generated_tokens']}  load {res['loadavg_1min']['mean']}", flush=True)
+                      f"tokens {res['mean_prompt_tokens']}+{res['mean_generated_tokens']}  load {res['loadavg_1min']['mean']}", flush=True)
         # Predictions while feedback streams in (TAP-PER), against the same load without it, back to back.
         c, n = args.feedback_concurrency, args.feedback_requests
         out["feedback"] = feedback_comparison(servers["tapper"].port, queries, users, c, n, args.feedback_seconds,
@@ -414,11 +419,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serving_cpu.json"))
     args = p.parse_args(argv)
     work = Path(args.work)
+    t0, loadavg_start = time.time(), [round(x, 2) for x in os.getloadavg()]
     results = [bench_backbone(b, args, work) for b in args.backbones.split(",")]
     import torch
 
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip())
     write_results(Path(args.out), "serving.py", argv, results, torch=torch.__version__, torch_threads=args.threads,
-                  loadavg_end=[round(x, 2) for x in os.getloadavg()])
+                  loadavg_start=loadavg_start, loadavg_end=[round(x, 2) for x in os.getloadavg()],
+                  wall_s=round(time.time() - t0), commit=commit, uncommitted_changes=dirty)
     return 0
 
 
