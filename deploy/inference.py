@@ -79,7 +79,9 @@ class Predictor:
             rows = {u: model.user_rows.get(u, 0) for u in known} if model.cfg.use_pu else {}
             prefix = None
             if examples and self.mode == "tapper":
-                encoded = self.encoder.encode([ex for _, ex, _ in examples], rows, progress=False)
+                # A user the table has no row for is served with P_q only (row 0), as a cold start.
+                encoded = self.encoder.encode([ex for _, ex, _ in examples], rows, progress=False,
+                                              unknown_users="pq_only")
                 prefix, _ = model.prefix_for(encoded.items, encoded.vectors)
         if not examples:
             return results

@@ -146,11 +146,16 @@ def merged_lm(model):
     +1 % / +14 % merged (the rest is the 8 soft tokens). The bridge never changes while serving (Online-Emb trains
     user rows only), so merging once at load is exact up to float rounding. The feedback trainer keeps the unmerged
     model, so its updates are exactly tapper.online's. Memory: one copy of the adapted projections (about 106 MB
-    for SmolLM2, fp32); ServeConfig.merge_bridge=False serves unmerged instead."""
+    for SmolLM2, fp32); ServeConfig.merge_bridge=False serves unmerged instead, and so does a bridge scoped to the
+    prefix positions (Stage2Config.bridge_scope="prefix"), which returns `model.plm` itself."""
     import copy
     import itertools
 
     memo: dict[int, object] = {}
+    if getattr(model.plm, "scope", None) is not None:
+        # bridge_scope="prefix": the bridge acts on the soft tokens' positions only (a PositionScope masks its
+        # output per position), which weights merged into the projections cannot do. Served unmerged.
+        return model.plm
     for name, tensor in itertools.chain(model.plm.named_parameters(), model.plm.named_buffers()):
         if ".base_layer." not in name:
             memo[id(tensor)] = tensor

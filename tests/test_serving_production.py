@@ -671,6 +671,21 @@ def test_the_merged_bridge_answers_as_the_unmerged_one(bundle, trained, tmp_path
     merged.close(), plain.close()
 
 
+def test_a_bridge_scoped_to_the_prefix_is_served_unmerged(trained):
+    """A bridge that acts on the soft tokens' positions only (bridge_scope="prefix", a per-position mask on its
+    output) cannot be merged into the weights: the predictor serves the model's own, unmerged language model."""
+    from deploy.loaded import merged_lm
+    from tapper.config import Stage2Config
+    from tapper.model.backbone import load_backbone_dir
+    from tapper.model.tapper import TapPer
+
+    bb = load_backbone_dir(trained["stage1"])
+    scoped = TapPer(bb.model, trained["users"], Stage2Config(bridge_scope="prefix"), "")
+    assert scoped.plm.scope is not None and merged_lm(scoped) is scoped.plm
+    everywhere = TapPer(load_backbone_dir(trained["stage1"]).model, trained["users"], Stage2Config(), "")
+    assert merged_lm(everywhere) is not everywhere.plm
+
+
 def test_a_user_whose_stored_history_is_malformed_can_still_be_deleted(trained, tmp_path):
     """Erasure must not depend on the stored data being readable: a hand-edited bundle line that fails that user's
     requests (500 naming the file) is deleted all the same, and stays deleted after a restart."""
