@@ -12,7 +12,6 @@ take turns batch by batch (T B R T B R ...) so that the machine's load (other jo
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import random
 import statistics
