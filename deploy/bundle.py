@@ -238,8 +238,10 @@ def bundle_from_mlflow_dir(model_dir: str | os.PathLike, out_dir: str | os.PathL
                 "log_backbone=True, or mount the artifact store, or export the bundle from the pipeline instead")
         stage1 = Path(uri)
     meta = conf.get("metadata") or {}
+    hist_file = art("histories")  # the Stage-2 users' histories, when the model was registered with them
+    histories = HistoryStore.read(hist_file) if hist_file is not None and hist_file.is_file() else None
     return export_bundle(stage1, state, ref["task"], out_dir, version=version or meta.get("zenml_model_version"),
-                         source={"mlflow_model_dir": str(model_dir), **{k: str(v) for k, v in meta.items()}},
+                         histories=histories, source={"mlflow_model_dir": str(model_dir), **{k: str(v) for k, v in meta.items()}},
                          overwrite=overwrite)
 
 

@@ -18,10 +18,22 @@ new records, a few KB), and the full state is written only every `compact_every`
           ...                    table in this order first), "records" {user: [LaMP items]}, "report", "written_at"}
 
 The state of a generation after delta n = its base (the bundle's own state for "bundle", the snapshot for
-"snapshot") with deltas 1..n applied in order. A delta is one file written to a temporary name and renamed, so
-it is there whole or not at all; a gap in the numbering (never written by a writer holding the lock) is an error.
-A generation is never modified except by appending deltas; compaction writes a new snapshot generation and then
-replaces CURRENT, so a reader always finds a complete base and a journal that extends it.
+"snapshot") with deltas 1..n applied in order. A delta is one file written to a temporary name, fsynced, renamed,
+and its directory fsynced (deploy.durable), so once a feedback is acknowledged it is there whole after a crash
+of the process or the machine, and a crash before that leaves it absent; a gap in the numbering (never written
+by a writer holding the lock) is an error. A generation is never modified except by appending deltas;
+compaction writes a new snapshot generation aside (every file fsynced), renames it into place and then replaces
+CURRENT the same way, so a reader always finds a complete base and a journal that extends it.
+
+A delta may also delete users (`deleted_users`, DELETE /users/{id}): their history goes, their row is zeroed and
+their id replaced by a tombstone (`tombstone(row)`, which no request can name: ids may not hold control
+characters), so row numbers stay positional and every replica replays the same table. A snapshot then holds
+neither the records nor the row.
+
+Snapshots also hold `updates.json` ({user: time of the user's last feedback}) for GET /users/{id}.
+
+Temporary names a crash left behind (`.gen-*.tmp-*` directories, `.*.tmp` files) are removed at start, under the
+writers' lock, so no other writer can be in the middle of one (`LiveState.remove_stale_temporaries`).
 """
 from __future__ import annotations
 
@@ -37,11 +49,11 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as save_bytes
 
 from deploy.bundle import BundleError, read_bundle, read_histories
+from deploy.durable import durable_write_bytes, fsync_dir, fsync_tree
 from deploy.histories import HISTORIES_FILE, HistoryStore, histories_file, histories_from_json, histories_to_json, write_histories
-from tapper.atomic import atomic_write, atomic_write_json
 from tapper.data.types import Record
 
 CURRENT_FILE = "CURRENT"
@@ -49,8 +61,20 @@ LOCK_FILE = ".lock"
 META_FILE = "meta.json"
 JOURNAL_DIR = "journal"
 SNAPSHOT_STATE = "tapper"
+UPDATES_FILE = "updates.json"
 GEN_RE = re.compile(r"^gen-(\d{6,})$")
 DELTA_RE = re.compile(r"^(\d{8})\.safetensors$")
+TMP_GEN_RE = re.compile(r"^\.gen-\d{6,}\.tmp-")
+TOMBSTONE_PREFIX = "\x00deleted:"
+
+
+def tombstone(row: int) -> str:
+    """The id a deleted user's row keeps in the table (positional rows; deterministic, so replicas agree)."""
+    return f"{TOMBSTONE_PREFIX}{row}"
+
+
+def is_tombstone(user_id: str) -> bool:
+    return user_id.startswith(TOMBSTONE_PREFIX)
 
 
 class StateError(ValueError):
@@ -72,6 +96,7 @@ class Delta:
     records: dict[str, list[Record]] = field(default_factory=dict)  # appended to each user's history
     report: dict | None = None
     written_at: str = ""
+    deleted_users: list[str] = field(default_factory=list)  # history removed, row zeroed, id tombstoned (first)
 
 
 class LiveState:
@@ -152,7 +177,16 @@ class LiveState:
             raise StateError(f"{path}: field 'users' must list one user per row ({rows.shape[0]} rows)")
         return Delta(sequence=int(meta["sequence"]), users=users, rows=rows, new_users=list(meta.get("new_users", [])),
                      records=histories_from_json(meta.get("records", {}), f"{path}: records"),
-                     report=meta.get("report"), written_at=meta.get("written_at", ""))
+                     report=meta.get("report"), written_at=meta.get("written_at", ""),
+                     deleted_users=list(meta.get("deleted_users", [])))
+
+    def snapshot_updates(self, name: str) -> dict[str, str]:
+        """{user: time of the user's last feedback} as of a snapshot generation's start ({} if it has none)."""
+        path = self.gen_dir(name) / UPDATES_FILE
+        try:
+            return dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            return {}
 
     def histories(self, name: str) -> HistoryStore:
         """Every user's history at the end of generation `name`'s journal (its base's, plus every delta's records).
@@ -165,6 +199,9 @@ class LiveState:
         else:
             out = _histories_of_bundle(meta.get("bundle_path"), self.spool_dir)
         for delta in self.deltas_after(name, 0):
+            for user in delta.deleted_users:
+                if user in out:
+                    del out[user]  # without parsing the user's line (it may be malformed)
             for user, recs in delta.records.items():
                 out.setdefault(user, []).extend(recs)
         return out
@@ -186,15 +223,21 @@ class LiveState:
             raise StateError(f"{path}: journal of {name} ends at {have[-1] if have else 0}, cannot append {delta.sequence}")
         meta = {"sequence": delta.sequence, "users": delta.users, "new_users": delta.new_users,
                 "records": histories_to_json(delta.records), "report": delta.report, "written_at": delta.written_at or _now()}
+        if delta.deleted_users:
+            meta["deleted_users"] = delta.deleted_users
         rows = delta.rows.detach().cpu().contiguous()
-        atomic_write(path, lambda tmp: save_file({"rows": rows}, tmp, metadata={"delta": json.dumps(meta, ensure_ascii=False)}))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Serialized first, then written, fsynced and renamed (deploy.durable): acknowledged means on the disk.
+        durable_write_bytes(path, save_bytes({"rows": rows}, metadata={"delta": json.dumps(meta, ensure_ascii=False)}))
         return path
 
     def start_generation(self, *, bundle_id: str, bundle_version: str, bundle_path: Path, parent: str | None,
-                         parent_sequence: int, model=None, histories: Mapping[str, Sequence[Record]] | None = None) -> str:
+                         parent_sequence: int, model=None, histories: Mapping[str, Sequence[Record]] | None = None,
+                         updates: Mapping[str, str] | None = None) -> str:
         """Write a new generation and point CURRENT at it.
 
-        With `model` and `histories` it is a snapshot of them; without, it starts from the bundle's own state."""
+        With `model` and `histories` it is a snapshot of them (and `updates`: each user's last feedback time);
+        without, it starts from the bundle's own state."""
         self.root.mkdir(parents=True, exist_ok=True)
         nums = self.generation_numbers()
         name = f"gen-{(nums[-1] + 1 if nums else 1):06d}"
@@ -205,30 +248,69 @@ class LiveState:
                 base = "snapshot"
                 model.save(tmp / SNAPSHOT_STATE)
                 write_histories(tmp / HISTORIES_FILE, histories or {})
+                (tmp / UPDATES_FILE).write_text(json.dumps(dict(updates or {}), ensure_ascii=False))
             (tmp / JOURNAL_DIR).mkdir()
-            atomic_write_json(tmp / META_FILE, {
+            (tmp / META_FILE).write_text(json.dumps({
                 "generation": name, "bundle_id": bundle_id, "bundle_version": bundle_version, "base": base,
                 "bundle_path": str(bundle_path), "parent": parent, "parent_sequence": parent_sequence, "written_at": _now(),
-            })
+            }, indent=2, ensure_ascii=False) + "\n")
             for p in (tmp, tmp / JOURNAL_DIR):
                 os.chmod(p, 0o755)
+            fsync_tree(tmp)  # every byte on the disk before the name makes it visible
             os.replace(tmp, self.gen_dir(name))
+            fsync_dir(self.root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        atomic_write_json(self.root / CURRENT_FILE, {"generation": name, "bundle_id": bundle_id,
-                                                     "bundle_version": bundle_version, "updated_at": _now()})
+        self.set_current(name, bundle_id, bundle_version)
         return name
 
-    def prune(self, keep_generations: int, current: str) -> None:
-        """Remove all but the newest `keep_generations` generations (never `current`).
+    def set_current(self, name: str, bundle_id: str, bundle_version: str) -> None:
+        data = json.dumps({"generation": name, "bundle_id": bundle_id, "bundle_version": bundle_version,
+                           "updated_at": _now()}, indent=2) + "\n"
+        durable_write_bytes(self.root / CURRENT_FILE, data.encode())
 
-        Old generations stay a little while so a replica that is reading one finishes before it goes."""
+    def remove_stale_temporaries(self) -> list[str]:
+        """Remove what crashed writers left: temporary generation directories (`.gen-*.tmp-*`) and temporary files
+        (`.<name>.*.tmp`) in the state directory and in journals. Call with the writers' lock held (no writer is
+        then in the middle of one). Returns the removed paths, relative to the state directory."""
+        removed = []
+        if not self.root.is_dir():
+            return removed
+        for p in self.root.iterdir():
+            if p.is_dir() and TMP_GEN_RE.match(p.name):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p.name)
+            elif p.is_file() and p.name.endswith(".tmp") and (p.name.startswith(".") or p.name.startswith(CURRENT_FILE + ".")):
+                p.unlink(missing_ok=True)
+                removed.append(p.name)
+        for n in self.generation_numbers():
+            journal = self.gen_dir(f"gen-{n:06d}") / JOURNAL_DIR
+            if journal.is_dir():
+                for p in journal.iterdir():
+                    if p.name.endswith(".tmp"):
+                        p.unlink(missing_ok=True)
+                        removed.append(str(p.relative_to(self.root)))
+        if removed:
+            fsync_dir(self.root)
+        return removed
+
+    def prune(self, keep_generations: int, current: str) -> list[str]:
+        """Remove all but the newest `keep_generations` generations (never `current`); returns the removed names.
+
+        Old generations stay a little while so a replica that is reading one finishes before it goes. After a
+        user is deleted, `keep_generations=1` removes every older generation (they hold the user's data); a
+        replica that was reading one then adopts the newest on its next sync."""
         nums = self.generation_numbers()
+        removed = []
         for n in nums[: max(0, len(nums) - keep_generations)]:
             name = f"gen-{n:06d}"
             if name != current:
                 shutil.rmtree(self.gen_dir(name), ignore_errors=True)
+                removed.append(name)
+        if removed:
+            fsync_dir(self.root)
+        return removed
 
 
 def _histories_of_bundle(path: str | None, spool_dir: Path | None = None) -> HistoryStore:

@@ -17,12 +17,16 @@ import time
 from typing import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, PlatformCollector, ProcessCollector
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
 # Endpoints counted under their own label; anything else (404s, /docs) is "other". /metrics itself is not
 # counted: scrapes would otherwise dominate the request counts.
-ENDPOINTS = ("/predict", "/feedback", "/reload", "/info", "/health")
+ENDPOINTS = ("/predict", "/v1/completions", "/feedback", "/reload", "/info", "/health")
+# Per-user routes are counted under their template: the raw path holds a user id.
+USERS_ENDPOINT = "/users/{id}"
+# Rows in one prediction batch (deploy.batcher); the top bucket is the largest batch a server may be set to.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 # From a cached /health (ms) to a prediction or feedback update on CPU (seconds); /reload of a large backbone
 # lands in the top buckets or +Inf.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -43,16 +47,27 @@ class ServingMetrics:
                                         registry=r)
         self.new_users = Counter("tapper_new_users", "users given a new row of the user table by a /feedback to this replica",
                                  registry=r)
+        self.batch_size = Histogram("tapper_batch_size", "predictions per forward pass (micro-batching)",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.queue_wait = Histogram("tapper_queue_wait_seconds", "time a prediction waited for its batch to start",
+                                    buckets=BUCKETS, registry=r)
+        service.batch_listeners.append(self.batch)
         # process_* (CPU seconds, RSS, open fds, start time) and python_info, as every Python exporter has them.
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         r.register(ModelCollector(service))
         r.register(MemoryCollector())
 
+    def batch(self, size: int, waits: list[float]) -> None:
+        """A prediction batch ran (called by the batch worker)."""
+        self.batch_size.observe(size)
+        for w in waits:
+            self.queue_wait.observe(w)
+
     def observe(self, path: str, status: int, seconds: float) -> None:
         if path == "/metrics":
             return
-        endpoint = path if path in ENDPOINTS else "other"
+        endpoint = path if path in ENDPOINTS else USERS_ENDPOINT if path.startswith("/users/") else "other"
         self.requests.labels(endpoint, str(status)).inc()
         self.duration.labels(endpoint).observe(seconds)
 
@@ -117,13 +132,21 @@ class ModelCollector:
                                  "generation, 'none' before the bundle's first feedback", labels=["version", "task", "generation"])
         info.add_metric([str(ld.bundle.version), str(ld.task.name), ld.generation or "none"], 1)
         yield info
-        yield GaugeMetricFamily("tapper_users", "users with a row in the user table (known users)", value=len(ld.model.user_ids))
+        yield GaugeMetricFamily("tapper_users", "users with a row in the user table (known users)", value=len(ld.live_users()))
         yield GaugeMetricFamily("tapper_users_with_history", "users with a stored history", value=len(ld.histories))
         yield GaugeMetricFamily("tapper_live_sequence", "feedback deltas of the live generation applied here "
                                 "(rises with every feedback to any replica; back to 0 after a compaction)", value=ld.sequence)
         yield GaugeMetricFamily("tapper_model_age_seconds", "seconds since the model was (re)loaded", value=time.time() - ld.loaded_at)
         yield GaugeMetricFamily("tapper_scratch_dir_enabled", "1 when per-user state is on local scratch files (--scratch-dir), else 0",
                                 value=1 if svc.cfg.scratch_dir is not None else 0)
+        yield GaugeMetricFamily("tapper_queue_depth", "predictions waiting for a batch", value=svc.batcher.depth)
+        yield CounterMetricFamily("tapper_predictions_dropped", "queued predictions dropped because their client had gone",
+                                  value=svc.batcher.stats.dropped)
+        c = svc.compactor.stats
+        compactions = CounterMetricFamily("tapper_compactions", "snapshot compactions, by result", labels=["result"])
+        compactions.add_metric(["done"], c.done)
+        compactions.add_metric(["failed"], c.failed)
+        yield compactions
 
 
 def proc_status_memory(path: str = PROC_STATUS) -> dict[str, int]:

@@ -88,5 +88,5 @@ def training(
     rep = report(evals, stage1, data, candidate=candidate)
     if compare:
         _tracked(comparison_report)(evals, stage1, data, backbone=backbone, run=run)
-    reg = _tracked(register_model)(rep, state, stage1, run=run, backbone=backbone, log_backbone=log_backbone)
+    reg = _tracked(register_model)(rep, state, stage1, run=run, backbone=backbone, log_backbone=log_backbone, data=data)
     _tracked(promote)(rep, reg, data, state, stage1, run=run, serving_dir=serving_dir, promote_if=promote_if)

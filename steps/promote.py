@@ -65,10 +65,12 @@ def _mlflow_tracker():
 @step(enable_cache=False)
 def register_model(
     report: EvalReport, tapper_state: TapPerState, stage1_backbone: BackboneDir,
-    run: Optional[dict] = None, backbone: str = "", log_backbone: bool = False,
+    run: Optional[dict] = None, backbone: str = "", log_backbone: bool = False, data: Optional[PreparedData] = None,
 ) -> Annotated[dict, "registration"]:
     """Log the run to MLflow (params, per-epoch losses, metrics, plots, model) and register the model;
-    record the metrics on this run's ZenML model version. Never cached: every run is a new version."""
+    record the metrics on this run's ZenML model version. Never cached: every run is a new version.
+    With `data`, the Stage-2 users' histories are logged with the model (artifact `histories`), so that the
+    registered model scores DataFrames of user_id, input rows with the users' histories (deploy.batch_scoring)."""
     from tapper.config import load_run_config
 
     ctx = get_step_context()
@@ -99,6 +101,11 @@ def register_model(
             ref.write_text(json.dumps({"task": report.task, "uri": str(stage1_backbone.path), "spec": stage1_backbone.spec,
                                        "weights_hash": stage1_backbone.weights_hash}))
             artifacts = {"tapper_state": str(tapper_state.path), "backbone_ref": str(ref)}
+            histories = stage2_histories(data) if data is not None else {}
+            if histories:
+                from deploy.histories import write_histories
+
+                artifacts["histories"] = str(write_histories(Path(tmp, "histories.jsonl"), histories))
             if log_backbone:
                 artifacts["stage1_backbone"] = str(stage1_backbone.path)
             name = mv.name
@@ -132,6 +139,17 @@ def serving_root(serving_dir: Optional[str] = None) -> Path:
     return Path(serving_dir or os.environ.get("TAPPER_SERVING_DIR") or project_root() / ".tapper" / "serving").expanduser()
 
 
+def stage2_histories(data: PreparedData) -> dict:
+    """{user: records} of the evaluation users, chronological: each evaluation query carries its user's full history."""
+    from tapper.data.chronology import sort_chronologically
+
+    histories: dict = {}
+    for ex in data.splits.eval:
+        if len(ex.history) > len(histories.get(ex.user_id, [])):
+            histories[ex.user_id] = list(ex.history)
+    return {u: sort_chronologically(recs) for u, recs in histories.items()}
+
+
 def export_serving_bundle(model_name: str, version: str, tapper_state: TapPerState, stage1_backbone: BackboneDir,
                           data: PreparedData, serving_dir: Optional[str] = None,
                           source: Optional[dict] = None) -> tuple[Path, Path]:
@@ -140,10 +158,7 @@ def export_serving_bundle(model_name: str, version: str, tapper_state: TapPerSta
     from tapper.data import get_task
 
     root = serving_root(serving_dir) / model_name
-    histories: dict = {}
-    for ex in data.splits.eval:  # each evaluation query carries its user's full history
-        if len(ex.history) > len(histories.get(ex.user_id, [])):
-            histories[ex.user_id] = list(ex.history)
+    histories = stage2_histories(data)
     template = data.task.input_template if data.task.input_template != get_task(data.task.name).input_template else None
     info = export_bundle(stage1_backbone.path, tapper_state.path, data.task.name, root / f"v{version}",
                          version=f"{model_name}/{version}", histories=histories or None, input_template=template,

@@ -2,18 +2,15 @@
 
 Covers the bundle layout, /health, /info, /predict for known and unknown users, /feedback (only that user's
 row changes, and only it and the new records are written, as one journal delta; new users get a row; the state
-survives a restart), another replica picking the deltas up, undo when writing fails, compaction into snapshot
-generations, carrying histories over to a new bundle, 4xx errors naming the field, and /metrics counting what
-was done.
+survives a restart), another replica picking the deltas up, nothing changed when writing fails, compaction into
+snapshot generations (in the background), carrying histories over to a new bundle, 4xx errors naming the field,
+and /metrics counting what was done. tests/test_serving_production.py covers batching, limits, auth, durability,
+privacy and the OpenAI API.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
-import threading
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -21,33 +18,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model_fixtures import TASK, corpus, tiny_examples
 from deploy.bundle import BundleError, export_bundle, read_bundle, read_histories
 from deploy.journal import LiveState, StateError
 from deploy.service import CURRENT_FILE, ServeConfig, TapperService
-from tapper.config import Stage1Config, Stage2Config
-from tapper.model.backbone import load_backbone, load_backbone_dir
-from tapper.model.embedding_cache import EmbeddingCache
-from tapper.train.stage1 import train_stage1
-from tapper.train.stage2 import train_stage2
+from serving_helpers import (ADMIN, Client, build_trained, record, running, serve_config, svc_record,  # noqa: F401
+                             wait_for)
 
 TABLE = "prefix.user_table.weight"
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny Stage-1 backbone dir + Stage-2 state dir + the users' histories (seconds)."""
-    root = tmp_path_factory.mktemp("trained")
-    train, evals, users = tiny_examples(n_users=4, n_hist=4)
-    bb = load_backbone("tiny", texts=corpus(train, evals))
-    s1 = train_stage1(load_backbone_dir(bb.path), TASK, train, Stage1Config(epochs=1, batch_size=16), root / "stage1", progress=False)
-    s1bb = load_backbone_dir(s1.path)
-    cache = EmbeddingCache(root / "cache", s1bb.model, s1bb.tokenizer)
-    res = train_stage2(s1bb.model, s1bb.tokenizer, TASK, train, users, Stage2Config(epochs=1, batch_size=16, lr=1e-2), cache,
-                       backbone_hash=s1.weights_hash, progress=False)
-    res.model.save(root / "state")
-    histories = {e.user_id: e.history for e in evals}
-    return {"stage1": s1.path, "state": root / "state", "users": users, "histories": histories, "evals": evals}
+    return build_trained(tmp_path_factory.mktemp("trained"))
 
 
 @pytest.fixture(scope="module")
@@ -57,68 +38,12 @@ def bundle(trained, tmp_path_factory):
                          histories=trained["histories"], source={"zenml_model_version": "1"})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Client:
-    def __init__(self, base: str):
-        self.base = base
-
-    def call(self, method: str, path: str, body=None, headers: dict | None = None) -> tuple[int, dict]:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.base + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json", **(headers or {})})
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
-
-@contextlib.contextmanager
-def _running(cfg: ServeConfig, lifespan: str = "on", ready: int = 200):
-    """uvicorn on 127.0.0.1:<free port> in a thread of this process (the model modules are already imported).
-    lifespan="off": the app's startup (the model load) never runs, and /health answers `ready`=503."""
-    import uvicorn
-
-    from deploy.app import create_app
-
-    app = create_app(cfg)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan=lifespan))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    client = Client(f"http://127.0.0.1:{port}")
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if client.call("GET", "/health")[0] == ready:
-                break
-        except OSError:
-            pass
-        time.sleep(0.1)
-    else:
-        pytest.fail("server did not become healthy in 60 s")
-    try:
-        yield client, app
-    finally:
-        srv.should_exit = True
-        th.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def server(bundle, tmp_path_factory):
     state = tmp_path_factory.mktemp("live")
-    cfg = ServeConfig(model_dir=bundle.path, state_dir=state, feedback_steps=3, feedback_lr=0.05, sync_seconds=0)
-    with _running(cfg) as (client, app):
+    cfg = serve_config(model_dir=bundle.path, state_dir=state, feedback_steps=3, feedback_lr=0.05, sync_seconds=0)
+    with running(cfg) as (client, app):
         yield {"client": client, "state": state, "cfg": cfg, "app": app}
-
-
-def _record(rid: str, date: str, category: str = "politics") -> dict:
-    return {"id": rid, "date": date, "text": f"story {rid}", "title": f"title {rid}", "category": category}
 
 
 # --- bundle ------------------------------------------------------------------------------------------
@@ -150,11 +75,14 @@ def test_health_and_info(server, trained):
     c = server["client"]
     code, body = c.call("GET", "/health")
     assert code == 200 and body["status"] == "ok" and body["model_version"] == "test-1"
-    code, info = c.call("GET", "/info")
+    code, info = c.call("GET", "/info", headers=ADMIN)
     assert code == 200
     assert info["task"] == "LaMP_2N" and info["model_version"] == "test-1" and len(info["backbone_hash"]) == 64
     assert info["users"][:4] == trained["users"] and info["per_user_params"] == 8 * 128 and info["shared_params"] > 0
     assert info["feedback"]["mode"] == "emb"
+    # Without the admin token: no user ids, no server paths.
+    code, public = c.call("GET", "/info")
+    assert code == 200 and public["n_users"] >= 4 and "users" not in public and "bundle" not in public and "state_dir" not in public
 
 
 def test_predict_known_and_unknown_user(server, trained):
@@ -166,7 +94,7 @@ def test_predict_known_and_unknown_user(server, trained):
     assert body["id"] == "q1" and body["known_user"] and body["user_row"] == 1 and isinstance(body["prediction"], str)
     assert body["history_used"] == len(trained["histories"][known])  # the server's history store
     # Unknown user: row 0 (P_q only), from the history sent with the request (not stored).
-    hist = [_record("h1", "2021-01-01"), _record("h2", "2021-02-01")]
+    hist = [record("h1", "2021-01-01"), record("h2", "2021-02-01")]
     code, body = c.call("POST", "/predict", {"user_id": "stranger", "fields": {"text": "a story"}, "history": hist})
     assert code == 200, body
     assert not body["known_user"] and body["user_row"] == 0 and body["history_used"] == 2 and body["history_stored"] == 0
@@ -189,7 +117,7 @@ def test_feedback_changes_only_that_users_row_and_writes_one_delta(server, bundl
     user = trained["users"][1]
     before = load_file(bundle.path / "tapper" / "prefix.safetensors")
     last = max(r.date for r in trained["histories"][user]).isoformat()
-    code, body = c.call("POST", "/feedback", {"user_id": user, "records": [_record("fb1", last, "sports"), _record("fb2", "2030-01-01", "sports")]})
+    code, body = c.call("POST", "/feedback", {"user_id": user, "records": [record("fb1", last, "sports"), record("fb2", "2026-01-01", "sports")]})
     assert code == 200, body
     assert body["updated"] and body["report"]["users"] == [user] and body["report"]["steps"] == 3
     assert body["history_stored"] == len(trained["histories"][user]) + 2
@@ -214,7 +142,7 @@ def test_feedback_changes_only_that_users_row_and_writes_one_delta(server, bundl
 
 def test_feedback_for_a_new_user_adds_a_row(server, trained):
     c, state = server["client"], server["state"]
-    code, body = c.call("POST", "/feedback", {"user_id": "newbie", "records": [_record("n1", "2022-01-01"), _record("n2", "2022-02-01")]})
+    code, body = c.call("POST", "/feedback", {"user_id": "newbie", "records": [record("n1", "2022-01-01"), record("n2", "2022-02-01")]})
     assert code == 200, body
     assert body["report"]["new_users"] == ["newbie"] and body["user_row"] == len(trained["users"]) + 1
     rows, meta = _delta(state, body["generation"], body["sequence"])
@@ -247,11 +175,11 @@ def test_bad_input_is_422_naming_the_field(server):
         assert loc in [e["loc"] for e in resp["detail"]], (loc, resp)
         assert ".".join(map(str, loc)) in resp["error"]
     # Feedback contradicting the stored history: 409 naming the field.
-    ok = c.call("POST", "/feedback", {"user_id": "dup", "records": [_record("d1", "2022-05-01")]})
+    ok = c.call("POST", "/feedback", {"user_id": "dup", "records": [record("d1", "2022-05-01")]})
     assert ok[0] == 200
-    code, resp = c.call("POST", "/feedback", {"user_id": "dup", "records": [_record("d1", "2022-06-01")]})
+    code, resp = c.call("POST", "/feedback", {"user_id": "dup", "records": [record("d1", "2022-06-01")]})
     assert code == 409 and resp["detail"][0]["loc"] == ["body", "records", 0, "id"]
-    code, resp = c.call("POST", "/feedback", {"user_id": "dup", "records": [_record("d2", "2022-04-01")]})
+    code, resp = c.call("POST", "/feedback", {"user_id": "dup", "records": [record("d2", "2022-04-01")]})
     assert code == 409 and resp["detail"][0]["loc"] == ["body", "records", 0, "date"]
 
 
@@ -262,7 +190,7 @@ def test_concurrent_feedback_and_predictions_are_serialized(server):
     c, state = server["client"], server["state"]
     start = server["app"].state.service.loaded.sequence
     users = [f"par{i}" for i in range(3)]
-    jobs = [("POST", "/feedback", {"user_id": u, "records": [_record(f"{u}-r", "2024-01-01")]}) for u in users]
+    jobs = [("POST", "/feedback", {"user_id": u, "records": [record(f"{u}-r", "2024-01-01")]}) for u in users]
     jobs += [("POST", "/predict", {"user_id": u, "fields": {"text": "x"}}) for u in users]
     with ThreadPoolExecutor(6) as pool:
         results = list(pool.map(lambda j: c.call(*j), jobs))
@@ -277,17 +205,18 @@ def test_restart_replica_sync_undo_and_reload(server, bundle, monkeypatch):
     """Restart and a second replica replay the journal; a failed write changes nothing; /reload works."""
     c, state = server["client"], server["state"]
     live = server["app"].state.service.loaded
-    svc = TapperService(ServeConfig(model_dir=bundle.path, state_dir=state, feedback_steps=2, sync_seconds=0))
+    svc = TapperService(serve_config(model_dir=bundle.path, state_dir=state, feedback_steps=2, sync_seconds=0))
     ld = svc.load()  # a restarted server / another replica on the same state dir
     assert (ld.generation, ld.sequence) == (live.generation, live.sequence) and "newbie" in ld.model.user_rows
     assert ld.model.user_ids == live.model.user_ids
     assert torch.equal(ld.model.user_table_in_use().detach(), live.model.user_table_in_use().detach())
     assert {u: [r.id for r in h] for u, h in ld.histories.items()} == {u: [r.id for r in h] for u, h in live.histories.items()}
 
-    # This replica takes a feedback; the HTTP server (the other replica) picks the delta up.
+    # This replica takes a feedback; the HTTP server (the other replica) picks the delta up in the background.
     out = svc.feedback("replica-user", [svc_record("r1", "2023-01-01")])
     assert out["sequence"] == ld.sequence and out["generation"] == live.generation
-    code, pred = c.call("POST", "/predict", {"user_id": "replica-user", "fields": {"text": "x"}})
+    pred = wait_for(lambda: (lambda r: r if r["sequence"] == out["sequence"] else None)(
+        c.call("POST", "/predict", {"user_id": "replica-user", "fields": {"text": "x"}})[1]), what="the replica's delta")
     assert pred["known_user"] and (pred["generation"], pred["sequence"]) == (out["generation"], out["sequence"])
     row = live.model.user_rows["replica-user"]
     assert torch.equal(live.model.prefix.user_table.weight[row], ld.model.prefix.user_table.weight[row])
@@ -311,55 +240,61 @@ def test_restart_replica_sync_undo_and_reload(server, bundle, monkeypatch):
     assert not ld.model.prefix.user_table.weight[ld.model.rows_in_use:].any()  # the doomed user's row is spare (zero) again
     assert "doomed-user" not in ld.histories and [r.id for r in ld.histories["replica-user"]] == ["r1"]
 
-    code, body = c.call("POST", "/reload")
+    code, body = c.call("POST", "/reload", headers=ADMIN)
     assert code == 200 and (body["generation"], body["sequence"]) == (out["generation"], out["sequence"])
     assert body["model_version"] == "test-1"
+    svc.close()
 
 
 def test_compaction_pruning_and_a_new_bundle_carrying_histories(trained, bundle, tmp_path):
-    """Every `compact_every` deltas the state becomes a snapshot generation; a reader then adopts it; a journal
-    with a gap is refused; a new bundle starts with the users' histories but not the old rows."""
+    """Every `compact_every` deltas the state becomes a snapshot generation (written in the background); a reader
+    then adopts it; a journal with a gap is refused; a new bundle starts with the users' histories but not the
+    old rows."""
     state = tmp_path / "state"
     cfg = dict(model_dir=bundle.path, state_dir=state, feedback_steps=1, sync_seconds=0, compact_every=2, keep_generations=2)
-    writer, reader = TapperService(ServeConfig(**cfg)), TapperService(ServeConfig(**cfg))
+    writer, reader = TapperService(serve_config(**cfg)), TapperService(serve_config(**cfg))
     writer.load(), reader.load()
-    outs = [writer.feedback(f"c{i}", [svc_record(f"c{i}-1", "2023-03-01")]) for i in range(5)]
-    assert [(o["generation"], o["sequence"], o["compacted_into"]) for o in outs] == [
-        ("gen-000001", 1, None), ("gen-000001", 2, "gen-000002"), ("gen-000002", 1, None),
-        ("gen-000002", 2, "gen-000003"), ("gen-000003", 1, None)]
+    outs = []
+    for i in range(5):
+        outs.append(writer.feedback(f"c{i}", [svc_record(f"c{i}-1", "2023-03-01")]))
+        assert writer.compactor.wait_idle(60)
+    assert [(o["generation"], o["sequence"], o["compaction"]) for o in outs] == [
+        ("gen-000001", 1, None), ("gen-000001", 2, "scheduled"), ("gen-000002", 1, None),
+        ("gen-000002", 2, "scheduled"), ("gen-000003", 1, None)]
+    assert writer.compactor.stats.history == ["gen-000002", "gen-000003"]
     assert sorted(p.name for p in state.iterdir() if p.name.startswith("gen-")) == ["gen-000002", "gen-000003"]  # pruned
     snap = state / "gen-000003"
-    assert {p.name for p in snap.iterdir()} == {"meta.json", "journal", "tapper", "histories.jsonl"}
+    assert {p.name for p in snap.iterdir()} == {"meta.json", "journal", "tapper", "histories.jsonl", "updates.json"}
     assert json.loads((snap / "meta.json").read_text())["parent"] == "gen-000002"
     ld = reader.loaded
-    assert (ld.generation, ld.sequence) == (None, 0)
-    reader.predict("c0", "a story")  # the reader syncs: adopts the snapshot, then its one delta
-    assert (ld.generation, ld.sequence) == ("gen-000003", 1) and ld.model.user_ids == writer.loaded.model.user_ids
+    # The reader syncs in the background: adopts the snapshot, then its one delta.
+    wait_for(lambda: (ld.generation, ld.sequence) == ("gen-000003", 1), what="the reader's sync")
+    assert reader.predict("c0", "a story")["sequence"] == 1 and ld.model.user_ids == writer.loaded.model.user_ids
     assert torch.equal(ld.model.user_table_in_use(), writer.loaded.model.user_table_in_use())
     assert set(ld.histories) == set(writer.loaded.histories)
 
     # A restart on the snapshot generation: the bundle's histories are never read, and users are converted
     # only as they are read (here, only the delta's user).
-    resumed = TapperService(ServeConfig(**cfg)).load()
+    resumed = TapperService(serve_config(**cfg)).load()
     assert resumed._bundle_histories is None and resumed.generation == "gen-000003"
     assert [r.id for r in resumed.histories["c4"]] == ["c4-1"] and resumed.histories.unread() == len(resumed.histories) - 1
 
     # A journal with a hole (a delta file gone) is an error naming the file, not a silent skip.
     (snap / "journal" / "00000001.safetensors").rename(snap / "journal" / "00000002.safetensors")
     with pytest.raises(StateError, match="00000002.safetensors: journal gap"):
-        TapperService(ServeConfig(**cfg)).load()
+        TapperService(serve_config(**cfg)).load()
     (snap / "journal" / "00000002.safetensors").rename(snap / "journal" / "00000001.safetensors")
 
     # A new bundle: the old rows do not apply, the histories do; its first feedback snapshots them.
     b2 = export_bundle(trained["stage1"], trained["state"], "LaMP_2N", tmp_path / "b2", version="test-2",
                        histories=trained["histories"])
-    fresh = TapperService(ServeConfig(**{**cfg, "model_dir": b2.path}))
+    fresh = TapperService(serve_config(**{**cfg, "model_dir": b2.path}))
     ld2 = fresh.load()
     assert ld2.generation is None and "c4" not in ld2.model.user_rows and [r.id for r in ld2.histories["c4"]] == ["c4-1"]
     out = fresh.feedback("c4", [svc_record("c4-2", "2023-04-01")])
     meta = json.loads((state / out["generation"] / "meta.json").read_text())
     assert meta["base"] == "snapshot" and meta["bundle_version"] == "test-2"
-    restarted = TapperService(ServeConfig(**{**cfg, "model_dir": b2.path})).load()
+    restarted = TapperService(serve_config(**{**cfg, "model_dir": b2.path})).load()
     assert [r.id for r in restarted.histories["c4"]] == ["c4-1", "c4-2"] and "c4" in restarted.model.user_rows
 
 
@@ -382,18 +317,20 @@ def test_per_user_state_on_scratch_serves_feedback_compaction_and_reload_like_in
 
     common = dict(model_dir=bundle.path, feedback_steps=2, feedback_lr=0.05, sync_seconds=0, compact_every=2)
     scratch = tmp_path / "scratch" / "tapper"  # created when missing
-    paged_cfg = ServeConfig(state_dir=tmp_path / "paged-state", scratch_dir=scratch, **common)
-    plain_cfg = ServeConfig(state_dir=tmp_path / "plain-state", **common)
-    with _running(paged_cfg) as (pc, papp), _running(plain_cfg) as (mc, mapp):
-        assert pc.call("GET", "/info")[1]["scratch_dir"] == str(scratch) and mc.call("GET", "/info")[1]["scratch_dir"] is None
+    paged_cfg = serve_config(state_dir=tmp_path / "paged-state", scratch_dir=scratch, **common)
+    plain_cfg = serve_config(state_dir=tmp_path / "plain-state", **common)
+    with running(paged_cfg) as (pc, papp), running(plain_cfg) as (mc, mapp):
+        assert pc.call("GET", "/info", headers=ADMIN)[1]["scratch_dir"] == str(scratch)
+        assert mc.call("GET", "/info", headers=ADMIN)[1]["scratch_dir"] is None
         known = trained["users"][0]
-        feedbacks = [(known, "2030-01-01"), ("pnew1", "2030-01-02"), (known, "2030-01-03"), ("pnew2", "2030-01-04"),
-                     ("pnew1", "2030-01-05")]
+        feedbacks = [(known, "2026-01-01"), ("pnew1", "2026-01-02"), (known, "2026-01-03"), ("pnew2", "2026-01-04"),
+                     ("pnew1", "2026-01-05")]
         for i, (user, date) in enumerate(feedbacks):
-            body = {"user_id": user, "records": [_record(f"p{i}", date, "sports")]}
+            body = {"user_id": user, "records": [record(f"p{i}", date, "sports")]}
             (pcode, pout), (mcode, mout) = pc.call("POST", "/feedback", body), mc.call("POST", "/feedback", body)
             assert pcode == mcode == 200, (pout, mout)
-            assert (pout["generation"], pout["sequence"], pout["compacted_into"]) == (mout["generation"], mout["sequence"], mout["compacted_into"])
+            assert papp.state.service.compactor.wait_idle(60) and mapp.state.service.compactor.wait_idle(60)
+            assert (pout["generation"], pout["sequence"], pout["compaction"]) == (mout["generation"], mout["sequence"], mout["compaction"])
             assert pout["history_stored"] == mout["history_stored"]
         assert pout["generation"] == "gen-000003"  # two compactions happened
         pld, mld = papp.state.service.loaded, mapp.state.service.loaded
@@ -413,16 +350,18 @@ def test_per_user_state_on_scratch_serves_feedback_compaction_and_reload_like_in
             assert pc.call("POST", "/predict", req)[1]["prediction"] == mc.call("POST", "/predict", req)[1]["prediction"]
 
         # A restarted replica on the paged server's state: adopts the snapshot generation onto its own scratch dir.
-        replica = TapperService(ServeConfig(state_dir=tmp_path / "paged-state", scratch_dir=tmp_path / "replica-scratch", **common)).load()
+        replica_svc = TapperService(serve_config(state_dir=tmp_path / "paged-state", scratch_dir=tmp_path / "replica-scratch", **common))
+        replica = replica_svc.load()
         assert (replica.generation, replica.sequence) == ("gen-000003", 1)
         assert is_paged(replica.model.prefix.user_table.weight) and mapped(tmp_path / "replica-scratch") == 1
         assert torch.equal(replica.model.user_table_in_use(), mm.user_table_in_use())
         assert spooled_users(replica.histories) > 0 and replica.histories.to_json() == mld.histories.to_json()
         assert len(spool_files(tmp_path / "replica-scratch")) == 1
+        replica_svc.close()
 
         # /reload: a new model, paged from the start, then the snapshot; the old table's mapping and the old
         # histories' spools go with the old state.
-        code, body = pc.call("POST", "/reload")
+        code, body = pc.call("POST", "/reload", headers=ADMIN)
         assert code == 200 and (body["generation"], body["sequence"]) == ("gen-000003", 1)
         reloaded = papp.state.service.loaded
         assert reloaded.model is not pm and is_paged(reloaded.model.prefix.user_table.weight)
@@ -436,9 +375,11 @@ def test_per_user_state_on_scratch_serves_feedback_compaction_and_reload_like_in
         assert pc.call("POST", "/predict", req)[1]["prediction"] == mc.call("POST", "/predict", req)[1]["prediction"]
         # Feedback after the reload: a user still in the spool is read from it, updated and written at compaction.
         spooled_user = next(u for u, v in reloaded.histories._users.items() if isinstance(v, _Unread))
-        body = {"user_id": spooled_user, "records": [_record("after-reload", "2031-01-01", "sports")]}
+        body = {"user_id": spooled_user, "records": [record("after-reload", "2026-02-01", "sports")]}
         (pcode, pout), (mcode, mout) = pc.call("POST", "/feedback", body), mc.call("POST", "/feedback", body)
-        assert pcode == mcode == 200 and pout["compacted_into"] == mout["compacted_into"] == "gen-000004"
+        assert pcode == mcode == 200 and pout["compaction"] == mout["compaction"] == "scheduled"
+        assert papp.state.service.compactor.wait_idle(60) and mapp.state.service.compactor.wait_idle(60)
+        assert papp.state.service.compactor.stats.last_generation == mapp.state.service.compactor.stats.last_generation == "gen-000004"
         assert pout["history_stored"] == mout["history_stored"]
         assert (tmp_path / "paged-state" / "gen-000004" / "histories.jsonl").read_bytes() == (tmp_path / "plain-state" / "gen-000004" / "histories.jsonl").read_bytes()
 
@@ -455,12 +396,12 @@ def test_a_malformed_stored_record_fails_only_its_users_requests(trained, tmp_pa
     items[bad_user][1]["date"] = "the day before yesterday"
     b.histories_file.write_text("".join(json.dumps({"user": u, "records": r}, separators=(",", ":")) + "\n"
                                         for u, r in items.items()))
-    cfg = ServeConfig(model_dir=b.path, state_dir=tmp_path / "live", feedback_steps=1, sync_seconds=0)
-    with _running(cfg) as (c, app):
+    cfg = serve_config(model_dir=b.path, state_dir=tmp_path / "live", feedback_steps=1, sync_seconds=0)
+    with running(cfg) as (c, app):
         code, body = c.call("POST", "/predict", {"user_id": good_user, "fields": {"text": "a story"}})
         assert code == 200 and body["history_stored"] == len(items[good_user])
         for path, req in (("/predict", {"user_id": bad_user, "fields": {"text": "a story"}}),
-                          ("/feedback", {"user_id": bad_user, "records": [_record("late-1", "2030-01-01")]})):
+                          ("/feedback", {"user_id": bad_user, "records": [record("late-1", "2026-01-01")]})):
             code, body = c.call("POST", path, req)
             assert code == 500, body
             assert body["error"].startswith(f"{b.histories_file} line {bad_line}, user {bad_user!r} record [1], field 'date'")
@@ -478,13 +419,14 @@ def test_a_bundle_written_before_json_lines_still_serves_and_compacts_into_json_
     (b.path / "histories.json").write_text(json.dumps(items))
     b.histories_file.unlink()
     assert read_bundle(b.path).histories_file.name == "histories.json"
-    cfg = ServeConfig(model_dir=b.path, state_dir=tmp_path / "live", feedback_steps=1, sync_seconds=0, compact_every=1)
+    cfg = serve_config(model_dir=b.path, state_dir=tmp_path / "live", feedback_steps=1, sync_seconds=0, compact_every=1)
     svc = TapperService(cfg)
     svc.load()
     user = sorted(items)[0]
     assert svc.predict(user, "a story")["history_stored"] == len(items[user])
     out = svc.feedback(user, [svc_record("legacy-1", "2031-01-01")])
-    snap = tmp_path / "live" / out["compacted_into"]
+    assert out["compaction"] == "scheduled" and svc.compactor.wait_idle(60)
+    snap = tmp_path / "live" / svc.compactor.stats.last_generation
     assert (snap / "histories.jsonl").is_file() and not (snap / "histories.json").exists()
     resumed = TapperService(cfg).load()
     assert set(resumed.histories) == set(items)
@@ -518,8 +460,8 @@ def test_metrics_count_what_was_done(bundle, trained, tmp_path, monkeypatch):
 
     from deploy.app import create_app
 
-    cfg = ServeConfig(model_dir=bundle.path, state_dir=tmp_path / "live", feedback_steps=1, sync_seconds=0)
-    with _running(cfg) as (c, app):
+    cfg = serve_config(model_dir=bundle.path, state_dir=tmp_path / "live", feedback_steps=1, sync_seconds=0)
+    with running(cfg) as (c, app):
         before = _scrape(c)
         assert _sample(before, "tapper_model_loaded") == 1
         assert _sample(before, "tapper_model_info", version="test-1", task="LaMP_2N", generation="none") == 1
@@ -536,17 +478,18 @@ def test_metrics_count_what_was_done(bundle, trained, tmp_path, monkeypatch):
         for i in range(3):
             assert c.call("POST", "/predict", {"user_id": known, "input": q.input, "id": f"m{i}"})[0] == 200
         assert c.call("POST", "/predict", {"input": "no user"})[0] == 422
-        fb = {"user_id": "metrics-newbie", "records": [_record("mn1", "2022-01-01"), _record("mn2", "2022-02-01")]}
+        fb = {"user_id": "metrics-newbie", "records": [record("mn1", "2022-01-01"), record("mn2", "2022-02-01")]}
         code, body = c.call("POST", "/feedback", fb)
         assert code == 200 and body["report"]["new_users"] == ["metrics-newbie"]
-        assert c.call("POST", "/feedback", {"user_id": "metrics-newbie", "records": [_record("mn1", "2022-03-01")]})[0] == 409
-        monkeypatch.setenv("TAPPER_ADMIN_TOKEN", "s3cret")
-        assert c.call("POST", "/reload")[0] == 401
+        assert c.call("POST", "/feedback", {"user_id": "metrics-newbie", "records": [record("mn1", "2022-03-01")]})[0] == 409
+        assert Client(c.base, token=None).call("POST", "/reload")[0] == 401
+        assert c.call("POST", "/reload")[0] == 403  # the API token is not the admin token
         assert _sample(_scrape(c), "tapper_model_loaded") == 1  # /metrics needs no token
-        assert c.call("POST", "/reload", headers={"Authorization": "Bearer s3cret"})[0] == 200
+        assert c.call("POST", "/reload", headers=ADMIN)[0] == 200
 
-        # A scrape never waits for the model lock (held here as a feedback update would hold it).
-        with app.state.service._lock:
+        # A scrape never waits for the model's locks (held here as a feedback update and a batch would hold them).
+        svc = app.state.service
+        with svc._writer_lock, svc.loaded.lock:
             started = time.monotonic()
             after = _scrape(c, timeout=5)
             assert time.monotonic() - started < 5
@@ -556,13 +499,18 @@ def test_metrics_count_what_was_done(bundle, trained, tmp_path, monkeypatch):
 
     assert requests("/predict", 200) == 3 and requests("/predict", 422) == 1
     assert requests("/feedback", 200) == 1 and requests("/feedback", 409) == 1
-    assert requests("/reload", 401) == 1 and requests("/reload", 200) == 1
+    assert requests("/reload", 401) == 1 and requests("/reload", 403) == 1 and requests("/reload", 200) == 1
     assert requests("/health", 200) >= 1  # the readiness polling of _running
     assert not [k for k in after if dict(k[1]).get("endpoint") == "/metrics"]  # scrapes are not counted
     assert _sample(after, "tapper_request_duration_seconds_count", endpoint="/predict") == 4
     assert _sample(after, "tapper_request_duration_seconds_sum", endpoint="/predict") > 0
     assert _sample(after, "tapper_request_duration_seconds_bucket", endpoint="/predict", le="+Inf") == 4
     assert _sample(after, "tapper_feedback_records_total") == 2 and _sample(after, "tapper_new_users_total") == 1
+    # One batch per prediction here (they came one at a time); nothing waits, nothing was dropped or compacted.
+    assert _sample(after, "tapper_batch_size_count") == 3 and _sample(after, "tapper_batch_size_sum") == 3
+    assert _sample(after, "tapper_queue_wait_seconds_count") == 3 and _sample(after, "tapper_queue_depth") == 0
+    assert _sample(after, "tapper_predictions_dropped_total") == 0
+    assert _sample(after, "tapper_compactions_total", result="done") == 0 == _sample(after, "tapper_compactions_total", result="failed")
     assert _sample(after, "tapper_users") == _sample(before, "tapper_users") + 1
     assert _sample(after, "tapper_users_with_history") == _sample(before, "tapper_users_with_history") + 1
     assert _sample(after, "tapper_live_sequence") == 1
@@ -577,8 +525,8 @@ def test_metrics_count_what_was_done(bundle, trained, tmp_path, monkeypatch):
 def test_metrics_answer_without_a_loaded_model(tmp_path):
     """No model loaded (here: the startup load never ran): /metrics is still 200, with the request counts, the
     process gauges and tapper_model_loaded 0, and without the model's gauges."""
-    cfg = ServeConfig(model_dir=tmp_path / "no-bundle", state_dir=tmp_path / "live")
-    with _running(cfg, lifespan="off", ready=503) as (c, app):
+    cfg = serve_config(model_dir=tmp_path / "no-bundle", state_dir=tmp_path / "live")
+    with running(cfg, lifespan="off", ready=503) as (c, app):
         assert c.call("POST", "/predict", {"user_id": "u", "input": "x"})[0] == 503
         scraped = _scrape(c)
     assert _sample(scraped, "tapper_model_loaded") == 0
@@ -588,13 +536,6 @@ def test_metrics_answer_without_a_loaded_model(tmp_path):
     names = {name for name, _ in scraped}
     assert not names & {"tapper_users", "tapper_users_with_history", "tapper_live_sequence", "tapper_model_info",
                         "tapper_model_age_seconds", "tapper_scratch_dir_enabled"}
-
-
-def svc_record(rid: str, date: str):
-    from tapper.data.chronology import parse_lamp_date
-    from tapper.data.types import Record
-
-    return Record(id=rid, fields={"text": f"t {rid}", "title": f"ti {rid}", "category": "travel"}, date=parse_lamp_date(date), raw_date=date)
 
 
 def test_cli_registers_serve_and_bundle(bundle, tmp_path, monkeypatch):
