@@ -62,6 +62,8 @@ def test_stage1_bf16_with_checkpointing_tracks_fp32(backbone, data, tmp_path):
     fp32 = stage1_curve(backbone, data, tmp_path / "a")
     bf16 = stage1_curve(backbone, data, tmp_path / "b", dtype="bf16", gradient_checkpointing=True)
     assert len(fp32) == 52
+    # Measured (seed 0): 40.02 -> 2.56 over the 52 steps; bf16 + checkpointing at most 0.55 % away at any step.
+    assert fp32[0] == pytest.approx(40.0230, abs=1e-3) and fp32[-1] == pytest.approx(2.5629, abs=1e-3)
     assert rel_diff(bf16, fp32) < 0.02
 
 
@@ -75,6 +77,7 @@ def test_checkpointing_alone_changes_nothing(backbone, data, cache):
 def test_micro_batches_accumulate_to_the_full_batch(backbone, data, cache):
     full, s_full = stage2_curve(backbone, data, cache, epochs=2)
     micro, s_micro = stage2_curve(backbone, data, cache, epochs=2, micro_batch_size=3)
+    # Measured: losses 1e-7 apart, trained tensors 1.9e-5 (float summation order).
     assert rel_diff(micro, full) < 1e-5
     worst = max(float((s_full[k] - s_micro[k]).abs().max()) for k in s_full)
     assert worst < 1e-4
@@ -83,6 +86,7 @@ def test_micro_batches_accumulate_to_the_full_batch(backbone, data, cache):
 def test_fp16_trains_with_loss_scaling(backbone, data, cache):
     fp32, _ = stage2_curve(backbone, data, cache, epochs=4)
     fp16, _ = stage2_curve(backbone, data, cache, epochs=4, dtype="fp16")
+    # Measured: at most 0.10 % away over the 16 steps (no step skipped for overflow at this scale).
     assert rel_diff(fp16, fp32) < 0.02
 
 
