@@ -144,9 +144,20 @@ def ensure_mlflow_local(spec: dict | None = None) -> None:
         client.create_experiment("training", artifact_location=art.as_uri())
 
 
+# Component settings worth showing: where each keeps its data. Nothing secret (tokens, keys) is listed.
+SHOWN_CONFIG = ("path", "tracking_uri", "uri", "kubernetes_context", "kubernetes_namespace")
+
+
 def active_stack_summary() -> dict:
+    """The active stack: each component's name, flavor and where it keeps its data."""
     from zenml.client import Client
 
     stack = Client().active_stack_model
-    return {"name": stack.name, "components": {str(t.value): [c.name + f" ({c.flavor_name})" for c in cs]
-                                               for t, cs in stack.components.items()}}
+    components: dict = {}
+    for t, cs in stack.components.items():
+        for c in cs:
+            config = {k: v for k, v in (c.configuration or {}).items() if k in SHOWN_CONFIG and v}
+            if str(t.value) == "model_registry" and c.flavor_name == "mlflow":
+                config.setdefault("registry", "the experiment tracker's MLflow store")
+            components[str(t.value)] = {"name": c.name, "flavor": c.flavor_name, **config}
+    return {"name": stack.name, "components": components}

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 
@@ -29,7 +30,9 @@ class TapperModel(PythonModel):
         self.model = TapPer.load(context.artifacts["tapper_state"], self.bb.model)
         self.task = get_task(ref["task"])
 
-    def predict(self, context, model_input, params=None):
+    # The type hint says what pyfunc hands over after checking the input against the logged signature (a
+    # DataFrame); MLflow infers no schema from it, so the signature stays the one register_model logs.
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         from tapper.data.splits import query_example
         from tapper.data.types import Query, Record
         from tapper.eval.predict import generate_texts

@@ -1,7 +1,7 @@
 """Batched greedy generation for every variant, and the LaMP-format predictions it yields."""
 from __future__ import annotations
 
-from tqdm.auto import tqdm
+from tapper.progress import tqdm  # a bar on a terminal, log lines elsewhere (pipeline steps)
 
 from tapper.model.prefixed_lm import PrefixedLM
 from tapper.model.tapper import TapPer
