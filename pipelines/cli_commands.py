@@ -113,6 +113,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mlflow-port", type=int, default=None, help="MLflow UI port (default 5000, or the next free one)")
     p.add_argument("--no-dashboard", action="store_true", help="only the MLflow UI")
     p.add_argument("--no-mlflow", action="store_true", help="only the ZenML dashboard")
+    p.add_argument("--screenshots", metavar="DIR", help="also save PNG screenshots (headless Chromium) of the latest run's "
+                   "DAG, its data-quality report, its MLflow run and the registered model version into DIR")
     p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("stack", help="register the ZenML stacks described in zenml.yaml",
@@ -227,13 +229,12 @@ def _report_failure(err: Exception, before: set) -> CLIError:
     if "validate_data" in failed:
         meta: dict = {}
         where = ""
-        try:
-            art = Client().get_artifact_version("data_quality_report")
-            if art.producer_pipeline_run_id == run.id or str(getattr(art, "producer_pipeline_run_id", "")) == str(run.id):
-                meta = art.run_metadata or {}
-                where = f"; report: artifact data_quality_report v{art.version} ({art.uri}), also in `tapper ui`"
-        except KeyError:
-            pass
+        # The report the failed step saved: the newest one, if it was made during this run.
+        arts = Client().list_artifact_versions(name="data_quality_report", sort_by="desc:created", size=1, hydrate=True)
+        art = arts.items[0] if arts.items else None
+        if art is not None and run.start_time is not None and art.created.replace(tzinfo=None) >= run.start_time.replace(tzinfo=None):
+            meta = art.run_metadata or {}
+            where = f"; report: artifact data_quality_report v{art.version} ({art.uri}), also in `tapper ui`"
         failures = list(meta.get("failures") or [])
         for f in failures:
             print(f"  - {f}", file=sys.stderr)
@@ -251,7 +252,7 @@ def _print_run(run) -> None:
     from rich.table import Table
 
     console = Console()
-    console.print(f"run [bold]{run.name}[/bold] ({run.id}): [bold]{run.status.value.upper()}[/bold]")
+    console.print(f"run [bold]{run.name}[/bold] ({run.id}): [bold]{run.status.value.upper()}[/bold]", soft_wrap=True)
     steps = Table(title="steps")
     steps.add_column("step")
     steps.add_column("status")
@@ -276,15 +277,15 @@ def _print_run(run) -> None:
                           "also in the dashboard and in MLflow under comparison/)")
         d = run.steps["promote"].outputs["promotion_decision"][0].load()
         console.print(f"model {d.model_name} version {d.model_version}: "
-                      f"{'[green]PROMOTED[/green]' if d.promoted else '[yellow]not promoted[/yellow]'} — {d.reason}")
+                      f"{'[green]PROMOTED[/green]' if d.promoted else '[yellow]not promoted[/yellow]'} — {d.reason}", soft_wrap=True)
         if d.bundle_path:
-            console.print(f"serving bundle: {d.bundle_path} (published as {d.serving_link})")
+            console.print(f"serving bundle: {d.bundle_path} (published as {d.serving_link})", soft_wrap=True)
         elif d.bundle_error:
-            console.print(f"[red]no serving bundle[/red]: {d.bundle_error}")
+            console.print(f"[red]no serving bundle[/red]: {d.bundle_error}", soft_wrap=True)
         reg = run.steps["register_model"].outputs["registration"][0].load()
         if reg.get("mlflow_model"):
             console.print(f"MLflow: registered model {reg['mlflow_model']} v{reg['mlflow_version']}, run {reg['mlflow_run_id']} "
-                          f"({reg['tracking_uri']})")
+                          f"({reg['tracking_uri']})", soft_wrap=True)
     except (KeyError, IndexError):
         pass
 
@@ -305,12 +306,13 @@ def print_evaluation(console, rep) -> None:
     console.print(t)
     refs = getattr(rep, "references", None) or {}
     if refs:
-        console.print(f"labels alone ({rep.primary_metric}): " + "; ".join(f"{r['what']} {r['score']:.4f}" for r in refs.values()))
+        console.print(f"labels alone ({rep.primary_metric}): " + "; ".join(f"{r['what']} {r['score']:.4f}" for r in refs.values()),
+                      soft_wrap=True)
     pairs = (getattr(rep, "paired", None) or {}).get("pairs") or {}
     if pairs:
         direction = "higher" if rep.higher_is_better else "lower"
         console.print(f"paired on the same queries, {rep.primary_metric} difference ({direction} is better), "
-                      "mean [95 % bootstrap interval]; an interval that contains 0 cannot tell the two apart:")
+                      "mean [95 % bootstrap interval]; an interval that contains 0 cannot tell the two apart:", soft_wrap=True)
         order = sorted(pairs, key=lambda k: (not k.startswith(rep.candidate), k))
         for pair in order:
             st = pairs[pair]["all"]
@@ -319,7 +321,7 @@ def print_evaluation(console, rep) -> None:
             if up or down:
                 better = up == rep.higher_is_better
                 verdict = f"  [{'green' if better else 'red'}]({pair.split(' - ')[0]} {'better' if better else 'worse'})[/]"
-            console.print(f"  {pair}: {describe(st)}{verdict}")
+            console.print(f"  {pair}: {describe(st)}{verdict}", soft_wrap=True)
 
 
 # --- promote / lineage --------------------------------------------------------------------
@@ -340,7 +342,7 @@ def _model_name(given: str | None) -> str:
 def _no_such_version(name: str, version: str) -> CLIError:
     from zenml.client import Client
 
-    numbers = sorted(int(v.number) for v in Client().list_model_versions(model_name_or_id=name, size=100))
+    numbers = sorted(int(v.number) for v in Client().list_model_versions(model=name, size=100))
     known = ", ".join(map(str, numbers)) if numbers else "none yet"
     return CLIError(f"model {name} has no version {version!r} (versions: {known}); `tapper models` lists them")
 
@@ -413,19 +415,28 @@ def cmd_ui(args: argparse.Namespace) -> int:
             stopped.append("MLflow UI")
         print(f"stopped: {', '.join(stopped)}" if stopped else "nothing to stop: no dashboard or MLflow UI was running")
         return 0
+    dash, ml = None, None
     try:
         if not args.no_dashboard:
             links = dashboard_links(start_dashboard(args.port))
+            dash = links["dashboard"]
             print(f"ZenML dashboard: {links['dashboard']}")
             if "dashboard_run" in links:
                 print(f"  latest run (DAG; click validate_data's data_quality_report for the data-quality report): "
                       f"{links['dashboard_run']}")
         if not args.no_mlflow:
             state = start_mlflow(args.mlflow_port)
-            links = mlflow_links(state["url"], state["tracking_uri"])
-            print(f"MLflow UI: {links.get('mlflow_experiment', links['mlflow'])}")
-            if "mlflow_run" in links:
-                print(f"  latest run: {links['mlflow_run']}")
+            ml = mlflow_links(state["url"], state["tracking_uri"])
+            print(f"MLflow UI: {ml.get('mlflow_experiment', ml['mlflow'])}")
+            if "mlflow_run" in ml:
+                print(f"  latest run: {ml['mlflow_run']}")
+            if "mlflow_model_version" in ml:
+                print(f"  latest registered model version: {ml['mlflow_model_version']}")
+        if args.screenshots:
+            from pipelines.screenshots import take_screenshots
+
+            for path in take_screenshots(Path(args.screenshots), dash, ml):
+                print(f"screenshot: {path}")
     except UIError as err:
         raise CLIError(str(err), 1) from None
     print(f"models and stages (not in the open-source dashboard): {cli} models")

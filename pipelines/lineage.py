@@ -40,9 +40,8 @@ def lineage(model_name: str, version: str | None = None) -> dict[str, Any]:
     mv = _model_version(model_name, version)
     meta = dict(mv.run_metadata or {})
     # The runs linked to the version (its model is set on the steps after validation, so the run is linked
-    # through them rather than through a pipeline-level model), oldest first.
-    linked = list((mv.pipeline_run_ids or {}).values())
-    runs = [r.id for r in sorted((Client().get_pipeline_run(i, hydrate=False) for i in linked), key=lambda r: r.created)]
+    # through them rather than through a pipeline-level model).
+    runs = [r.id for r in Client().list_pipeline_runs(linked_to_model_version_id=mv.id, sort_by="asc:created", size=50)]
     info: dict[str, Any] = {
         "model": model_name, "version": str(mv.number), "stage": getattr(mv.stage, "value", mv.stage),
         "primary_metric": meta.get("primary_metric"), "score": meta.get("candidate_score"),

@@ -30,10 +30,14 @@ def _mlflow_versions(name: str) -> dict[str, dict[str, Any]]:
 
     client = mlflow.MlflowClient(tracking_uri=tracker.get_tracking_uri())
     try:
-        versions = client.search_model_versions(f"name = '{name}'")
+        found = client.search_model_versions(f"name = '{name}'")
     except Exception:  # noqa: BLE001 - no such registered model (e.g. a run without MLflow)
         return {}
-    return {str(v.version): {"aliases": list(getattr(v, "aliases", []) or []), "tags": dict(v.tags or {})} for v in versions}
+    out = {}
+    for v in found:  # a search leaves the aliases out; a get has them
+        full = client.get_model_version(name, v.version)
+        out[str(v.version)] = {"aliases": list(full.aliases or []), "tags": dict(full.tags or {})}
+    return out
 
 
 def _when(value: Any) -> str:
@@ -55,7 +59,7 @@ def model_versions(name: str) -> list[dict[str, Any]]:
         raise ModelsError(f"no model named {name!r}; models: {', '.join(known) or 'none yet (run `tapper train`)'}") from None
     mlflow_versions = _mlflow_versions(name)
     rows = []
-    for mv in client.list_model_versions(model_name_or_id=name, sort_by="desc:number", size=100, hydrate=True):
+    for mv in client.list_model_versions(model=name, sort_by="desc:number", size=100, hydrate=True):
         meta = dict(mv.run_metadata or {})
         promo, forced = meta.get("promotion") or {}, meta.get("promotion_forced") or {}
         mlv = meta.get("mlflow_version")
@@ -73,7 +77,7 @@ def model_versions(name: str) -> list[dict[str, Any]]:
             "metric": meta.get("primary_metric"), "score": meta.get("candidate_score"),
             "eval_queries": meta.get("eval_queries"), "mlflow_version": None if mlv is None else str(mlv),
             "mlflow_aliases": ml.get("aliases", []), "decision": decision, "reason": reason,
-            "decided_at": _when(when) if when else "", "runs": [str(r) for r in (mv.pipeline_run_ids or {}).values()],
+            "decided_at": _when(when) if when else "",
         })
     return rows
 
@@ -83,6 +87,8 @@ def print_models(name: str, rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
     console = Console()
+    if not console.is_terminal:  # a pipe or a log: no 80-column squeeze
+        console = Console(width=160)
     metric = next((r["metric"] for r in rows if r["metric"]), "metric")
     table = Table(title=f"{name}: versions (ZenML Model Control Plane + MLflow registry)")
     for col in ("version", "stage", metric, "queries", "MLflow version: aliases", "promotion", "decided", "created"):

@@ -129,6 +129,9 @@ def local_store_id(path: Path) -> str:
     return store_id
 
 
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def ensure_mlflow_local(spec: dict | None = None) -> None:
     """Local MLflow: the SQLite DB's directory exists and the experiment stores artifacts in the project."""
     spec = spec or resolve("local")
@@ -140,8 +143,12 @@ def ensure_mlflow_local(spec: dict | None = None) -> None:
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=uri)
-    if client.get_experiment_by_name("training") is None:
-        client.create_experiment("training", artifact_location=art.as_uri())
+    exp = client.get_experiment_by_name("training")
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment("training", artifact_location=art.as_uri())
+    # The MLflow UI shows an experiment without a kind in its GenAI layout (traces, judges, prompts); ours is
+    # model training: runs, metrics, registered models.
+    if exp is None or exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
 
 # Component settings worth showing: where each keeps its data. Nothing secret (tokens, keys) is listed.

@@ -9,6 +9,9 @@ The MLflow UI is `mlflow server` on the active stack's tracking store (the local
 database and artifact directory), in its own process group, recorded in `.tapper/ui.json` so that
 `--stop` ends exactly what was started.
 
+`tapper ui` also answers the dashboard's first-visit sign-up form for the local user (no email, no
+newsletter), which would otherwise stand in front of every page.
+
 Both are also what `mend_client` checks: a CLI left logged in to a local server that is no longer
 running (by `zenml login --local`, or an older `tapper dashboard`) is pointed back at the local store.
 """
@@ -62,6 +65,24 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
             return True
     except OSError:
         return False
+
+
+def port_free(port: int, host: str = HOST) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def chosen_port(port: int | None, default: int, flag: str) -> int:
+    """The port asked for (which must be free), else `default` or the next free one above it."""
+    if port is None:
+        return free_port(default)
+    if not port_free(port):
+        raise UIError(f"port {port} is in use; pass another {flag}, or leave {flag} out to take a free one")
+    return port
 
 
 def free_port(start: int, host: str = HOST, tries: int = 50) -> int:
@@ -134,14 +155,29 @@ def dashboard_url() -> str | None:
     return None
 
 
+def skip_first_visit_survey() -> None:
+    """The dashboard greets a user it has not seen with a sign-up form (name, email, newsletter), in front of
+    every page. For this machine's local user of the local dashboard, `tapper ui` answers it once: no email,
+    no newsletter. (The dashboard's settings page changes that.)"""
+    from zenml.client import Client
+
+    client = Client()
+    user = client.active_user
+    meta = dict((user.metadata.user_metadata if user.metadata else None) or {})
+    if user.body.email_opted_in is None or not meta.get("finished_onboarding_survey"):
+        client.update_user(user.id, updated_email_opt_in=bool(user.body.email_opted_in),
+                           updated_metadata={**meta, "finished_onboarding_survey": True})
+
+
 def start_dashboard(port: int | None = None, timeout: float = 90) -> str:
     from zenml.enums import ServerProviderType
     from zenml.zen_server.deploy.deployment import LocalServerDeploymentConfig
 
+    skip_first_visit_survey()
     url = dashboard_url()
     if url:
         return url
-    port = port or free_port(DASHBOARD_PORT)
+    port = chosen_port(port, DASHBOARD_PORT, "--port")
     config = LocalServerDeploymentConfig(provider=ServerProviderType.DAEMON, port=port, ip_address=HOST)
     server = _deployer().deploy_server(config, timeout=int(timeout))
     url = server.status.url if server.status and server.status.url else f"http://{HOST}:{port}"
@@ -175,11 +211,12 @@ def tracking_store() -> tuple[str, str | None]:
     uri = tracker.get_tracking_uri()
     artifacts = None
     if uri.startswith("sqlite:///"):
-        from pipelines.stacks import resolve
+        from pipelines.stacks import ensure_mlflow_local, resolve
 
         spec = resolve("local")
         if spec["components"]["experiment_tracker"]["config"]["tracking_uri"] == uri:
             artifacts = spec.get("mlflow_artifacts")
+            ensure_mlflow_local(spec)  # the training experiment exists, in MLflow's model-training layout
     return uri, artifacts
 
 
@@ -203,7 +240,7 @@ def start_mlflow(port: int | None = None, timeout: float = 90) -> dict[str, Any]
     if not uri.startswith("sqlite:///"):
         raise UIError(f"MLflow tracks to {uri}, a server of its own: open it there (tapper ui starts a UI only "
                       "for the local stack's store)")
-    port = port or free_port(MLFLOW_PORT)
+    port = chosen_port(port, MLFLOW_PORT, "--mlflow-port")
     log = state_file().parent / "mlflow-ui.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", HOST, "--port", str(port),
@@ -260,12 +297,21 @@ def stop_mlflow(timeout: float = 15) -> bool:
 
 def mlflow_links(url: str, uri: str) -> dict[str, str]:
     """Links into the MLflow UI: the training experiment and its latest run (the MLflow home page is GenAI-first)."""
+    import mlflow
+
     exp_id, run_id = training_experiment(uri)
     links = {"mlflow": url}
+    ml = "?workflowType=machine_learning"  # the UI's model-training layout (a fresh browser opens its GenAI one)
     if exp_id is not None:
-        links["mlflow_experiment"] = f"{url}/#/experiments/{exp_id}/runs"
+        links["mlflow_experiment"] = f"{url}/#/experiments/{exp_id}/runs{ml}"
         if run_id:
-            links["mlflow_run"] = f"{url}/#/experiments/{exp_id}/runs/{run_id}"
+            links["mlflow_run"] = f"{url}/#/experiments/{exp_id}/runs/{run_id}{ml}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    versions = [v for m in client.search_registered_models() if m.name.startswith("tapper")
+                for v in client.search_model_versions(f"name = '{m.name}'")]
+    if versions:
+        latest = max(versions, key=lambda v: v.creation_timestamp)
+        links["mlflow_model_version"] = f"{url}/#/models/{latest.name}/versions/{latest.version}{ml}"
     return links
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -108,11 +109,15 @@ def register_model(
             if log_backbone:
                 artifacts["stage1_backbone"] = str(stage1_backbone.path)
             name = mv.name
-            model_info = mlflow.pyfunc.log_model(
-                name="tapper", python_model=str(MLFLOW_MODEL_FILE), artifacts=artifacts,
-                registered_model_name=name, pip_requirements=["tapper"], signature=model_signature(report.task),
-                metadata={"task": report.task, "zenml_model_version": str(mv.number)},
-            )
+            with warnings.catch_warnings():
+                # The signature is given in full; an input example would make MLflow load the backbone and
+                # predict once more here only to check what the signature already says.
+                warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
+                model_info = mlflow.pyfunc.log_model(
+                    name="tapper", python_model=str(MLFLOW_MODEL_FILE), artifacts=artifacts,
+                    registered_model_name=name, pip_requirements=["tapper"], signature=model_signature(report.task),
+                    metadata={"task": report.task, "zenml_model_version": str(mv.number)},
+                )
         version = str(model_info.registered_model_version)
         client = mlflow.MlflowClient()
         client.set_model_version_tag(name, version, "zenml_model_version", str(mv.number))
