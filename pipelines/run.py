@@ -269,13 +269,23 @@ class _QuietValidationFailure:
         return not record.getMessage().startswith("Failed to run step `validate_data`: data validation failed")
 
 
+class _NoProUpsell:
+    """ZenML logs "Models can be viewed in the dashboard using ZenML Pro..." for every step that has a model (all
+    steps after validation here); `tapper models` is where this project shows them."""
+
+    def filter(self, record) -> bool:
+        return not record.getMessage().startswith("Models can be viewed in the dashboard using ZenML Pro")
+
+
 def quiet_validation_failures() -> None:
     import logging
 
-    for name in ("zenml.orchestrators.step_launcher", "zenml.orchestrators.local.local_orchestrator"):
+    for name, kind in (("zenml.orchestrators.step_launcher", _QuietValidationFailure),
+                       ("zenml.orchestrators.local.local_orchestrator", _QuietValidationFailure),
+                       ("zenml.orchestrators.step_run_utils", _NoProUpsell)):
         log = logging.getLogger(name)
-        if not any(isinstance(f, _QuietValidationFailure) for f in log.filters):
-            log.addFilter(_QuietValidationFailure())
+        if not any(isinstance(f, kind) for f in log.filters):
+            log.addFilter(kind())
 
 
 def run_pipeline(pipeline_fn, cfg: dict, schedule: bool = True):

@@ -25,6 +25,8 @@ recorded in the decision and in the model version's metadata.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import tempfile
@@ -109,7 +111,8 @@ def register_model(
             if log_backbone:
                 artifacts["stage1_backbone"] = str(stage1_backbone.path)
             name = mv.name
-            with warnings.catch_warnings():
+            said = io.StringIO()
+            with warnings.catch_warnings(), contextlib.redirect_stderr(said):
                 # The signature is given in full; an input example would make MLflow load the backbone and
                 # predict once more here only to check what the signature already says.
                 warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
@@ -118,6 +121,10 @@ def register_model(
                     registered_model_name=name, pip_requirements=["tapper"], signature=model_signature(report.task),
                     metadata={"task": report.task, "zenml_model_version": str(mv.number)},
                 )
+            # MLflow prints "Successfully registered model ..." to stderr, which the dashboard shows as red ERROR rows.
+            for line in said.getvalue().splitlines():
+                if line.strip():
+                    logger.info("MLflow: %s", line.strip())
         version = str(model_info.registered_model_version)
         client = mlflow.MlflowClient()
         client.set_model_version_tag(name, version, "zenml_model_version", str(mv.number))

@@ -5,9 +5,9 @@ update, set_postfix, iteration, close). It draws a bar only when stderr is a ter
 asked for log lines; otherwise it logs one INFO line through the `tapper.progress` logger when it
 starts, then at most every `interval` seconds, and one when it finishes:
 
-    stage 1 (task LoRA): 0/40 started
-    stage 1 (task LoRA): 12/40 (30%), 0:41 elapsed, ~1:35 left, loss=2.3110
-    stage 1 (task LoRA): 40/40 done in 2:17, loss=1.9020
+    stage 1 (task LoRA): 0/40 batches started
+    stage 1 (task LoRA): 12/40 batches (30%), 0:41 elapsed, ~1:35 left, loss=2.3110
+    stage 1 (task LoRA): 40/40 batches done in 2:17, loss=1.9020
 
 Pipeline steps ask for log lines (`log_lines(True)`): a bar's carriage returns arrive in the
 dashboard's step logs as one red ERROR row per redraw (they are written to stderr), and a step's
@@ -55,14 +55,14 @@ class LogProgress:
     """The part of tqdm's interface tapper uses, reported as log lines at intervals."""
 
     def __init__(self, iterable: Iterable | None = None, total: int | None = None, desc: str | None = None,
-                 interval: float | None = None, **_: Any) -> None:
+                 interval: float | None = None, unit: str = "batches", **_: Any) -> None:
         self.iterable = iterable
         if total is None and iterable is not None:
             try:
                 total = len(iterable)  # type: ignore[arg-type]
             except TypeError:
                 total = None
-        self.total, self.desc, self.n = total, desc or "progress", 0
+        self.total, self.desc, self.n, self.unit = total, desc or "progress", 0, unit
         self.interval = float(interval if interval is not None else os.environ.get("TAPPER_PROGRESS_INTERVAL", 15))
         self.postfix = ""
         self.start = self.last = time.monotonic()
@@ -71,7 +71,7 @@ class LogProgress:
 
     def _emit(self, state: str = "") -> None:
         elapsed = time.monotonic() - self.start
-        parts = [f"{self.n}/{self.total}" if self.total else f"{self.n}"]
+        parts = [f"{self.n}/{self.total} {self.unit}" if self.total else f"{self.n} {self.unit}"]
         if state == "started":
             parts[0] += " started"
         elif state == "done":

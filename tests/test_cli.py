@@ -125,6 +125,15 @@ def test_the_mlflow_run_covers_the_pipeline_and_the_model_version_is_described(t
     assert "evaluation/variants.json" in [a.path for a in client.list_artifacts(mr.info.run_id, "evaluation")]
 
 
+def test_stack_show_says_where_the_data_is(trained, capfd):
+    code, out, _ = cli(["stack", "show"], capfd)
+    info = json.loads(out)
+    project = Path(os.environ["TAPPER_HOME"])
+    assert code == 0 and info["name"] == "tapper-local"
+    assert info["components"]["artifact_store"]["path"] == str(project / ".tapper" / "artifacts")
+    assert info["components"]["experiment_tracker"]["tracking_uri"] == f"sqlite:///{project}/.tapper/mlflow/mlflow.db"
+
+
 def test_models_lists_versions_stages_metric_and_promotion(trained, capfd):
     code, out, _ = cli(["models", "--json"], capfd)
     assert code == 0
