@@ -31,6 +31,11 @@ test: install
 test-slow: install
 	$(PY) -m pytest -q -m slow
 
+# PNGs of the latest training run (after `make quickstart`): dashboard DAG, data-quality report, MLflow run and
+# model version, with headless Chromium (Debian: apt-get install chromium). Stops the UI servers afterwards.
+screenshots: install
+	$(VENV)/bin/tapper ui --screenshots docs/screenshots; status=$$?; $(VENV)/bin/tapper ui --stop; exit $$status
+
 clean:
 	rm -rf $(VENV) .pytest_cache
 
