@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export ZENML_AUTO_OPEN_DASHBOARD ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install quickstart test test-slow bench clean
+.PHONY: install quickstart test test-slow bench clean clean-all screenshots
 
 install: $(STAMP)
 
@@ -31,5 +31,19 @@ test: install
 test-slow: install
 	$(PY) -m pytest -q -m slow
 
+# PNGs of the latest training run (after `make quickstart`): dashboard DAG, data-quality report, MLflow run and
+# model version, with headless Chromium (Debian: apt-get install chromium). Stops the UI servers afterwards.
+screenshots: install
+	$(VENV)/bin/tapper ui --screenshots docs/screenshots; status=$$?; $(VENV)/bin/tapper ui --stop; exit $$status
+
 clean:
+	rm -rf $(VENV) .pytest_cache
+
+# Everything a run leaves behind too: the UI servers `tapper ui` started, this checkout's run state (.tapper:
+# artifacts, MLflow, serving bundles) and tapper's cache of converted backbones and embeddings
+# ($$TAPPER_CACHE, default ~/.cache/tapper; shared by every checkout of this user, rebuilt on the next run).
+# ZenML's own store (~/.config/zenml) keeps the run records: `zenml clean` wipes it.
+clean-all:
+	-test -x $(VENV)/bin/tapper && $(VENV)/bin/tapper ui --stop
+	rm -rf .tapper "$${TAPPER_CACHE:-$$HOME/.cache/tapper}"
 	rm -rf $(VENV) .pytest_cache

@@ -110,6 +110,12 @@ class EvalReport:
     # The candidate's share of the primary metric on each evaluation query (tapper.eval.metrics.per_query_scores),
     # so that promotion can pair it with the production version on the same queries. Empty in older reports.
     candidate_per_query: dict[str, float] = field(default_factory=dict)
+    # Every variant against the base and the candidate against every other variant, paired on the same queries
+    # (tapper.experiment.paired_comparisons: metric, higher_is_better, pairs {"a - b": {"all": stats}}).
+    paired: dict = field(default_factory=dict)
+    # What the labels alone score on these queries (classification): the best constant answer, and each
+    # user's most frequent label in their history; {name: {"score", "what"}}. Empty for other tasks.
+    references: dict = field(default_factory=dict)
 
     @property
     def candidate_score(self) -> float:
@@ -139,6 +145,7 @@ class PromotionDecision:
     # uses it only with promote_if="significantly-better".
     paired: dict | None = None
     promote_if: str = "better"  # the gate: "better", or "significantly-better" (the paired interval excludes 0)
+    decided_at: str | None = None  # when the decision was made (UTC, ISO 8601)
 
 
 @dataclass

@@ -39,7 +39,9 @@ def lineage(model_name: str, version: str | None = None) -> dict[str, Any]:
 
     mv = _model_version(model_name, version)
     meta = dict(mv.run_metadata or {})
-    runs = [r.id for r in Client().list_pipeline_runs(model_version_id=mv.id, sort_by="asc:created", size=50)]
+    # The runs linked to the version (its model is set on the steps after validation, so the run is linked
+    # through them rather than through a pipeline-level model).
+    runs = [r.id for r in Client().list_pipeline_runs(linked_to_model_version_id=mv.id, sort_by="asc:created", size=50)]
     info: dict[str, Any] = {
         "model": model_name, "version": str(mv.number), "stage": getattr(mv.stage, "value", mv.stage),
         "primary_metric": meta.get("primary_metric"), "score": meta.get("candidate_score"),

@@ -129,6 +129,9 @@ def local_store_id(path: Path) -> str:
     return store_id
 
 
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def ensure_mlflow_local(spec: dict | None = None) -> None:
     """Local MLflow: the SQLite DB's directory exists and the experiment stores artifacts in the project."""
     spec = spec or resolve("local")
@@ -140,13 +143,28 @@ def ensure_mlflow_local(spec: dict | None = None) -> None:
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=uri)
-    if client.get_experiment_by_name("training") is None:
-        client.create_experiment("training", artifact_location=art.as_uri())
+    exp = client.get_experiment_by_name("training")
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment("training", artifact_location=art.as_uri())
+    # The MLflow UI shows an experiment without a kind in its GenAI layout (traces, judges, prompts); ours is
+    # model training: runs, metrics, registered models.
+    if exp is None or exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+
+
+# Component settings worth showing: where each keeps its data. Nothing secret (tokens, keys) is listed.
+SHOWN_CONFIG = ("path", "tracking_uri", "uri", "kubernetes_context", "kubernetes_namespace")
 
 
 def active_stack_summary() -> dict:
+    """The active stack: each component's name, flavor and where it keeps its data."""
     from zenml.client import Client
 
     stack = Client().active_stack_model
-    return {"name": stack.name, "components": {str(t.value): [c.name + f" ({c.flavor_name})" for c in cs]
-                                               for t, cs in stack.components.items()}}
+    components: dict = {}
+    for t, cs in stack.components.items():
+        for c in cs:
+            config = {k: v for k, v in (c.configuration or {}).items() if k in SHOWN_CONFIG and v}
+            if str(t.value) == "model_registry" and c.flavor_name == "mlflow":
+                config.setdefault("registry", "the experiment tracker's MLflow store")
+            components[str(t.value)] = {"name": c.name, "flavor": c.flavor_name, **config}
+    return {"name": stack.name, "components": components}

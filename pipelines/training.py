@@ -29,7 +29,9 @@ from steps.data import file_sha256
 
 
 def _tracked(step_fn):
-    """The step, using the active stack's experiment tracker when it has one."""
+    """The step, using the active stack's experiment tracker when it has one. Every step is tracked, so the
+    run's MLflow run opens with the first step and closes with the last: its duration is the pipeline's,
+    and each step logs what it produces (losses, metrics) as it finishes."""
     tracker = Client().active_stack.experiment_tracker
     return step_fn.with_options(experiment_tracker=tracker.name) if tracker is not None else step_fn
 
@@ -44,12 +46,12 @@ def upstream(questions: str, outputs: str, task: Optional[str], backbone: str, r
     """
     seed = int(run.get("seed", 0))
     # Hashes computed here (at compile time) key the load step's cache on file content.
-    files = load_data(questions=questions, outputs=outputs, task=task,
-                      questions_sha256=file_sha256(questions), outputs_sha256=file_sha256(outputs))
-    dataset, _report = validate_data(files, min_history=min_history, max_history=max_history)
-    data = build_splits(dataset, stage2_users=int(run.get("stage2_users", 100)))
-    vectors = cache_embeddings(data, backbone=backbone, seed=seed)
-    stage1 = train_stage1(data, backbone=backbone, stage1=run.get("stage1"), seed=seed)
+    files = _tracked(load_data)(questions=questions, outputs=outputs, task=task,
+                                questions_sha256=file_sha256(questions), outputs_sha256=file_sha256(outputs))
+    dataset, _report = _tracked(validate_data)(files, min_history=min_history, max_history=max_history)
+    data = _tracked(build_splits)(dataset, stage2_users=int(run.get("stage2_users", 100)))
+    vectors = _tracked(cache_embeddings)(data, backbone=backbone, seed=seed)
+    stage1 = _tracked(train_stage1)(data, backbone=backbone, stage1=run.get("stage1"), seed=seed)
     return data, vectors, stage1
 
 
@@ -74,18 +76,18 @@ def training(
     seed = int(run.get("seed", 0))
     variants = list(variants or ["base", "tap-per"])
     data, vectors, stage1 = upstream(questions, outputs, task, backbone, run, min_history, max_history)
-    state = train_stage2(stage1, data, vectors, stage2=run.get("stage2"), seed=seed, variant=candidate)
+    state = _tracked(train_stage2)(stage1, data, vectors, stage2=run.get("stage2"), seed=seed, variant=candidate)
     evals = []
     for v in variants:
         if v == "base":
-            evals.append(evaluate_base(stage1, data, vectors, stage1=run.get("stage1"), eval=run.get("eval"), seed=seed))
+            evals.append(_tracked(evaluate_base)(stage1, data, vectors, stage1=run.get("stage1"), eval=run.get("eval"), seed=seed))
         elif v == candidate:
-            evals.append(evaluate_tapper(stage1, state, data, vectors, eval=run.get("eval"), seed=seed))
+            evals.append(_tracked(evaluate_tapper)(stage1, state, data, vectors, eval=run.get("eval"), seed=seed))
         else:
-            evals.append(evaluate_variant(v, stage1, data, vectors, run=run, id=f"evaluate_{v}"))
+            evals.append(_tracked(evaluate_variant)(v, stage1, data, vectors, run=run, id=f"evaluate_{v}"))
     if candidate not in variants:
-        evals.append(evaluate_tapper(stage1, state, data, vectors, eval=run.get("eval"), seed=seed))
-    rep = report(evals, stage1, data, candidate=candidate)
+        evals.append(_tracked(evaluate_tapper)(stage1, state, data, vectors, eval=run.get("eval"), seed=seed))
+    rep = _tracked(report)(evals, stage1, data, candidate=candidate)
     if compare:
         _tracked(comparison_report)(evals, stage1, data, backbone=backbone, run=run)
     reg = _tracked(register_model)(rep, state, stage1, run=run, backbone=backbone, log_backbone=log_backbone, data=data)

@@ -8,11 +8,14 @@ the online_adaptation pipeline: ... stage1_backbone -> online_bootstrap_state ->
 (one per method) -> online_trajectories.
 """
 import materializers  # noqa: F401  (registers our materializers)
+from steps._core import silence_known_noise
 from steps.data import build_splits, load_data, validate_data
 from steps.evaluate import comparison_report, evaluate_base, evaluate_tapper, evaluate_variant, report
 from steps.model import cache_embeddings, train_stage1, train_stage2
 from steps.online import online_bootstrap, online_method, online_report
 from steps.promote import promote, register_model
+
+silence_known_noise()
 
 __all__ = [
     "load_data", "validate_data", "build_splits", "cache_embeddings", "train_stage1", "train_stage2",

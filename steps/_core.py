@@ -6,7 +6,6 @@ logic is the same calls in the same order as run_tapper_variant.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -69,7 +68,7 @@ def install_embeddings(table: EmbeddingTable) -> int:
 
 
 def train_tapper(variant: str, stage1_dir: Path, data: PreparedData, cfg: RunConfig, state_dir: Path,
-                 progress: bool = False, log=None) -> TapPerState:
+                 progress: bool = True, log=None) -> TapPerState:
     """Stage 2 of one TAP-PER variant on the merged backbone; saves TapPer state to `state_dir`."""
     from tapper.experiment import train_tapper_variant
 
@@ -85,7 +84,7 @@ def train_tapper(variant: str, stage1_dir: Path, data: PreparedData, cfg: RunCon
     )
 
 
-def evaluate_state(state: TapPerState, stage1_dir: Path, data: PreparedData, cfg: RunConfig, progress: bool = False) -> VariantEval:
+def evaluate_state(state: TapPerState, stage1_dir: Path, data: PreparedData, cfg: RunConfig, progress: bool = True) -> VariantEval:
     """Load a saved TAP-PER state on the merged backbone and evaluate it on the evaluation split."""
     from tapper.experiment import predict_eval
     from tapper.model.backbone import load_backbone_dir
@@ -132,5 +131,31 @@ def active_mlflow():
 
 
 def quiet() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    """Offline, known third-party warnings off, and progress as log lines (tapper.progress): a step's
+    output goes to the dashboard's step logs, where a bar's redraws would be red ERROR rows."""
+    from tapper.progress import log_lines
+    from tapper.quiet import quiet as quiet_env
+
+    quiet_env()
+    log_lines(True)
+
+
+class _DropMessage:
+    """A logging filter that drops one exact message."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def filter(self, record) -> bool:
+        return record.getMessage() != self.message
+
+
+def silence_known_noise() -> None:
+    """ZenML 0.98's MLflow tracker turns off MLflow autologging for eight frameworks after every tracked step;
+    MLflow 3.17 has no `mlflow.fastai` any more, so every step would log this one line. Only that exact
+    line is dropped: any other framework failing to turn off is still reported."""
+    import logging
+
+    name = "zenml.integrations.mlflow.experiment_trackers.mlflow_experiment_tracker"
+    logging.getLogger(name).addFilter(
+        _DropMessage("Failed to disable MLflow autologging for the following frameworks: ['fastai']."))

@@ -33,7 +33,7 @@ class QualityResult:
     expectations: list[dict] = field(default_factory=list)
 
     def message(self) -> str:
-        head = f"data validation failed for {self.task}: {len(self.failures)} expectation(s) not met"
+        head = f"data validation failed for {self.task}: {len(self.failures)} problem(s)"
         return head + "".join(f"\n  - {f}" for f in self.failures)
 
 
@@ -193,27 +193,74 @@ def _frame(name: str, rows: list[dict], task: str):
     return df.astype(object).where(df.notna(), None)
 
 
-def describe_failure(table: str, res) -> str:
+# What each check means for the files, in words (table, expectation type, column) -> what the failing rows have.
+_PLAIN: dict[tuple[str, str, str | None], str] = {
+    ("queries", "expect_table_row_count_to_be_between", None): "the questions file holds no questions",
+    ("queries", "expect_column_values_to_not_be_null", "id"): "question(s) without an id",
+    ("queries", "expect_column_values_to_be_unique", "id"): "question(s) share an id with another question",
+    ("queries", "expect_column_values_to_not_be_null", "input"): "question(s) without an input text",
+    ("queries", "expect_column_values_to_not_be_null", "user_id"): "question(s) without a user_id",
+    ("queries", "expect_column_values_to_be_in_set", "has_gold"): "question(s) have no gold answer in the outputs file",
+    ("queries", "expect_column_values_to_be_between", "profile_len"): "question(s) have a history (profile) of {bounds} records",
+    ("queries", "expect_column_values_to_be_in_set", "gold"): "question(s) have a gold answer that is not a {task} label",
+    ("records", "expect_column_values_to_not_be_null", "record_id"): "history record(s) without an id",
+    ("records", "expect_compound_columns_to_be_unique", None): "history record(s) repeat a record id within one question's profile",
+    ("records", "expect_column_values_to_be_in_set", "date_ok"): "history record(s) have a date that does not parse",
+    ("records", "expect_column_values_to_be_in_set", "chronological"): "question(s) have a profile whose dates go backwards",
+    ("golds", "expect_column_values_to_not_be_null", "id"): "gold(s) without an id",
+    ("golds", "expect_column_values_to_be_unique", "id"): "gold(s) share an id with another gold",
+    ("golds", "expect_column_values_to_not_be_null", "output"): "gold(s) without an output",
+    ("golds", "expect_column_values_to_be_in_set", "output"): "gold output(s) that are not a {task} label",
+}
+# Which column of a failing row to quote as the example (the value itself is often just True/False).
+_SHOW = {"has_gold": "id", "date_ok": "date", "chronological": "query_id", "profile_len": "id"}
+_FILE_OF = {"queries": "questions", "records": "questions", "golds": "outputs"}
+
+
+def describe_failure(table: str, res, rows: list[dict] | None = None, files: LampFiles | None = None,
+                     task: str = "") -> str:
+    """One failed expectation in words: which file, how many rows, what is wrong with them, examples.
+
+    e.g. "questions.json: 1 history record(s) have a date that does not parse (e.g. '2020-13-45' in record 'r0'
+    of question 'q1-0')" — the expectation's own name is kept in brackets for the report's table."""
     cfg = res.expectation_config
     kw = {k: v for k, v in cfg.kwargs.items() if k not in ("batch_id", "result_format")}
-    what = cfg.type.replace("expect_", "").replace("_", " ")
-    col = kw.pop("column", None) or kw.pop("column_list", None)
+    col = kw.get("column")
     r = res.result or {}
-    bad = r.get("partial_unexpected_list") or []
     count = r.get("unexpected_count")
-    detail = []
-    if col is not None:
-        detail.append(f"column {col}")
-    if count:
-        detail.append(f"{count} unexpected")
-    if bad:
-        detail.append("e.g. " + ", ".join(repr(b) for b in bad[:3]))
-    if r.get("observed_value") is not None:
-        detail.append(f"observed {r['observed_value']!r}")
-    extra = {k: v for k, v in kw.items() if k in ("value_set", "min_value", "max_value") and v is not None}
-    if "value_set" in extra and len(extra["value_set"]) > 6:
-        extra["value_set"] = f"<{len(extra['value_set'])} labels>"
-    return f"{table}: {what} ({'; '.join(detail)})" + (f" {extra}" if extra else "")
+    key = (table, cfg.type, col if isinstance(col, str) else None)
+    what = _PLAIN.get(key)
+    if what is None and isinstance(col, str) and col.startswith("field_"):
+        field = col[len("field_"):]
+        what = (f"history record(s) have a {field!r} that is not a {task} label"
+                if cfg.type == "expect_column_values_to_be_in_set" else f"history record(s) lack the field {field!r}")
+    lo, hi = kw.get("min_value"), kw.get("max_value")
+    bounds = (f"fewer than {lo:g}" if lo is not None else "") + (" or " if lo is not None and hi is not None else "") + \
+             (f"more than {hi:g}" if hi is not None else "")
+    what = (what or cfg.type.replace("expect_", "").replace("_", " ")).format(task=task, bounds=bounds)
+    examples: list[str] = []
+    indices = r.get("partial_unexpected_index_list") or []
+    if rows is not None and indices:
+        show = _SHOW.get(col, col) if isinstance(col, str) else None
+        for i in indices[:3]:
+            row = rows[i] if isinstance(i, int) and i < len(rows) else None
+            if row is None:
+                continue
+            value = row.get(show) if show else None
+            where = f"record {row['record_id']!r} of question {row['query_id']!r}" if table == "records" else \
+                    f"question {row['id']!r}" if table == "queries" and show != "id" else ""
+            if table == "queries" and show == "id":
+                examples.append(repr(row.get("id")) + (f" ({row.get('profile_len')} records)" if col == "profile_len" else ""))
+            else:
+                examples.append(" in ".join(x for x in (repr(value) if value is not None else "", where) if x))
+    elif r.get("partial_unexpected_list"):
+        examples = [repr(b) for b in r["partial_unexpected_list"][:3]]
+    if r.get("observed_value") is not None and not count:
+        examples.append(f"found {r['observed_value']!r}")
+    examples = list(dict.fromkeys(examples))  # e.g. two rows sharing one id
+    name = Path(getattr(files, f"{_FILE_OF.get(table, 'questions')}_name")).name if files is not None else table
+    head = f"{name}: {count} {what}" if count else f"{name}: {what}"
+    return head + (f" (e.g. {'; '.join(examples)})" if examples else "") + f" [{table}: {cfg.type}]"
 
 
 def validate_files(files: LampFiles, min_history: int = 1, max_history: int = 100_000) -> QualityResult:
@@ -243,7 +290,7 @@ def validate_files(files: LampFiles, min_history: int = 1, max_history: int = 10
             cp = ctx.checkpoints.add(gx.Checkpoint(
                 name=f"{task}.{name}", validation_definitions=[vd],
                 actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
-                result_format={"result_format": "SUMMARY"},
+                result_format={"result_format": "SUMMARY", "partial_unexpected_count": 3},
             ))
             run = cp.run(batch_parameters={"dataframe": _frame(name, tables[name], task)})
             for vr in run.run_results.values():
@@ -251,17 +298,18 @@ def validate_files(files: LampFiles, min_history: int = 1, max_history: int = 10
                     ok = bool(res.success)
                     expectations.append({"table": name, "expectation": res.expectation_config.type,
                                          "column": res.expectation_config.kwargs.get("column"), "success": ok})
-                    if not ok:
-                        failures.append(describe_failure(name, res))
-        for row in tables["files"]:
-            if not row["parsed"]:
-                failures.append(row["problem"])
+                    if not ok and name == "files":
+                        # the file did not parse: its own problem (not valid JSON, wrong top level) says it plainly
+                        failures.extend(f"{Path(row['file']).name}: {row['problem'].split(': ', 1)[-1]}"
+                                        for row in tables["files"] if not row["parsed"])
+                    elif not ok:
+                        failures.append(describe_failure(name, res, tables[name], files, task))
         site = Path(root) / "gx" / "uncommitted" / "data_docs" / "local_site"
         for page in sorted((site / "validations").rglob("*.html")) if site.exists() else []:
             pages.append((page.relative_to(site / "validations").parts[0], _inline_css(page.read_text(), site)))
     summary = {
         "task": task, "success": not failures, "expectations": len(expectations),
-        "failed_expectations": sum(not e["success"] for e in expectations) + sum(not r["parsed"] for r in tables["files"]),
+        "failed_expectations": sum(not e["success"] for e in expectations),
         "queries": len(tables["queries"]), "records": len(tables["records"]), "golds": len(tables["golds"]),
         "users": len({q["user_id"] for q in tables["queries"]}),
         "questions_sha256": files.questions_sha256, "outputs_sha256": files.outputs_sha256,

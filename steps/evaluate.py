@@ -14,8 +14,11 @@ logger = get_logger(__name__)
 
 
 def _log(ev: VariantEval) -> None:
-    logger.info("%s: %s", ev.name, ", ".join(f"{k}={v:.4f}" for k, v in ev.metrics.items()))
+    logger.info("%s: %s (%.0f s)", ev.name, ", ".join(f"{k}={v:.4f}" for k, v in ev.metrics.items()), ev.seconds)
     log_metadata(metadata={"metrics": {k: float(v) for k, v in ev.metrics.items()}})
+    mlflow = active_mlflow()
+    if mlflow is not None:  # in the run's MLflow run as soon as it is known (register_model adds cached ones)
+        mlflow.log_metrics({f"{ev.name}/{k}": float(v) for k, v in ev.metrics.items()})
 
 
 @step
@@ -28,7 +31,7 @@ def evaluate_base(
 
     quiet()
     install_embeddings(embeddings)
-    res = core_evaluate_base(stage1_backbone.path, data, run_config(data, seed, stage1=stage1, eval=eval), progress=False)
+    res = core_evaluate_base(stage1_backbone.path, data, run_config(data, seed, stage1=stage1, eval=eval), progress=True)
     ev = variant_eval(res, data.task.name)
     _log(ev)
     return ev
@@ -60,7 +63,7 @@ def evaluate_variant(
     r = dict(run or {})
     r.pop("stage2_users", None)
     cfg = run_config(data, r.pop("seed", 0), **r)
-    res = run_variant(variant, stage1_backbone.path, data, cfg, step_tempdir("tapper-variant-"), progress=False)
+    res = run_variant(variant, stage1_backbone.path, data, cfg, step_tempdir("tapper-variant-"), progress=True)
     ev = variant_eval(res, data.task.name)
     _log(ev)
     return ev
@@ -76,6 +79,9 @@ def report(evals: List[VariantEval], stage1_backbone: BackboneDir, data: Prepare
         raise ValueError(f"candidate {candidate!r} was not evaluated; evaluated: {sorted(by_name)}")
     losses = {"stage1": list(stage1_backbone.losses)}
     losses.update({e.name: list(e.losses) for e in evals if e.losses})
+    from tapper.eval.paired import describe
+    from tapper.experiment import paired_comparisons
+
     rep = EvalReport(
         task=task.name, primary_metric=task.primary_metric, higher_is_better=task.higher_is_better, candidate=candidate,
         eval_data_hash=eval_data_hash(data), eval_queries=len(data.splits.eval),
@@ -83,9 +89,43 @@ def report(evals: List[VariantEval], stage1_backbone: BackboneDir, data: Prepare
         params={e.name: {"per_user": e.per_user_params, "shared": e.shared_params} for e in evals},
         losses=losses,
         candidate_per_query=query_scores(data, by_name[candidate].predictions),
+        paired=paired_comparisons(data, {e.name: e.predictions for e in evals}) if len(evals) > 1 else {},
+        references=reference_scores(data),
     )
     logger.info("%s on %d queries: %s %s = %.4f", task.name, rep.eval_queries, candidate, rep.primary_metric, rep.candidate_score)
+    for pair, by_group in (rep.paired.get("pairs") or {}).items():
+        logger.info("paired %s: %s", pair, describe(by_group["all"]))
+    mlflow = active_mlflow()
+    if mlflow is not None:
+        mlflow.log_metrics({f"reference/{k}": float(v["score"]) for k, v in rep.references.items()})
+        for pair, by_group in (rep.paired.get("pairs") or {}).items():
+            st, key = by_group["all"], pair.replace(" ", "")
+            mlflow.log_metrics({f"paired/{key}/mean": st["mean"], f"paired/{key}/ci95_low": st["ci95"][0],
+                                f"paired/{key}/ci95_high": st["ci95"][1]})
     return rep
+
+
+def reference_scores(data: PreparedData) -> dict:
+    """What the labels alone score on the evaluation queries (classification tasks): always answering the most
+    common gold label (the best constant answer, known only in hindsight), and answering each user's most
+    frequent label in their own history (what a model that reads the history perfectly and ignores the text
+    would score). A base model below the first has not learnt the task; the gap between the two is what
+    personalization can win."""
+    from collections import Counter
+
+    task = data.task
+    exs = [ex for ex in data.splits.eval if ex.target is not None]
+    if task.kind != "classification" or not exs or task.target_field is None:
+        return {}
+    label, hits = Counter(ex.target for ex in exs).most_common(1)[0]
+    user_hits = 0
+    for ex in exs:
+        past = Counter(r.fields.get(task.target_field) for r in ex.history if r.fields.get(task.target_field))
+        user_hits += bool(past) and past.most_common(1)[0][0] == ex.target
+    return {
+        "most_popular_label": {"score": hits / len(exs), "what": f"always {label!r}"},
+        "user_majority_label": {"score": user_hits / len(exs), "what": "each user's most frequent past label"},
+    }
 
 
 def comparison_metrics(evals: List[VariantEval], stage1_backbone: BackboneDir, data: PreparedData, backbone: str,

@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 
@@ -34,7 +35,9 @@ class TapperModel(PythonModel):
                                             version=str(ref.get("weights_hash", ""))[:12] or "mlflow")
         self.task = self.scorer.ld.task
 
-    def predict(self, context, model_input, params=None):
+    # The type hint says what pyfunc hands over after checking the input against the logged signature (a
+    # DataFrame); MLflow infers no schema from it, so the signature stays the one register_model logs.
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         columns = getattr(model_input, "columns", None)
         if columns is not None and "profile" not in columns:
             return self.scorer.score(model_input)

@@ -13,9 +13,15 @@ from tapper.experiment import PreparedData
 logger = get_logger(__name__)
 
 
-def _loss_logger(prefix: str):
+def _loss_logger():
+    """Each finished epoch: a log line, and the loss in the run's MLflow run (`loss/<stage>`, step = epoch)."""
+    from steps._core import active_mlflow
+
     def log(stage: str, epoch: int, loss: float) -> None:
-        logger.info("%s epoch %d: loss %.4f", stage, epoch, loss)
+        logger.info("%s epoch %d: loss %.4f", stage, epoch + 1, loss)
+        mlflow = active_mlflow()
+        if mlflow is not None:
+            mlflow.log_metric(f"loss/{stage}", float(loss), step=epoch + 1)
 
     return log
 
@@ -37,7 +43,7 @@ def cache_embeddings(data: PreparedData, backbone: str, seed: int = 0) -> Annota
     bb = open_backbone(backbone, data, seed)
     cache = embedding_cache(bb)
     texts = embedding_texts(data)
-    vectors = cache.encode(texts, progress=False) if texts else torch.zeros(0, bb.hidden_size)
+    vectors = cache.encode(texts, progress=True) if texts else torch.zeros(0, bb.hidden_size)
     table = EmbeddingTable(key=cache.key, vectors=vectors.float().contiguous(),
                            index={text_hash(t): i for i, t in enumerate(texts)}, backbone=backbone,
                            computed=cache.stats.computed, reused=cache.stats.reused)
@@ -54,7 +60,7 @@ def train_stage1(data: PreparedData, backbone: str, stage1: Optional[dict] = Non
     cfg = run_config(data, seed, stage1=stage1)
     bb = open_backbone(backbone, data, seed, cfg.stage1.dtype)
     out = step_tempdir("tapper-stage1-") / "merged"
-    res = run_stage1(bb, data, cfg, out, progress=False, log=_loss_logger("stage1"))
+    res = run_stage1(bb, data, cfg, out, progress=True, log=_loss_logger())
     log_metadata(metadata={"stage1": {"losses": res.losses, "examples": res.n_examples, "weights_hash": res.weights_hash}})
     return BackboneDir(path=res.path, spec=backbone, weights_hash=res.weights_hash, losses=list(res.losses), n_examples=res.n_examples)
 
@@ -69,7 +75,7 @@ def train_stage2(
     added = install_embeddings(embeddings)
     cfg = run_config(data, seed, stage2=stage2)
     state = train_tapper(variant, stage1_backbone.path, data, cfg, step_tempdir("tapper-state-") / variant,
-                         log=_loss_logger(variant))
+                         log=_loss_logger())
     log_metadata(metadata={"stage2": {"losses": state.losses, "examples": state.n_train, "lambda_t": state.lambda_t,
                                       "lambda_o": state.lambda_o, "embeddings_installed": added}})
     return state

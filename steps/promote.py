@@ -25,9 +25,12 @@ recorded in the decision and in the model version's metadata.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -85,13 +88,19 @@ def register_model(
         active = mlflow.active_run()
         mlflow.log_params({**_flatten(cfg), "backbone": backbone, "task": report.task, "candidate": report.candidate,
                            "eval_data_hash": report.eval_data_hash[:16], "zenml_model_version": str(mv.number)})
+        # The training and evaluation steps log their losses and metrics into this run as they finish; a step
+        # served from the cache did not run, so what is missing is logged here from the report.
+        logged = set(mlflow.get_run(active.info.run_id).data.metrics) if active else set()
         for stage, losses in report.losses.items():
-            for i, loss in enumerate(losses):
-                mlflow.log_metric(f"loss/{stage}", float(loss), step=i + 1)
-        for variant, ms in report.variants.items():
-            mlflow.log_metrics({f"{variant}/{k}": float(v) for k, v in ms.items()})
+            if f"loss/{stage}" not in logged:
+                for i, loss in enumerate(losses):
+                    mlflow.log_metric(f"loss/{stage}", float(loss), step=i + 1)
+        mlflow.log_metrics({f"{variant}/{k}": float(v) for variant, ms in report.variants.items() for k, v in ms.items()
+                            if f"{variant}/{k}" not in logged})
         mlflow.log_metric(f"candidate/{report.primary_metric}", report.candidate_score)
         mlflow.log_dict(asdict(report), "evaluation/report.json")
+        table = evaluation_table(report)
+        mlflow.log_table(data=table, artifact_file="evaluation/variants.json")
         with tempfile.TemporaryDirectory(prefix="tapper-mlflow-") as tmp:
             png = loss_plot_png(report.losses)
             if png:
@@ -109,15 +118,28 @@ def register_model(
             if log_backbone:
                 artifacts["stage1_backbone"] = str(stage1_backbone.path)
             name = mv.name
-            model_info = mlflow.pyfunc.log_model(
-                name="tapper", python_model=str(MLFLOW_MODEL_FILE), artifacts=artifacts,
-                registered_model_name=name, pip_requirements=["tapper"],
-                metadata={"task": report.task, "zenml_model_version": str(mv.number)},
-            )
+            said = io.StringIO()
+            with warnings.catch_warnings(), contextlib.redirect_stderr(said):
+                # The signature is given in full; an input example would make MLflow load the backbone and
+                # predict once more here only to check what the signature already says.
+                warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
+                model_info = mlflow.pyfunc.log_model(
+                    name="tapper", python_model=str(MLFLOW_MODEL_FILE), artifacts=artifacts,
+                    registered_model_name=name, pip_requirements=["tapper"], signature=model_signature(report.task),
+                    metadata={"task": report.task, "zenml_model_version": str(mv.number)},
+                )
+            # MLflow prints "Successfully registered model ..." to stderr, which the dashboard shows as red ERROR rows.
+            for line in said.getvalue().splitlines():
+                if line.strip():
+                    logger.info("MLflow: %s", line.strip())
         version = str(model_info.registered_model_version)
         client = mlflow.MlflowClient()
         client.set_model_version_tag(name, version, "zenml_model_version", str(mv.number))
         client.set_model_version_tag(name, version, f"{report.primary_metric}", f"{report.candidate_score:.6f}")
+        client.update_model_version(name, version, description=model_description(report, backbone, str(mv.number), table))
+        if not (client.get_registered_model(name).description or ""):
+            client.update_registered_model(name, description=f"TAP-PER personalization model for {report.task} "
+                                           "(tapper). Each version's description holds its evaluation table.")
         info.update({"mlflow_run_id": active.info.run_id if active else "", "mlflow_model": name, "mlflow_version": version,
                      "mlflow_model_uri": model_info.model_uri, "tracking_uri": mlflow.get_tracking_uri()})
         logger.info("MLflow: registered %s version %s (run %s)", name, version, info["mlflow_run_id"])
@@ -131,6 +153,56 @@ def register_model(
         "backbone_hash": stage1_backbone.weights_hash, **{k: v for k, v in info.items() if k.startswith("mlflow")},
     }, infer_model=True)
     return info
+
+
+def evaluation_table(report: EvalReport) -> dict[str, list]:
+    """The evaluation as columns (MLflow's table format): one row per variant, its metrics and its paired
+    difference in the primary metric to the base (mean and 95 % interval)."""
+    names = list(report.variants)
+    metrics = list(next(iter(report.variants.values())).keys()) if names else []
+    pairs = (report.paired or {}).get("pairs", {})
+    table: dict[str, list] = {"variant": names}
+    for m in metrics:
+        table[m] = [round(float(report.variants[v][m]), 6) for v in names]
+    vs_base = [pairs.get(f"{v} - base", {}).get("all") for v in names]
+    table[f"{report.primary_metric} - base"] = [None if st is None else round(st["mean"], 6) for st in vs_base]
+    table["95% interval"] = [None if st is None else f"[{st['ci95'][0]:+.3f}, {st['ci95'][1]:+.3f}]" for st in vs_base]
+    table["queries"] = [report.eval_queries] * len(names)
+    return table
+
+
+def model_description(report: EvalReport, backbone: str, zenml_version: str, table: dict[str, list]) -> str:
+    """The MLflow model version's description: what it is, on what it was evaluated, and the evaluation table."""
+    cols = list(table)
+    lines = [
+        f"TAP-PER ({report.candidate}) for {report.task} on the {backbone or 'configured'} backbone; ZenML model "
+        f"version {zenml_version}. Primary metric {report.primary_metric} = {report.candidate_score:.4f} on "
+        f"{report.eval_queries} evaluation queries (data hash {report.eval_data_hash[:12]}).",
+        "", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols),
+    ]
+    for i in range(len(table["variant"])):
+        lines.append("| " + " | ".join("" if table[c][i] is None else str(table[c][i]) for c in cols) + " |")
+    refs = "; ".join(f"{v['what']}: {v['score']:.4f}" for v in (report.references or {}).values())
+    if refs:
+        lines += ["", f"Reference (labels alone): {refs}."]
+    lines += ["", "Input: LaMP questions (id, input, user_id, profile records); output: the answer text. "
+              "Artifacts: tapper_state/ (prefix table, DIN, bridge), backbone.json (where the merged Stage-1 backbone is)."]
+    return "\n".join(lines)
+
+
+def model_signature(task: str):
+    """The pyfunc model's signature: LaMP questions of `task` in (id, input, user_id, profile records with the
+    task's fields), one answer string per question out."""
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Object, Property, Schema
+
+    from tapper.data import get_task
+
+    fields = [Property(f, "string", required=False) for f in get_task(task).profile_fields]
+    record = Object([Property("id", "string"), Property("date", "string", required=False), *fields])
+    inputs = Schema([ColSpec("string", "id"), ColSpec("string", "input"), ColSpec("string", "user_id", required=False),
+                     ColSpec(Array(record), "profile")])
+    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("string")]))
 
 
 def serving_root(serving_dir: Optional[str] = None) -> Path:
@@ -177,6 +249,12 @@ def _export_into(decision: PromotionDecision, state: TapPerState, stage1: Backbo
     except Exception as err:  # noqa: BLE001 - the promotion stands; the decision says why serving was not updated
         decision.bundle_error = f"{type(err).__name__}: {err}"
         logger.error("promoted, but the serving bundle could not be exported: %s", decision.bundle_error)
+
+
+def _now() -> str:
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def is_better(new: float, old: float, higher_is_better: bool) -> bool:
@@ -300,6 +378,7 @@ def promote(report: EvalReport, registration: dict, data: PreparedData, tapper_s
             else:
                 decision.reason = (f"not promoted: {report.primary_metric} {new:.4f} {why_not} "
                                    f"production v{prod.number}'s {old:.4f} ({how})")
+    decision.decided_at = _now()
     if decision.promoted:
         decision.archived_version = set_production(mv.name, str(mv.number), registration, forced=False)
         _export_into(decision, tapper_state, stage1_backbone, data, serving_dir,
@@ -326,7 +405,7 @@ def force_promote(model_name: str, version: str) -> PromotionDecision:
         candidate_score=float(meta.get("candidate_score", float("nan"))),
         production_version=str(prod.number) if prod is not None else None,
         production_score=float((prod.run_metadata or {}).get("candidate_score")) if prod is not None and (prod.run_metadata or {}).get("candidate_score") is not None else None,
-        archived_version=archived, mlflow_model=meta.get("mlflow_model"),
+        archived_version=archived, mlflow_model=meta.get("mlflow_model"), decided_at=_now(),
         mlflow_version=None if meta.get("mlflow_version") is None else str(meta.get("mlflow_version")),
     )
     try:

@@ -4,8 +4,12 @@
     tapper online       streaming-feedback simulation (Static / Online-Emb / Online-Full / Full-Retrain)
     tapper build        LaMP-format datasets from real or synthetic data
     tapper plan         memory each stage needs on one GPU (meta-device modules), the largest micro-batch that fits
-    (ZenML commands — train, promote, lineage, dashboard, stack — register
+    (ZenML commands — train, promote, lineage, models, ui, stack — register
     themselves from pipelines/cli_commands.py; ZenML is imported only when one runs.)
+
+Errors are one line, `tapper: error: <what, where> ...`; `--debug` (anywhere on the line, or
+TAPPER_DEBUG=1) shows the traceback instead. Nothing heavy is imported to build the parser, so
+`tapper --help` answers at once.
 """
 from __future__ import annotations
 
@@ -19,9 +23,9 @@ DEFAULT_VARIANTS = "base,tap-per"
 
 def _quiet_env() -> None:
     # Offline by design: nothing is fetched from a hub at run time.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from tapper.quiet import quiet
+
+    quiet()
 
 
 def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -101,7 +105,8 @@ def print_report(report: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tapper", description="TAP-PER personalization: experiments, pipelines, serving.")
+    parser = argparse.ArgumentParser(prog="tapper", description="TAP-PER personalization: experiments, pipelines, serving.",
+                                     epilog="--debug (anywhere on the command line): show the traceback of an error.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("experiment", help="run Stage 1, Stage 2 and evaluation directly on LaMP files",
@@ -144,16 +149,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class CLIError(Exception):
+    """A failure the command has already put into words: printed as one line, exit code `code`."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line that names what failed: its message (first line, else the type), with a
+    missing file's path spelled out."""
+    if isinstance(err, FileNotFoundError) and err.filename and not str(err).startswith(("file not found", "no ")):
+        return f"file not found: {err.filename}"
+    text = str(err).strip()
+    if isinstance(err, KeyError) and len(err.args) == 1 and isinstance(err.args[0], str):
+        text = err.args[0]  # KeyError's str() adds quotes
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return type(err).__name__
+    head = lines[0] + (" (...)" if len(lines) > 1 else "")
+    return head if isinstance(err, (CLIError, ValueError, FileNotFoundError)) else f"{type(err).__name__}: {head}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("TAPPER_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     _quiet_env()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        # Bad input is reported plainly (file, record, field), without a traceback.
-        print(f"tapper: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("tapper: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - every failure becomes one line unless --debug
+        if debug:
+            raise
+        code = err.code if isinstance(err, CLIError) else 2 if isinstance(err, (ValueError, FileNotFoundError)) else 1
+        expected = isinstance(err, (CLIError, ValueError, FileNotFoundError))  # bad input, already in words
+        hint = "" if expected else "  (run again with --debug for the traceback)"
+        print(f"tapper: error: {one_line(err)}{hint}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from tapper.builders.news import (CATEGORY_TO_LAMP_2N, build_news, build_news_da
 from tapper.builders.synthetic import build_synthetic, candidates_in, generate_synthetic
 from tapper.data.chronology import first_out_of_order
 from tapper.data.lamp_io import load_lamp
+from tapper.cli import main as cli_main
 from tapper.data.splits import make_splits, user_history
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -262,16 +263,27 @@ def test_cli_help(kind, capsys):
     assert "--out" in capsys.readouterr().out
 
 
-def test_bundled_default_dataset():
+def test_bundled_default_dataset(tmp_path):
+    """The quickstart's data: 4 queries per author (the 25 most active give 100 evaluation queries), built by the
+    command its README records, from the shared news data, with the licence and attribution."""
     from tapper.resources import default_dataset_paths
 
     questions, outputs, task = default_dataset_paths()
     ds = load_lamp(questions, outputs, task)
-    assert task == "LaMP_2N" and len(ds.queries) == 30
-    assert all(len(q.profile) == 30 for q in ds.queries)
-    assert questions.stat().st_size + outputs.stat().st_size < 300_000
+    assert task == "LaMP_2N" and len(ds.queries) == 444 and len(ds.users()) == 111
+    assert all(5 <= len(q.profile) <= 30 for q in ds.queries)
+    assert questions.stat().st_size + outputs.stat().st_size < 3_000_000
     readme = (questions.parent / "README.md").read_text()
-    assert "CC BY 4.0" in readme and "tapper build news" in readme
+    assert "CC BY 4.0" in readme and "arXiv:2209.11429" in readme
+    command = next(line for line in readme.splitlines() if line.startswith("tapper build news"))
+    if not (SHARED_DATA / "news_category").is_dir():
+        pytest.skip("the shared news data is not on this machine")
+    args = command.split()[3:]
+    args[args.index("--out") + 1] = str(tmp_path)
+    args[args.index("--source") + 1] = str(SHARED_DATA / "news_category")
+    assert cli_main(["build", "news", *args, "--no-progress"]) == 0
+    assert (tmp_path / "questions.json").read_bytes() == questions.read_bytes()
+    assert (tmp_path / "outputs.json").read_bytes() == outputs.read_bytes()
 
 
 def test_synthetic_reverse_drift_turns_the_whole_ranking_around(tmp_path):

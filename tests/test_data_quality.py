@@ -53,8 +53,14 @@ def test_each_broken_invariant_is_named(lamp, tmp_path):
     r = validate_files(files(bad, bad_o))
     assert not r.success
     text = r.message()
-    for needle in ("field_category", "date_ok", "queries: column values to be unique", "field_title", "has_gold"):
+    # Each problem in words, naming the file, how many rows, and an example with its record and question.
+    for needle in ("questions.json: 1 history record(s) have a 'category' that is not a LaMP_2N label (e.g. 'nonsense' in record",
+                   "questions.json: 1 history record(s) have a date that does not parse (e.g. '2020-13-45' in record",
+                   "questions.json: 2 question(s) share an id with another question",
+                   "questions.json: 1 history record(s) lack the field 'title'",
+                   "question(s) have no gold answer in the outputs file"):
         assert needle in text, (needle, text)
+    assert "value_set" not in text and r.summary["failed_expectations"] == len(r.failures) == 6
     assert "FAILED" in r.html
 
 
@@ -64,11 +70,14 @@ def test_unparsable_file_is_a_failure_not_a_crash(lamp, tmp_path):
     bad = tmp_path / "questions.json"
     bad.write_text("[{")
     r = validate_files(files(bad, lamp[1]))
-    assert not r.success and any("not valid JSON" in f for f in r.failures)
+    assert not r.success and r.failures == [f"questions.json: not valid JSON (Expecting property name enclosed in double quotes: "
+                                            "line 1 column 3 (char 2))"]
+    # One check ran (the files parse) and it failed: the summary counts it once.
+    assert r.summary["expectations"] == 1 and r.summary["failed_expectations"] == 1
 
 
 def test_history_length_bounds(lamp):
     from steps.data_quality import validate_files
 
     r = validate_files(files(*lamp), min_history=1, max_history=3)
-    assert not r.success and any("profile_len" in f for f in r.failures)
+    assert not r.success and any("have a history (profile) of fewer than 1 or more than 3 records" in f for f in r.failures)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
+from tapper.progress import tqdm  # a bar on a terminal, log lines elsewhere (pipeline steps)
 from peft import get_peft_model_state_dict
 from safetensors.torch import save_file
 

@@ -104,10 +104,11 @@ def source_files(source: str | Path) -> list[Path]:
     if source.is_dir():
         files = sorted(p for p in source.iterdir() if p.suffix in (".jsonl", ".json"))
         if not files:
-            raise FileNotFoundError(f"no .jsonl or .json files in {source}")
+            raise FileNotFoundError(f"no .jsonl or .json files in {source}; pass --source with the News Category file or its directory")
         return files
     if not source.exists():
-        raise FileNotFoundError(source)
+        raise FileNotFoundError(f"no News Category data at {source}; pass --source with the file or its directory "
+                                "(the project's copy is ../shared/data/news_category)")
     return [source]
 
 

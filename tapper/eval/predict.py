@@ -1,7 +1,7 @@
 """Batched greedy generation for every variant, and the LaMP-format predictions it yields."""
 from __future__ import annotations
 
-from tqdm.auto import tqdm
+from tapper.progress import tqdm  # a bar on a terminal, log lines elsewhere (pipeline steps)
 
 from tapper.model.prefixed_lm import PrefixedLM
 from tapper.model.tapper import TapPer
@@ -20,7 +20,8 @@ def generate_texts(model: TapPer | PrefixedLM, encoded: EncodedSet, tokenizer, t
     model.eval()
     preds: dict[str, str] = {}
     items = encoded.items
-    for b in tqdm(range(0, len(items), batch_size), desc=desc, disable=not progress, leave=False):
+    label = desc if desc == "generating" else f"generating ({desc})"
+    for b in tqdm(range(0, len(items), batch_size), desc=label, disable=not progress, leave=False):
         chunk = items[b : b + batch_size]
         if isinstance(model, TapPer):
             out = model.generate(chunk, encoded.vectors, pad, eos, max_new)

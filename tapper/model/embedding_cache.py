@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+from tapper.progress import tqdm  # a bar on a terminal, log lines elsewhere (pipeline steps)
 
 from tapper.atomic import atomic_write, atomic_write_json, file_lock
 from tapper.model.backbone import embedding_hash, tokenizer_hash

@@ -6,7 +6,7 @@ import random
 from typing import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from tapper.progress import tqdm  # a bar on a terminal, log lines elsewhere (pipeline steps)
 
 from tapper.train.row_adam import RowAdamW
 
