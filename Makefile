@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export ZENML_AUTO_OPEN_DASHBOARD ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install quickstart test test-slow bench clean
+.PHONY: install quickstart test test-slow test-k8s k8s-control-plane bench clean
 
 install: $(STAMP)
 
@@ -30,6 +30,21 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
+
+# The Kubernetes production stack on a local v1.20 control plane (tests/k8s_harness, docs/kubernetes.md): builds
+# the control plane once into ~/.cache/tapper-k8s (apt packages, ~5-15 min), then starts it with S3, PostgreSQL +
+# MLflow and a ZenML server, runs the `k8s` tests and stops everything it started.
+K8S_STAMP := $(VENV)/.tapper-k8s-harness-installed
+
+$(K8S_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,k8s-harness]'
+	touch $(K8S_STAMP)
+
+k8s-control-plane:
+	tests/k8s_harness/build-control-plane.sh
+
+test-k8s: install $(K8S_STAMP) k8s-control-plane
+	VENV=$(VENV) tests/k8s_harness/harness.sh $(PY) -m pytest -q -m k8s tests/test_k8s_cluster.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -136,6 +136,15 @@ start node-agent "$PY" "$HERE/node_agent.py" run --nodes "$HERE/nodes.yaml" --ku
   --context tapper-harness-direct --state "$STATE/agent" --venv "$VENV" --repo "$REPO" \
   --api-host 127.0.0.1 --api-port "$PROXY_PORT" --ca "$CA"
 wait_for node-agent 60 test -f "$STATE/agent/ready"
+# Storage: PersistentVolumes on this machine's disk for the claims in k8s/ (the serving volume, RWX like NFS/EFS/
+# Filestore; the tracking StatefulSets' RWO claims), standing in for a cluster's storage classes.
+mkdir -p "$STATE/volumes"
+pv() {  # pv NAME SIZE MODE
+  mkdir -p "$STATE/volumes/$1" && chmod 777 "$STATE/volumes/$1"
+  printf '{"apiVersion":"v1","kind":"PersistentVolume","metadata":{"name":"%s"},"spec":{"capacity":{"storage":"%s"},"accessModes":["%s"],"persistentVolumeReclaimPolicy":"Retain","hostPath":{"path":"%s"}}}\n' \
+    "$1" "$2" "$3" "$STATE/volumes/$1"
+}
+{ pv tapper-models 50Gi ReadWriteMany; pv rwo-20g 20Gi ReadWriteOnce; pv rwo-100g 100Gi ReadWriteOnce; } | kubectl apply -f - >/dev/null
 # The default service account and its token secret exist once the controllers act.
 wait_for kube-controller-manager 60 kubectl get serviceaccount default -n default
 
