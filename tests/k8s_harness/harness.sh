@@ -100,7 +100,6 @@ start kube-apiserver "$BIN/kube-apiserver" \
   --disable-admission-plugins TaintNodesByCondition \
   --allow-privileged=true \
   --kubelet-preferred-address-types InternalIP \
-  --kubelet-certificate-authority "" \
   --v 1
 CA="$STATE/pki/apiserver.crt"
 wait_for kube-apiserver 60 curl -sf --cacert "$CA" -H "Authorization: Bearer $ADMIN_TOKEN" "https://127.0.0.1:$API_PORT/readyz"
@@ -115,16 +114,19 @@ kubectl config set-context tapper-harness --cluster harness --user tapper-admin 
 kubectl config set-context tapper-harness-direct --cluster harness-direct --user tapper-admin >/dev/null
 kubectl config use-context tapper-harness >/dev/null
 chmod 600 "$KUBECONFIG"
+CP_KUBECONFIG="$STATE/control-plane.kubeconfig"
+kubectl config view --raw --minify --context tapper-harness-direct >"$CP_KUBECONFIG"
+chmod 600 "$CP_KUBECONFIG"
 
 # The controllers and the scheduler use the direct context. No node-lifecycle controller: the registered nodes
 # stay Ready (no kubelet heartbeats them); no service/route/IPAM controllers (no cloud, no pod network).
 start kube-controller-manager "$BIN/kube-controller-manager" \
-  --kubeconfig "$KUBECONFIG" --context tapper-harness-direct \
+  --kubeconfig "$CP_KUBECONFIG" \
   --controllers '*,-nodeipam,-nodelifecycle,-service,-route,-attachdetach,-cloud-node-lifecycle' \
   --service-account-private-key-file "$STATE/pki/sa.key" --root-ca-file "$CA" --use-service-account-credentials \
   --pvclaimbinder-sync-period 1s --leader-elect=false --port 0 --secure-port 0 --v 1
 start kube-scheduler "$BIN/kube-scheduler" \
-  --kubeconfig "$KUBECONFIG" --context tapper-harness-direct --leader-elect=false --port 0 --secure-port 0 --v 1
+  --kubeconfig "$CP_KUBECONFIG" --leader-elect=false --port 0 --secure-port 0 --v 1
 
 start apiproxy "$PY" "$HERE/apiproxy.py" --listen "127.0.0.1:$PROXY_PORT" --upstream "https://127.0.0.1:$API_PORT" \
   --cert "$CA" --key "$STATE/pki/apiserver.key"
@@ -198,10 +200,13 @@ export MLFLOW_TRACKING_URI="http://127.0.0.1:$MLFLOW_PORT" MLFLOW_TRACKING_TOKEN
 export TAPPER_REGISTRY=registry.tapper.test/tapper
 export TAPPER_ZENML_URL="http://127.0.0.1:$ZENML_PORT" TAPPER_ZENML_USER=default TAPPER_ZENML_PASSWORD="$ZENML_PASSWORD"
 export TAPPER_K8S_PG_URI="postgresql://mlflow:$PG_PASSWORD@127.0.0.1:$PG_PORT/mlflow"
+# For a shell of one's own against the running stack: source "$STATE/env.sh".
+export -p | grep -E ' (KUBECONFIG|TAPPER_[A-Z0-9_]*|MLFLOW_[A-Z_]*|AWS_[A-Z_]*)=' >"$STATE/env.sh"
+chmod 600 "$STATE/env.sh"
 log "up in $SECONDS s: API server https://127.0.0.1:$API_PORT (proxy :$PROXY_PORT), S3 :$S3_PORT, MLflow :$MLFLOW_PORT, ZenML :$ZENML_PORT; state $STATE"
 
 if [ $# -eq 0 ]; then
   log "no command given; holding the stack up until interrupted (KUBECONFIG=$KUBECONFIG)"
-  while true; do sleep 3600; done
+  while true; do sleep 3600 & wait $!; done  # `wait` lets the INT/TERM trap run at once
 fi
 "$@"

@@ -588,6 +588,7 @@ class Agent:
         for name, n in self.nodes.items():
             class Handler(BaseHTTPRequestHandler):
                 node = name
+                protocol_version = "HTTP/1.1"
 
                 def log_message(self, *a):
                     pass
