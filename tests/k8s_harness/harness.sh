@@ -43,7 +43,12 @@ stop_all() {
   tac "$STATE/pids" | while read -r pid name; do
     kill -TERM "$pid" 2>/dev/null && log "stopped $name ($pid)"
   done
-  sleep 2
+  for _ in $(seq 40); do  # up to 10 s for them to stop (the node agent stops its pods first)
+    alive=0
+    while read -r pid name; do kill -0 "$pid" 2>/dev/null && alive=1; done <"$STATE/pids"
+    [ "$alive" = 0 ] && break
+    sleep 0.25
+  done
   tac "$STATE/pids" | while read -r pid name; do
     kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null && log "killed $name ($pid)"
   done

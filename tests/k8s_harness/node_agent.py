@@ -771,6 +771,15 @@ def exec_container(launch_file: str) -> None:
     if spec["user"] is not None:
         for p in (workdir, home):
             os.chown(p, int(spec["user"]), int(spec["group"] or spec["user"]))
+        # In the images the interpreter and its packages are readable by the image's user (/opt/venv); here they are
+        # the host's, possibly under a private directory such as /root/.pyenv. Open the path to them in this pod's
+        # copy-on-write root only (the host is not changed).
+        for target in {os.path.realpath(sys.executable), sys.prefix, os.path.realpath(spec["env"]["PATH"].split(":")[0])}:
+            parts = Path(target).parts
+            for i in range(2, len(parts) + 1):
+                d = in_root(root, str(Path(*parts[:i])))
+                if d.is_dir() and not os.stat(d).st_mode & 0o001:
+                    os.chmod(d, os.stat(d).st_mode | 0o005)
     if spec["net"]:
         sh("ip", "link", "set", "lo", "up")
     if spec["readOnlyRoot"]:
