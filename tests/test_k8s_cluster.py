@@ -239,7 +239,10 @@ def test_training_pipeline_completes_on_the_k8s_stack(trained, core, zenml_k8s):
     steps = {name: s.status.value for name, s in run.steps.items()}
     assert all(v == "completed" for v in steps.values()), steps
     # One orchestrator pod and one pod per step, all created by ZenML, all finished with exit code 0.
-    pods = wait("the run's pods to finish", lambda: all(p.status.phase == "Succeeded" for p in (ps := run_pods(core, run.id))) and ps, 120)
+    def finished():
+        ps = run_pods(core, run.id)
+        return ps if all(p.status.phase == "Succeeded" for p in ps) else None
+    pods = wait("the run's pods to finish", finished, 120)
     by_step = {p.metadata.labels.get("step_name", "orchestrator"): p for p in pods}
     assert set(by_step) == set(steps) | {"orchestrator"}, sorted(by_step)
     assert all(p.status.container_statuses[0].state.terminated.exit_code == 0 for p in pods)
