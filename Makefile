@@ -44,7 +44,9 @@ k8s-control-plane:
 	tests/k8s_harness/build-control-plane.sh
 
 test-k8s: install $(K8S_STAMP) k8s-control-plane
-	VENV=$(VENV) tests/k8s_harness/harness.sh $(PY) -m pytest -q -m k8s tests/test_k8s_cluster.py
+	@J=$$(mktemp); rc=0; \
+	VENV=$(VENV) tests/k8s_harness/harness.sh $(PY) -m pytest -q -m k8s tests/test_k8s_cluster.py --junitxml=$$J || rc=$$?; \
+	$(PY) tests/k8s_harness/summary.py $$J; rm -f $$J; exit $$rc
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -76,6 +76,10 @@ wait_for() {  # wait_for WHAT SECONDS CMD...
 }
 
 # --- control plane -------------------------------------------------------------------------------------------
+for tool in kubectl openssl curl unshare nsenter ip runuser; do
+  command -v "$tool" >/dev/null || { log "missing command: $tool"; exit 2; }
+done
+[ "$(id -u)" = 0 ] || { log "the node agent needs root (mount/UTS/network namespaces, chroot, runAsUser)"; exit 2; }
 "$HERE/build-control-plane.sh" --check || { log "no cached control-plane binaries in $BIN (run build-control-plane.sh)"; exit 2; }
 command -v etcd >/dev/null || { log "etcd is not installed (build-control-plane.sh --deps)"; exit 2; }
 
