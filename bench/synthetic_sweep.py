@@ -126,9 +126,12 @@ def aggregate(results: dict[str, dict]) -> dict[str, dict]:
         keys = [k for k in rows[0] if isinstance(rows[0][k], float) and all(k in r for r in rows)]
         stats = {k: {"mean": round(statistics.mean(r[k] for r in rows), 4),
                      "sd": round(statistics.stdev(r[k] for r in rows), 4) if len(rows) > 1 else 0.0} for k in keys}
-        # Paired differences, seed by seed: what the claims are about.
-        for a, b, label in (("tap-per", "base", "tap-per_minus_base"), ("tap-per@drifting", "lambda0@drifting", "lambda_gain@drifting"),
-                            ("tap-per", "lambda0", "lambda_gain")):
+        # Paired differences, seed by seed: what the claims are about (TAP-PER against every other row).
+        others = [k for k in keys if "@" not in k and k != "tap-per"]
+        pairs = [("tap-per", "base", "tap-per_minus_base"), ("tap-per@drifting", "lambda0@drifting", "lambda_gain@drifting"),
+                 ("tap-per", "lambda0", "lambda_gain")]
+        pairs += [("tap-per", o, f"tap-per_minus_{o}") for o in others if o not in ("base", "lambda0")]
+        for a, b, label in pairs:
             if all(a in r and b in r for r in rows):
                 diffs = [r[a] - r[b] for r in rows]
                 stats[label] = {"mean": round(statistics.mean(diffs), 4),

@@ -347,7 +347,8 @@ class TapperService:
             qid = query_id or uuid.uuid4().hex
             ex = Example(id=qid, user_id=user_id, input=text, target=None, history=used, query_date=query_date)
             model = ld.model
-            encoded = encoder_for(model, ld.task, ld.backbone.tokenizer, ld.vectors).encode([ex], model.user_rows, progress=False)
+            encoded = encoder_for(model, ld.task, ld.backbone.tokenizer, ld.vectors).encode([ex], model.user_rows, progress=False,
+                                                                                        unknown_users="pq_only")
             pred = generate_texts(model, encoded, ld.backbone.tokenizer, ld.task, batch_size=1,
                                   max_new_tokens=max_new_tokens or self.cfg.max_new_tokens, progress=False)[qid]
             row = model.user_rows.get(user_id, 0) if model.cfg.use_pu else 0

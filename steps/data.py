@@ -74,6 +74,7 @@ def validate_data(
         o.write_bytes(files.outputs_bytes)
         try:
             ds = load_lamp(q, o, result.task)
+            ds.source = files.questions_name
         except ValueError as err:
             msg = str(err).replace(str(q), files.questions_name).replace(str(o), files.outputs_name)
             save_artifact(HTMLString(result.html), name="data_quality_report", user_metadata={**meta, "verdict": "failed", "failures": [msg]})

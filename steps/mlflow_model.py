@@ -43,7 +43,9 @@ class TapperModel(PythonModel):
                               date=None, raw_date=r.get("date")) for r in q.get("profile", [])]
             examples.append(query_example(Query(id=str(q["id"]), input=q["input"], profile=profile, user_id=str(q.get("user_id", q["id"])))))
         enc = encoder_for(self.model, self.task, self.bb.tokenizer, embedding_cache(self.bb))
-        encoded = enc.encode(examples, self.model.user_rows if self.model.cfg.use_pu else None, progress=False)
+        # Batch scoring serves users the model never saw as the server does: P_q only.
+        encoded = enc.encode(examples, self.model.user_rows if self.model.cfg.use_pu else None, progress=False,
+                             unknown_users="pq_only")
         preds = generate_texts(self.model, encoded, self.bb.tokenizer, self.task, progress=False)
         return [preds[e.id] for e in examples]
 

@@ -42,11 +42,16 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from tapper.config import load_run_config
     from tapper.experiment import load_user_groups, run_experiment
 
-    base = {}
+    from tapper.presets import preset_for
+
+    # Without --config, the backbone's tested CPU preset (tapper.presets); with it, exactly that file.
+    base, preset = preset_for(args.backbone) if not args.config else ({}, None)
     if args.config:
         import yaml
 
         base = yaml.safe_load(Path(args.config).read_text()) or {}
+    if preset is not None and not args.no_progress:
+        print(f"settings: {preset.name} (the {args.backbone} preset; --config FILE to replace it)", file=sys.stderr)
     if args.stage2_users is not None:
         base["stage2_users"] = args.stage2_users
     cfg = load_run_config(base, args.overrides)
@@ -107,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage2-users", type=int, default=None, help="N most active users trained in Stage 2 and evaluated (default 100)")
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma-separated methods (default: %(default)s); "
                    "TAP-PER switches: tap-per, no-bridge, no-pq, no-pu, pq-only, lambda-t0, lambda-o0, lambda0, bm25-kN, L-N")
-    p.add_argument("--config", help="YAML with run settings (stage1/stage2/eval/stage2_users/seed)")
+    p.add_argument("--config", help="YAML with run settings (stage1/stage2/eval/stage2_users/seed); default: the backbone's "
+                                    "tested preset (configs/experiment-tiny.yaml, configs/experiment-smollm2-cpu.yaml) "
+                                    "if it has one, else the paper's settings")
     p.add_argument("--user-groups", help="JSON of user groups for per-group metrics (default: users.json beside the questions, if any)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_set_arg(p)

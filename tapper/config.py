@@ -17,6 +17,16 @@ class ConfigError(ValueError):
     pass
 
 
+SCHEDULES = ("constant", "linear")
+
+
+def _check_schedule(obj: Any) -> None:
+    if obj.schedule not in SCHEDULES:
+        raise ConfigError(f"{type(obj).__name__}.schedule must be one of {list(SCHEDULES)}, got {obj.schedule!r}")
+    if not 0 <= obj.warmup < 1:
+        raise ConfigError(f"{type(obj).__name__}.warmup must be in [0, 1), got {obj.warmup!r}")
+
+
 def _check_positive(obj: Any, *names: str) -> None:
     for n in names:
         v = getattr(obj, n)
@@ -44,11 +54,15 @@ class Stage1Config:
     # embeddings (which the cached vectors depend on) — only for randomly initialised
     # test backbones, where a LoRA on frozen random weights cannot learn the task format.
     mode: str = "lora"
+    # Learning-rate schedule: linear warm-up over this share of the steps, then "constant" or "linear" decay to 0.
+    warmup: float = 0.0
+    schedule: str = "constant"
 
     def __post_init__(self) -> None:
         _check_positive(self, "lora_r", "lora_alpha", "epochs", "lr", "batch_size", "max_len", "max_examples")
         if self.mode not in ("lora", "full"):
             raise ConfigError(f"Stage1Config.mode must be 'lora' or 'full', got {self.mode!r}")
+        _check_schedule(self)
 
 
 @dataclass
@@ -94,8 +108,27 @@ class Stage2Config:
     # as in the paper. Unbounded scores learn to put ~90 % of α on one record (see README), which
     # leaves P_q a copy of one record and the λ terms nothing to shape; a bound keeps α a weighting.
     din_score_bound: float | None = None
+    # How record, query and pooled vectors enter the MLPs (tapper.model.prefix): "standardize"
+    # (centred on the training corpus, pooled history scaled per dimension) or "unit_rms" (each
+    # vector scaled alone, as before; the users' pooled histories then differ in ~2 % of their energy).
+    input_norm: str = "standardize"
+    # Training only: each history record is hidden from P_q with this probability at each step.
+    history_dropout: float = 0.0
+    warmup: float = 0.0
+    schedule: str = "constant"
+    # Where the bridge LoRA acts: "all" positions (the paper) or only the soft tokens' ("prefix"): it can then
+    # change how the prefix is read, layer by layer, but not how the prompt is processed.
+    bridge_scope: str = "all"
+    # Share of the Stage-2 training examples held out (seeded) to choose the epoch whose state is kept; 0 = train
+    # on all of them for `epochs` and keep the last state (the paper).
+    validation_share: float = 0.0
+    # Weight of an auxiliary loss: a linear readout of the attention-pooled history predicts the example's answer
+    # (classification tasks; tapper.train.stage2.AnswerReadout). 0 = the paper's loss alone.
+    aux_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.bridge_scope not in ("all", "prefix"):
+            raise ConfigError(f"Stage2Config.bridge_scope must be 'all' or 'prefix', got {self.bridge_scope!r}")
         _check_positive(
             self, "prefix_len", "bridge_r", "bridge_alpha", "din_hidden", "proj_hidden",
             "epochs", "lr", "lambda_lr", "batch_size", "max_len", "max_examples_per_user", "bm25_k",
@@ -103,6 +136,15 @@ class Stage2Config:
         )
         if self.user_init_std < 0:
             raise ConfigError(f"Stage2Config.user_init_std must be >= 0, got {self.user_init_std!r}")
+        _check_schedule(self)
+        if self.aux_weight < 0:
+            raise ConfigError(f"Stage2Config.aux_weight must be >= 0, got {self.aux_weight!r}")
+        if not 0 <= self.validation_share < 1:
+            raise ConfigError(f"Stage2Config.validation_share must be in [0, 1), got {self.validation_share!r}")
+        if not 0 <= self.history_dropout < 1:
+            raise ConfigError(f"Stage2Config.history_dropout must be in [0, 1), got {self.history_dropout!r}")
+        if self.input_norm not in ("standardize", "unit_rms"):
+            raise ConfigError(f"Stage2Config.input_norm must be 'standardize' or 'unit_rms', got {self.input_norm!r}")
         if not (self.use_pq or self.use_pu):
             raise ConfigError("Stage2Config: use_pq and use_pu cannot both be false (there would be no prefix)")
 
@@ -121,6 +163,8 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     stage2_users: int = 100
     seed: int = 0
+    # OPPU's per-user LoRA targets: the paper gives OPPU TAP-PER's own (q, k, v, o); OPPU's code used [q_proj, v_proj].
+    oppu_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

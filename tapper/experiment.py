@@ -61,6 +61,8 @@ def tokenizer_corpus(data: PreparedData) -> list[str]:
     texts = []
     for ex in s.stage1_train + s.stage2_train + s.eval:
         texts.append(task.prompt(ex.input))
+    # Answers the models train on, never the evaluation golds (the label names come with the task below).
+    for ex in s.stage1_train + s.stage2_train:
         if ex.target is not None:
             texts.append(task.format_target(ex.target))
     for ex in s.eval:
@@ -172,7 +174,8 @@ def run_tapper_variant(variant: str, stage1_dir: Path, data: PreparedData, cfg: 
     return VariantResult(
         variant, preds, score(data, preds), per_user_params=model.per_user_params(), shared_params=model.shared_params(),
         losses=result.losses, seconds=time.time() - t0,
-        extra={"lambda_t": float(model.prefix.lambda_t.detach()), "lambda_o": float(model.prefix.lambda_o.detach()), "n_train": result.n_examples},
+        extra={"lambda_t": float(model.prefix.lambda_t.detach()), "lambda_o": float(model.prefix.lambda_o.detach()), "n_train": result.n_examples,
+               **({"validation": result.validation, "best_epoch": result.best_epoch} if result.validation else {})},
     )
 
 

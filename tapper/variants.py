@@ -3,7 +3,10 @@
 TAP-PER ablations are switches of one Stage-2 model (DESIGN.md), so a variant
 name maps to Stage-2 config overrides:
 
-    tap-per        the full model
+    tap-per        the full model, with the run's Stage-2 settings
+    tap-per-paper  the full model as the paper describes it: the departures we made (standardized P_q
+                   inputs, a bridge on the prefix positions only, bounded DIN scores, history dropout,
+                   the auxiliary answer readout, epoch selection on held-out examples) switched off
     no-bridge      -bridge          no-pq    -P_q          no-pu / pq-only   -P_u
     lambda-t0      λ_t = 0          lambda-o0  λ_o = 0     lambda0   both 0
     bm25-kN        BM25 pre-filter keeping N records before the attention
@@ -17,8 +20,13 @@ from __future__ import annotations
 import re
 from typing import Callable
 
+# The paper's configuration: every departure of Stage2Config from it reset (see tapper.config.Stage2Config).
+PAPER = {"input_norm": "unit_rms", "bridge_scope": "all", "din_score_bound": None, "history_dropout": 0.0,
+         "aux_weight": 0.0, "validation_share": 0.0}
+
 SWITCHES: dict[str, dict] = {
     "tap-per": {},
+    "tap-per-paper": PAPER,
     "no-bridge": {"use_bridge": False},
     "no-pq": {"use_pq": False},
     "no-pu": {"use_pu": False},

@@ -18,9 +18,10 @@ from safetensors.torch import load_file
 from model_fixtures import TASK, corpus, tiny_examples
 from tapper.baselines import prompt_spec
 from tapper.baselines.oppu import OppuConfig, train_user_adapters
-from tapper.baselines.profile import ProfileConfig, ProfileWriter, user_histories
+from tapper.baselines.profile import ProfileConfig, ProfileWriter
 from tapper.baselines.prompted import PromptSpec, encode_augmented
-from tapper.baselines.retrieval import FORMATS, augment, bm25_query, format_records, retrieve
+from tapper.baselines.retrieval import FORMATS, augment, format_records, retrieve
+from tapper.data.bm25 import search_query
 from tapper.config import Stage2Config
 from tapper.data.tasks import get_task
 from tapper.data.types import Example, Record
@@ -88,7 +89,7 @@ def test_rag_ranks_by_bm25_on_the_article_text():
     hist = [Record(id=f"r{j}", fields={"text": w, "title": "", "category": "sports"}) for j, w in
             enumerate(["gamma gamma", "alpha beta alpha", "delta"])]
     ex = Example(id="x", user_id="u", input=TASK.make_input(text="alpha beta"), target=None, history=hist)
-    assert bm25_query(TASK, ex.input) == "alpha beta"  # the instruction and label list are not the query
+    assert search_query(TASK, ex.input) == "alpha beta"  # the instruction and label list are not the query
     assert [r.id for r in retrieve(TASK, ex, 1)] == ["r1"]
 
 
@@ -132,14 +133,15 @@ def test_lamp1_titles_go_after_the_papers_title(backbone):
     assert 'title "My paper", and "Ref one study", which reference' in aug.text
 
 
-def test_pag_profiles_are_written_once_per_user_and_cached(data, backbone, tmp_path):
+def test_pag_profiles_are_written_once_per_history_and_cached(data, backbone, tmp_path):
     _, evals, users = data
     cfg = ProfileConfig(n_records=3, max_new_tokens=6)
     writer = ProfileWriter(backbone.model, backbone.tokenizer, "w", cfg, root=tmp_path)
-    first = writer.profiles(TASK, user_histories(evals))
-    assert set(first) == set(users) and writer.generated == len(users)
+    histories = {ex.id: ex.history for ex in evals}
+    first = writer.profiles(TASK, histories)
+    assert set(first) == {ex.id for ex in evals} and writer.generated == len(users)
     again = ProfileWriter(backbone.model, backbone.tokenizer, "w", cfg, root=tmp_path)
-    assert again.profiles(TASK, user_histories(evals)) == first and again.generated == 0 and again.reused == len(users)
+    assert again.profiles(TASK, histories) == first and again.generated == 0 and again.reused == len(users)
     enc, aug = encode_augmented(TASK, backbone.tokenizer, evals, 1, 256, first)
     for ex in evals:
         assert aug[ex.id].text.startswith("user profile: ") and aug[ex.id].text.count(MARK) == 1
@@ -175,17 +177,37 @@ def test_oppu_adapters_differ_per_user_and_are_stored(data, oppu_run, backbone):
     assert set(states) == set(run.users)
     keys = next(iter(states.values())).keys()
     assert keys and all("lora_" in k for k in keys)
-    assert all(any(t in k for t in ("q_proj", "v_proj")) for k in keys)
+    # The paper's Appendix A.4: OPPU gets TAP-PER's own targets, q, k, v and o (OPPU's code had q, v only).
+    assert {t for t in ("q_proj", "k_proj", "v_proj", "o_proj") if any(t in k for k in keys)} == {"q_proj", "k_proj", "v_proj", "o_proj"}
     users = list(states)
     for a in range(len(users)):
         for b in range(a + 1, len(users)):
             assert any(not torch.equal(states[users[a]][k], states[users[b]][k]) for k in keys if "lora_B" in k)
-    # Per-user parameter count = the real LoRA modules: r * (in + out) for q and v in every block.
+    # Per-user parameter count = the real LoRA modules: r * (in + out) for q, k, v, o in every block.
     c = backbone.model.config
     head = c.hidden_size // c.num_attention_heads
-    per_block = ocfg.r * (c.hidden_size + c.num_attention_heads * head) + ocfg.r * (c.hidden_size + c.num_key_value_heads * head)
+    q = o = ocfg.r * (c.hidden_size + c.num_attention_heads * head)
+    k = v = ocfg.r * (c.hidden_size + c.num_key_value_heads * head)
+    per_block = q + k + v + o
     assert run.per_user_params == per_block * c.num_hidden_layers == index["per_user_params"]
     assert sum(v.numel() for v in states[users[0]].values()) == run.per_user_params
+
+
+def test_oppu_pag_training_profiles_never_see_the_record_they_predict(data, backbone):
+    """Before: one profile per user from the full history, also used for the user's training examples."""
+    from tapper.baselines.prompted import make_profiles
+
+    train, evals, _ = data
+    query = evals[-1]
+    last = [ex for ex in train if ex.user_id == query.user_id][-1]  # made from the user's latest record
+    profiles, writer = make_profiles(backbone.model, backbone.tokenizer, TASK, [last, query],
+                                     cfg=ProfileConfig(n_records=3, max_new_tokens=4))
+    assert set(profiles) == {last.id, query.id}
+    latest = query.history[-1].fields["text"]
+    prompts = [json.loads(p.read_text())["prompt"] for p in writer.dir.glob("*.json")]
+    prompts = [p for p in prompts if f"of {query.user_id}" in p]
+    # Two profiles: the query's holds the latest record, the training example's (made from it) does not.
+    assert len(prompts) == 2 and sum(latest in p for p in prompts) == 1
 
 
 def test_oppu_user_adapter_does_not_depend_on_other_users(data, oppu_run, backbone):

@@ -286,7 +286,7 @@ def test_din_score_bound_caps_how_much_one_record_can_take(stage1_dir):
         model = TapPer(load_backbone_dir(stage1_dir).model, ["a"], Stage2Config(din_score_bound=bound))
         zq, zh = torch.randn(1, model.d), torch.randn(1, n, model.d)
         with torch.no_grad():
-            model.prefix.din[-1].weight.mul_(1e3)  # raw scores far apart
+            model.prefix.din[-1].weight.normal_(std=1e3)  # raw scores far apart (the layer starts at zero)
         alphas[bound] = model.prefix.attention(zq, zh, mask, dt, dpi)[0]
     cap = math.exp(2 * b) / (math.exp(2 * b) + n - 1)
     assert float(alphas[None].max()) > 0.99

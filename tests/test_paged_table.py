@@ -125,7 +125,7 @@ def test_paged_tables_hold_the_same_values_and_predict_the_same(backbone, saved,
     examples = evals + [dataclasses.replace(ex, id="q-unknown", user_id="stranger") for ex in evals[:1]]
     preds, prefixes = [], []
     for m in (plain, loaded, paged):
-        enc = encoder_for(m, TASK, backbone.tokenizer, cache).encode(examples, m.user_rows, progress=False)
+        enc = encoder_for(m, TASK, backbone.tokenizer, cache).encode(examples, m.user_rows, progress=False, unknown_users="pq_only")
         with torch.no_grad():
             prefixes.append(m.prefix_for(enc.items, enc.vectors)[0])
         preds.append(generate_texts(m, enc, backbone.tokenizer, TASK, batch_size=4, progress=False))

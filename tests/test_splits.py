@@ -7,7 +7,7 @@ import pytest
 
 from tapper.data.splits import make_splits, users_by_activity
 from tapper.data.tasks import get_task
-from tapper.data.types import LampDataset, Query, Record
+from tapper.data.types import LampDataError, LampDataset, Query, Record
 
 SPEC = get_task("LaMP_2N")
 
@@ -70,12 +70,52 @@ def test_stage1_has_records_and_gold_queries_of_other_users():
     assert {e.id for e in splits.stage1_train if e.source_record_id is None} == {"u_tie-q", "u_small-q"}
 
 
-def test_lamp1_records_make_no_examples():
+def lamp1_dataset(n_users: int = 3, n_papers: int = 4) -> LampDataset:
     spec = get_task("LaMP_1")
-    ds = LampDataset(task="LaMP_1", queries=[Query(id="q", input="...", user_id="u", output="[1]", profile=[
-        Record(id="p", fields={"title": "t", "abstract": "a"})])])
-    splits = make_splits(ds, spec, stage2_users=1)
-    assert splits.stage2_train == [] and len(splits.eval) == 1
+    queries = []
+    for u in range(n_users):
+        papers = [Record(id=f"u{u}-p{i}", fields={"title": f"paper {i} of u{u}", "abstract": f"abstract {i} of u{u}"},
+                         date=dt.date(2015 + i, 1, 1)) for i in range(n_papers)]
+        queries.append(Query(id=f"u{u}-q", input=spec.make_input(title="new", ref1="a", ref2="b"), user_id=f"u{u}",
+                             output="[1]", profile=papers))
+    return LampDataset(task="LaMP_1", queries=queries)
+
+
+def test_lamp1_papers_become_self_citation_questions():
+    spec = get_task("LaMP_1")
+    ds = lamp1_dataset()
+    splits = make_splits(ds, spec, stage2_users=2)
+    # Before: no example at all, so Stage 2 trained nothing and "TAP-PER" on LaMP-1 was the untrained prefix.
+    assert len(splits.stage2_train) == 2 * 4
+    for ex in splits.stage2_train:
+        own = {r.fields["title"] for r in ds.by_user()[ex.user_id][0].profile}
+        quoted = ex.input.split('"')
+        ref1, ref2 = quoted[-4], quoted[-2]
+        positive, negative = (ref1, ref2) if ex.target == "[1]" else (ref2, ref1)
+        assert positive in own and negative not in own  # the negative is another user's paper
+        assert positive not in {r.fields["title"] for r in ex.history}  # the answer is never in the history
+        assert all(r.date < ex.query_date for r in ex.history)
+    assert {ex.target for ex in splits.stage2_train} == {"[1]", "[2]"}
+    # Deterministic: the same questions on every run.
+    assert [e.input for e in make_splits(ds, spec, stage2_users=2).stage2_train] == [e.input for e in splits.stage2_train]
+
+
+def test_an_empty_stage2_training_split_is_an_error():
+    ds = LampDataset(task="LaMP_2N", queries=[Query(id="q", input=SPEC.make_input(text="x"), user_id="u", output="travel",
+                                                    profile=[])])
+    with pytest.raises(ValueError, match="LaMP_2N: the Stage-2 training split is empty"):
+        make_splits(ds, SPEC, stage2_users=1)
+
+
+def test_a_record_after_one_of_the_users_queries_is_refused():
+    early = records("u", 3)
+    later = records("u", 5)  # a second query whose profile runs two days past the first query
+    ds = LampDataset(task="LaMP_2N", source="q.json", queries=[
+        Query(id="q1", input=SPEC.make_input(text="x"), profile=early, user_id="u", output="travel"),
+        Query(id="q2", input=SPEC.make_input(text="y"), profile=later, user_id="u", output="travel"),
+    ])
+    with pytest.raises(LampDataError, match=r"q\.json, record 'u-3', field 'date'.*user 'u'.*after query 'q1'"):
+        make_splits(ds, SPEC, stage2_users=1)
 
 
 def test_too_many_stage2_users_is_an_error():

@@ -7,6 +7,9 @@ Importing this package registers its variants with `tapper.variants`:
     oppu        one LoRA (r=8, q_proj/v_proj) per user, trained on that user's history
     oppu-rag    oppu + BM25 top-1 in the prompt (training and evaluation)
     oppu-pag    oppu-rag + the PAG profile
+    ref-count, ref-count-lastK, ref-ridge
+                reference rows (tapper.baselines.readout): the history read without the prefix, fused with the
+                Stage-1 backbone's label probabilities; yardsticks for what the inputs hold, not methods
 
 (`base` and `pq-only` are TAP-PER's own: the merged backbone alone, and TAP-PER with use_pu=False.)
 Each variant is called as fn(variant=, stage1_dir=, data=, cfg=, out_dir=, progress=, log=) and
@@ -18,6 +21,7 @@ import re
 
 from tapper.baselines.oppu import run_oppu
 from tapper.baselines.prompted import PromptSpec, run_prompted
+from tapper.baselines.readout import PATTERN as REFERENCE, run_readout
 from tapper.variants import EXTRA_PATTERNS, EXTRA_VARIANTS
 
 OPPU_SPECS = {"oppu": PromptSpec(k=0, profile=False), "oppu-rag": PromptSpec(k=1, profile=False), "oppu-pag": PromptSpec(k=1, profile=True)}
@@ -48,6 +52,8 @@ def oppu(variant, stage1_dir, data, cfg, out_dir, progress=True, log=None):
 def register() -> None:
     for name in OPPU_SPECS:
         EXTRA_VARIANTS.setdefault(name, oppu)
+    if all(p.pattern != REFERENCE.pattern for p, _ in EXTRA_PATTERNS):
+        EXTRA_PATTERNS.append((REFERENCE, run_readout))
     for pattern in (RAG, PAG):
         if all(p.pattern != pattern.pattern for p, _ in EXTRA_PATTERNS):
             EXTRA_PATTERNS.append((pattern, rag_or_pag))

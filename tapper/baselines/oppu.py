@@ -1,7 +1,8 @@
 """OPPU (One PEFT Per User, Tan et al. 2024): a LoRA per user on top of the Stage-1 merged backbone.
 
-Each user gets a LoRA (r=8 on q_proj, v_proj, as the paper's Appendix A.4)
-trained only on that user's Stage-2 training examples (one per history
+Each user gets a LoRA (r=8 on q_proj, k_proj, v_proj, o_proj: the paper's
+Appendix A.4 gives OPPU "the same target modules as our method"; OPPU's own
+code used q_proj, v_proj, kept as `OppuConfig.target_modules`) trained only on that user's Stage-2 training examples (one per history
 record, each seeing the records before it). Every user starts from the same
 initial adapter, so two users' adapters differ only through their data.
 Variants: `oppu` (plain prompt), `oppu-rag` (+ BM25 top-1 record in the
@@ -43,7 +44,7 @@ class OppuConfig:
     r: int = 8
     alpha: int = 8
     dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     epochs: float = 3
     lr: float = 1e-4
     batch_size: int = 16
@@ -54,7 +55,7 @@ class OppuConfig:
     def from_run(cls, cfg) -> "OppuConfig":
         s2 = cfg.stage2
         return cls(epochs=s2.epochs, lr=s2.lr, batch_size=s2.batch_size, max_len=baseline_max_len(cfg),
-                   max_examples_per_user=s2.max_examples_per_user)
+                   max_examples_per_user=s2.max_examples_per_user, target_modules=list(cfg.oppu_targets))
 
 
 @dataclass
@@ -162,8 +163,10 @@ def run_oppu(variant: str, spec: PromptSpec, stage1_dir, data, cfg, out_dir, pro
     task = data.task
     profiles = None
     if spec.profile:
-        # Profiles come from the merged backbone before any adapter is attached (same text as PAG's).
-        profiles, _ = make_profiles(bb.model, bb.tokenizer, task, data.splits.eval, progress)
+        # Profiles come from the merged backbone before any adapter is attached (same text as PAG's), each from
+        # its example's own history: a training example never sees the record it predicts.
+        train = limit_per_user(data.splits.stage2_train, cfg.stage2.max_examples_per_user)
+        profiles, _ = make_profiles(bb.model, bb.tokenizer, task, train + data.splits.eval, progress)
     ocfg = OppuConfig.from_run(cfg)
     done = []
 

@@ -11,11 +11,11 @@ Profiles are cached on disk per user, keyed by the generating weights, the
 exact prompt and the generation length, so a second run (or OPPU-pag after
 PAG) generates nothing.
 
-One profile per user is made from their full history and is used both to
-train OPPU-pag and at evaluation, as OPPU does. For training examples built
-from the user's most recent records this means the profile has seen the
-record being predicted; evaluation queries are not affected (their whole
-history precedes them).
+Each example gets the profile of its own history: a query's is made from its
+user's full profile, an OPPU-pag training example's only from the records
+before it. (OPPU makes one profile per user from the full history and trains
+on it too, so a training example's profile has seen the record it predicts.)
+Profiles are cached by prompt, so examples with the same recent history share one.
 """
 from __future__ import annotations
 
@@ -40,15 +40,6 @@ class ProfileConfig:
     record_tokens: int = 48  # each record's text is cut to this many tokens
     max_new_tokens: int = 48
     batch_size: int = 8
-
-
-def user_histories(examples: list[Example]) -> dict[str, list[Record]]:
-    """Each user's longest history among `examples` (for queries: the full profile), chronological."""
-    out: dict[str, list[Record]] = {}
-    for ex in examples:
-        if len(ex.history) >= len(out.get(ex.user_id, [])):
-            out[ex.user_id] = list(ex.history)
-    return out
 
 
 def profile_prompt(task, history: list[Record], tokenizer, cfg: ProfileConfig) -> str:
@@ -96,7 +87,7 @@ class ProfileWriter:
         return out
 
     def profiles(self, task, histories: dict[str, list[Record]]) -> dict[str, str]:
-        """{user: profile}; users without history get an empty profile."""
+        """{key: profile} for {key: history} (keys are example ids); an empty history gets an empty profile."""
         prompts = {u: profile_prompt(task, h, self.tok, self.cfg) for u, h in histories.items() if h}
         result: dict[str, str] = {u: "" for u, h in histories.items() if not h}
         todo: list[tuple[str, str, Path]] = []

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from tapper.atomic import atomic_write_json
-from tapper.baselines.profile import ProfileConfig, ProfileWriter, user_histories
+from tapper.baselines.profile import ProfileConfig, ProfileWriter
 from tapper.baselines.retrieval import Augmented, augment
 from tapper.data.types import Example
 from tapper.eval.predict import default_max_new_tokens, generate_texts
@@ -27,7 +27,7 @@ def baseline_max_len(cfg) -> int:
 
 def encode_augmented(task, tokenizer, examples: list[Example], k: int, max_len: int,
                      profiles: dict[str, str] | None = None) -> tuple[EncodedSet, dict[str, Augmented]]:
-    """Token ids of each example with its top-k records (and profile) in the prompt.
+    """Token ids of each example with its top-k records (and profile, keyed by example id) in the prompt.
 
     The vectors of the returned set are empty: prompt-based methods have no prefix.
     """
@@ -38,7 +38,7 @@ def encode_augmented(task, tokenizer, examples: list[Example], k: int, max_len: 
             reserve = len(tokenizer(task.format_target(ex.target), add_special_tokens=False)["input_ids"]) + 1
         else:
             reserve = default_max_new_tokens(task)
-        aug = augment(task, ex, k, tokenizer, max_len, reserve=reserve, profile=(profiles or {}).get(ex.user_id))
+        aug = augment(task, ex, k, tokenizer, max_len, reserve=reserve, profile=(profiles or {}).get(ex.id))
         augmented[ex.id] = aug
         prompt_ids, target_ids = enc.tokenize(aug.text, ex.target)
         items.append(EncodedExample(
@@ -53,8 +53,10 @@ def make_profiles(model, tokenizer, task, examples: list[Example], progress: boo
                   cfg: ProfileConfig | None = None) -> tuple[dict[str, str], ProfileWriter]:
     from tapper.model.backbone import weights_hash
 
+    """{example id: profile} made from each example's own history: a query's is its user's full profile, a
+    training example's only the records before it (never the record it was made from)."""
     writer = ProfileWriter(model, tokenizer, weights_hash(model), cfg)
-    return writer.profiles(task, user_histories(examples)), writer
+    return writer.profiles(task, {ex.id: [r for r in ex.history if r.id != ex.source_record_id] for ex in examples}), writer
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """RAG as LaMP does it: BM25 over the user's own history, top-k records written into the prompt.
 
-LaMP (Salemi et al., `prompts/prompts.py`) fixes, per task, (a) which record
-fields form the BM25 corpus, (b) which part of the input is the BM25 query and
-(c) the sentence each retrieved record becomes. The retrieved sentences are
+LaMP (Salemi et al., `prompts/prompts.py`) fixes, per task, which record
+fields form the BM25 corpus and which part of the input is the BM25 query
+(both in `tapper.data.bm25`, which TAP-PER's pre-filter shares), and the
+sentence each retrieved record becomes. The retrieved sentences are
 joined with ", and " and put before the input: `{r1}, and {r2}. {input}`
 (LaMP-5/7 add "Following the given patterns"; LaMP-1 inserts the titles
 after the paper's own title). Those wordings are reproduced here; the code is
@@ -23,15 +24,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from rank_bm25 import BM25Okapi
-
 from tapper.data.types import Example, Record
-from tapper.train.features import bm25_tokens
+from tapper.data.bm25 import rank
 
 
 @dataclass(frozen=True)
 class RecordFormat:
-    corpus_fields: tuple[str, ...]  # fields BM25 searches
     text_field: str  # the free-text field that is truncated to fit
     template: str  # one retrieved record as a sentence; {text} is the truncated text_field
     suffix: str = ""  # words between the retrieval block and the input
@@ -39,14 +37,14 @@ class RecordFormat:
 
 # LaMP's sentence for one retrieved record, per task.
 FORMATS: dict[str, RecordFormat] = {
-    "LaMP_1": RecordFormat(("title", "abstract"), "title", '"{text}"'),
-    "LaMP_2N": RecordFormat(("title", "text"), "text", 'the category for the article: "{text}" is "{category}" '),
-    "LaMP_2M": RecordFormat(("description",), "description", 'the tag for the movie: "{text}" is "{tag}" '),
-    "LaMP_3": RecordFormat(("text",), "text", '{score} is the score for "{text}" '),
-    "LaMP_4": RecordFormat(("title", "text"), "text", '"{title}" is the title for "{text}" '),
-    "LaMP_5": RecordFormat(("title", "abstract"), "abstract", '"{title}" is a title for "{text}" ', "Following the given patterns "),
-    "LaMP_6": RecordFormat(("text",), "text", '"{title}" is the title for "{text}" '),
-    "LaMP_7": RecordFormat(("text",), "text", '"{text}" ', "are written by a person. Following the given patterns "),
+    "LaMP_1": RecordFormat("title", '"{text}"'),
+    "LaMP_2N": RecordFormat("text", 'the category for the article: "{text}" is "{category}" '),
+    "LaMP_2M": RecordFormat("description", 'the tag for the movie: "{text}" is "{tag}" '),
+    "LaMP_3": RecordFormat("text", '{score} is the score for "{text}" '),
+    "LaMP_4": RecordFormat("text", '"{title}" is the title for "{text}" '),
+    "LaMP_5": RecordFormat("abstract", '"{title}" is a title for "{text}" ', "Following the given patterns "),
+    "LaMP_6": RecordFormat("text", '"{title}" is the title for "{text}" '),
+    "LaMP_7": RecordFormat("text", '"{text}" ', "are written by a person. Following the given patterns "),
 }
 
 JOINER = ", and "
@@ -61,25 +59,6 @@ def record_format(task) -> RecordFormat:
         raise ValueError(f"no LaMP retrieval format for task {task.name!r}") from None
 
 
-def bm25_query(task, text: str) -> str:
-    """The part of the input LaMP searches with: the text after the template's fixed head.
-
-    LaMP-1 searches with the two candidate references (the last two quoted strings).
-    """
-    if task.name == "LaMP_1":
-        quoted = re.findall(r'"(.*?)"', text)
-        if len(quoted) >= 3:
-            return f"{quoted[-2]} {quoted[-1]}"
-        return text
-    head = task.template_prefix()
-    return text[len(head):] if head and text.startswith(head) else text
-
-
-def corpus_text(task, record: Record) -> str:
-    fmt = record_format(task)
-    return " ".join(record.fields.get(f, "") for f in fmt.corpus_fields).strip()
-
-
 def candidates(example: Example) -> list[Record]:
     """Records RAG may retrieve for `example`: its own history, never the record it was made from."""
     return [r for r in example.history if r.id != example.source_record_id]
@@ -90,10 +69,7 @@ def retrieve(task, example: Example, k: int) -> list[Record]:
     pool = candidates(example)
     if k <= 0 or not pool:
         return []
-    corpus = [bm25_tokens(corpus_text(task, r)) or ["<empty>"] for r in pool]
-    query = bm25_tokens(bm25_query(task, example.input))
-    scores = BM25Okapi(corpus).get_scores(query) if query else [0.0] * len(pool)
-    order = sorted(range(len(pool)), key=lambda i: (-float(scores[i]), -i))
+    order = rank(task, example.input, pool)
     return [pool[i] for i in order[:k]]
 
 

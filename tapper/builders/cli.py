@@ -94,7 +94,7 @@ def _add_movielens(kinds: argparse._SubParsersAction) -> None:
 def _add_synthetic(kinds: argparse._SubParsersAction) -> None:
     parser = kinds.add_parser(
         "synthetic",
-        help="a seeded synthetic LaMP_2N with a learnable, drifting personalization signal",
+        help="a seeded synthetic LaMP_2N (or LaMP_2M) with a learnable, drifting personalization signal",
         description="Articles mention keywords of 2-3 candidate categories; the gold is the user's preferred one. "
                     "Some users change preferences mid-history. Also writes users.json (drift flags, rankings).",
     )
@@ -112,6 +112,9 @@ def _add_synthetic(kinds: argparse._SubParsersAction) -> None:
     parser.add_argument("--drift-kind", choices=("swap", "reverse"), default="swap",
                         help="swap: the top three categories trade places with three of the bottom nine; reverse: "
                              "the whole ranking turns around (default: swap)")
+    parser.add_argument("--task", choices=("LaMP_2N", "LaMP_2M"), default="LaMP_2N",
+                        help="news categories (LaMP_2N) or movie tags (LaMP_2M), each label with keywords of its own "
+                             "(default: LaMP_2N)")
     parser.set_defaults(func=_run_synthetic)
 
 
@@ -145,7 +148,7 @@ def _run_synthetic(args: argparse.Namespace) -> int:
         summary = build_synthetic(args.out, users=args.users, history=(low, high), queries_per_user=args.queries_per_user,
                                   seed=args.seed, drift_fraction=args.drift_fraction,
                                   drift_at=tuple(args.drift_at), gap_days=tuple(args.gap_days),
-                                  drift_kind=args.drift_kind)
+                                  drift_kind=args.drift_kind, task=args.task)
     except ValueError as err:  # the generator's own range checks (--drift-at, --gap-days)
         raise SystemExit(f"tapper build synthetic: {err}") from None
     print(summary.describe())

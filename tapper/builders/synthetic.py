@@ -36,7 +36,7 @@ from pathlib import Path
 
 from tapper.atomic import atomic_write_text
 from tapper.builders.common import BuildSummary, command_line, counts_section, write_build
-from tapper.data.tasks import LAMP_2N_LABELS, get_task
+from tapper.data.tasks import LAMP_2M_LABELS, LAMP_2N_LABELS, get_task
 from tapper.data.types import LampDataset, Query, Record
 
 KEYWORDS: dict[str, tuple[str, ...]] = {
@@ -57,6 +57,27 @@ KEYWORDS: dict[str, tuple[str, ...]] = {
     "religion": ("pilgrimage", "sermon", "scripture", "monastery", "prayer", "cathedral"),
 }
 assert tuple(KEYWORDS) == LAMP_2N_LABELS
+
+# LaMP_2M (movie tagging): the same generator over the 15 movie tags, each with six keywords of its own.
+KEYWORDS_2M: dict[str, tuple[str, ...]] = {
+    "sci-fi": ("spaceship", "android", "galaxy", "laser", "teleport", "cyborg"),
+    "based on a book": ("novel", "adaptation", "bestseller", "author", "chapter", "manuscript"),
+    "comedy": ("prank", "slapstick", "sitcom", "jokes", "hilarious", "parody"),
+    "action": ("explosion", "chase", "shootout", "stuntman", "heist", "firefight"),
+    "twist ending": ("reveal", "unexpected", "rug-pull", "misdirection", "switcheroo", "reversal"),
+    "dystopia": ("regime", "surveillance", "wasteland", "rationing", "curfew", "propaganda"),
+    "dark comedy": ("morbid", "gallows", "cynical", "macabre", "deadpan", "grotesque"),
+    "classic": ("black-and-white", "golden-age", "timeless", "vintage", "landmark", "restored"),
+    "psychology": ("therapist", "trauma", "obsession", "paranoia", "memory", "subconscious"),
+    "fantasy": ("dragon", "wizard", "enchanted", "elves", "sorcery", "kingdom"),
+    "romance": ("courtship", "wedding", "heartbreak", "lovers", "kiss", "proposal"),
+    "thought-provoking": ("philosophy", "dilemma", "ethics", "meaning", "existential", "contemplative"),
+    "social commentary": ("inequality", "class", "racism", "poverty", "satire", "injustice"),
+    "violence": ("bloodshed", "massacre", "brutal", "gore", "assault", "carnage"),
+    "true story": ("biopic", "real-life", "historical", "memoir", "documented", "survivor"),
+}
+assert tuple(KEYWORDS_2M) == LAMP_2M_LABELS
+VOCABULARIES = {"LaMP_2N": KEYWORDS, "LaMP_2M": KEYWORDS_2M}
 
 _SENTENCES_3 = ("A story on {} and {}, with {}.", "Notes about {}, {} and {}.", "How {} meets {} and {}.")
 _SENTENCES_2 = ("A story on {} and {}.", "What {} means for {}.", "Between {} and {}.")
@@ -93,21 +114,23 @@ def preferred(ranking: tuple[str, ...], candidates: list[str]) -> str:
     return min(candidates, key=ranking.index)
 
 
-def _article(rng: random.Random, ranking: tuple[str, ...]) -> tuple[list[str], str, str]:
+def _article(rng: random.Random, ranking: tuple[str, ...], keywords: dict[str, tuple[str, ...]] = KEYWORDS
+             ) -> tuple[list[str], str, str]:
     """(candidate categories, text, title) of an article the user with `ranking` meets.
 
     With probability _INTEREST_RATE one candidate comes from the user's current
     top _INTEREST_SIZE (people read, and are asked about, what they follow), so
     their preferences show up often enough in their history to be learnt.
     """
+    labels = tuple(keywords)
     k = rng.choice((2, 3))
     if rng.random() < _INTEREST_RATE:
         first = rng.choice(ranking[:_INTEREST_SIZE])
-        candidates = [first] + rng.sample([c for c in LAMP_2N_LABELS if c != first], k - 1)
+        candidates = [first] + rng.sample([c for c in labels if c != first], k - 1)
         rng.shuffle(candidates)
     else:
-        candidates = rng.sample(LAMP_2N_LABELS, k)
-    words = [w for c in candidates for w in rng.sample(KEYWORDS[c], 2)]
+        candidates = rng.sample(labels, k)
+    words = [w for c in candidates for w in rng.sample(keywords[c], 2)]
     rng.shuffle(words)
     sentences = []
     while words:
@@ -115,7 +138,7 @@ def _article(rng: random.Random, ranking: tuple[str, ...]) -> tuple[list[str], s
         template = rng.choice(_SENTENCES_3 if take == 3 else _SENTENCES_2)
         sentences.append(template.format(*words[:take]))
         words = words[take:]
-    title_words = [rng.choice(KEYWORDS[c]) for c in candidates[:2]]
+    title_words = [rng.choice(keywords[c]) for c in candidates[:2]]
     title = rng.choice(_TITLES).format(*title_words)
     return candidates, " ".join(sentences), title[0].upper() + title[1:]
 
@@ -141,6 +164,7 @@ def generate_synthetic(
     drift_at: tuple[float, float] = (0.3, 0.5),
     gap_days: tuple[int, int] = (1, 1),
     drift_kind: str = "swap",
+    task: str = "LaMP_2N",
 ) -> tuple[LampDataset, list[SyntheticUser]]:
     low, high = history
     if not (1 <= low <= high) or users < 1 or queries_per_user < 1 or not 0 <= drift_fraction <= 1:
@@ -151,11 +175,15 @@ def generate_synthetic(
         raise ValueError(f"gap_days must satisfy 1 <= low <= high, got {gap_days}")
     if drift_kind not in DRIFT_KINDS:
         raise ValueError(f"drift_kind must be one of {list(DRIFT_KINDS)}, got {drift_kind!r}")
+    if task not in VOCABULARIES:
+        raise ValueError(f"task must be one of {list(VOCABULARIES)}, got {task!r}")
+    keywords = VOCABULARIES[task]
+    labels = tuple(keywords)
     rng = random.Random(seed)
     # Gaps come from their own stream, so any gap_days leaves every article and label
     # of the seed unchanged (and the default (1, 1) gives the daily dates of before).
     gap_rng = random.Random(f"{seed}-gaps")
-    spec = get_task("LaMP_2N")
+    spec = get_task(task)
     questions: list[Query] = []
     people: list[SyntheticUser] = []
     for index in range(users):
@@ -165,7 +193,7 @@ def generate_synthetic(
         days = [start]
         for _ in range(n + queries_per_user - 1):
             days.append(days[-1] + dt.timedelta(days=gap_rng.randint(*gap_days)))
-        before = tuple(rng.sample(LAMP_2N_LABELS, len(LAMP_2N_LABELS)))
+        before = tuple(rng.sample(labels, len(labels)))
         drifts = rng.random() < drift_fraction
         drift_date = None
         after = before
@@ -181,22 +209,24 @@ def generate_synthetic(
 
         records: list[Record] = []
         for i in range(n):
-            candidates, text, title = _article(rng, person.ranking_on(days[i]))
-            category = preferred(person.ranking_on(days[i]), candidates)
-            records.append(Record(id=f"{user_id}-r{i:03d}", fields={"text": text, "title": title, "category": category},
-                                  date=days[i], raw_date=days[i].isoformat()))
+            candidates, text, title = _article(rng, person.ranking_on(days[i]), keywords)
+            answer = preferred(person.ranking_on(days[i]), candidates)
+            fields = ({"text": text, "title": title, "category": answer} if task == "LaMP_2N"
+                      else {"description": f"{title}. {text}", "tag": answer})
+            records.append(Record(id=f"{user_id}-r{i:03d}", fields=fields, date=days[i], raw_date=days[i].isoformat()))
         for k in range(queries_per_user):
             day = days[n + k]
-            candidates, text, _ = _article(rng, person.ranking_on(day))
-            questions.append(Query(id=f"{user_id}-q{k}", input=spec.make_input(text=text), profile=records,
+            candidates, text, title = _article(rng, person.ranking_on(day), keywords)
+            model_input = spec.make_input(text=text) if task == "LaMP_2N" else spec.make_input(description=f"{title}. {text}")
+            questions.append(Query(id=f"{user_id}-q{k}", input=model_input, profile=records,
                                    user_id=user_id, output=preferred(person.ranking_on(day), candidates)))
-    return LampDataset(task="LaMP_2N", queries=questions), people
+    return LampDataset(task=task, queries=questions), people
 
 
-def candidates_in(text: str) -> list[str]:
-    """The categories whose keywords an article mentions (what the text alone reveals)."""
+def candidates_in(text: str, task: str = "LaMP_2N") -> list[str]:
+    """The labels whose keywords an article mentions (what the text alone reveals)."""
     words = set(text.lower().replace(",", " ").replace(".", " ").replace(":", " ").split())
-    return [c for c, kws in KEYWORDS.items() if words.intersection(kws)]
+    return [c for c, kws in VOCABULARIES[task].items() if words.intersection(kws)]
 
 
 def build_synthetic(
@@ -209,29 +239,34 @@ def build_synthetic(
     drift_at: tuple[float, float] = (0.3, 0.5),
     gap_days: tuple[int, int] = (1, 1),
     drift_kind: str = "swap",
+    task: str = "LaMP_2N",
 ) -> BuildSummary:
-    ds, people = generate_synthetic(users, history, queries_per_user, seed, drift_fraction, drift_at, gap_days, drift_kind)
+    ds, people = generate_synthetic(users, history, queries_per_user, seed, drift_fraction, drift_at, gap_days, drift_kind, task)
     pairs = {"history": history, "drift_at": drift_at, "gap_days": gap_days}
     command = command_line("synthetic", {
         "out": out, "users": users, **{k: f"{v[0]} {v[1]}" for k, v in pairs.items()},
         "queries_per_user": queries_per_user, "seed": seed, "drift_fraction": drift_fraction,
         # Written only when not the default, so the command lines of earlier builds read as before.
         **({"drift_kind": drift_kind} if drift_kind != "swap" else {}),
+        **({"task": task} if task != "LaMP_2N" else {}),
     })
     # Pairs are two numbers on the command line, not one quoted string.
     for v in pairs.values():
         command = command.replace(f"'{v[0]} {v[1]}'", f"{v[0]} {v[1]}")
-    summary = write_build(ds, out, _readme(ds, people, command, drift_kind))
+    summary = write_build(ds, out, _readme(ds, people, command, drift_kind, task))
     users_json = {"seed": seed, "users": {p.user_id: p.to_json() for p in people}}
     atomic_write_text(Path(out) / "users.json", json.dumps(users_json) + "\n")
     return summary
 
 
-def _readme(ds: LampDataset, people: list[SyntheticUser], command: str, drift_kind: str = "swap") -> str:
+def _readme(ds: LampDataset, people: list[SyntheticUser], command: str, drift_kind: str = "swap",
+            task: str = "LaMP_2N") -> str:
     drifting = sum(p.drifts for p in people)
     change = ("reverse their whole ranking" if drift_kind == "reverse"
               else "swap their top\nthree categories for three of their bottom nine")
-    return f"""# Synthetic LaMP_2N with a drifting personalization signal
+    if task == "LaMP_2M":
+        change = change.replace("categories", "tags")
+    text = f"""# Synthetic {task} with a drifting personalization signal
 
 Generated data (no third-party source): free to use for any purpose (CC0).
 
@@ -249,3 +284,7 @@ drifting from stable users.
 ## Counts
 {counts_section(ds)}
 """
+    if task == "LaMP_2M":
+        text = text.replace("Each category owns", "Each tag owns").replace("candidate\ncategories", "candidate\ntags")
+        text = text.replace("of the 15 categories", "of the 15 tags")
+    return text

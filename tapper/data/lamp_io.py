@@ -67,7 +67,7 @@ def load_lamp(questions_path: PathLike, outputs_path: PathLike | None = None, ta
                     f"gold {gold!r} is not one of the {spec.name} labels {list(spec.labels)}",
                 )
             query.output = gold
-    dataset = LampDataset(task=spec.name, queries=queries)
+    dataset = LampDataset(task=spec.name, queries=queries, source=questions_path)
     source = questions_path if outputs_path is None else f"{questions_path} (golds: {outputs_path})"
     validate_dataset(dataset, spec, source=source)
     return dataset

@@ -7,6 +7,7 @@ Templates are LaMP's own (LaMP/data/datasets.py), copied verbatim.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Literal
@@ -109,6 +110,20 @@ class TaskSpec:
         # LaMP's evaluator only strips; anything else would flatter the model.
         return text.strip()
 
+    def query_content(self, input: str) -> str:  # noqa: A002
+        """What a query says, without the task's instruction: the text its template's fields hold.
+
+        The query vector z_q is the mean of the query's token embeddings, and the template is most
+        of a templated input (LaMP-2N: the instruction and all 15 label names around a short
+        article), so the mean of the whole input is nearly the same vector for every query and the
+        DIN attention cannot condition on it. An input that does not follow the template has no
+        template text to strip and is its own content.
+        """
+        m = _template_regex(self.input_template).fullmatch(input)
+        if m is None:
+            return input
+        return " ".join(v.strip() for v in m.groups() if v and v.strip())
+
     def template_prefix(self, template: str | None = None) -> str:
         """The fixed text before the first placeholder, used to recognise a template."""
         return re.split(r"\{", template or self.input_template, maxsplit=1)[0]
@@ -128,6 +143,13 @@ class TaskSpec:
                 others = tuple(t for t in (self.input_template, *self.alternative_templates) if t != template)
                 return replace(self, input_template=template, alternative_templates=others)
         return self
+
+
+@functools.lru_cache(maxsize=None)
+def _template_regex(template: str) -> re.Pattern:
+    """The template as a regex: its literal text fixed, each `{field}` a lazy group."""
+    parts = re.split(r"\{[^{}]*\}", template)
+    return re.compile("(.*?)".join(re.escape(p) for p in parts), re.DOTALL)
 
 
 def _classification_categories(labels: tuple[str, ...]) -> str:

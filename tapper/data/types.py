@@ -55,6 +55,9 @@ class Query:
 class LampDataset:
     task: str
     queries: list[Query] = field(default_factory=list)
+    # The questions file it was read from, for error messages (None: built in memory). Not part of
+    # the data: two datasets with the same queries are equal wherever they were read from.
+    source: str | None = field(default=None, compare=False)
 
     def users(self) -> list[str]:
         seen: dict[str, None] = {}

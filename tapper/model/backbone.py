@@ -85,8 +85,11 @@ def _ensure_pad(tok) -> None:
     tok.padding_side = "right"
 
 
-def save_backbone_dir(model: torch.nn.Module, tokenizer, dest: Path) -> Path:
-    """Save atomically: write to a sibling temp dir, then rename into place."""
+def save_backbone_dir(model: torch.nn.Module, tokenizer, dest: Path, keep_existing: bool = False) -> Path:
+    """Save atomically: write to a sibling temp dir, then rename into place.
+
+    keep_existing: `dest` is named by its content (a cache entry); if another process finished it first, keep
+    theirs instead of removing a directory that process may be loading from this moment."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
@@ -94,6 +97,9 @@ def save_backbone_dir(model: torch.nn.Module, tokenizer, dest: Path) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if dest.exists():
+            if keep_existing and (dest / "config.json").exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+                return dest
             shutil.rmtree(dest)
         os.replace(tmp, dest)
     except BaseException:
@@ -133,7 +139,7 @@ def ensure_smollm2_dir() -> Path:
     model = type(gguf_model)(config)
     model.load_state_dict(gguf_model.state_dict())
     model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)"
-    return save_backbone_dir(model, tok, dest)
+    return save_backbone_dir(model, tok, dest, keep_existing=True)
 
 
 def _file_digest(path: Path) -> str:
@@ -183,7 +189,7 @@ def ensure_tiny_dir(texts: list[str], seed: int = 0, vocab_size: int = 2000) -> 
     # std TINY_EMBED_STD gives logits of a few units, like a trained LM's.
     with torch.no_grad():
         model.get_input_embeddings().weight.normal_(std=TINY_EMBED_STD)
-    return save_backbone_dir(model, tok, dest)
+    return save_backbone_dir(model, tok, dest, keep_existing=True)
 
 
 def train_tiny_tokenizer(texts: list[str], vocab_size: int = 2000) -> PreTrainedTokenizerFast:

@@ -2,7 +2,7 @@
 
 A vector is the mean of the *frozen input-embedding rows* of a text's tokens
 (paper 2.2). It depends only on the input-embedding matrix, the tokenizer and
-the text, so the cache is keyed by exactly those three hashes. The embedding
+the text (read up to `max_tokens` tokens), so the cache is keyed by exactly those. The embedding
 layer never trains (Stage 1 targets attention projections only, Stage 2
 freezes the backbone), so vectors computed once serve every later run.
 
@@ -146,7 +146,8 @@ class EmbeddingCache:
         self.emb = model.get_input_embeddings().weight.detach().float().cpu()
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
-        self.key = f"{embedding_hash(model)[:16]}-{tokenizer_hash(tokenizer)[:16]}"
+        # A vector depends on the embedding matrix, the tokenizer and how many tokens of a text are read.
+        self.key = f"{embedding_hash(model)[:16]}-{tokenizer_hash(tokenizer)[:16]}-t{max_tokens}"
         self.dir = Path(root) / self.key
         self.dir.mkdir(parents=True, exist_ok=True)
         self.stats = CacheStats()

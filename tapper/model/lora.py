@@ -50,3 +50,29 @@ def merge_lora(peft_model) -> torch.nn.Module:
         if not torch.isfinite(p).all():
             raise FloatingPointError(f"merged backbone has non-finite values in {name}")
     return merged
+
+
+class PositionScope:
+    """Restricts every LoRA of a model to some sequence positions (the others see the base weights only).
+
+    Used for a bridge that may change how the soft tokens are read (their keys, values and their own
+    residual stream, layer by layer) but not how the prompt itself is processed: a bridge on every position
+    can also learn the training prompts' answers by heart, which a bridge on the prefix positions cannot.
+    `positions` is a bool tensor [B, T] or [T] set before each forward; None means no position (decode
+    steps of generation, which only add prompt tokens)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.positions: torch.Tensor | None = None
+        self._handles = []
+        for name, module in model.named_modules():
+            if isinstance(module, LoraLayer):
+                for b in module.lora_B.values():
+                    self._handles.append(b.register_forward_hook(self._mask))
+        if not self._handles:
+            raise LoraTargetError("no LoRA layer to restrict")
+
+    def _mask(self, module, inputs, output):
+        if self.positions is None:
+            return output * 0.0
+        m = self.positions.to(output.dtype)
+        return output * (m.unsqueeze(-1) if m.dim() == 2 else m.view(1, -1, 1))

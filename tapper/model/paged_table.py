@@ -204,7 +204,11 @@ def load_prefix_paged(model, state_file: str | Path, directory: str | Path) -> d
     tensors = read_tensors_except(state_file, TABLE_KEY)
     prefix_sd = {k[len("prefix."):]: v for k, v in tensors.items() if k.startswith("prefix.")}
     result = model.prefix.load_state_dict(prefix_sd, strict=False)
-    missing = [k for k in result.missing_keys if k != "user_table.weight"]
+    from tapper.model.prefix import INPUT_STATS
+
+    # A state saved before inputs were standardized has no input statistics (it reads them unit-RMS only).
+    old = model.prefix.cfg.input_norm == "unit_rms"
+    missing = [k for k in result.missing_keys if k != "user_table.weight" and not (old and k in INPUT_STATS)]
     if missing or result.unexpected_keys:
         raise ValueError(f"{state_file}: missing prefix tensors {missing[:5]}, unexpected {list(result.unexpected_keys)[:5]}")
     return tensors

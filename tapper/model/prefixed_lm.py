@@ -29,9 +29,11 @@ class LMBatch:
 
 
 class PrefixedLM(nn.Module):
-    def __init__(self, causal_lm: nn.Module):
+    def __init__(self, causal_lm: nn.Module, scope=None):
         super().__init__()
         self.lm = causal_lm
+        # A tapper.model.lora.PositionScope: the bridge acts on the soft-token positions only.
+        self.scope = scope
         # PEFT injects LoRA layers in place, so these stay valid after attaching adapters.
         base = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
         self.decoder = base.model
@@ -50,6 +52,9 @@ class PrefixedLM(nn.Module):
             B, L, _ = prefix.shape
             embeds = torch.cat([prefix.to(embeds.dtype), embeds], dim=1)
             mask = torch.cat([mask.new_ones(B, L), mask], dim=1)
+        if self.scope is not None:
+            L = 0 if prefix is None else prefix.shape[1]
+            self.scope.positions = torch.arange(embeds.shape[1], device=embeds.device) < L
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         return embeds, mask, positions
 
@@ -76,17 +81,18 @@ class PrefixedLM(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=embeds.device)
         generated: list[list[int]] = [[] for _ in range(B)]
         logits = self.lm_head(out.last_hidden_state[:, -1])
+        steps = []
         for _ in range(max_new_tokens):
             tok = logits.argmax(-1)
-            for i in range(B):
-                if not done[i]:
-                    if int(tok[i]) == eos_id:
-                        done[i] = True
-                    else:
-                        generated[i].append(int(tok[i]))
+            # Tokens stay on the device; finished rows are read back once, after the loop (no sync per token,
+            # but one per step for the stop test).
+            steps.append(tok)
+            done = done | (tok == eos_id)
             if bool(done.all()):
                 break
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+            if self.scope is not None:
+                self.scope.positions = None
             out = self.decoder(
                 inputs_embeds=self.embed(tok[:, None]), attention_mask=mask, position_ids=next_pos,
                 past_key_values=past, use_cache=True,
@@ -94,4 +100,7 @@ class PrefixedLM(nn.Module):
             past = out.past_key_values
             next_pos = next_pos + 1
             logits = self.lm_head(out.last_hidden_state[:, -1])
+        if steps:
+            for i, row in enumerate(torch.stack(steps, 1).tolist()):
+                generated[i] = row[: row.index(eos_id)] if eos_id in row else row
         return generated

@@ -21,8 +21,8 @@ from torch import nn
 
 from tapper.atomic import atomic_write, atomic_write_json
 from tapper.config import Stage2Config, from_dict
-from tapper.model.lora import attach_lora
-from tapper.model.prefix import PrefixEncoder
+from tapper.model.lora import PositionScope, attach_lora
+from tapper.model.prefix import INPUT_STATS, PrefixEncoder
 from tapper.model.prefixed_lm import PrefixedLM
 from tapper.train.features import EncodedExample, lm_generate_batch, lm_train_batch, prefix_inputs
 
@@ -48,7 +48,8 @@ class TapPer(nn.Module):
         self.d = int(emb.shape[1])
         emb_std = float(emb.detach().float().std())
         lm = attach_lora(backbone, cfg.bridge_r, cfg.bridge_alpha, cfg.bridge_dropout, cfg.target_modules) if cfg.use_bridge else backbone
-        self.plm = PrefixedLM(lm)
+        scope = PositionScope(lm) if cfg.use_bridge and cfg.bridge_scope == "prefix" else None
+        self.plm = PrefixedLM(lm, scope)
         self.prefix = PrefixEncoder(len(self.user_ids), self.d, cfg, emb_std, init_user_table).to(emb.device)
 
     # --- parameters -------------------------------------------------------------------
@@ -132,12 +133,16 @@ class TapPer(nn.Module):
         filling it from the file in chunks, so the whole table is never held in anonymous memory."""
         directory = Path(directory)
         meta = json.loads((directory / CONFIG_FILE).read_text())
+        # A state saved before inputs were standardized read them unit-RMS only, and has no statistics to load.
+        meta["stage2"].setdefault("input_norm", "unit_rms")
         cfg = from_dict(Stage2Config, meta["stage2"], f"{directory / CONFIG_FILE}: stage2")
         model = cls(backbone, meta["user_ids"], cfg, meta.get("backbone_hash", ""), init_user_table=False)
         if table_dir is None:
             tensors = load_file(directory / STATE_FILE)
             prefix_sd = {k[len("prefix."):]: v for k, v in tensors.items() if k.startswith("prefix.")}
-            model.prefix.load_state_dict(prefix_sd)
+            missing, unexpected = model.prefix.load_state_dict(prefix_sd, strict=False)
+            if unexpected or (missing and (cfg.input_norm != "unit_rms" or set(missing) - set(INPUT_STATS))):
+                raise ValueError(f"{directory / STATE_FILE}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
         else:
             tensors = _load_paged(model, directory / STATE_FILE, table_dir)
         if cfg.use_bridge:

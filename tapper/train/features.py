@@ -6,20 +6,13 @@ gaps, and how prompt and target are tokenized and truncated.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import torch
-from rank_bm25 import BM25Okapi
 
+from tapper.data import bm25
 from tapper.data.types import Example
 from tapper.model.embedding_cache import EmbeddingCache
-
-_WORD = re.compile(r"\w+")
-
-
-def bm25_tokens(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
 
 
 @dataclass
@@ -44,28 +37,29 @@ class EncodedSet:
 
 
 def time_gaps(ex: Example) -> tuple[list[float], list[float]]:
-    """Δt in days (0 when a date is missing) and Δπ = order gap (1 for the latest record)."""
+    """Δt in days from the user's latest history record (0 when a date is missing) and Δπ = order gap
+    (1 for the latest record).
+
+    One rule for every example, whatever it carries: LaMP queries have no date, so Δt cannot be measured
+    from the query; Stage-2 training examples (made from history records, which do have dates), online
+    feedback and served queries are measured the same way, so the newest record is at Δt = 0 at training,
+    evaluation and serving alike, and λ_t means the same everywhere.
+    """
     dates = [r.date for r in ex.history if r.date is not None]
-    qdate = ex.query_date or (max(dates) if dates else None)
+    latest = max(dates) if dates else None
     n = len(ex.history)
-    dt = []
-    for r in ex.history:
-        if qdate is None or r.date is None:
-            dt.append(0.0)
-        else:
-            dt.append(float(max((qdate - r.date).days, 0)))
+    dt = [0.0 if latest is None or r.date is None else float(max((latest - r.date).days, 0)) for r in ex.history]
     dpi = [float(n - j) for j in range(n)]
     return dt, dpi
 
 
 def bm25_keep(ex: Example, task, k: int) -> list[int]:
-    """Indices (chronological) of the k history records BM25 ranks highest for the query."""
+    """Indices (chronological) of the k history records BM25 ranks highest for the query.
+
+    The same query and corpus text as RAG (tapper.data.bm25), so the pre-filter keeps what RAG-k would retrieve."""
     if len(ex.history) <= k:
         return list(range(len(ex.history)))
-    corpus = [bm25_tokens(task.record_text(r)) or ["<empty>"] for r in ex.history]
-    scores = BM25Okapi(corpus).get_scores(bm25_tokens(ex.input))
-    top = sorted(range(len(scores)), key=lambda i: (-scores[i], -i))[:k]
-    return sorted(top)
+    return sorted(bm25.rank(task, ex.input, ex.history)[:k])
 
 
 class FeatureEncoder:
@@ -80,16 +74,34 @@ class FeatureEncoder:
     def tokenize(self, prompt: str, target: str | None) -> tuple[list[int], list[int]]:
         p = self.tok(self.task.prompt(prompt), add_special_tokens=False)["input_ids"]
         t = []
+        room = self.max_len - self.prefix_len
+        if room < 16:
+            raise ValueError(f"max_len {self.max_len} leaves {room} tokens after the {self.prefix_len} soft tokens; need >= 16")
         if target is not None:
             t = self.tok(self.task.format_target(target), add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
-        budget = self.max_len - self.prefix_len - len(t)
+            # A target may take at most half of what the soft tokens leave (its head, ending in EOS), so the
+            # prompt always keeps the other half.
+            if len(t) > room // 2:
+                t = t[: room // 2 - 1] + [self.tok.eos_token_id]
+        budget = room - len(t)
         if len(p) > budget:
             # Keep the instruction (head) and the "Answer:" cue (tail); cut the middle of the text.
             tail = min(8, budget // 2)
             p = p[: budget - tail] + p[len(p) - tail :]
         return p, t
 
-    def encode(self, examples: list[Example], user_rows: dict[str, int] | None = None, progress: bool = True) -> EncodedSet:
+    def encode(self, examples: list[Example], user_rows: dict[str, int] | None = None, progress: bool = True,
+               unknown_users: str = "error") -> EncodedSet:
+        """Token ids and vector rows of `examples`. With `user_rows` (a model's user table), a user not in it is an
+        error unless `unknown_users="pq_only"` (serving and cold-start evaluation: row 0, P_q only)."""
+        if unknown_users not in ("error", "pq_only"):
+            raise ValueError(f"unknown_users must be 'error' or 'pq_only', got {unknown_users!r}")
+        if user_rows is not None and unknown_users == "error":
+            missing = sorted({ex.user_id for ex in examples} - set(user_rows))
+            if missing:
+                first = next(ex for ex in examples if ex.user_id == missing[0])
+                raise KeyError(f"example {first.id!r}: user {missing[0]!r} has no row in the user table "
+                               f"({len(missing)} such users); pass unknown_users='pq_only' to serve them with P_q only")
         texts: dict[str, int] = {}
 
         def row(text: str) -> int:
@@ -105,7 +117,8 @@ class FeatureEncoder:
                     id=ex.id,
                     user_id=ex.user_id,
                     user_row=(user_rows or {}).get(ex.user_id, 0),
-                    q_row=row(ex.input),
+                    # z_q is made from what the query says, not the task's instruction around it.
+                    q_row=row(self.task.query_content(ex.input)),
                     hist_rows=[row(self.task.record_text(ex.history[i])) for i in keep],
                     dt=[dt[i] for i in keep],
                     dpi=[dpi[i] for i in keep],
@@ -120,24 +133,28 @@ class FeatureEncoder:
 
 
 def prefix_inputs(items: list[EncodedExample], vectors: torch.Tensor):
-    """(user_rows, zq, zh, mask, dt, dpi) with histories right-padded to the batch's longest."""
+    """(user_rows, zq, zh, mask, dt, dpi) with histories right-padded to the batch's longest.
+
+    One gather from `vectors` through a padded index matrix (on `vectors`' device), not a copy per example."""
     B = len(items)
     N = max((len(it.hist_rows) for it in items), default=0)
-    d = vectors.shape[1]
-    zh = torch.zeros(B, N, d)
+    index = torch.zeros(B, N, dtype=torch.long)
     mask = torch.zeros(B, N, dtype=torch.bool)
     dt = torch.zeros(B, N)
     dpi = torch.zeros(B, N)
     for i, it in enumerate(items):
         n = len(it.hist_rows)
         if n:
-            zh[i, :n] = vectors[torch.tensor(it.hist_rows)]
+            index[i, :n] = torch.tensor(it.hist_rows)
             mask[i, :n] = True
             dt[i, :n] = torch.tensor(it.dt)
             dpi[i, :n] = torch.tensor(it.dpi)
+    device = vectors.device
+    index, mask = index.to(device), mask.to(device)
+    zh = vectors[index] * mask.unsqueeze(-1).to(vectors.dtype)
     user_rows = torch.tensor([it.user_row for it in items], dtype=torch.long)
-    zq = vectors[torch.tensor([it.q_row for it in items])]
-    return user_rows, zq, zh, mask, dt, dpi
+    zq = vectors[torch.tensor([it.q_row for it in items], device=device)]
+    return user_rows, zq, zh, mask, dt.to(device), dpi.to(device)
 
 
 def lm_train_batch(items: list[EncodedExample], pad_id: int):

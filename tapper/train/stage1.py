@@ -56,6 +56,9 @@ def train_stage1(
     if cfg.max_examples and len(examples) > cfg.max_examples:
         examples = random.Random(seed).sample(examples, cfg.max_examples)
     items = tokenize_examples(task, backbone.tokenizer, examples, cfg.max_len)
+    if not items and not cfg.skip:
+        raise ValueError(f"{task.name}: the Stage-1 training split is empty (no Stage-1 example with an answer); "
+                         "lower stage2_users or set stage1.skip=true")
     model = backbone.model
     losses: list[float] = []
     pad = backbone.tokenizer.pad_token_id
@@ -67,6 +70,7 @@ def train_stage1(
         losses = train_epochs(
             items, lambda b: plm.loss(lm_train_batch(b, pad)), [{"params": params, "lr": cfg.lr}],
             cfg.epochs, cfg.batch_size, seed=seed, desc="stage 1 (task LoRA)", progress=progress, on_epoch=on_epoch,
+            warmup=cfg.warmup, schedule=cfg.schedule,
         )
         model = merge_lora(peft_model)
     elif not cfg.skip:
@@ -78,6 +82,7 @@ def train_stage1(
         losses = train_epochs(
             items, lambda b: plm.loss(lm_train_batch(b, pad)), [{"params": params, "lr": cfg.lr}],
             cfg.epochs, cfg.batch_size, seed=seed, desc="stage 1 (full, embeddings frozen)", progress=progress, on_epoch=on_epoch,
+            warmup=cfg.warmup, schedule=cfg.schedule,
         )
     model.eval()
     path = save_backbone_dir(model, backbone.tokenizer, Path(out_dir))
