@@ -7,6 +7,8 @@
 #   build-control-plane.sh            build if missing (needs apt; ~5 min on 2 idle cores, longer when shared)
 #   build-control-plane.sh --check    exit 0 if cached binaries are present, 1 otherwise (builds nothing)
 #   build-control-plane.sh --deps     install only the runtime apt packages (etcd-server, postgresql)
+#   build-control-plane.sh --fetch    install the runtime and build packages and fetch the sha256-checked source
+#                                     tarball, without compiling: exit 0 if the build can go ahead on this machine
 set -euo pipefail
 
 VERSION=1.20.2
@@ -53,9 +55,22 @@ enable_deb_src() {
   as_root apt-get update -qq
 }
 
+fetch_source() {  # the build packages and the pinned source tarball in $CACHE/src
+  apt_install golang-go rsync dpkg-dev
+  enable_deb_src
+  mkdir -p "$CACHE/src"
+  cd "$CACHE/src"
+  if [ ! -f "$ORIG" ] || ! echo "$ORIG_SHA256  $ORIG" | sha256sum -c --quiet - 2>/dev/null; then
+    rm -f "$ORIG"
+    apt-get source --download-only "kubernetes=$DEB_VERSION" >&2
+  fi
+  echo "$ORIG_SHA256  $ORIG" | sha256sum -c --quiet - || { echo "build-control-plane: $ORIG sha256 mismatch" >&2; exit 1; }
+}
+
 case "${1:-}" in
   --check) have_binaries; exit $? ;;
   --deps) runtime_deps; exit 0 ;;
+  --fetch) runtime_deps; fetch_source; echo "build-control-plane: build packages and $ORIG ready" >&2; exit 0 ;;
 esac
 
 runtime_deps
@@ -65,16 +80,10 @@ if have_binaries; then
 fi
 
 start=$(date +%s)
-apt_install golang-go rsync dpkg-dev
-enable_deb_src
+fetch_source
 work="$CACHE/src"
-mkdir -p "$work" "$BIN"
+mkdir -p "$BIN"
 cd "$work"
-if [ ! -f "$ORIG" ] || ! echo "$ORIG_SHA256  $ORIG" | sha256sum -c --quiet - 2>/dev/null; then
-  rm -f "$ORIG"
-  apt-get source --download-only "kubernetes=$DEB_VERSION" >&2
-fi
-echo "$ORIG_SHA256  $ORIG" | sha256sum -c --quiet - || { echo "build-control-plane: $ORIG sha256 mismatch" >&2; exit 1; }
 rm -rf "kubernetes-$VERSION"
 tar xzf "$ORIG"
 cd "kubernetes-$VERSION"
