@@ -358,7 +358,9 @@ class Pod:
                   "hostname": self.name, "dir": str(cdir), "user": user, "group": group,
                   "fsGroup": (self.raw["spec"].get("securityContext") or {}).get("fsGroup"),
                   "readOnlyRoot": bool(sc.get("readOnlyRootFilesystem")), "net": net,
-                  "home": env.get("HOME") or ("/tmp/home" if not user else image.workdir)}
+                  "home": env.get("HOME") or ("/tmp/home" if not user else image.workdir),
+                  # the project's virtual environment (and, for its editable install, the repository)
+                  "hostPaths": [str(self.agent.venv), str(self.agent.repo)]}
         (cdir / "launch.json").write_text(json.dumps(launch))
         c.log_path = cdir / "log"
         logf = open(c.log_path, "ab")
@@ -746,7 +748,19 @@ def exec_container(launch_file: str) -> None:
     sh("mount", "-t", "overlay", "overlay", "-o", f"lowerdir=/,upperdir={upper},workdir={work}", str(root))
     for sub in ("dev", "proc", "sys"):
         sh("mount", "--rbind", f"/{sub}", str(root / sub))
+    # The pod's private /tmp would hide a virtual environment or repository that lives under /tmp (a CI clone): keep
+    # the overlay's view of those (still copy-on-write) and put it back over the private /tmp.
+    kept = []
+    for i, p in enumerate(sorted({hp for hp in spec.get("hostPaths", []) if Path(hp).is_relative_to("/tmp")})):
+        stage = d / f"keep-{i}"
+        stage.mkdir(exist_ok=True)
+        sh("mount", "--bind", str(root / Path(p).relative_to("/")), str(stage))
+        kept.append((stage, p))
     sh("mount", "-t", "tmpfs", "-o", "mode=1777", "tmpfs", str(root / "tmp"))
+    for stage, p in kept:
+        target = root / Path(p).relative_to("/")
+        target.mkdir(parents=True, exist_ok=True)
+        sh("mount", "--move", str(stage), str(target))
     (root / "etc" / "hostname").write_text(spec["hostname"] + "\n")
     hosts = (root / "etc" / "hosts").read_text() if (root / "etc" / "hosts").exists() else ""
     (root / "etc" / "hosts").write_text(hosts + f"127.0.0.1\t{spec['hostname']}\n")
