@@ -757,10 +757,6 @@ def exec_container(launch_file: str) -> None:
         sh("mount", "--bind", str(root / Path(p).relative_to("/")), str(stage))
         kept.append((stage, p))
     sh("mount", "-t", "tmpfs", "-o", "mode=1777", "tmpfs", str(root / "tmp"))
-    for stage, p in kept:
-        target = root / Path(p).relative_to("/")
-        target.mkdir(parents=True, exist_ok=True)
-        sh("mount", "--move", str(stage), str(target))
     (root / "etc" / "hostname").write_text(spec["hostname"] + "\n")
     hosts = (root / "etc" / "hosts").read_text() if (root / "etc" / "hosts").exists() else ""
     (root / "etc" / "hosts").write_text(hosts + f"127.0.0.1\t{spec['hostname']}\n")
@@ -777,6 +773,10 @@ def exec_container(launch_file: str) -> None:
         sh("mount", "--bind", m["source"], str(target))
         if m["readOnly"]:
             sh("mount", "-o", "remount,bind,ro", str(target))
+    for stage, p in kept:  # after the pod's volumes, one of which may be mounted at /tmp
+        target = root / Path(p).relative_to("/")
+        target.mkdir(parents=True, exist_ok=True)
+        sh("mount", "--move", str(stage), str(target))
     workdir = in_root(root, spec["workdir"])
     workdir.mkdir(parents=True, exist_ok=True)
     home = in_root(root, spec["home"])
