@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export ZENML_AUTO_OPEN_DASHBOARD ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install quickstart test test-slow bench clean clean-all screenshots
+.PHONY: install quickstart test test-slow test-k8s k8s-control-plane bench clean clean-all screenshots
 
 install: $(STAMP)
 
@@ -35,6 +35,23 @@ test-slow: install
 # model version, with headless Chromium (Debian: apt-get install chromium). Stops the UI servers afterwards.
 screenshots: install
 	$(VENV)/bin/tapper ui --screenshots docs/screenshots; status=$$?; $(VENV)/bin/tapper ui --stop; exit $$status
+
+# The Kubernetes production stack on a local v1.20 control plane (tests/k8s_harness, docs/kubernetes.md): builds
+# the control plane once into ~/.cache/tapper-k8s (apt packages, ~5-15 min), then starts it with S3, PostgreSQL +
+# MLflow and a ZenML server, runs the `k8s` tests and stops everything it started.
+K8S_STAMP := $(VENV)/.tapper-k8s-harness-installed
+
+$(K8S_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,k8s-harness]'
+	touch $(K8S_STAMP)
+
+k8s-control-plane:
+	tests/k8s_harness/build-control-plane.sh
+
+test-k8s: install $(K8S_STAMP) k8s-control-plane
+	@J=$$(mktemp); rc=0; \
+	VENV=$(VENV) tests/k8s_harness/harness.sh $(PY) -m pytest -q -m k8s tests/test_k8s_cluster.py --junitxml=$$J || rc=$$?; \
+	$(PY) tests/k8s_harness/summary.py $$J; rm -f $$J; exit $$rc
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -140,7 +140,10 @@ def export_bundle(
             ordered = {u: sort_chronologically(list(recs)) for u, recs in histories.items()}
             write_histories(tmp / HISTORIES_FILE, ordered)
         atomic_write_json(tmp / META_FILE, meta)  # last: a bundle with model.json is complete
-        os.chmod(tmp, 0o755)
+        # Readable by the serving processes, which may run as another user than the exporter (k8s: the pipeline
+        # pod as root, the server as uid 10001): copytree keeps the 0700 of a temporary source directory.
+        for p in [tmp, *tmp.rglob("*")]:
+            os.chmod(p, 0o755 if p.is_dir() else p.stat().st_mode | 0o444)
         if out_dir.exists():
             old = out_dir.with_name(out_dir.name + f".old-{os.getpid()}")
             os.replace(out_dir, old)

@@ -176,3 +176,23 @@ def test_gpu_and_cpu_overlays(rendered):
     # The GPU overlay keeps the base's probes and security settings (strategic merge, not replacement).
     assert gc["readinessProbe"]["httpGet"]["path"] == "/health" and gc["securityContext"]["readOnlyRootFilesystem"]
     assert {m["name"] for m in gc["volumeMounts"]} >= {"models", "tmp", "cache", "dshm"}
+
+
+@needs_kubectl
+def test_tracking_services_render_and_validate_strict():
+    """k8s/tracking: PostgreSQL (MLflow's store), the object store and the MLflow server, wired by Service names and
+    by the two Secrets the docs create."""
+    docs = render("tracking")
+    for doc in docs:
+        validate_strict(doc, "tracking")
+    svc = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    mlflow = by_kind(docs, "Deployment", "tapper-mlflow")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in mlflow["env"]}
+    assert env["MLFLOW_S3_ENDPOINT_URL"]["value"] == f"http://tapper-object-store:{svc['tapper-object-store']['spec']['ports'][0]['port']}"
+    assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"] == {"name": "tapper-tracking", "key": "backend-store-uri"}
+    # MLflow at the version the project pins (pyproject.toml), as its Dockerfile installs it.
+    pin = re.search(r'"mlflow==([^"]+)"', (REPO / "pyproject.toml").read_text())[1]
+    assert mlflow["image"].endswith(f":{pin}") and f"mlflow=={pin}" in (K8S / "tracking" / "Dockerfile.mlflow").read_text()
+    for name in ("tapper-postgres", "tapper-object-store"):
+        sts = by_kind(docs, "StatefulSet", name)
+        assert sts["spec"]["serviceName"] == name and svc[name]["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
