@@ -291,6 +291,12 @@ def test_serving_rolls_out_on_the_promoted_bundle(trained, core):
     """The serving Deployment of k8s/overlays/cpu, pointed at the promoted bundle: `tapper serve` processes pass
     their startup/readiness probes, the HPA holds minReplicas, the rollout completes."""
     cfg, run = trained
+    # The bearer tokens the Deployment requires (deploy/README.md, "Auth"); without the Secret no pod starts.
+    import secrets
+
+    kubectl("-n", NS, "apply", "-f", "-", input=kubectl(
+        "-n", NS, "create", "secret", "generic", "tapper-serve-tokens", "--dry-run=client", "-o", "json",
+        f"--from-literal=api-token={secrets.token_hex(32)}", f"--from-literal=admin-token={secrets.token_hex(32)}").stdout)
     model_dir = f"/models/bundles/{model_name(run)}/current"
     kubectl("-n", NS, "patch", "configmap", "tapper-serve-config", "--type", "merge", "-p",
             json.dumps({"data": {"TAPPER_MODEL_DIR": model_dir}}))
