@@ -90,7 +90,7 @@ class Predictor:
             bare = [dataclasses.replace(ex, history=[]) for _, ex, _ in examples]
             encoded = self.encoder.encode(bare, None, progress=False)
         elif self.mode == "rag":
-            from tapper.baselines.prompted import encode_augmented
+            from tapper.methods.prompted import encode_augmented
 
             encoded, _ = encode_augmented(ld.task, self.tokenizer, [ex for _, ex, _ in examples], self.rag_k, self.max_len)
         wanted = [jobs[i].max_new_tokens or self.default_max_new for i, _, _ in examples]

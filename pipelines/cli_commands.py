@@ -14,7 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from tapper.cli import CLIError
+from tapper.cli_args import CLIError
 
 
 def _env() -> None:

@@ -136,7 +136,7 @@ def resolve_config(config: str | Path | dict | None, task: str | None = None, qu
         raise RunSetupError(f"promote_if must be one of {list(PROMOTE_IF)}, got {params['promote_if']!r}")
     try:
         run_cfg = load_run_config(params.get("run") or {})  # unknown keys -> error, values checked
-        from tapper.variants import check_variants
+        from tapper.methods import check_variants
 
         check_variants([v for v in params.get("variants") or ["base", "tap-per"]])
     except ValueError as err:

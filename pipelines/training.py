@@ -9,7 +9,7 @@ follows, while validated data, embeddings and Stage 1 are reused.
 Comparison switch: `variants` names every method to evaluate on the same split
 and Stage-1 backbone (TAP-PER ablations `no-bridge`, `no-pq`, `no-pu`,
 `lambda-t0`, ..., `bm25-kN`, `L-N`; baselines `rag-kN`, `pag-kN`, `oppu`,
-`oppu-rag`, `oppu-pag`, `pq-only`: tapper.variants); `compare: true` adds the
+`oppu-rag`, `oppu-pag`, `pq-only`: tapper.methods); `compare: true` adds the
 `comparison_report` step (tapper.analysis.report: Markdown tables with the best
 per metric in bold + PNG plots, logged to MLflow, shown in the dashboard).
 See configs/compare-tiny.yaml.

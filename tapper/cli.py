@@ -4,8 +4,9 @@
     tapper online       streaming-feedback simulation (Static / Online-Emb / Online-Full / Full-Retrain)
     tapper build        LaMP-format datasets from real or synthetic data
     tapper plan         memory each stage needs on one GPU (meta-device modules), the largest micro-batch that fits
-    (ZenML commands — train, promote, lineage, models, ui, stack — register
-    themselves from pipelines/cli_commands.py; ZenML is imported only when one runs.)
+    (serve and bundle come from deploy/serve.py; the ZenML commands — train, promote, lineage, models, ui,
+    stack — from pipelines/cli_commands.py; both through the `tapper.commands` entry points. ZenML is
+    imported only when one of its commands runs.)
 
 Errors are one line, `tapper: error: <what, where> ...`; `--debug` (anywhere on the line, or
 TAPPER_DEBUG=1) shows the traceback instead. Nothing heavy is imported to build the parser, so
@@ -16,9 +17,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
+# Re-exported: the command modules and the tests reach the shared helpers through here too.
+from tapper.cli_args import CLIError, add_backbone_arg, add_data_args, add_set_arg, one_line  # noqa: F401
+
 DEFAULT_VARIANTS = "base,tap-per"
+COMMANDS_GROUP = "tapper.commands"  # [project.entry-points."tapper.commands"] in pyproject.toml
 
 
 def _quiet_env() -> None:
@@ -26,21 +32,6 @@ def _quiet_env() -> None:
     from tapper.quiet import quiet
 
     quiet()
-
-
-def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--task", help="LaMP task: LaMP_1, LaMP_2N, LaMP_2M, LaMP_3, LaMP_4, LaMP_5 (6, 7); default: from the outputs file")
-    p.add_argument("--questions", required=required, help="LaMP questions JSON")
-    p.add_argument("--outputs", required=required, help="LaMP outputs JSON (golds)")
-
-
-def add_backbone_arg(p: argparse.ArgumentParser, default: str | None = "tiny") -> None:
-    p.add_argument("--backbone", default=default, help="tiny | smollm2 | <HF hub id or local path> (default: %(default)s)")
-
-
-def add_set_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, e.g. --set stage2.epochs=6 --set stage1.lr=1e-3 (repeatable)")
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
@@ -139,37 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     from tapper.plan.cli import register as register_plan
 
     register_plan(sub)
-    from deploy.serve import register as register_serve  # serve, bundle (heavy imports inside the commands)
-
-    register_serve(sub)
-
-    from pipelines.cli_commands import register as register_zenml
-
-    register_zenml(sub)
+    # The outer layers' commands (serve and bundle from deploy/, the ZenML workflow's from pipelines/) are
+    # found through entry points, so the core never imports them (tests/test_layers.py).
+    for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        ep.load()(sub)
     return parser
-
-
-class CLIError(Exception):
-    """A failure the command has already put into words: printed as one line, exit code `code`."""
-
-    def __init__(self, message: str, code: int = 2):
-        super().__init__(message)
-        self.code = code
-
-
-def one_line(err: BaseException) -> str:
-    """An exception as one line that names what failed: its message (first line, else the type), with a
-    missing file's path spelled out."""
-    if isinstance(err, FileNotFoundError) and err.filename and not str(err).startswith(("file not found", "no ")):
-        return f"file not found: {err.filename}"
-    text = str(err).strip()
-    if isinstance(err, KeyError) and len(err.args) == 1 and isinstance(err.args[0], str):
-        text = err.args[0]  # KeyError's str() adds quotes
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    if not lines:
-        return type(err).__name__
-    head = lines[0] + (" (...)" if len(lines) > 1 else "")
-    return head if isinstance(err, (CLIError, ValueError, FileNotFoundError)) else f"{type(err).__name__}: {head}"
 
 
 def main(argv: list[str] | None = None) -> int:

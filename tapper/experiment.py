@@ -15,61 +15,29 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from tapper import methods
 from tapper.atomic import atomic_write_json
-from tapper.config import RunConfig, Stage2Config, from_dict
-from tapper.data import get_task, load_lamp, make_splits, validate_dataset, write_predictions
-from tapper.data.splits import Splits
-from tapper.data.types import Example
-from tapper.eval.metrics import compute_metrics, per_query_scores
+from tapper.config import RunConfig
+from tapper.data import write_predictions
+from tapper.data.prepared import PreparedData, prepare_data, tokenizer_corpus
 from tapper.eval.paired import paired_difference
-from tapper.eval.predict import generate_texts
-from tapper.model.backbone import Backbone, load_backbone, load_backbone_dir
-from tapper.model.embedding_cache import EmbeddingCache
-from tapper.model.prefixed_lm import PrefixedLM
-from tapper.paths import cache_dir
+from tapper.methods.base import encoder_for_base, run as _run_base
+from tapper.methods.result import VariantResult, query_scores, score
+from tapper.methods.tap_per import predict_eval, stage2_config_for, train_and_evaluate, train_tapper_variant
+from tapper.model.backbone import Backbone, load_backbone
+from tapper.model.embedding_cache import EmbeddingCache, cache_for
 from tapper.train.stage1 import Stage1Result, train_stage1
-from tapper.train.stage2 import encoder_for, train_stage2
-from tapper.variants import check_variants, extra_variant, stage2_overrides
+
+# Re-exported for callers of the orchestration API (steps, benchmarks): the pieces live with their method.
+__all__ = ["PreparedData", "prepare_data", "tokenizer_corpus", "open_backbone", "run_stage1", "embedding_cache",
+           "VariantResult", "score", "query_scores", "evaluate_base", "encoder_for_base", "stage2_config_for",
+           "train_tapper_variant", "predict_eval", "run_tapper_variant", "run_variant", "group_metrics",
+           "paired_comparisons", "run_experiment", "load_user_groups"]
 
 LossLogger = Callable[[str, int, float], None]  # (stage/variant, epoch, loss)
-
-
-@dataclass
-class PreparedData:
-    task: object  # TaskSpec adapted to the dataset's own query wording
-    splits: Splits
-    n_users: int
-    n_records: int
-
-
-def prepare_data(task_name: str | None, questions: str | Path, outputs: str | Path, stage2_users: int) -> PreparedData:
-    ds = load_lamp(questions, outputs, task_name)
-    spec = get_task(ds.task).adapted_to(q.input for q in ds.queries)
-    validate_dataset(ds, spec, source=str(questions))
-    splits = make_splits(ds, spec, stage2_users)
-    n_records = sum(len(q.profile) for q in ds.queries)
-    return PreparedData(task=spec, splits=splits, n_users=len(ds.users()), n_records=n_records)
-
-
-def tokenizer_corpus(data: PreparedData) -> list[str]:
-    """Texts the tiny backbone's tokenizer is trained on: every prompt, answer and record."""
-    task, s = data.task, data.splits
-    texts = []
-    for ex in s.stage1_train + s.stage2_train + s.eval:
-        texts.append(task.prompt(ex.input))
-    # Answers the models train on, never the evaluation golds (the label names come with the task below).
-    for ex in s.stage1_train + s.stage2_train:
-        if ex.target is not None:
-            texts.append(task.format_target(ex.target))
-    for ex in s.eval:
-        texts.extend(task.record_text(r) for r in ex.history)
-    if task.labels:
-        texts.extend(task.labels)
-    return texts
 
 
 def open_backbone(spec: str, data: PreparedData, seed: int = 0, dtype: str = "fp32") -> Backbone:
@@ -82,110 +50,24 @@ def run_stage1(backbone: Backbone, data: PreparedData, cfg: RunConfig, out_dir: 
 
 
 def embedding_cache(backbone: Backbone, root: Path | None = None) -> EmbeddingCache:
-    return EmbeddingCache(root or cache_dir() / "embeddings", backbone.model, backbone.tokenizer)
-
-
-@dataclass
-class VariantResult:
-    name: str
-    predictions: dict[str, str]
-    metrics: dict[str, float]
-    per_user_params: int = 0
-    shared_params: int = 0
-    losses: list[float] = field(default_factory=list)
-    seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
+    return cache_for(backbone, root)
 
 
 def evaluate_base(stage1_dir: Path, data: PreparedData, cfg: RunConfig, progress=True) -> VariantResult:
-    t0 = time.time()
-    bb = load_backbone_dir(stage1_dir, dtype=cfg.eval.dtype)
-    enc = encoder_for_base(bb, data, cfg)
-    encoded = enc.encode(data.splits.eval, progress=progress)
-    preds = generate_texts(PrefixedLM(bb.model), encoded, bb.tokenizer, data.task, cfg.eval.batch_size, cfg.eval.max_new_tokens, progress, "base")
-    return VariantResult("base", preds, score(data, preds), seconds=time.time() - t0)
-
-
-def encoder_for_base(bb: Backbone, data: PreparedData, cfg: RunConfig):
-    from tapper.train.features import FeatureEncoder
-
-    return FeatureEncoder(data.task, bb.tokenizer, embedding_cache(bb), max_len=cfg.stage1.max_len)
-
-
-def _golds(data: PreparedData, examples: list[Example] | None) -> dict[str, str]:
-    return {ex.id: ex.target for ex in (examples if examples is not None else data.splits.eval)}
-
-
-def score(data: PreparedData, preds: dict[str, str], examples: list[Example] | None = None) -> dict[str, float]:
-    golds = _golds(data, examples)
-    return compute_metrics(data.task, {k: preds[k] for k in golds}, golds)
-
-
-def query_scores(data: PreparedData, preds: dict[str, str], examples: list[Example] | None = None) -> dict[str, float]:
-    """Each query's share of the primary metric (tapper.eval.metrics.per_query_scores), for paired comparisons."""
-    golds = _golds(data, examples)
-    return per_query_scores(data.task, {k: preds[k] for k in golds}, golds)
-
-
-def stage2_config_for(variant: str, cfg: RunConfig) -> Stage2Config:
-    overrides = stage2_overrides(variant)
-    if overrides is None:
-        raise ValueError(f"{variant!r} is not a TAP-PER variant")
-    return from_dict(Stage2Config, {**_asdict(cfg.stage2), **overrides}, f"variant {variant}")
-
-
-def _asdict(obj) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(obj)
-
-
-def train_tapper_variant(variant: str, stage1_dir: Path, data: PreparedData, cfg: RunConfig, progress=True,
-                         log: LossLogger | None = None):
-    """Stage 2 of one TAP-PER variant on a fresh copy of the merged backbone: (backbone, Stage2Result)."""
-    from tapper.model.backbone import weights_hash
-
-    s2cfg = stage2_config_for(variant, cfg)
-    bb = load_backbone_dir(stage1_dir, dtype=s2cfg.dtype)
-    result = train_stage2(
-        bb.model, bb.tokenizer, data.task, data.splits.stage2_train, data.splits.stage2_users, s2cfg, embedding_cache(bb),
-        seed=cfg.seed, backbone_hash=weights_hash(bb.model), progress=progress,
-        on_epoch=(lambda e, l: log(variant, e, l)) if log else None,
-    )
-    return bb, result
-
-
-def predict_eval(model, bb: Backbone, data: PreparedData, cfg: RunConfig, name: str, progress=True) -> dict[str, str]:
-    """A TAP-PER model's predictions on the evaluation split (unknown users get P_q only)."""
-    rows = model.user_rows if model.cfg.use_pu else None
-    encoded = encoder_for(model, data.task, bb.tokenizer, embedding_cache(bb)).encode(data.splits.eval, rows, progress=progress)
-    return generate_texts(model, encoded, bb.tokenizer, data.task, cfg.eval.batch_size, cfg.eval.max_new_tokens, progress, name)
+    return _run_base("base", stage1_dir, data, cfg, None, progress)
 
 
 def run_tapper_variant(variant: str, stage1_dir: Path, data: PreparedData, cfg: RunConfig, state_dir: Path | None = None,
                        progress=True, log: LossLogger | None = None) -> VariantResult:
-    """Train one Stage-2 variant on a fresh copy of the merged backbone and evaluate it."""
-    t0 = time.time()
-    bb, result = train_tapper_variant(variant, stage1_dir, data, cfg, progress, log)
-    model = result.model
-    preds = predict_eval(model, bb, data, cfg, variant, progress)
-    if state_dir is not None:
-        model.save(state_dir)
-    return VariantResult(
-        variant, preds, score(data, preds), per_user_params=model.per_user_params(), shared_params=model.shared_params(),
-        losses=result.losses, seconds=time.time() - t0,
-        extra={"lambda_t": float(model.prefix.lambda_t.detach()), "lambda_o": float(model.prefix.lambda_o.detach()), "n_train": result.n_examples,
-               **({"validation": result.validation, "best_epoch": result.best_epoch} if result.validation else {})},
-    )
+    """Train one Stage-2 variant on a fresh copy of the merged backbone and evaluate it (its state saved to
+    state_dir when given)."""
+    return train_and_evaluate(variant, stage1_dir, data, cfg, state_dir, progress, log)
 
 
-def run_variant(variant: str, stage1_dir: Path, data: PreparedData, cfg: RunConfig, out_dir: Path, progress=True, log=None) -> VariantResult:
-    if variant == "base":
-        return evaluate_base(stage1_dir, data, cfg, progress)
-    if stage2_overrides(variant) is not None:
-        return run_tapper_variant(variant, stage1_dir, data, cfg, out_dir / "tapper" / variant, progress, log)
-    fn = extra_variant(variant)
-    return fn(variant=variant, stage1_dir=stage1_dir, data=data, cfg=cfg, out_dir=out_dir, progress=progress, log=log)
+def run_variant(variant: str, stage1_dir: Path, data: PreparedData, cfg: RunConfig, out_dir: Path, progress=True,
+                log=None) -> VariantResult:
+    """Any registered method (tapper.methods) on the run's merged backbone and split."""
+    return methods.get(variant).run(variant, stage1_dir, data, cfg, out_dir, progress, log)
 
 
 def group_metrics(data: PreparedData, preds: dict[str, str], groups: dict[str, list[str]]) -> dict[str, dict[str, float]]:
@@ -230,7 +112,7 @@ def run_experiment(
     progress: bool = True,
     log: LossLogger | None = None,
 ) -> dict:
-    check_variants(variants)
+    methods.check_variants(variants)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

@@ -16,18 +16,17 @@ import torch
 from safetensors.torch import load_file
 
 from model_fixtures import TASK, corpus, tiny_examples
-from tapper.baselines import prompt_spec
-from tapper.baselines.oppu import OppuConfig, train_user_adapters
-from tapper.baselines.profile import ProfileConfig, ProfileWriter
-from tapper.baselines.prompted import PromptSpec, encode_augmented
-from tapper.baselines.retrieval import FORMATS, augment, format_records, retrieve
+from tapper.methods import REGISTRY, check_variants, pag, rag
+from tapper.methods.oppu import OppuConfig, train_user_adapters
+from tapper.methods.profile import ProfileConfig, ProfileWriter
+from tapper.methods.prompted import PromptSpec, encode_augmented
+from tapper.methods.retrieval import FORMATS, augment, format_records, retrieve
 from tapper.data.bm25 import search_query
 from tapper.config import Stage2Config
 from tapper.data.tasks import get_task
 from tapper.data.types import Example, Record
 from tapper.model.backbone import load_backbone, load_backbone_dir
 from tapper.model.tapper import TapPer
-from tapper.variants import check_variants, extra_variant
 
 MARK = "the category for the article:"
 
@@ -48,8 +47,10 @@ def backbone(data):
 def test_every_issue_variant_is_registered():
     names = "base,rag-k1,rag-k2,rag-k4,pag-k0,pag-k1,oppu,oppu-rag,oppu-pag,pq-only,tap-per".split(",")
     check_variants(names)
-    assert all(extra_variant(n) for n in names if n not in ("base", "pq-only", "tap-per"))
-    assert prompt_spec("rag-k4") == PromptSpec(4, False) and prompt_spec("pag-k0") == PromptSpec(0, True)
+    families = {n: REGISTRY.family(n) for n in names}
+    assert families["rag-k4"] == "rag" and families["pag-k0"] == "pag" and families["oppu-pag"] == "oppu"
+    assert families["pq-only"] == families["tap-per"] == "tap-per" and families["base"] == "base"
+    assert rag.spec("rag-k4") == PromptSpec(4, False) and pag.spec("pag-k0") == PromptSpec(0, True)
     with pytest.raises(ValueError):
         check_variants(["rag-kx"])
 
@@ -195,7 +196,7 @@ def test_oppu_adapters_differ_per_user_and_are_stored(data, oppu_run, backbone):
 
 def test_oppu_pag_training_profiles_never_see_the_record_they_predict(data, backbone):
     """Before: one profile per user from the full history, also used for the user's training examples."""
-    from tapper.baselines.prompted import make_profiles
+    from tapper.methods.prompted import make_profiles
 
     train, evals, _ = data
     query = evals[-1]

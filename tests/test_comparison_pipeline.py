@@ -1,6 +1,6 @@
 """The comparison switch of the training pipeline (configs/compare-tiny.yaml) on the tiny backbone, in an
 isolated ZenML + MLflow store: every configured variant (TAP-PER, an ablation, baselines registered by
-tapper.baselines) is evaluated on the same split, and the comparison report (tapper.analysis.report) is an
+tapper.methods) is evaluated on the same split, and the comparison report (tapper.analysis.report) is an
 artifact with a Markdown table, PNG plots and dashboard visualizations, also logged to MLflow."""
 from __future__ import annotations
 

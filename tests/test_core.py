@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model_fixtures import TASK, tiny_examples
-from tapper.baselines.retrieval import retrieve
+from tapper.methods.retrieval import retrieve
 from tapper.config import Stage2Config
 from tapper.data.types import Example, Record
 from tapper.experiment import PreparedData, tokenizer_corpus

@@ -68,7 +68,7 @@ def _best_of(repeats: int, run) -> float:
 def time_user_training(backbone_spec: str = "tiny", lengths=(8, 16, 32, 64), epochs: float = 1, batch_size: int = 8,
                        max_len: int = 128, lr: float = 1e-3, seed: int = 0, threads: int | None = None,
                        repeats: int = 2) -> dict:
-    from tapper.baselines.oppu import lora_parameters
+    from tapper.methods.oppu import lora_parameters
     from tapper.experiment import embedding_cache
     from tapper.model.backbone import load_backbone, load_backbone_dir
     from tapper.model.lora import attach_lora

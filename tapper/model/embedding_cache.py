@@ -190,3 +190,11 @@ class EmbeddingCache:
         mask = enc["attention_mask"].unsqueeze(-1).float()  # padding excluded from the mean
         vecs = self.emb[enc["input_ids"]] * mask
         return vecs.sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def cache_for(backbone, root: Path | None = None) -> EmbeddingCache:
+    """The content-addressed embedding cache of `backbone` (a tapper.model.backbone.Backbone) under tapper's cache
+    directory: one per backbone embedding table and tokenizer, shared by every method and run that reads them."""
+    from tapper.paths import cache_dir
+
+    return EmbeddingCache(root or cache_dir() / "embeddings", backbone.model, backbone.tokenizer)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from tapper.cli import add_backbone_arg, add_data_args, add_set_arg
+    from tapper.cli_args import add_backbone_arg, add_data_args, add_set_arg
 
     p = subparsers.add_parser(
         "online", help="simulate streaming feedback: Static, Online-Emb, Online-Full, Full-Retrain (paper 4.6)",

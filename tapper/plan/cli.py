@@ -59,7 +59,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    from tapper.cli import add_set_arg
+    from tapper.cli_args import add_set_arg
 
     p = sub.add_parser("plan", help="memory each stage needs on one accelerator, and the largest micro-batch that fits",
                        description="Weights, gradients, optimizer state and activations (with and without gradient "
@@ -72,9 +72,3 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     add_set_arg(p)
     p.set_defaults(func=cmd_plan)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from tapper.cli import main
-
-    sys.exit(main(["plan", *sys.argv[1:]]))

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from tapper.data.types import Example
+from tapper.methods.registry import Method
 from tapper.train.features import EncodedExample, FeatureEncoder, lm_train_batch
 
 PATTERN = re.compile(r"ref-(count(?:-last(\d+))?|ridge)")
@@ -159,11 +160,22 @@ def readout_predictions(variant: str, model, tokenizer, cache, task, train: list
 
 
 def run_readout(variant, stage1_dir, data, cfg, out_dir, progress=True, log=None):
-    from tapper.experiment import VariantResult, embedding_cache, score
+    from tapper.methods.result import VariantResult, score
+    from tapper.model.embedding_cache import cache_for
     from tapper.model.backbone import load_backbone_dir
 
     t0 = time.time()
     bb = load_backbone_dir(stage1_dir)
-    preds, extra = readout_predictions(variant, bb.model, bb.tokenizer, embedding_cache(bb), data.task,
+    preds, extra = readout_predictions(variant, bb.model, bb.tokenizer, cache_for(bb), data.task,
                                        data.splits.stage2_train, data.splits.eval, cfg.stage1.max_len, cfg.seed)
     return VariantResult(variant, preds, score(data, preds), seconds=time.time() - t0, extra={**extra, "reference": True})
+
+
+# Registered as three rows of one family: the patterns share run_readout, which parses the variant name.
+METHODS = (
+    Method("ref-count", "reference", "label share of the whole history + the backbone's label probabilities",
+           run_readout),
+    Method("ref-count-lastK", "reference", "the same over the K most recent records", run_readout,
+           pattern=r"ref-count-last(\d+)"),
+    Method("ref-ridge", "reference", "a ridge readout of the pooled history vector + the backbone", run_readout),
+)

@@ -29,9 +29,10 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from tapper.atomic import atomic_write, atomic_write_json
-from tapper.baselines.prompted import PromptSpec, baseline_max_len, encode_augmented, make_profiles
+from tapper.methods.prompted import PromptSpec, baseline_max_len, encode_augmented, make_profiles
 from tapper.data.types import Example
 from tapper.eval.predict import generate_texts
+from tapper.methods.registry import Method
 from tapper.model.lora import attach_lora
 from tapper.model.prefixed_lm import PrefixedLM
 from tapper.train.features import EncodedSet, lm_train_batch
@@ -155,7 +156,7 @@ def train_user_adapters(
 
 
 def run_oppu(variant: str, spec: PromptSpec, stage1_dir, data, cfg, out_dir, progress=True, log=None):
-    from tapper.experiment import VariantResult, score
+    from tapper.methods.result import VariantResult, score
     from tapper.model.backbone import load_backbone_dir
 
     t0 = time.time()
@@ -187,3 +188,19 @@ def run_oppu(variant: str, spec: PromptSpec, stage1_dir, data, cfg, out_dir, pro
         extra={"users": len(run.users), "n_train": sum(a.n_examples for a in run.users.values()), "k": spec.k,
                "lora_r": ocfg.r, "lora_targets": ocfg.target_modules},
     )
+
+
+# OPPU (Tan et al., 2024) and its retrieval/profile-augmented forms: one LoRA per user.
+SPECS = {"oppu": PromptSpec(k=0, profile=False), "oppu-rag": PromptSpec(k=1, profile=False),
+         "oppu-pag": PromptSpec(k=1, profile=True)}
+
+
+def run(variant, stage1_dir, data, cfg, out_dir, progress=True, log=None):
+    return run_oppu(variant, SPECS[variant], stage1_dir, data, cfg, out_dir, progress, log)
+
+
+METHODS = (
+    Method("oppu", "oppu", "one LoRA (r=8, q,k,v,o) per user, trained on that user's history", run),
+    Method("oppu-rag", "oppu", "oppu + BM25 top-1 in the prompt (training and evaluation)", run),
+    Method("oppu-pag", "oppu", "oppu-rag + the PAG profile", run),
+)

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from tapper.atomic import atomic_write_json
-from tapper.baselines.profile import ProfileConfig, ProfileWriter
-from tapper.baselines.retrieval import Augmented, augment
+from tapper.methods.profile import ProfileConfig, ProfileWriter
+from tapper.methods.retrieval import Augmented, augment
 from tapper.data.types import Example
 from tapper.eval.predict import default_max_new_tokens, generate_texts
 from tapper.train.features import EncodedExample, EncodedSet, FeatureEncoder
@@ -77,7 +77,7 @@ def write_audit(out_dir: Path, variant: str, augmented: dict[str, Augmented], pr
 
 
 def run_prompted(variant: str, spec: PromptSpec, stage1_dir, data, cfg, out_dir, progress=True, log=None):
-    from tapper.experiment import VariantResult, score
+    from tapper.methods.result import VariantResult, score
     from tapper.model.backbone import load_backbone_dir
     from tapper.model.prefixed_lm import PrefixedLM
 
