@@ -305,7 +305,7 @@ def test_per_user_state_on_scratch_serves_feedback_compaction_and_reload_like_in
     server without it; a restarted replica and /reload (adopting a snapshot generation) keep both on scratch."""
     import gc
 
-    from deploy.histories import _Unread
+    from deploy.histories.lines import _Unread
     from tapper.model.paged_table import is_paged
     from test_histories import spool_files
 

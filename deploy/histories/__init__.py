@@ -29,7 +29,6 @@ writes back and reclaims under pressure, not anonymous memory.
 """
 from deploy.histories.files import (HISTORIES_FILE, LEGACY_HISTORIES_FILE, histories_file, read_histories_dir,
                                     write_histories)
-from deploy.histories.lines import _Unread
 from deploy.histories.records import HistoryError, histories_from_json, record_from_json
 from deploy.histories.spool import HistorySpoolError
 from deploy.histories.store import HistoryStore, histories_to_json, merge_histories

@@ -8,6 +8,7 @@ from typing import Any, BinaryIO, Iterator, Mapping
 from deploy.histories.records import HistoryError, _records_from_json
 from deploy.histories.spool import _BlockReader, _Spool
 from tapper.data.chronology import sort_chronologically
+from tapper.data.history_file import user_line
 from tapper.data.types import Record
 
 _LINE_START = '{"user":'
@@ -70,8 +71,7 @@ class _Unread:
                        index=self.index, chronological=True)
 
 
-def _user_line(user: str, items: list) -> str:
-    return json.dumps({"user": user, "records": items}, ensure_ascii=False, separators=(",", ":")) + "\n"
+_user_line = user_line  # the core's line format (tapper.data.history_file)
 
 
 def _line_records(obj: Any, where: str) -> tuple[str, list]:

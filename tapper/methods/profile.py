@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from tapper.atomic import atomic_write_json
-from tapper.data.types import Example, Record
+from tapper.data.types import Record
 from tapper.model.prefixed_lm import LMBatch, PrefixedLM
 from tapper.paths import cache_dir
 
