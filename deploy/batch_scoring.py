@@ -3,7 +3,7 @@
     scorer = BatchScorer.from_dirs(state_dir, stage1_dir, "LaMP_2N", histories=path_to_histories_jsonl)
     scorer.score(df)   # -> pandas Series "prediction", aligned with df's index
 
-This is what the MLflow model registered by the pipeline runs (steps/mlflow_model.py), so that
+This is what the MLflow model registered by the pipeline runs (pipelines/mlflow_model.py), so that
 `mlflow.pyfunc.load_model("models:/<name>@production").predict(df)` answers exactly what `tapper serve` answers
 for the same user, input and date: the same Predictor (deploy.inference), batches included, on the users'
 stored histories (the `histories` artifact, the Stage-2 users' records) plus any per-row `history`.

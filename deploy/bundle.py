@@ -25,7 +25,7 @@ def read_histories(info: BundleInfo, spool_dir: str | os.PathLike | None = None)
 
 def bundle_from_mlflow_dir(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, version: str | None = None,
                            overwrite: bool = False) -> BundleInfo:
-    """Bundle from a downloaded MLflow pyfunc model directory (the layout steps/promote.py logs)."""
+    """Bundle from a downloaded MLflow pyfunc model directory (the layout steps/register.py logs)."""
     import yaml
 
     model_dir = Path(model_dir)

@@ -9,7 +9,7 @@ from zenml.enums import ArtifactType, VisualizationType
 from zenml.materializers.base_materializer import BaseMaterializer
 
 from materializers._io import html_table, md_table, read_json, write_json, write_text
-from materializers.types import EvalReport, PromotionDecision, VariantEval
+from materializers.types import EvalReport, PromotionDecision, VariantResult
 
 DATA = "data.json"
 
@@ -24,22 +24,22 @@ class _JsonDataclassMixin:
         return data_type(**read_json(self.artifact_store, os.path.join(self.uri, DATA)))
 
 
-class VariantEvalMaterializer(_JsonDataclassMixin, BaseMaterializer):
-    ASSOCIATED_TYPES: ClassVar[Tuple[Type[Any], ...]] = (VariantEval,)
+class VariantResultMaterializer(_JsonDataclassMixin, BaseMaterializer):
+    ASSOCIATED_TYPES: ClassVar[Tuple[Type[Any], ...]] = (VariantResult,)
     ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.DATA_ANALYSIS
 
-    def save(self, data: VariantEval) -> None:
+    def save(self, data: VariantResult) -> None:
         super().save(data)
         # The predictions also in LaMP's format, so LaMP's own evaluator can read the artifact.
         write_json(self.artifact_store, os.path.join(self.uri, "predictions.json"),
                    {"task": data.task, "golds": [{"id": k, "output": v} for k, v in data.predictions.items()]})
 
-    def extract_metadata(self, data: VariantEval) -> Dict[str, Any]:
+    def extract_metadata(self, data: VariantResult) -> Dict[str, Any]:
         return {**{f"metric/{k}": float(v) for k, v in data.metrics.items()}, "variant": data.name,
                 "predictions": len(data.predictions), "per_user_params": data.per_user_params,
                 "shared_params": data.shared_params, "seconds": round(data.seconds, 2)}
 
-    def save_visualizations(self, data: VariantEval) -> Dict[str, VisualizationType]:
+    def save_visualizations(self, data: VariantResult) -> Dict[str, VisualizationType]:
         text = f"# {data.name} on {data.task}\n\n" + md_table(["metric", "value"], [[k, float(v)] for k, v in data.metrics.items()])
         sample = list(data.predictions.items())[:10]
         text += "\n\n## First predictions\n\n" + md_table(["id", "prediction"], [[k, v.replace("|", "/")] for k, v in sample])

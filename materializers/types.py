@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tapper.methods.result import VariantResult  # noqa: F401  (an artifact type, re-exported)
+
 
 @dataclass
 class LampFiles:
@@ -78,19 +80,8 @@ class TapPerState:
     seconds: float = 0.0
 
 
-@dataclass
-class VariantEval:
-    """One method evaluated on the evaluation split: metrics and LaMP-format predictions."""
-
-    name: str
-    task: str
-    metrics: dict[str, float]
-    predictions: dict[str, str]
-    per_user_params: int = 0
-    shared_params: int = 0
-    losses: list[float] = field(default_factory=list)
-    seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
+# One method's evaluation is the core's result type (tapper.methods.result.VariantResult), stored as JSON by
+# materializers.evaluation.VariantResultMaterializer.
 
 
 @dataclass

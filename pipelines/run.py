@@ -130,7 +130,7 @@ def resolve_config(config: str | Path | dict | None, task: str | None = None, qu
         except (KeyError, ValueError) as err:
             raise RunSetupError(f"task: {str(err).strip(chr(39))}") from None
     checked_task = check_input_files(params["questions"], params["outputs"], params.get("task"))
-    from steps.promote import PROMOTE_IF
+    from tapper.eval.promotion import PROMOTE_IF
 
     if params.get("promote_if", "better") not in PROMOTE_IF:
         raise RunSetupError(f"promote_if must be one of {list(PROMOTE_IF)}, got {params['promote_if']!r}")

@@ -8,16 +8,14 @@ from typing import Any
 
 import yaml
 
+from tapper.paths import project_root  # noqa: F401  (re-exported: the stacks' paths are relative to it)
+
 STACKS_FILE = Path(__file__).resolve().parent.parent / "zenml.yaml"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 class StackConfigError(ValueError):
     pass
-
-
-def project_root() -> Path:
-    return Path(os.environ.get("TAPPER_HOME") or os.getcwd()).resolve()
 
 
 def load_stacks(path: Path | None = None) -> dict:

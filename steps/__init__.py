@@ -13,7 +13,8 @@ from steps.data import build_splits, load_data, validate_data
 from steps.evaluate import comparison_report, evaluate_base, evaluate_tapper, evaluate_variant, report
 from steps.model import cache_embeddings, train_stage1, train_stage2
 from steps.online import online_bootstrap, online_method, online_report
-from steps.promote import promote, register_model
+from steps.promote import promote
+from steps.register import register_model
 
 silence_known_noise()
 

@@ -1,8 +1,6 @@
-"""Glue between the steps and tapper's core: the pieces of tapper.experiment.run_tapper_variant,
-split so that Stage-2 training and evaluation are separate, cacheable steps.
-
-Kept here (not in tapper/) because only the workflow needs the split; the
-logic is the same calls in the same order as run_tapper_variant.
+"""Glue between the steps and tapper's core: Stage-2 training and evaluation of TAP-PER as separate, cacheable
+steps (tapper.methods.tap_per's train_tapper_variant and predict_eval, the calls its `train_and_evaluate` makes),
+the embedding cache fed from an artifact, and the step-side helpers (temporary dirs, MLflow, quiet logs).
 """
 from __future__ import annotations
 
@@ -11,9 +9,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from materializers.types import EmbeddingTable, TapPerState, VariantEval
+from materializers.types import EmbeddingTable, TapPerState
 from tapper.config import RunConfig, load_run_config
-from tapper.experiment import PreparedData, VariantResult, score
+from tapper.data.prepared import PreparedData
+from tapper.methods.result import VariantResult, score
 
 
 def run_config(data: PreparedData | None = None, seed: int = 0, **sections: dict) -> RunConfig:
@@ -70,7 +69,7 @@ def install_embeddings(table: EmbeddingTable) -> int:
 def train_tapper(variant: str, stage1_dir: Path, data: PreparedData, cfg: RunConfig, state_dir: Path,
                  progress: bool = True, log=None) -> TapPerState:
     """Stage 2 of one TAP-PER variant on the merged backbone; saves TapPer state to `state_dir`."""
-    from tapper.experiment import train_tapper_variant
+    from tapper.methods.tap_per import train_tapper_variant
 
     t0 = time.time()
     _, result = train_tapper_variant(variant, stage1_dir, data, cfg, progress, log)
@@ -84,9 +83,9 @@ def train_tapper(variant: str, stage1_dir: Path, data: PreparedData, cfg: RunCon
     )
 
 
-def evaluate_state(state: TapPerState, stage1_dir: Path, data: PreparedData, cfg: RunConfig, progress: bool = True) -> VariantEval:
+def evaluate_state(state: TapPerState, stage1_dir: Path, data: PreparedData, cfg: RunConfig, progress: bool = True) -> VariantResult:
     """Load a saved TAP-PER state on the merged backbone and evaluate it on the evaluation split."""
-    from tapper.experiment import predict_eval
+    from tapper.methods.tap_per import predict_eval
     from tapper.model.backbone import load_backbone_dir
     from tapper.model.tapper import TapPer
 
@@ -94,7 +93,7 @@ def evaluate_state(state: TapPerState, stage1_dir: Path, data: PreparedData, cfg
     bb = load_backbone_dir(stage1_dir)
     model = TapPer.load(state.path, bb.model)
     preds = predict_eval(model, bb, data, cfg, state.variant, progress)
-    return VariantEval(
+    return VariantResult(
         name=state.variant, task=data.task.name, metrics=score(data, preds), predictions=preds,
         per_user_params=state.per_user_params, shared_params=state.shared_params, losses=state.losses,
         seconds=state.seconds + time.time() - t0,
@@ -102,10 +101,11 @@ def evaluate_state(state: TapPerState, stage1_dir: Path, data: PreparedData, cfg
     )
 
 
-def variant_eval(res: VariantResult, task: str) -> VariantEval:
-    return VariantEval(name=res.name, task=task, metrics=dict(res.metrics), predictions=dict(res.predictions),
-                       per_user_params=res.per_user_params, shared_params=res.shared_params, losses=list(res.losses),
-                       seconds=res.seconds, extra=dict(res.extra))
+def variant_eval(res: VariantResult, task: str) -> VariantResult:
+    """The result as the pipeline stores it: with its task's name."""
+    import dataclasses
+
+    return dataclasses.replace(res, task=task)
 
 
 def eval_data_hash(data: PreparedData) -> str:

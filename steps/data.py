@@ -50,7 +50,7 @@ def validate_data(
     files: LampFiles, min_history: int = 1, max_history: int = 100_000,
 ) -> Tuple[Annotated[LampDataset, "lamp_dataset"], Annotated[HTMLString, "data_quality_report"]]:
     """Run the task's expectation suite; on failure save the report anyway and stop the run here."""
-    from steps.data_quality import validate_files
+    from data_quality import validate_files
     from tapper.data import load_lamp
 
     result = validate_files(files, min_history, max_history)

@@ -6,14 +6,14 @@ from typing import Annotated, List, Optional
 from zenml import log_metadata, step
 from zenml.logger import get_logger
 
-from materializers.types import BackboneDir, ComparisonReport, EmbeddingTable, EvalReport, TapPerState, VariantEval
+from materializers.types import BackboneDir, ComparisonReport, EmbeddingTable, EvalReport, TapPerState, VariantResult
 from steps._core import active_mlflow, eval_data_hash, evaluate_state, install_embeddings, quiet, run_config, step_tempdir, variant_eval
 from tapper.experiment import PreparedData, query_scores
 
 logger = get_logger(__name__)
 
 
-def _log(ev: VariantEval) -> None:
+def _log(ev: VariantResult) -> None:
     logger.info("%s: %s (%.0f s)", ev.name, ", ".join(f"{k}={v:.4f}" for k, v in ev.metrics.items()), ev.seconds)
     log_metadata(metadata={"metrics": {k: float(v) for k, v in ev.metrics.items()}})
     mlflow = active_mlflow()
@@ -25,7 +25,7 @@ def _log(ev: VariantEval) -> None:
 def evaluate_base(
     stage1_backbone: BackboneDir, data: PreparedData, embeddings: EmbeddingTable,
     stage1: Optional[dict] = None, eval: Optional[dict] = None, seed: int = 0,  # noqa: A002 - the config section's name
-) -> Annotated[VariantEval, "eval_base"]:
+) -> Annotated[VariantResult, "eval_base"]:
     """The merged Stage-1 backbone without any prefix: the non-personalized reference."""
     from tapper.experiment import evaluate_base as core_evaluate_base
 
@@ -41,7 +41,7 @@ def evaluate_base(
 def evaluate_tapper(
     stage1_backbone: BackboneDir, tapper_state: TapPerState, data: PreparedData, embeddings: EmbeddingTable,
     eval: Optional[dict] = None, seed: int = 0,  # noqa: A002
-) -> Annotated[VariantEval, "eval_tapper"]:
+) -> Annotated[VariantResult, "eval_tapper"]:
     """The trained TAP-PER state, loaded from its artifact, on the Stage-2 users' queries."""
     quiet()
     install_embeddings(embeddings)
@@ -54,7 +54,7 @@ def evaluate_tapper(
 def evaluate_variant(
     variant: str, stage1_backbone: BackboneDir, data: PreparedData, embeddings: EmbeddingTable,
     run: Optional[dict] = None,
-) -> Annotated[VariantEval, "eval_variant"]:
+) -> Annotated[VariantResult, "eval_variant"]:
     """Any other method `tapper experiment --variants` knows (ablation switches, baselines): trained and evaluated."""
     from tapper.experiment import run_variant
 
@@ -70,7 +70,7 @@ def evaluate_variant(
 
 
 @step
-def report(evals: List[VariantEval], stage1_backbone: BackboneDir, data: PreparedData,
+def report(evals: List[VariantResult], stage1_backbone: BackboneDir, data: PreparedData,
            candidate: str = "tap-per") -> Annotated[EvalReport, "evaluation_report"]:
     """All variants side by side (HTML table + loss plot in the dashboard), with what promotion compares."""
     task = data.task
@@ -128,7 +128,7 @@ def reference_scores(data: PreparedData) -> dict:
     }
 
 
-def comparison_metrics(evals: List[VariantEval], stage1_backbone: BackboneDir, data: PreparedData, backbone: str,
+def comparison_metrics(evals: List[VariantResult], stage1_backbone: BackboneDir, data: PreparedData, backbone: str,
                        run: Optional[dict]) -> dict:
     """The evaluated variants in tapper.experiment's metrics.json contract (what write_report reads)."""
     by_name = {e.name: e for e in evals}
@@ -150,7 +150,7 @@ def comparison_metrics(evals: List[VariantEval], stage1_backbone: BackboneDir, d
 
 
 @step
-def comparison_report(evals: List[VariantEval], stage1_backbone: BackboneDir, data: PreparedData, backbone: str = "",
+def comparison_report(evals: List[VariantResult], stage1_backbone: BackboneDir, data: PreparedData, backbone: str = "",
                       run: Optional[dict] = None) -> Annotated[ComparisonReport, "comparison_report"]:
     """The paper-style comparison report (tapper.analysis.report.write_report: comparison / ablation /
     sensitivity tables, best per metric in bold, PNG plots) of every variant this run evaluated;

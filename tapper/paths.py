@@ -10,3 +10,8 @@ def cache_dir() -> Path:
     root = Path(os.environ.get("TAPPER_CACHE") or Path.home() / ".cache" / "tapper")
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def project_root() -> Path:
+    """The checkout a workflow runs in: `$TAPPER_HOME`, else the current directory (run state lives in .tapper/)."""
+    return Path(os.environ.get("TAPPER_HOME") or os.getcwd()).resolve()

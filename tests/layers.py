@@ -2,11 +2,14 @@
 
 Layers, inner to outer:
 
-    tapper                      the ML core: knows nothing of ZenML, MLflow, servers or pipelines
-    data_quality, tracking      Great Expectations suites and reports; MLflow model class and registry calls
-    deploy                      the server (reads the core's bundle format, tapper/bundle.py)
-    materializers, steps        ZenML artifacts and thin steps around the core
-    pipelines                   DAGs, stacks and the ZenML-side CLI commands
+    tapper          the ML core: knows nothing of ZenML, MLflow, Great Expectations, servers or pipelines
+    deploy          the server; reads the core's bundle format (tapper/bundle.py), never the workflow
+    materializers   ZenML artifact types and how they are stored
+    data_quality    Great Expectations suites and the data-quality report (reads materializers' LampFiles)
+    steps           thin ZenML steps around the core, grouped by stage; never the server
+    pipelines       DAGs, stacks, the MLflow pyfunc model class and the ZenML-side CLI commands (outermost)
+
+The CLI's outer commands come in through entry points (pyproject's `tapper.commands`), never by import.
 
 An import is an edge whether it sits at module level or inside a function (a lazy import hides a dependency, it
 does not remove it); imports under `if TYPE_CHECKING:` are not edges.
@@ -19,15 +22,14 @@ from pathlib import Path
 
 # package -> packages (and third-party roots) it must not import
 FORBIDDEN: dict[str, tuple[str, ...]] = {
-    "tapper": ("steps", "pipelines", "deploy", "materializers", "data_quality", "tracking",
+    "tapper": ("steps", "pipelines", "deploy", "materializers", "data_quality",
                "zenml", "mlflow", "great_expectations", "fastapi", "uvicorn", "kubernetes"),
-    "data_quality": ("steps", "pipelines", "deploy", "materializers", "tracking", "zenml"),
-    "tracking": ("steps", "pipelines", "materializers", "data_quality", "zenml"),
+    "data_quality": ("steps", "pipelines", "deploy", "zenml"),
     "deploy": ("steps", "pipelines", "materializers", "data_quality", "zenml"),
     "materializers": ("steps", "pipelines", "deploy"),
     "steps": ("pipelines", "deploy"),
 }
-PACKAGES = ("tapper", "data_quality", "tracking", "deploy", "materializers", "steps", "pipelines")
+PACKAGES = ("tapper", "deploy", "data_quality", "materializers", "steps", "pipelines")
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def registered(trained, tmp_path_factory):
-    """The pyfunc model logged and registered the way steps/promote.py does, alias `production`, in a SQLite
+    """The pyfunc model logged and registered the way steps/register.py does, alias `production`, in a SQLite
     registry with its artifacts in a temporary directory."""
     import mlflow
 

@@ -27,7 +27,7 @@ def lamp(tmp_path_factory):
 
 
 def test_clean_data_passes_with_report(lamp):
-    from steps.data_quality import validate_files
+    from data_quality import validate_files
 
     r = validate_files(files(*lamp))
     assert r.success and not r.failures
@@ -36,7 +36,7 @@ def test_clean_data_passes_with_report(lamp):
 
 
 def test_each_broken_invariant_is_named(lamp, tmp_path):
-    from steps.data_quality import validate_files
+    from data_quality import validate_files
 
     q, o = lamp
     data = json.loads(q.read_text())
@@ -65,7 +65,7 @@ def test_each_broken_invariant_is_named(lamp, tmp_path):
 
 
 def test_unparsable_file_is_a_failure_not_a_crash(lamp, tmp_path):
-    from steps.data_quality import validate_files
+    from data_quality import validate_files
 
     bad = tmp_path / "questions.json"
     bad.write_text("[{")
@@ -77,7 +77,7 @@ def test_unparsable_file_is_a_failure_not_a_crash(lamp, tmp_path):
 
 
 def test_history_length_bounds(lamp):
-    from steps.data_quality import validate_files
+    from data_quality import validate_files
 
     r = validate_files(files(*lamp), min_history=1, max_history=3)
     assert not r.success and any("have a history (profile) of fewer than 1 or more than 3 records" in f for f in r.failures)

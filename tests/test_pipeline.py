@@ -165,7 +165,7 @@ def test_worse_model_is_not_promoted(zen):
 
 
 def test_the_promotion_gate_better_or_significantly_better():
-    from steps.promote import passes_gate
+    from tapper.eval.promotion import passes_gate
 
     clear = {"mean": 0.2, "ci95": [0.05, 0.35]}
     unclear = {"mean": 0.1, "ci95": [-0.05, 0.25]}

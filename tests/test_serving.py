@@ -577,7 +577,7 @@ def _mlflow_artifacts(trained, tmp_path, with_backbone: bool) -> dict:
 
 
 def test_bundle_from_an_mlflow_pyfunc_model(trained, tmp_path):
-    """The pyfunc layout steps/promote.py logs (steps/mlflow_model.py + artifacts) becomes a bundle."""
+    """The pyfunc layout steps/register.py logs (pipelines/mlflow_model.py + artifacts) becomes a bundle."""
     import mlflow
 
     from deploy.bundle import bundle_from_mlflow_dir
