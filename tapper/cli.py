@@ -61,6 +61,30 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+class HelpConfig(argparse.Action):
+    """`--help-config`: every `--set` key, its default and what it means (tapper.config's field help), then exit."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(config_help())
+        parser.exit()
+
+
+def config_help() -> str:
+    import json
+
+    from tapper.config import config_keys
+
+    rows = [(key, json.dumps(default), meaning) for key, default, meaning in config_keys()]
+    width = max(len(k) + len(d) for k, d, _ in rows) + 3
+    lines = ["settings of `tapper experiment` (YAML under --config, or --set KEY=VALUE), with their defaults:", ""]
+    lines += [f"  {k} = {d}".ljust(width + 2) + f"  {m}" for k, d, m in rows]
+    lines += ["", "without --config, the backbone's tested preset replaces some defaults (tapper/resources/presets/)."]
+    return "\n".join(lines)
+
+
 def print_report(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -115,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user-groups", help="JSON of user groups for per-group metrics (default: users.json beside the questions, if any)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_set_arg(p)
+    p.add_argument("--help-config", action=HelpConfig, help="list every --set key with its default and meaning, and exit")
     p.set_defaults(func=cmd_experiment)
 
     from tapper.online.cli import register as register_online

@@ -45,37 +45,51 @@ def _check_positive(obj: Any, *names: str) -> None:
             raise ConfigError(f"{type(obj).__name__}.{n} must be > 0, got {v!r}")
 
 
+def knob(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
+    """A config field with its meaning: `tapper experiment --help-config` prints it with the default."""
+    if not help:
+        raise TypeError("every config field says what it means")
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def _qkvo() -> list[str]:
+    return ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+# Shared by both trained stages (tapper.precision, tapper.train.loop).
+_DTYPE_HELP = ("precision of the frozen backbone: fp32, bf16, or fp16 (with loss scaling, for GPUs without bf16); "
+               "what trains keeps fp32 weights and optimizer state in every case")
+_CHECKPOINT_HELP = "recompute each transformer block in the backward pass instead of keeping its activations"
+_MICRO_HELP = ("examples per forward/backward; the gradients of batch_size / micro_batch_size micro-batches make "
+               "one optimizer step, the same step within rounding (null = the whole batch at once)")
+_WARMUP_HELP = "linear warm-up over this share of the optimizer steps"
+_SCHEDULE_HELP = "learning rate after warm-up: constant, or linear decay to 0"
+
+
 @dataclass
 class Stage1Config:
     """Task LoRA on q,k,v,o, trained on the Stage-1 users, then merged (paper 2.1, Table 4)."""
 
-    lora_r: int = 8
-    lora_alpha: int = 8
-    lora_dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    epochs: float = 3
-    lr: float = 3e-4
-    batch_size: int = 8
-    max_len: int = 256
-    # Cap on Stage-1 training examples (None = all); keeps CPU runs short.
-    max_examples: int | None = None
-    # Skip Stage 1 entirely (the backbone is used as it is); for ablations.
-    skip: bool = False
-    # "lora": the paper's task LoRA, merged. "full": train every weight but the input
-    # embeddings (which the cached vectors depend on) — only for randomly initialised
-    # test backbones, where a LoRA on frozen random weights cannot learn the task format.
-    mode: str = "lora"
-    # Learning-rate schedule: linear warm-up over this share of the steps, then "constant" or "linear" decay to 0.
-    warmup: float = 0.0
-    schedule: str = "constant"
-    # Precision of the frozen backbone: "fp32", "bf16", or "fp16" (with loss scaling, for GPUs without bf16).
-    # What trains (LoRA, prefix encoder, user table) keeps fp32 weights and optimizer state in every case.
-    dtype: str = "fp32"
-    # Recompute each transformer block in the backward pass instead of keeping its activations.
-    gradient_checkpointing: bool = False
-    # Examples per forward/backward; gradients of batch_size / micro_batch_size micro-batches are accumulated
-    # into one optimizer step (None = the whole batch at once). Same step as the full batch, within rounding.
-    micro_batch_size: int | None = None
+    lora_r: int = knob(8, "rank of the task LoRA")
+    lora_alpha: int = knob(8, "LoRA scaling alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = knob(0.05, "dropout on the LoRA input")
+    target_modules: list[str] = knob(help="projections the task LoRA adapts", factory=_qkvo)
+    epochs: float = knob(3, "passes over the Stage-1 training examples (fractions allowed)")
+    lr: float = knob(3e-4, "learning rate")
+    batch_size: int = knob(8, "examples per optimizer step")
+    max_len: int = knob(256, "tokens per example (prompt + answer), longer prompts cut from the left")
+    max_examples: int | None = knob(None, "cap on Stage-1 training examples (null = all); keeps CPU runs short")
+    skip: bool = knob(False, "skip Stage 1 entirely and use the backbone as it is (ablations)")
+    # Full mode exists because a LoRA on frozen *random* weights cannot learn the task format.
+    mode: str = knob("lora", "lora: the paper's task LoRA, merged; full: train every weight but the input "
+                             "embeddings (the cached vectors depend on them), for random-init test backbones only")
+    warmup: float = knob(0.0, _WARMUP_HELP)
+    schedule: str = knob("constant", _SCHEDULE_HELP)
+    dtype: str = knob("fp32", _DTYPE_HELP)
+    gradient_checkpointing: bool = knob(False, _CHECKPOINT_HELP)
+    micro_batch_size: int | None = knob(None, _MICRO_HELP)
 
     def __post_init__(self) -> None:
         _check_positive(self, "lora_r", "lora_alpha", "epochs", "lr", "batch_size", "max_len", "max_examples")
@@ -92,71 +106,52 @@ class Stage1Config:
 class Stage2Config:
     """Prefix learning with the bridge LoRA on the frozen merged backbone (paper 2.2, Table 5)."""
 
-    prefix_len: int = 8
-    bridge_r: int = 4
-    bridge_alpha: int = 8
-    bridge_dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    # Hidden widths of the DIN scorer and the projection MLP (None = the backbone's d).
-    din_hidden: int | None = None
-    proj_hidden: int | None = None
-    epochs: float = 3
-    lr: float = 1e-4
-    # λ_t, λ_o barely move at the shared rate (DESIGN.md, prototype), so they get their own.
-    lambda_lr: float = 3e-2
-    lambda_init: float = 0.1
-    # Learning rate of the user table (None = lr). Each row sees only its user's examples,
-    # so with few examples per user it may need a larger rate than the shared network.
-    user_lr: float | None = None
-    # Decoupled weight decay on the user table only: a row has L*d numbers for a few dozen
-    # examples and can memorize their answers; decay pulls it toward the shared P_q path.
-    user_weight_decay: float = 0.0
-    # Std of the user table's initial rows, in units of the token-embedding std. Rows
-    # start as random token-sized vectors (1.0); a small start (0.1) keeps the prefix
-    # close to P_q early on, which generalized better on the synthetic check.
-    user_init_std: float = 1.0
-    batch_size: int = 16
-    max_len: int = 256
-    # Train on at most this many of each user's most recent history items (None = all).
-    max_examples_per_user: int | None = None
-    # Ablation switches: one model, several switches (DESIGN.md).
-    use_bridge: bool = True
-    use_pq: bool = True
-    use_pu: bool = True
-    use_lambda_t: bool = True
-    use_lambda_o: bool = True
-    # BM25 pre-filter: keep only the k history records most similar to the query (None = all).
-    bm25_k: int | None = None
-    # Bound on the DIN content score before the temporal terms: s = b·tanh(s/b). None = unbounded,
-    # as in the paper. Unbounded scores learn to put ~90 % of α on one record (see README), which
-    # leaves P_q a copy of one record and the λ terms nothing to shape; a bound keeps α a weighting.
-    din_score_bound: float | None = None
-    # How record, query and pooled vectors enter the MLPs (tapper.model.prefix): "standardize"
-    # (centred on the training corpus, pooled history scaled per dimension) or "unit_rms" (each
-    # vector scaled alone, as before; the users' pooled histories then differ in ~2 % of their energy).
-    input_norm: str = "standardize"
-    # Training only: each history record is hidden from P_q with this probability at each step.
-    history_dropout: float = 0.0
-    warmup: float = 0.0
-    schedule: str = "constant"
-    # Where the bridge LoRA acts: "all" positions (the paper) or only the soft tokens' ("prefix"): it can then
-    # change how the prefix is read, layer by layer, but not how the prompt is processed.
-    bridge_scope: str = "all"
-    # Share of the Stage-2 training examples held out (seeded) to choose the epoch whose state is kept; 0 = train
-    # on all of them for `epochs` and keep the last state (the paper).
-    validation_share: float = 0.0
-    # Weight of an auxiliary loss: a linear readout of the attention-pooled history predicts the example's answer
-    # (classification tasks; tapper.train.stage2.AnswerReadout). 0 = the paper's loss alone.
-    aux_weight: float = 0.0
-    # Precision of the frozen backbone: "fp32", "bf16", or "fp16" (with loss scaling, for GPUs without bf16).
-    # What trains (LoRA, prefix encoder, user table) keeps fp32 weights and optimizer state in every case.
-    dtype: str = "fp32"
-    # Recompute each transformer block in the backward pass instead of keeping its activations.
-    gradient_checkpointing: bool = False
-    # Examples per forward/backward; gradients of batch_size / micro_batch_size micro-batches are accumulated
-    # into one optimizer step (None = the whole batch at once). Same step as the full batch, within rounding.
-    micro_batch_size: int | None = None
-
+    prefix_len: int = knob(8, "L: soft tokens in the prefix (P_u and P_q each have L x d numbers)")
+    bridge_r: int = knob(4, "rank of the bridge LoRA that lets the merged backbone read the prefix")
+    bridge_alpha: int = knob(8, "bridge LoRA scaling alpha")
+    bridge_dropout: float = knob(0.05, "dropout on the bridge LoRA input")
+    target_modules: list[str] = knob(help="projections the bridge LoRA adapts", factory=_qkvo)
+    din_hidden: int | None = knob(None, "hidden width of the DIN attention scorer (null = the backbone's d)")
+    proj_hidden: int | None = knob(None, "hidden width of the MLP that maps the pooled history to P_q (null = d)")
+    epochs: float = knob(3, "passes over the Stage-2 training examples")
+    lr: float = knob(1e-4, "learning rate of the shared prefix network and the bridge")
+    # λ_t, λ_o barely move at the shared rate (docs/design.md), so they get their own.
+    lambda_lr: float = knob(3e-2, "learning rate of the temporal decays λ_t and λ_o")
+    lambda_init: float = knob(0.1, "initial λ_t and λ_o")
+    # Each row sees only its user's examples, so with few examples per user it may need a larger rate.
+    user_lr: float | None = knob(None, "learning rate of the user table E (null = lr)")
+    # A row has L*d numbers for a few dozen examples and can memorize their answers; decay pulls it toward P_q.
+    user_weight_decay: float = knob(0.0, "decoupled weight decay on the user table only")
+    user_init_std: float = knob(1.0, "std of the user table's initial rows, in units of the token-embedding std "
+                                     "(0.1 keeps the prefix close to P_q early on)")
+    batch_size: int = knob(16, "examples per optimizer step")
+    max_len: int = knob(256, "tokens per example after the prefix")
+    max_examples_per_user: int | None = knob(None, "train on at most this many of each user's most recent "
+                                                   "history items (null = all)")
+    use_bridge: bool = knob(True, "ablation switch: the bridge LoRA")
+    use_pq: bool = knob(True, "ablation switch: the query-conditioned prefix P_q")
+    use_pu: bool = knob(True, "ablation switch: the per-user prefix P_u (false: P_q only, serves unseen users)")
+    use_lambda_t: bool = knob(True, "ablation switch: time decay λ_t in the attention")
+    use_lambda_o: bool = knob(True, "ablation switch: order decay λ_o in the attention")
+    bm25_k: int | None = knob(None, "BM25 pre-filter: keep only the k history records most similar to the query "
+                                    "(null = all)")
+    # Unbounded scores learn to put ~90 % of α on one record, leaving P_q a copy of one record (docs/results/core.md).
+    din_score_bound: float | None = knob(None, "bound b on the DIN content score before the temporal terms, "
+                                               "s = b·tanh(s/b) (null = unbounded, as in the paper)")
+    input_norm: str = knob("standardize", "how record, query and pooled vectors enter the MLPs: standardize "
+                                          "(centred on the training corpus) or unit_rms (each vector alone, the paper)")
+    history_dropout: float = knob(0.0, "training only: each history record is hidden from P_q with this probability")
+    warmup: float = knob(0.0, _WARMUP_HELP)
+    schedule: str = knob("constant", _SCHEDULE_HELP)
+    bridge_scope: str = knob("all", "where the bridge LoRA acts: all positions (the paper) or only the prefix's "
+                                    "(it then changes how the prefix is read, not how the prompt is processed)")
+    validation_share: float = knob(0.0, "share of the Stage-2 examples held out (seeded) to choose the epoch kept; "
+                                        "0 = train on all and keep the last (the paper)")
+    aux_weight: float = knob(0.0, "weight of an auxiliary loss: a linear readout of the pooled history predicts "
+                                  "the answer (classification tasks); 0 = the paper's loss alone")
+    dtype: str = knob("fp32", _DTYPE_HELP)
+    gradient_checkpointing: bool = knob(False, _CHECKPOINT_HELP)
+    micro_batch_size: int | None = knob(None, _MICRO_HELP)
     def __post_init__(self) -> None:
         if self.bridge_scope not in ("all", "prefix"):
             raise ConfigError(f"Stage2Config.bridge_scope must be 'all' or 'prefix', got {self.bridge_scope!r}")
@@ -183,11 +178,10 @@ class Stage2Config:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 16
-    # None = per task kind: a few tokens for labels, more for headlines.
-    max_new_tokens: int | None = None
-    # Precision of the backbone the non-personalized base generates with (a TAP-PER model uses its Stage-2 dtype).
-    dtype: str = "fp32"
+    batch_size: int = knob(16, "queries per generation batch")
+    max_new_tokens: int | None = knob(None, "answer tokens generated (null = per task kind: a few for labels, more "
+                                            "for headlines)")
+    dtype: str = knob("fp32", "precision the non-personalized base generates in (TAP-PER uses its Stage-2 dtype)")
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -196,16 +190,31 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    stage1: Stage1Config = field(default_factory=Stage1Config)
-    stage2: Stage2Config = field(default_factory=Stage2Config)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    stage2_users: int = 100
-    seed: int = 0
-    # OPPU's per-user LoRA targets: the paper gives OPPU TAP-PER's own (q, k, v, o); OPPU's code used [q_proj, v_proj].
-    oppu_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    stage1: Stage1Config = knob(help="Stage 1: the task LoRA", factory=Stage1Config)
+    stage2: Stage2Config = knob(help="Stage 2: prefixes and the bridge", factory=Stage2Config)
+    eval: EvalConfig = knob(help="evaluation", factory=EvalConfig)
+    stage2_users: int = knob(100, "the N most active users: trained in Stage 2 and evaluated")
+    seed: int = knob(0, "seed of the split, initialisation and data order")
+    # The paper gives OPPU TAP-PER's own targets (q, k, v, o); OPPU's code used [q_proj, v_proj].
+    oppu_targets: list[str] = knob(help="projections of OPPU's per-user LoRAs", factory=_qkvo)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def config_keys(cls: type = None, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(--set key, default, meaning) of every setting under `cls` (default RunConfig), nested sections flattened."""
+    cls = cls or RunConfig
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += config_keys(hints[f.name], key + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        out.append((key, default, f.metadata.get("help", "")))
+    return out
 
 
 def from_dict(cls: type, data: dict | None, where: str = "config") -> Any:

@@ -14,7 +14,7 @@ from deploy.histories import write_histories
 from deploy.service import TapperService
 from serving_helpers import build_trained, serve_config
 
-MODEL_FILE = Path(__file__).resolve().parents[1] / "steps" / "mlflow_model.py"
+MODEL_FILE = Path(__file__).resolve().parents[1] / "pipelines" / "mlflow_model.py"
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from workflow_data import isolated_workflow, reset_zenml  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -4,12 +4,10 @@ tapper.methods) is evaluated on the same split, and the comparison report (tappe
 artifact with a Markdown table, PNG plots and dashboard visualizations, also logged to MLflow."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from workflow_data import isolated_workflow  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

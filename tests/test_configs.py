@@ -36,3 +36,27 @@ def test_each_backbone_preset_is_a_file_and_loads():
         assert path == PRESET_DIR / name and data
         load_run_config(data)
     assert preset_for("no-such-backbone") == ({}, None)
+
+
+def test_help_config_lists_every_set_key_with_its_default_and_meaning(capsys):
+    import dataclasses
+
+    from tapper.cli import main
+    from tapper.config import RunConfig, config_keys
+
+    keys = config_keys()
+    assert all(meaning for _, _, meaning in keys)
+    # every leaf of the config tree, nothing else
+    def leaves(d, prefix=""):
+        for k, v in d.items():
+            yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    assert [k for k, _, _ in keys] == list(leaves(dataclasses.asdict(RunConfig())))
+    with pytest.raises(SystemExit) as done:
+        main(["experiment", "--help-config"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for key, _, meaning in keys:
+        assert f"  {key} = " in out and meaning in out
+    assert "stage2.din_score_bound = null" in out and "stage2.prefix_len = 8" in out
+    # and each listed key is one --set accepts
+    load_run_config({}, [f"{k}={v}" for k, v in [("stage2.din_score_bound", 2.0), ("stage1.max_examples", 10)]])

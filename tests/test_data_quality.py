@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from workflow_data import make_lamp_2n  # noqa: E402
 
 pytest.importorskip("great_expectations")

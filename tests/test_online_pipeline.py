@@ -7,12 +7,10 @@ has online/<method>/<metric> at step t = 0..T; a rerun through the CLI is served
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from workflow_data import isolated_workflow  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

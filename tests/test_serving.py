@@ -582,7 +582,7 @@ def test_bundle_from_an_mlflow_pyfunc_model(trained, tmp_path):
 
     from deploy.bundle import bundle_from_mlflow_dir
 
-    mlflow.pyfunc.save_model(str(tmp_path / "model"), python_model=str(Path(__file__).parents[1] / "steps" / "mlflow_model.py"),
+    mlflow.pyfunc.save_model(str(tmp_path / "model"), python_model=str(Path(__file__).parents[1] / "pipelines" / "mlflow_model.py"),
                              artifacts=_mlflow_artifacts(trained, tmp_path, True), pip_requirements=["tapper"],
                              metadata={"task": "LaMP_2N", "zenml_model_version": "5"})
     info = bundle_from_mlflow_dir(tmp_path / "model", tmp_path / "bundle")
@@ -602,7 +602,7 @@ def test_bundle_from_the_mlflow_registry_alias(trained, tmp_path):
     try:
         mlflow.set_experiment("serving-test")
         with mlflow.start_run():
-            mi = mlflow.pyfunc.log_model(name="tapper", python_model=str(Path(__file__).parents[1] / "steps" / "mlflow_model.py"),
+            mi = mlflow.pyfunc.log_model(name="tapper", python_model=str(Path(__file__).parents[1] / "pipelines" / "mlflow_model.py"),
                                          artifacts=_mlflow_artifacts(trained, tmp_path, False), registered_model_name="tapper-test",
                                          pip_requirements=["tapper"], metadata={"task": "LaMP_2N"})
         mlflow.MlflowClient().set_registered_model_alias("tapper-test", "production", mi.registered_model_version)
