@@ -130,23 +130,14 @@ def reference_scores(data: PreparedData) -> dict:
 
 def comparison_metrics(evals: List[VariantResult], stage1_backbone: BackboneDir, data: PreparedData, backbone: str,
                        run: Optional[dict]) -> dict:
-    """The evaluated variants in tapper.experiment's metrics.json contract (what write_report reads)."""
-    by_name = {e.name: e for e in evals}
-    main = by_name.get("tap-per") or next((e for e in evals if e.per_user_params), None)
-    s = data.splits
-    return {
-        "task": data.task.name, "backbone": backbone,
-        "variants": {k: {m: float(v) for m, v in e.metrics.items()} for k, e in by_name.items()},
-        "per_user_params": main.per_user_params if main else 0, "shared_params": main.shared_params if main else 0,
-        "params": {k: {"per_user": e.per_user_params, "shared": e.shared_params} for k, e in by_name.items()},
-        "details": {k: {"seconds": round(e.seconds, 2), "losses": list(e.losses), **e.extra} for k, e in by_name.items()},
-        "data": {"users": data.n_users, "stage1_users": len(s.stage1_users), "stage2_users": len(s.stage2_users),
-                 "stage1_examples": stage1_backbone.n_examples, "stage2_examples": len(s.stage2_train),
-                 "eval_queries": len(s.eval)},
-        "stage1": {"losses": list(stage1_backbone.losses), "weights_hash": stage1_backbone.weights_hash},
-        "config": dict(run or {}),
-        "seconds": round(sum(e.seconds for e in evals), 2),
-    }
+    """The evaluated variants as a metrics.json (tapper.eval.metrics_file: what write_report reads)."""
+    from tapper.eval.metrics_file import experiment_metrics
+
+    return experiment_metrics(
+        task=data.task.name, backbone=backbone, results={e.name: e for e in evals}, data=data,
+        stage1_losses=stage1_backbone.losses, stage1_examples=stage1_backbone.n_examples,
+        weights_hash=stage1_backbone.weights_hash, config=dict(run or {}), seconds=sum(e.seconds for e in evals),
+    ).to_dict()
 
 
 @step

@@ -4,9 +4,9 @@ The functions here are the building blocks both `tapper experiment` and the
 ZenML steps call, so a pipeline run and a direct run compute the same thing.
 
 Output contract (DIR):
-    metrics.json                {"task", "files", "variants": {name: {metric: value}}, "per_user_params",
-                                 "shared_params", "params": {name: {...}}, "groups": {...}?, "pending": [...]}
-                                rewritten after each variant; "pending" names those not done yet
+    metrics.json                tapper.eval.metrics_file.ExperimentMetrics: {"task", "variants": {name: {metric:
+                                value}}, "params", "details", "data", "paired", "pending", ...}, rewritten after
+                                each variant; "pending" names those not done yet
     predictions/<variant>.json  LaMP's format {"task", "golds": [{"id", "output"}]}
     stage1/                     the merged Stage-1 backbone (HF directory)
     tapper/<variant>/           each Stage-2 model's state (safetensors + JSON)
@@ -23,6 +23,7 @@ from tapper.atomic import atomic_write_json
 from tapper.config import RunConfig
 from tapper.data import write_predictions
 from tapper.data.prepared import PreparedData, prepare_data, tokenizer_corpus
+from tapper.eval.metrics_file import experiment_metrics
 from tapper.eval.paired import paired_difference
 from tapper.methods.base import encoder_for_base, run as _run_base
 from tapper.methods.result import VariantResult, query_scores, score
@@ -122,30 +123,15 @@ def run_experiment(
     results: dict[str, VariantResult] = {}
 
     def report_so_far() -> dict:
-        main = results.get("tap-per") or next((r for r in results.values() if r.per_user_params), None)
-        report = {
-            "task": data.task.name,
-            "backbone": backbone,
+        return experiment_metrics(
+            task=data.task.name, backbone=backbone, results=results, data=data, stage1_losses=s1.losses,
+            stage1_examples=s1.n_examples, weights_hash=s1.weights_hash, config=cfg.to_dict(), seconds=time.time() - t0,
             # Which files this run scored, so a report over several runs can tell them apart.
-            "files": {"questions": str(questions), "outputs": str(outputs)},
-            "variants": {k: r.metrics for k, r in results.items()},
-            "per_user_params": main.per_user_params if main else 0,
-            "shared_params": main.shared_params if main else 0,
-            "params": {k: {"per_user": r.per_user_params, "shared": r.shared_params} for k, r in results.items()},
-            "details": {k: {"seconds": round(r.seconds, 2), "losses": r.losses, **r.extra} for k, r in results.items()},
-            "data": {
-                "users": data.n_users, "stage1_users": len(data.splits.stage1_users), "stage2_users": len(data.splits.stage2_users),
-                "stage1_examples": s1.n_examples, "stage2_examples": len(data.splits.stage2_train), "eval_queries": len(data.splits.eval),
-            },
-            "stage1": {"losses": s1.losses, "weights_hash": s1.weights_hash},
-            "config": cfg.to_dict(),
-            "seconds": round(time.time() - t0, 2),
-            "pending": [v for v in variants if v not in results],
-        }
-        if user_groups:
-            report["groups"] = {k: group_metrics(data, r.predictions, user_groups) for k, r in results.items()}
-        report["paired"] = paired_comparisons(data, {k: r.predictions for k, r in results.items()}, user_groups)
-        return report
+            files={"questions": str(questions), "outputs": str(outputs)},
+            pending=[v for v in variants if v not in results],
+            groups={k: group_metrics(data, r.predictions, user_groups) for k, r in results.items()} if user_groups else None,
+            paired=paired_comparisons(data, {k: r.predictions for k, r in results.items()}, user_groups),
+        ).to_dict()
 
     for v in variants:
         res = run_variant(v, s1.path, data, cfg, out_dir, progress, log)

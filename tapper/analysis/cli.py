@@ -23,7 +23,9 @@ def load_named_metrics(arg: str) -> dict:
     name, sep, path = arg.partition("=")
     if not sep or "/" in name or not name:
         name, path = "", arg
-    metrics = json.loads(Path(path).read_text())
+    from tapper.eval.metrics_file import read_metrics
+
+    metrics = read_metrics(path).to_dict()  # a file of another shape fails here, naming the field
     if name:
         metrics["name"] = name
     return metrics
