@@ -66,7 +66,9 @@ def _metrics(task="LaMP_2N"):
         "details": {"tap-per": {"seconds": 12.0, "losses": [2.0, 1.5, 1.2], "lambda_t": 0.2, "lambda_o": 0.1}},
         "groups": {"tap-per": {"drifting": {"accuracy": 0.5, "f1": 0.2, "n": 4}}, "base": {"drifting": {"accuracy": 0.3, "f1": 0.1, "n": 4}}},
         "config": {"stage2": {"prefix_len": 8}},
-        "data": {"users": 10, "stage1_users": 7, "stage2_users": 3, "stage2_examples": 20, "eval_queries": 6},
+        "data": {"users": 10, "stage1_users": 7, "stage2_users": 3, "stage1_examples": 30, "stage2_examples": 20,
+                 "eval_queries": 6},
+        "per_user_params": 1024, "shared_params": 230000, "stage1": {"losses": [2.5, 2.0], "weights_hash": "ab12"},
         "seconds": 30.0,
     }
 
@@ -97,6 +99,22 @@ def test_lower_is_better_for_errors():
     m = {"task": "LaMP_3", "variants": {"base": {"mae": 0.5, "rmse": 0.8}, "tap-per": {"mae": 0.4, "rmse": 0.9}}}
     table = markdown_table(["base", "tap-per"], m, ["mae", "rmse"])
     assert "| TAP-PER (full) | **0.4000** | <u>0.9000</u> |" in table and "mae ↓" in table
+
+
+def test_report_refuses_a_file_that_is_not_a_metrics_file_naming_the_field(tmp_path, capsys):
+    from tapper.cli import main
+
+    bad = dict(_metrics())
+    del bad["stage1"]
+    bad["variants"]["base"]["accuracy"] = "0.4"
+    (tmp_path / "m.json").write_text(json.dumps(bad))
+    assert main(["report", "--metrics", str(tmp_path / "m.json"), "--out", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'm.json'}: missing field(s) ['stage1']" in err
+    bad["stage1"] = {}
+    (tmp_path / "m.json").write_text(json.dumps(bad))
+    assert main(["report", "--metrics", str(tmp_path / "m.json"), "--out", str(tmp_path / "rep")]) == 2
+    assert "field 'variants.base': metrics ['accuracy'] are not numbers" in capsys.readouterr().err
 
 
 def test_report_over_several_tasks_and_cli(tmp_path):
