@@ -12,7 +12,7 @@ from pathlib import Path
 from materializers.types import EmbeddingTable, TapPerState
 from tapper.config import RunConfig, load_run_config
 from tapper.data.prepared import PreparedData
-from tapper.methods.result import VariantResult, score
+from tapper.methods.result import VariantResult
 
 
 def run_config(data: PreparedData | None = None, seed: int = 0, **sections: dict) -> RunConfig:
@@ -85,16 +85,12 @@ def train_tapper(variant: str, stage1_dir: Path, data: PreparedData, cfg: RunCon
 
 def evaluate_state(state: TapPerState, stage1_dir: Path, data: PreparedData, cfg: RunConfig, progress: bool = True) -> VariantResult:
     """Load a saved TAP-PER state on the merged backbone and evaluate it on the evaluation split."""
-    from tapper.methods.tap_per import predict_eval
-    from tapper.model.backbone import load_backbone_dir
-    from tapper.model.tapper import TapPer
+    from tapper.methods.tap_per import evaluate_saved
 
     t0 = time.time()
-    bb = load_backbone_dir(stage1_dir)
-    model = TapPer.load(state.path, bb.model)
-    preds = predict_eval(model, bb, data, cfg, state.variant, progress)
+    preds, metrics = evaluate_saved(state.path, stage1_dir, data, cfg, state.variant, progress)
     return VariantResult(
-        name=state.variant, task=data.task.name, metrics=score(data, preds), predictions=preds,
+        name=state.variant, task=data.task.name, metrics=metrics, predictions=preds,
         per_user_params=state.per_user_params, shared_params=state.shared_params, losses=state.losses,
         seconds=state.seconds + time.time() - t0,
         extra={"lambda_t": state.lambda_t, "lambda_o": state.lambda_o, "n_train": state.n_train},

@@ -79,7 +79,7 @@ class Example:
     `history` is the list of records the prefix may attend over (already
     restricted to what precedes this example in time for Stage-2 training).
     `query_date` is the example's own date, or None (then the latest history
-    date is used, DESIGN.md).
+    date is used, docs/design.md).
     """
 
     id: str

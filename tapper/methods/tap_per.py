@@ -85,6 +85,18 @@ def predict_eval(model, bb: Backbone, data: PreparedData, cfg: RunConfig, name: 
                           progress, name)
 
 
+def evaluate_saved(state_dir: Path, stage1_dir: Path, data: PreparedData, cfg: RunConfig, name: str,
+                   progress=True) -> tuple[dict[str, str], dict[str, float]]:
+    """(predictions, metrics) of a saved TAP-PER state on the merged backbone: what a pipeline's evaluation step
+    and the promotion's re-evaluation of production do with a state another step trained."""
+    from tapper.model.tapper import TapPer
+
+    bb = load_backbone_dir(stage1_dir)
+    model = TapPer.load(state_dir, bb.model)
+    preds = predict_eval(model, bb, data, cfg, name, progress)
+    return preds, score(data, preds)
+
+
 def run(variant: str, stage1_dir: Path, data: PreparedData, cfg: RunConfig, out_dir: Path | None, progress=True,
         log=None) -> VariantResult:
     """The registry's runner: train_and_evaluate with the state kept in out_dir/tapper/<variant>."""

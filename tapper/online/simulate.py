@@ -25,7 +25,7 @@ Design decision — which history the test queries' P_q sees at step t (OnlineCo
     then never visible to P_q before it could have been trained on, as in a deployment where
     feedback reaches the record store and the model together. With `full`, every method
     sees the query's whole LaMP profile at every step (Static is then flat too). LaMP queries
-    carry no date, so a query's date is its latest visible record's (DESIGN.md): the time gaps
+    carry no date, so a query's date is its latest visible record's (docs/design.md): the time gaps
     are those "as of step t".
 Stage 1 is trained once on the Stage-1 users only, so no method sees a later-half record
 before its chunk.
