@@ -231,7 +231,7 @@ def run(bench: Bench, quick: bool = False, extra: list[str] | None = None, machi
     try:
         for prep in bench.quick_prepare if quick else bench.prepare:
             argv = _argv(_fill(prep, out, work))
-            print("$", " ".join(argv[1:] if argv[0] == sys.executable else argv), flush=True)
+            print("$", " ".join(["python", *argv[1:]] if argv[0] == sys.executable else argv), flush=True)
             subprocess.run(argv, cwd=ROOT, env=env, check=True)
         argv = [sys.executable, str(BENCH / bench.script), *_fill(cmd, out, work), *extra]
         print("$", "python", " ".join(argv[1:]), flush=True)
