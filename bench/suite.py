@@ -250,7 +250,11 @@ def run(bench: Bench, quick: bool = False, extra: list[str] | None = None, machi
         mode = ["--quick"] if quick else []
         block = {"name": bench.name, "kind": bench.kind, "mode": "quick" if quick else "full",
                  "command": " ".join(["python -m bench", bench.name, *mode, *extra]).strip(),
-                 "script": " ".join([f"python bench/{bench.script}", *cmd, *extra]),
+                 "script": " ".join([f"python bench/{bench.script}", *_fill(cmd, out.relative_to(ROOT), Path("{work}")),
+                                     *extra]),
+                 "prepare": [" ".join(["python -m tapper.cli" if c[0] == "tapper" else f"python {c[0]}",
+                                       *_fill(c[1:], out.relative_to(ROOT), Path("{work}"))])
+                             for c in (bench.quick_prepare if quick else bench.prepare)],
                  "spec": next((a for a in cmd if a.startswith("bench/specs/")), None),
                  "machine": machine_info(), "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                  "seconds": seconds, "commit": _git_commit()}
