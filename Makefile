@@ -31,6 +31,12 @@ test: install
 test-slow: install
 	$(PY) -m pytest -q -m slow
 
+# The benchmark suite (bench/README.md): list it, then run every benchmark's quick mode (results in the git-ignored
+# bench/results/quick/). One benchmark in full mode: $(PY) -m bench NAME.
+bench: install
+	$(PY) -m bench list
+	$(PY) -m bench quick
+
 # PNGs of the latest training run (after `make quickstart`): dashboard DAG, data-quality report, MLflow run and
 # model version, with headless Chromium (Debian: apt-get install chromium). Stops the UI servers afterwards.
 screenshots: install

@@ -1,7 +1,7 @@
 """What one serving feedback costs as the number of users grows: the journal delta against a full snapshot.
 
     python bench/feedback_state.py [--users 1000,10000,100000] [--history 10] [--feedbacks 20] [--new-users 20]
-                                   [--out bench/results/feedback_state.json]
+                                   [--out bench/results/feedback_state_cpu.json]
 
 For each user count it builds a real bundle (tiny backbone, a TapPer state with that many rows of the user
 table, `--history` records per user), loads a real TapperService on it, and sends `--feedbacks` feedbacks to
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--history", type=int, default=10, help="records per user in the bundle (default: %(default)s)")
     ap.add_argument("--feedbacks", type=int, default=20, help="feedbacks timed per user count (default: %(default)s)")
     ap.add_argument("--new-users", type=int, default=20, help="first feedbacks of new users timed (default: %(default)s)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "feedback_state.json")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "feedback_state_cpu.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     rows = []

@@ -1,6 +1,6 @@
 """Stored personalization parameters of TAP-PER, P_q-only and OPPU for 100 ... 1,000,000 users.
 
-    python bench/footprint.py [--backbones tiny,smollm2,llama-3.1-8b] [--out bench/results/footprint.json]
+    python bench/footprint.py [--backbones tiny,smollm2,llama-3.1-8b] [--out bench/results/footprint_cpu.json]
 
 Counts come from the real modules (PrefixEncoder, bridge LoRA, OPPU's LoRA) built on each backbone's
 configuration on the meta device (no memory), see tapper/analysis/footprint.py. Writes the JSON and a
@@ -21,7 +21,7 @@ from tapper.analysis.footprint import write_footprint  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbones", default="smollm2,llama-3.1-8b", help="comma-separated: tiny, smollm2, llama-3.1-8b, or HF dirs")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "footprint.json"))
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "footprint_cpu.json"))
     args = ap.parse_args()
     t0 = time.time()
     out = Path(args.out)

@@ -1,7 +1,7 @@
 """What the serving history store costs to load, and to write back, as users grow to millions.
 
     python bench/history_store.py [--users 100000,1000000] [--history 10] [--spool-dir DIR]
-                                  [--out bench/results/history_store.json]
+                                  [--out bench/results/history_store_cpu.json]
 
 For each user count it writes one history file of `--history` records per user in the format bundles and
 snapshots use now (`histories.jsonl`, one user per line) and the same histories in the one-document
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--history", type=int, default=10, help="records per user (default: %(default)s)")
     ap.add_argument("--spool-dir", type=Path, default=None,
                     help="where the spooled load keeps its spool file (default: a temporary dir beside the files)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "history_store.json")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "history_store_cpu.json")
     args = ap.parse_args(argv)
     rows = []
     for n in [int(x) for x in args.users.split(",")]:

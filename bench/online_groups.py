@@ -7,7 +7,7 @@ users whose did not (where all data counts the same); this scores every final
 model on the unchanged test queries, with the history the simulation scored them with, split by the groups of the
 synthetic build's users.json (or any {"groups": {name: [user ids]}} file).
 
-    python bench/online_groups.py RUN_DIR [RUN_DIR ...] --data DATA_DIR --out bench/results/online_groups.json
+    python bench/online_groups.py RUN_DIR [RUN_DIR ...] --data DATA_DIR --out bench/results/online_synthetic_groups_cpu.json
 
 Each RUN_DIR is a `tapper online --out` directory made on DATA_DIR's files; its
 settings are read back from its trajectories.json.

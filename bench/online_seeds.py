@@ -3,7 +3,7 @@
 One `tapper online` run scores 4 methods after each of T chunks; on a few hundred
 queries one query is worth 0.3 points or more, so "Full-Retrain is the upper bound"
 or "Online-Full ends above Static" can only be read off several seeds. A spec (JSON,
-see bench/sweeps/online_*.json) has the same shape as bench/synthetic_sweep.py's:
+see bench/specs/science/online_*.json) has the same shape as bench/synthetic_sweep.py's:
 
     {"data": {"drift": "--users 300 --queries-per-user 4 --seed 0 --drift-fraction 0.8"},
      "users": 80,
@@ -16,7 +16,7 @@ and the paired differences the protocol is about (Full-Retrain − Online-Full,
 Online-Full − Static, ...) with how many seeds each was ≥ 0 in. A plot of the mean
 trajectories with ±1 sd bands is written next to it (same name, .png).
 
-    python bench/online_seeds.py bench/sweeps/online_synthetic.json --jobs 2 --runs O-s1,O-s2 --out part.json
+    python bench/online_seeds.py bench/specs/science/online_synthetic.json --jobs 2 --runs O-s1,O-s2 --out part.json
 
 A run made earlier by hand joins with `--adopt NAME=DIR/trajectories.json` (its
 settings must equal the spec's for that run, checked key by key), and parts run at
@@ -201,7 +201,7 @@ def write(report: dict, out: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("spec", type=Path, help="sweep spec JSON (see bench/sweeps/online_*.json)")
+    parser.add_argument("spec", type=Path, help="sweep spec JSON (see bench/specs/science/online_*.json)")
     parser.add_argument("--jobs", type=int, default=1, help="simulations run at once (default 1)")
     parser.add_argument("--out", type=Path, help="result JSON (default bench/results/<spec name>.json); the plot goes beside it")
     parser.add_argument("--work", type=Path, help="where data and runs go (default: a temporary directory)")

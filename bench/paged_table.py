@@ -1,7 +1,7 @@
 """The user table in memory against the paged table (--table-dir): load time, resident memory, row access.
 
     python bench/paged_table.py [--users 100000] [--width 4608] [--rows 1000] [--table-dir DIR]
-                                [--out bench/results/paged_table.json]
+                                [--out bench/results/paged_table_cpu.json]
 
 Writes a safetensors state holding `prefix.user_table.weight` of users + 1 rows of `--width` float32 (8*576 =
 4608, SmolLM2's L*d), then, for each mode in a fresh process (so the two never share memory or page cache
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=1000, help="random rows read, then written (default: %(default)s)")
     ap.add_argument("--table-dir", type=Path, default=None, help="scratch dir of the paged table (default: a temporary dir)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "paged_table.json")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "paged_table_cpu.json")
     args = ap.parse_args(argv)
     import torch
 

@@ -3,7 +3,7 @@
 One training run says little about a few-point difference (the seed of Stage 1
 and Stage 2 alone moves TAP-PER by several points here), so the claims of the
 core issue (TAP-PER vs the Stage-1 base, λ = 0 on drifting users) are read off
-several seeds. A spec (JSON, see bench/sweeps/) names the datasets as
+several seeds. A spec (JSON, see bench/specs/science/) names the datasets as
 `tapper build synthetic` flags, settings common to all runs, and the runs:
 
     {"data": {"d0": "--users 300 --queries-per-user 4 --seed 0"},
@@ -16,7 +16,7 @@ result JSON has every run's accuracy overall and per user group (drifting /
 stable, from the build's users.json) and, per group of runs sharing a prefix
 before "-s<seed>", the mean and standard deviation over seeds.
 
-    python bench/synthetic_sweep.py bench/sweeps/core.json --jobs 2 --out bench/results/synthetic_core.json
+    python bench/synthetic_sweep.py bench/specs/science/core_v2.json --jobs 2 --out bench/results/core_v2_cpu.json
 
 Seeds run at different times (`--runs A-s0 --out a.json`, `--runs A-s1 --out b.json`)
 are combined with `--merge a.json b.json --out all.json`. A sweep stopped part way (given
@@ -143,7 +143,7 @@ def aggregate(results: dict[str, dict]) -> dict[str, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("spec", type=Path, help="sweep spec JSON (see bench/sweeps/)")
+    parser.add_argument("spec", type=Path, help="sweep spec JSON (see bench/specs/science/)")
     parser.add_argument("--jobs", type=int, default=1, help="experiments run at once (default 1)")
     parser.add_argument("--out", type=Path, help="result JSON (default bench/results/synthetic_<spec name>.json)")
     parser.add_argument("--work", type=Path, help="where data and runs go (default: a temporary directory)")

@@ -1,7 +1,7 @@
 """Per-user training time as a user's history grows: OPPU (LoRA per user) vs TAP-PER (P_u row only) vs P_q-only.
 
     python bench/train_time.py [--backbone tiny|smollm2] [--lengths 8,16,32,64] [--epochs 1] [--threads 1]
-                               [--out bench/results/train_time_<backbone>.json]
+                               [--out bench/results/train_time_<backbone>_cpu.json]
 
 Wall-clock seconds of the per-user optimisation loop (best of --repeats), on a synthetic LaMP-2N user;
 see tapper/analysis/timing.py. Writes the JSON and a plot beside it. Cost on the 2-core CPU box: tiny,
@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is steadier on a shared machine)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    out = Path(args.out or Path(__file__).parent / "results" / f"train_time_{args.backbone}.json")
+    out = Path(args.out or Path(__file__).parent / "results" / f"train_time_{args.backbone}_cpu.json")
     t0 = time.time()
     res = time_user_training(args.backbone, tuple(int(x) for x in args.lengths.split(",")), args.epochs, args.batch_size,
                              args.max_len, threads=args.threads, repeats=args.repeats)
