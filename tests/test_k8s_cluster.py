@@ -214,6 +214,7 @@ def test_tracking_stack_rolls_out_and_mlflow_tracks_into_its_postgres_and_object
     import psycopg2
 
     apply(render("tracking"))
+    # The two Secrets of docs/kubernetes.md, step 4 (kept if they exist: the database was initialised with them).
     pg_password, s3_key, s3_secret = secrets.token_hex(16), "tapper-" + secrets.token_hex(4), secrets.token_hex(16)
     for name, literals in [
         ("tapper-tracking", {"postgres-password": pg_password,
@@ -222,7 +223,13 @@ def test_tracking_stack_rolls_out_and_mlflow_tracks_into_its_postgres_and_object
     ]:
         doc = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NS}, "type": "Opaque",
                "stringData": literals}
-        kubectl("apply", "-f", "-", input=json.dumps(doc))
+        kubectl("create", "-f", "-", input=json.dumps(doc), check=False)
+    import base64
+
+    def secret(name: str, key: str) -> str:
+        return base64.b64decode(core.read_namespaced_secret(name, NS).data[key]).decode()
+    pg_password = secret("tapper-tracking", "postgres-password")
+    s3_key, s3_secret = secret("tapper-object-store", "aws_access_key_id"), secret("tapper-object-store", "aws_secret_access_key")
     deadline = time.time() + TRACKING_ROLLOUT_S
     for kind, name in TRACKING:
         left = max(1, int(deadline - time.time()))

@@ -537,6 +537,17 @@ class Pod:
             out[name] = target
         return out
 
+    def ensure_sandbox(self) -> None:
+        """The pod's network namespace and IP, made once, before its volumes and containers (as the kubelet makes the
+        sandbox first): the pod IP it reports never changes."""
+        with self.net_lock:
+            if self.wants_net and self.netns is None and not self.terminating:
+                try:
+                    self.netns, self.ip = self.agent.net.sandbox(self.uid)
+                except RuntimeError as err:
+                    raise ConfigError(f"failed to create pod sandbox: {err}") from err
+                log(f"{self.ns}/{self.name}: sandbox {self.netns}, pod IP {self.ip}")
+
     # -- containers --
     def launch(self, c: Container) -> None:
         spec = c.spec
@@ -566,13 +577,7 @@ class Pod:
                 src = src / m["subPath"]
                 src.mkdir(parents=True, exist_ok=True)
             mounts.append({"source": str(src), "target": m["mountPath"], "readOnly": bool(m.get("readOnly"))})
-        with self.net_lock:
-            if self.wants_net and self.netns is None and not self.terminating:
-                try:
-                    self.netns, self.ip = self.agent.net.sandbox(self.uid)
-                except RuntimeError as err:
-                    raise ConfigError(f"failed to create pod sandbox: {err}") from err
-                log(f"{self.ns}/{self.name}: sandbox {self.netns}, pod IP {self.ip}")
+        self.ensure_sandbox()
         net = self.netns is not None
         cdir = self.dir / f"{'init' if c.init else 'c'}-{spec['name']}"
         cdir.mkdir(parents=True, exist_ok=True)
@@ -675,6 +680,7 @@ class Pod:
                         c.state = {"waiting": {"reason": "ErrImagePull", "message": self.image_error}}
                 if self.image_error:
                     return
+                self.ensure_sandbox()
                 self.mounts = self.prepare_volumes()
                 for c in self.inits + self.mains:  # resolve every env now: a missing reference is a config error
                     self.environment(c.spec, self.agent.image(c.spec["image"]))
@@ -765,8 +771,9 @@ class Pod:
                       {"type": "PodScheduled", "status": "True", "lastProbeTime": None, "lastTransitionTime": t}]
         if self.phase in ("Succeeded", "Failed"):
             conditions[1]["reason"] = conditions[2]["reason"] = "PodCompleted"
-        return {"phase": self.phase, "conditions": conditions, "hostIP": "127.0.0.1", "podIP": self.pod_ip,
-                "podIPs": [{"ip": self.pod_ip}], "startTime": self.start_time, "qosClass": self.raw.get("status", {}).get("qosClass"),
+        # A pod with ports has no IP until its sandbox exists (the API server refuses to change a pod IP once set).
+        ips = {} if self.wants_net and self.ip is None else {"podIP": self.pod_ip, "podIPs": [{"ip": self.pod_ip}]}
+        return {"phase": self.phase, "conditions": conditions, "hostIP": "127.0.0.1", **ips, "startTime": self.start_time, "qosClass": self.raw.get("status", {}).get("qosClass"),
                 "initContainerStatuses": [cs(c) for c in self.inits], "containerStatuses": [cs(c) for c in self.mains]}
 
     def report(self) -> None:
@@ -894,10 +901,10 @@ class Agent:
             except Exception:  # noqa: BLE001 - keep the node alive; the error is in the log
                 log("sync failed:\n" + traceback.format_exc())
             time.sleep(0.5)
+        self.proxy.stopping = True
         with self.lock:
             for p in self.pods.values():
                 p.stop(5)
-        self.proxy.stopping = True
         self.net.close()
 
     def sync(self) -> None:

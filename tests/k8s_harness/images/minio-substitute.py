@@ -61,7 +61,7 @@ def main() -> None:
         fail("Invalid credentials: MINIO_ROOT_PASSWORD length should be at least 8")
     if not os.path.isdir(data) or not os.access(data, os.W_OK):
         fail(f"Unable to use the drive {data}: not a writable directory")
-    s3 = DomainDispatcherApplication(create_backend_app, service="s3")
+    s3 = DomainDispatcherApplication(create_backend_app)  # as `moto_server`: S3 from the requests' signing scope
 
     def app(environ, start_response):
         if environ.get("PATH_INFO") in HEALTH and environ.get("REQUEST_METHOD") in ("GET", "HEAD"):
