@@ -4,8 +4,10 @@
 would report. `run` then does, for every pod the real scheduler binds to one of those nodes, what a kubelet does
 (with the limits listed below):
 
-* resolves the image through images.yaml (ENTRYPOINT/CMD/WORKDIR/ENV/USER from the project's Dockerfile); an image
-  not listed leaves the container Waiting with reason ErrImagePull;
+* resolves the image through images.yaml: a project image by repository name (ENTRYPOINT/CMD/WORKDIR/ENV/USER from
+  its Dockerfile), a listed third-party image by exact reference (run from this machine's packages as the table
+  says, with the accounts and directories of its layers); an image not listed leaves the container Waiting with
+  reason ErrImagePull;
 * builds the environment: the image's ENV, the container's `env` (value, secretKeyRef, configMapKeyRef, fieldRef,
   resourceFieldRef) and `envFrom` (ConfigMaps, Secrets), HOSTNAME and KUBERNETES_SERVICE_HOST/PORT; a missing
   Secret or ConfigMap that is not optional leaves the container Waiting with CreateContainerConfigError;
@@ -15,9 +17,13 @@ would report. `run` then does, for every pod the real scheduler binds to one of 
 * runs each container's command and args as a local process, init containers first, in its own mount and UTS
   namespace (hostname = pod name) on a copy-on-write overlay of this machine's root filesystem with a private
   /tmp, as the container's runAsUser/runAsGroup, with a read-only root when readOnlyRootFilesystem is set;
-  containers that declare ports also get their own network namespace (loopback only), so replicas can bind the
-  same port; the others share the machine's network, where the API server, S3, MLflow and ZenML listen;
-* runs startup, readiness and liveness probes (httpGet, tcpSocket, exec) inside the pod;
+* gives a pod whose containers declare ports a sandbox (PodNetwork: a network namespace shared by its containers,
+  a veth on the agent's bridge, a pod IP), so replicas and other pods can bind the same port; pods without ports
+  share the machine's network, where the API server, S3, MLflow and ZenML listen;
+* makes Services reachable (ServiceProxy, kube-proxy's userspace mode: ClusterIPs on the bridge, relays to the
+  Endpoints' ready addresses) and resolvable (/etc/hosts in each container);
+* runs startup, readiness and liveness probes as the kubelet does: httpGet and tcpSocket from the node to the pod
+  IP, exec inside the container (its namespaces, root, working directory, env and user);
 * reports phase, conditions, container states, exit codes and restart counts through the API, restarts
   containers per restartPolicy with back-off (CrashLoopBackOff), serves each node's kubelet API for
   `kubectl logs` (/containerLogs, with follow and tailLines), and on deletion stops the processes
@@ -25,7 +31,8 @@ would report. `run` then does, for every pod the real scheduler binds to one of 
 
 Limits (a real cluster is still needed for these): no images, so the image's own files are this machine's
 files plus the project's virtual environment; no resource limits, cgroups or OOM kills (requests only count
-for scheduling); no pod IPs, Services, kube-proxy or cluster DNS (every pod reports 127.0.0.1); no GPU device
+for scheduling); one bridge on one machine instead of a CNI plugin, no NetworkPolicy, no cluster DNS server (only
+/etc/hosts, written at container start), pods without ports in the machine's network; no GPU device
 plugin (`nvidia.com/gpu` is capacity on paper); no exec/attach/port-forward, no downwardAPI or projected
 volumes, no ephemeral containers, no image pull secrets, no node heartbeats or evictions.
 """
