@@ -237,24 +237,30 @@ def test_tracking_stack_rolls_out_and_mlflow_tracks_into_its_postgres_and_object
         assert status.returncode == 0, (f"{kind}/{name} did not roll out within {TRACKING_ROLLOUT_S}s:\n"
                                         f"{status.stdout}{status.stderr}\n{tracking_diagnostics(core)}")
     svc = {name: core.read_namespaced_service(name, NS).spec.cluster_ip for _, name in TRACKING}
+    # A finished rollout has ready pods; their Services' Endpoints (the endpoints controller) follow within moments.
+    def endpoints_ready():
+        return all(any(s.addresses for s in core.read_namespaced_endpoints(name, NS).subsets or []) for _, name in TRACKING)
+    wait("the tracking Services' endpoints", endpoints_ready, 30, every=1)
     try:
         # The object store, through its Service: the buckets (docs/kubernetes.md, step 4), with the Secret's keys.
         s3 = boto3.client("s3", endpoint_url=f"http://{svc['tapper-object-store']}:9000", aws_access_key_id=s3_key,
                           aws_secret_access_key=s3_secret, region_name="us-east-1")
         for bucket in ("tapper-artifacts", "tapper-mlflow"):
             s3.create_bucket(Bucket=bucket)
-        # MLflow, through its Service: health, an experiment and a run through the REST API, an artifact upload.
+        # MLflow, through its Service, addressed as in-cluster clients address it (the Host header of
+        # http://tapper-mlflow:5000; the name itself resolves only inside the pods): health, an experiment and a run
+        # through the REST API, an artifact upload.
         base = f"http://{svc['tapper-mlflow']}:5000"
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
-        def call(method: str, path: str, body=None, raw: bytes | None = None):
+        def call(method: str, path: str, body=None, raw: bytes | None = None, host: str = "tapper-mlflow:5000"):
             data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-            req = urllib.request.Request(base + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json"} if raw is None else {})
-            with opener.open(req, timeout=30) as r:
+            headers = {"Host": host, **({"Content-Type": "application/json"} if raw is None else {})}
+            with opener.open(urllib.request.Request(base + path, data=data, method=method, headers=headers), timeout=30) as r:
                 text = r.read().decode()
                 return json.loads(text) if text.strip().startswith("{") else text
         assert call("GET", "/health").strip() == "OK"
+        assert call("GET", "/health", host=f"tapper-mlflow.{NS}.svc.cluster.local:5000").strip() == "OK"
         experiment = f"k8s-tracking-{secrets.token_hex(4)}"
         exp_id = call("POST", "/api/2.0/mlflow/experiments/create", {"name": experiment})["experiment_id"]
         run = call("POST", "/api/2.0/mlflow/runs/create", {"experiment_id": exp_id, "start_time": int(time.time() * 1000)})["run"]

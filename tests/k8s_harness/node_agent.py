@@ -325,8 +325,13 @@ class ServiceProxy:
             threading.Thread(target=self.accept, args=(sock, svc), daemon=True, name=f"svc-{svc[1]}-{port}").start()
             log(f"service {svc[0]}/{svc[1]}: {cip}:{port}")
 
-    def backend(self, svc: tuple) -> tuple[str, int] | None:
+    def backend(self, svc: tuple, fresh: bool = False) -> tuple[str, int] | None:
         ns, name, port_name = svc
+        if fresh or not self.endpoints.get((ns, name)):  # this proxy syncs every second: look again before refusing
+            try:
+                self.endpoints[(ns, name)] = self.core.read_namespaced_endpoints(name, ns).subsets or []
+            except ApiException:
+                pass
         choices = []
         for sub in self.endpoints.get((ns, name), []):
             ports = [p.port for p in sub.ports or [] if p.name == port_name or len(sub.ports) == 1]
@@ -347,11 +352,16 @@ class ServiceProxy:
             threading.Thread(target=self.relay, args=(conn, svc), daemon=True).start()
 
     def relay(self, conn: socket.socket, svc: tuple) -> None:
-        target = self.backend(svc)
-        try:
-            up = socket.create_connection(target, timeout=5) if target else None
-        except OSError:
-            up = None
+        up = None
+        for attempt in range(3):  # as the userspace proxier: another endpoint (freshly read) when one fails
+            target = self.backend(svc, fresh=attempt > 0)
+            if target is None:
+                break
+            try:
+                up = socket.create_connection(target, timeout=2)
+                break
+            except OSError:
+                continue
         if up is None:
             conn.close()
             return
