@@ -180,6 +180,115 @@ def test_known_bad_manifests_are_rejected(fixture, core):
             kubernetes_validate.validate(doc, TARGET_VERSION, strict=True)
 
 
+# --- 2b. the tracking stack of k8s/tracking rolls out and works ----------------------------------------------------
+
+TRACKING = [("statefulset", "tapper-postgres"), ("statefulset", "tapper-object-store"), ("deployment", "tapper-mlflow")]
+TRACKING_ROLLOUT_S = 180
+
+
+def tracking_diagnostics(core) -> str:
+    """Events, container states and the last log lines of the tracking pods, for a failure message."""
+    out = []
+    for p in core.list_namespaced_pod(NS, label_selector="app.kubernetes.io/component in (tracking, tracking-db, object-store)").items:
+        name = p.metadata.name
+        out.append(f"--- pod {name} on {p.spec.node_name}: {p.status.phase}, IP {p.status.pod_ip}")
+        for cs in p.status.container_statuses or []:
+            out.append(f"  {cs.name}: ready={cs.ready} restarts={cs.restart_count} state={cs.state.to_dict()} "
+                       f"last={cs.last_state.to_dict()}")
+        ev = kubectl("-n", NS, "get", "events", "--field-selector", f"involvedObject.name={name}", check=False)
+        out.append(ev.stdout.strip())
+        logs = kubectl("-n", NS, "logs", name, "--tail", "40", check=False, context="tapper-harness")
+        out.append(logs.stdout.strip() or logs.stderr.strip())
+    return "\n".join(out)
+
+
+def test_tracking_stack_rolls_out_and_mlflow_tracks_into_its_postgres_and_object_store(core):
+    """k8s/tracking under the node agent: PostgreSQL (Debian's postgresql-15 behind the postgres image's entrypoint
+    contract), the object store (moto's S3 server in MinIO's place, images.yaml) and the project's tapper-mlflow
+    image roll out, their probes pass; MLflow, reached through its Service, writes an experiment into the pod's
+    PostgreSQL and an artifact into the object store's bucket, both reached by MLflow through their Services."""
+    import secrets
+    import urllib.request
+
+    import boto3
+    import psycopg2
+
+    apply(render("tracking"))
+    # The two Secrets of docs/kubernetes.md, step 4 (kept if they exist: the database was initialised with them).
+    pg_password, s3_key, s3_secret = secrets.token_hex(16), "tapper-" + secrets.token_hex(4), secrets.token_hex(16)
+    for name, literals in [
+        ("tapper-tracking", {"postgres-password": pg_password,
+                             "backend-store-uri": f"postgresql://mlflow:{pg_password}@tapper-postgres:5432/mlflow"}),
+        ("tapper-object-store", {"aws_access_key_id": s3_key, "aws_secret_access_key": s3_secret}),
+    ]:
+        doc = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NS}, "type": "Opaque",
+               "stringData": literals}
+        kubectl("create", "-f", "-", input=json.dumps(doc), check=False)
+    import base64
+
+    def secret(name: str, key: str) -> str:
+        return base64.b64decode(core.read_namespaced_secret(name, NS).data[key]).decode()
+    pg_password = secret("tapper-tracking", "postgres-password")
+    s3_key, s3_secret = secret("tapper-object-store", "aws_access_key_id"), secret("tapper-object-store", "aws_secret_access_key")
+    deadline = time.time() + TRACKING_ROLLOUT_S
+    for kind, name in TRACKING:
+        left = max(1, int(deadline - time.time()))
+        status = kubectl("-n", NS, "rollout", "status", f"{kind}/{name}", f"--timeout={left}s", check=False, timeout=left + 30)
+        assert status.returncode == 0, (f"{kind}/{name} did not roll out within {TRACKING_ROLLOUT_S}s:\n"
+                                        f"{status.stdout}{status.stderr}\n{tracking_diagnostics(core)}")
+    svc = {name: core.read_namespaced_service(name, NS).spec.cluster_ip for _, name in TRACKING}
+    # A finished rollout has ready pods; their Services' Endpoints (the endpoints controller) follow within moments.
+    def endpoints_ready():
+        return all(any(s.addresses for s in core.read_namespaced_endpoints(name, NS).subsets or []) for _, name in TRACKING)
+    wait("the tracking Services' endpoints", endpoints_ready, 30, every=1)
+    try:
+        # The object store, through its Service: the buckets (docs/kubernetes.md, step 4), with the Secret's keys.
+        s3 = boto3.client("s3", endpoint_url=f"http://{svc['tapper-object-store']}:9000", aws_access_key_id=s3_key,
+                          aws_secret_access_key=s3_secret, region_name="us-east-1")
+        for bucket in ("tapper-artifacts", "tapper-mlflow"):
+            s3.create_bucket(Bucket=bucket)
+        # MLflow, through its Service, addressed as in-cluster clients address it (the Host header of
+        # http://tapper-mlflow:5000; the name itself resolves only inside the pods): health, an experiment and a run
+        # through the REST API, an artifact upload.
+        base = f"http://{svc['tapper-mlflow']}:5000"
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+        def call(method: str, path: str, body=None, raw: bytes | None = None, host: str = "tapper-mlflow:5000"):
+            data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+            headers = {"Host": host, **({"Content-Type": "application/json"} if raw is None else {})}
+            with opener.open(urllib.request.Request(base + path, data=data, method=method, headers=headers), timeout=30) as r:
+                text = r.read().decode()
+                return json.loads(text) if text.strip().startswith("{") else text
+        assert call("GET", "/health").strip() == "OK"
+        assert call("GET", "/health", host=f"tapper-mlflow.{NS}.svc.cluster.local:5000").strip() == "OK"
+        experiment = f"k8s-tracking-{secrets.token_hex(4)}"
+        exp_id = call("POST", "/api/2.0/mlflow/experiments/create", {"name": experiment})["experiment_id"]
+        run = call("POST", "/api/2.0/mlflow/runs/create", {"experiment_id": exp_id, "start_time": int(time.time() * 1000)})["run"]
+        run_id = run["info"]["run_id"]
+        assert run["info"]["artifact_uri"] == f"mlflow-artifacts:/{exp_id}/{run_id}/artifacts"
+        payload = f"tapper k8s tracking {run_id}\n".encode()
+        call("PUT", f"/api/2.0/mlflow-artifacts/artifacts/{exp_id}/{run_id}/artifacts/hello.txt", raw=payload)
+        # The experiment and the run are rows in the PostgreSQL pod's database (not the harness's own PostgreSQL).
+        with psycopg2.connect(host=svc["tapper-postgres"], port=5432, user="mlflow", password=pg_password,
+                              dbname="mlflow", connect_timeout=10) as conn, conn.cursor() as cur:
+            cur.execute("select name from experiments where experiment_id = %s", (int(exp_id),))
+            assert cur.fetchone() == (experiment,)
+            cur.execute("select experiment_id from runs where run_uuid = %s", (run_id,))
+            assert cur.fetchone() == (int(exp_id),)
+        # The artifact is an object in the object store's bucket, where MLflow's server put it.
+        obj = s3.get_object(Bucket="tapper-mlflow", Key=f"artifacts/{exp_id}/{run_id}/artifacts/hello.txt")
+        assert obj["Body"].read() == payload
+    except Exception as err:  # noqa: BLE001 - the pods' side of the story
+        raise AssertionError(f"{err!r}\n{tracking_diagnostics(core)}") from err
+    # Every tracking pod has its own pod IP (their Services' endpoints) and passed its readiness probe.
+    pods = core.list_namespaced_pod(NS, label_selector="app.kubernetes.io/component in (tracking, tracking-db, object-store)").items
+    ready = [p for p in pods if p.metadata.deletion_timestamp is None and all(c.ready for c in p.status.container_statuses or [])]
+    assert len(ready) == 3 and len({p.status.pod_ip for p in ready}) == 3 and "127.0.0.1" not in {p.status.pod_ip for p in ready}
+    for _, name in TRACKING:
+        ep = core.read_namespaced_endpoints(name, NS)
+        assert [a.ip for s in ep.subsets or [] for a in s.addresses or []], f"no ready endpoints for {name}"
+
+
 # --- 3. the training pipeline through ZenML's Kubernetes orchestrator ----------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,8 @@
 #   api proxy       apiproxy.py: the API server as clients reach it, translating exactly batch/v1 CronJob,
 #                   policy/v1 PodDisruptionBudget and autoscaling/v2 HorizontalPodAutoscaler (translate.py)
 #   nodes           nodes.yaml (a GPU node: accelerator label, nvidia.com/gpu taint and capacity; two CPU nodes)
-#   node agent      node_agent.py, the stand-in for kubelet + container runtime on every node
+#   node agent      node_agent.py, the stand-in for kubelet + container runtime on every node, and for the CNI
+#                   plugin (a bridge with an IP per pod that has ports), kube-proxy and DNS (ClusterIPs, /etc/hosts)
 #   services        S3 API (moto server), PostgreSQL (Debian) behind MLflow's tracking server, a ZenML server
 # and then runs the given command (e.g. pytest -m k8s) with the environment that reaches them. Every process it
 # starts is recorded in $STATE/pids and stopped by the EXIT trap, newest first; nothing else is touched.
@@ -27,6 +28,9 @@ mkdir -p "$STATE/logs" "$STATE/pki"
 B="${TAPPER_K8S_PORT_BASE:-0}"
 ETCD_PORT=$((12379 + B)); ETCD_PEER=$((12380 + B)); API_PORT=$((16443 + B)); PROXY_PORT=$((16444 + B))
 S3_PORT=$((15000 + B)); PG_PORT=$((15432 + B)); MLFLOW_PORT=$((15001 + B)); ZENML_PORT=$((18237 + B))
+# The pod network (node_agent.py: a bridge, one network namespace and IP per pod with ports) and the Service range
+# (ClusterIPs, addresses of that bridge): distinct per port base, so two harnesses can run side by side.
+POD_CIDR="10.244.$((B % 256)).0/24"; SERVICE_CIDR="10.$((96 + B % 64)).0.0/16"; POD_BRIDGE="tapper-br$B"
 
 log() { echo "harness: $*" >&2; }
 
@@ -52,6 +56,11 @@ stop_all() {
   tac "$STATE/pids" | while read -r pid name; do
     kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null && log "killed $name ($pid)"
   done
+  # What the node agent creates in this machine's network and removes on a clean stop, should it have been killed.
+  for ns in "$STATE"/agent/netns/tapper-*; do
+    [ -e "$ns" ] && ip netns del "$(basename "$ns")" 2>/dev/null && log "removed network namespace $(basename "$ns")"
+  done
+  ip link del "$POD_BRIDGE" 2>/dev/null && log "removed bridge $POD_BRIDGE"
   if [ -f "$STATE/pgdata/postmaster.pid" ]; then
     runuser -u postgres -- /usr/lib/postgresql/*/bin/pg_ctl -D "$STATE/pgdata" -m fast stop >/dev/null 2>&1
   fi
@@ -105,7 +114,7 @@ start kube-apiserver "$BIN/kube-apiserver" \
   --service-account-issuer https://kubernetes.default.svc.cluster.local \
   --service-account-key-file "$STATE/pki/sa.pub" \
   --service-account-signing-key-file "$STATE/pki/sa.key" \
-  --service-cluster-ip-range 10.96.0.0/16 \
+  --service-cluster-ip-range "$SERVICE_CIDR" \
   --disable-admission-plugins TaintNodesByCondition \
   --allow-privileged=true \
   --kubelet-preferred-address-types InternalIP \
@@ -145,7 +154,7 @@ wait_for apiproxy 30 curl -sf --cacert "$CA" -H "Authorization: Bearer $ADMIN_TO
 "$PY" "$HERE/node_agent.py" register --nodes "$HERE/nodes.yaml" --kubeconfig "$KUBECONFIG" --context tapper-harness-direct
 start node-agent "$PY" "$HERE/node_agent.py" run --nodes "$HERE/nodes.yaml" --kubeconfig "$KUBECONFIG" \
   --context tapper-harness-direct --state "$STATE/agent" --venv "$VENV" --repo "$REPO" \
-  --api-host 127.0.0.1 --api-port "$PROXY_PORT" --ca "$CA"
+  --api-host 127.0.0.1 --api-port "$PROXY_PORT" --ca "$CA" --pod-cidr "$POD_CIDR" --bridge "$POD_BRIDGE"
 wait_for node-agent 60 test -f "$STATE/agent/ready"
 # Storage: PersistentVolumes on this machine's disk for the claims in k8s/ (the serving volume, RWX like NFS/EFS/
 # Filestore; the tracking StatefulSets' RWO claims), standing in for a cluster's storage classes.

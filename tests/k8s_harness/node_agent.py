@@ -4,8 +4,10 @@
 would report. `run` then does, for every pod the real scheduler binds to one of those nodes, what a kubelet does
 (with the limits listed below):
 
-* resolves the image through images.yaml (ENTRYPOINT/CMD/WORKDIR/ENV/USER from the project's Dockerfile); an image
-  not listed leaves the container Waiting with reason ErrImagePull;
+* resolves the image through images.yaml: a project image by repository name (ENTRYPOINT/CMD/WORKDIR/ENV/USER from
+  its Dockerfile), a listed third-party image by exact reference (run from this machine's packages as the table
+  says, with the accounts and directories of its layers); an image not listed leaves the container Waiting with
+  reason ErrImagePull;
 * builds the environment: the image's ENV, the container's `env` (value, secretKeyRef, configMapKeyRef, fieldRef,
   resourceFieldRef) and `envFrom` (ConfigMaps, Secrets), HOSTNAME and KUBERNETES_SERVICE_HOST/PORT; a missing
   Secret or ConfigMap that is not optional leaves the container Waiting with CreateContainerConfigError;
@@ -15,9 +17,13 @@ would report. `run` then does, for every pod the real scheduler binds to one of 
 * runs each container's command and args as a local process, init containers first, in its own mount and UTS
   namespace (hostname = pod name) on a copy-on-write overlay of this machine's root filesystem with a private
   /tmp, as the container's runAsUser/runAsGroup, with a read-only root when readOnlyRootFilesystem is set;
-  containers that declare ports also get their own network namespace (loopback only), so replicas can bind the
-  same port; the others share the machine's network, where the API server, S3, MLflow and ZenML listen;
-* runs startup, readiness and liveness probes (httpGet, tcpSocket, exec) inside the pod;
+* gives a pod whose containers declare ports a sandbox (PodNetwork: a network namespace shared by its containers,
+  a veth on the agent's bridge, a pod IP), so replicas and other pods can bind the same port; pods without ports
+  share the machine's network, where the API server, S3, MLflow and ZenML listen;
+* makes Services reachable (ServiceProxy, kube-proxy's userspace mode: ClusterIPs on the bridge, relays to the
+  Endpoints' ready addresses) and resolvable (/etc/hosts in each container);
+* runs startup, readiness and liveness probes as the kubelet does: httpGet and tcpSocket from the node to the pod
+  IP, exec inside the container (its namespaces, root, working directory, env and user);
 * reports phase, conditions, container states, exit codes and restart counts through the API, restarts
   containers per restartPolicy with back-off (CrashLoopBackOff), serves each node's kubelet API for
   `kubectl logs` (/containerLogs, with follow and tailLines), and on deletion stops the processes
@@ -25,7 +31,8 @@ would report. `run` then does, for every pod the real scheduler binds to one of 
 
 Limits (a real cluster is still needed for these): no images, so the image's own files are this machine's
 files plus the project's virtual environment; no resource limits, cgroups or OOM kills (requests only count
-for scheduling); no pod IPs, Services, kube-proxy or cluster DNS (every pod reports 127.0.0.1); no GPU device
+for scheduling); one bridge on one machine instead of a CNI plugin, no NetworkPolicy, no cluster DNS server (only
+/etc/hosts, written at container start), pods without ports in the machine's network; no GPU device
 plugin (`nvidia.com/gpu` is capacity on paper); no exec/attach/port-forward, no downwardAPI or projected
 volumes, no ephemeral containers, no image pull secrets, no node heartbeats or evictions.
 """
@@ -46,6 +53,8 @@ import sys
 import threading
 import time
 import traceback
+import urllib.request
+import http.client
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -121,6 +130,8 @@ class Image:
     workdir: str
     env: dict[str, str]
     user: str | None
+    venv: bool = True  # a project image: PATH is the virtual environment's bin first
+    prepare: dict = field(default_factory=dict)  # upstream images: users, groups, dirs of the image's layers
 
 
 def parse_dockerfile(path: Path) -> Image:
@@ -156,15 +167,223 @@ def parse_dockerfile(path: Path) -> Image:
     return image
 
 
-def image_table(repo: Path) -> dict[str, Image]:
-    table = yaml.safe_load((HERE / "images.yaml").read_text())["images"]
-    return {name: parse_dockerfile(repo / dockerfile) for name, dockerfile in table.items()}
+def image_table(repo: Path, venv: Path) -> tuple[dict[str, Image], dict[str, Image]]:
+    """images.yaml: (project images by repository name, upstream images by normalized reference)."""
+    table = yaml.safe_load((HERE / "images.yaml").read_text())
+    project = {name: parse_dockerfile(repo / dockerfile) for name, dockerfile in table["images"].items()}
+    upstream = {}
+    for ref, e in (table.get("upstream") or {}).items():
+        missing = [p for p in e.get("requires") or [] if not Path(p).exists()]
+        if missing:
+            log(f"image {ref}: not runnable here (missing {', '.join(missing)}); its pods will wait with ErrImagePull")
+            continue
+        sub = lambda s: s.replace("{repo}", str(repo)).replace("{venv}", str(venv))  # noqa: E731
+        upstream[normalize_reference(ref)] = Image(
+            [sub(a) for a in e.get("entrypoint") or []], [sub(a) for a in e.get("cmd") or []], e.get("workdir", "/"),
+            {k: sub(str(v)) for k, v in (e.get("env") or {}).items()}, e.get("user"), venv=False,
+            prepare={k: e[k] for k in ("users", "groups", "dirs") if e.get(k)})
+    return project, upstream
+
+
+def normalize_reference(image: str) -> str:
+    for prefix in ("docker.io/library/", "docker.io/", "index.docker.io/library/"):
+        if image.startswith(prefix):
+            image = image[len(prefix):]
+            break
+    return image
 
 
 def image_repository(image: str) -> str:
     name = image.split("@")[0]
     last = name.rsplit("/", 1)[-1]
     return last.split(":")[0]
+
+
+# --- the pod network and Services --------------------------------------------------------------------------------
+
+def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    out = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if check and out.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {out.stderr.strip()}")
+    return out
+
+
+class PodNetwork:
+    """The stand-in for a CNI plugin: a Linux bridge on this machine (gateway = the CIDR's first address) and, per
+    pod that declares a container port, a network namespace (the pod sandbox, shared by its containers, kept across
+    container restarts) with a veth on the bridge and its own pod IP. Pods without ports stay in the machine's
+    network (127.0.0.1), where the harness's API server, S3, MLflow and ZenML listen."""
+
+    def __init__(self, cidr: str, bridge: str, state: Path):
+        base, bits = cidr.split("/")
+        assert bits == "24", "the node agent's pod network is one /24"
+        self.cidr, self.bridge, self.prefix = cidr, bridge, base.rsplit(".", 1)[0]
+        self.gateway = f"{self.prefix}.1"
+        self.free = [f"{self.prefix}.{i}" for i in range(2, 255)]
+        self.lock = threading.Lock()
+        self.record = state / "netns"  # what the harness removes should this agent die without cleaning up
+        self.record.mkdir(parents=True, exist_ok=True)
+        ip("link", "del", bridge, check=False)  # a leftover of a killed run of this harness
+        ip("link", "add", bridge, "type", "bridge")
+        ip("addr", "add", f"{self.gateway}/24", "dev", bridge)
+        ip("link", "set", bridge, "up")
+
+    def sandbox(self, uid: str) -> tuple[str, str]:
+        """A new pod sandbox: (network namespace name, pod IP)."""
+        with self.lock:
+            addr = self.free.pop(0)
+        name, host, peer = f"tapper-{uid[:8]}", f"tv{uid[:8]}", f"tp{uid[:8]}"
+        (self.record / name).touch()
+        ip("netns", "add", name)
+        ip("link", "add", host, "type", "veth", "peer", "name", peer)
+        ip("link", "set", peer, "netns", name)
+        ip("link", "set", host, "master", self.bridge)
+        ip("link", "set", host, "up")
+        for args in (("link", "set", "lo", "up"), ("link", "set", peer, "name", "eth0"),
+                     ("addr", "add", f"{addr}/24", "dev", "eth0"), ("link", "set", "eth0", "up"),
+                     ("route", "add", "default", "via", self.gateway)):
+            ip("-n", name, *args)
+        return name, addr
+
+    def release(self, name: str, addr: str) -> None:
+        ip("netns", "del", name, check=False)  # its veth pair goes with it
+        ip("link", "del", f"tv{name.removeprefix('tapper-')}", check=False)
+        (self.record / name).unlink(missing_ok=True)
+        with self.lock:
+            self.free.append(addr)
+
+    def close(self) -> None:
+        ip("link", "del", self.bridge, check=False)
+
+
+class ServiceProxy:
+    """The stand-in for kube-proxy and cluster DNS. kube-proxy's original userspace mode: every Service's ClusterIP
+    is an address of the pod bridge (so pods reach it through their default route, and this machine directly), with
+    a listener per TCP port that relays each connection to one of the ready addresses of the Service's Endpoints
+    (which the real endpoints controller keeps from the pods' readiness), round robin; none ready: the connection is
+    closed. DNS: each container's /etc/hosts gets <svc>, <svc>.<ns>, <svc>.<ns>.svc and <svc>.<ns>.svc.cluster.local
+    for the Services that exist when it starts (short names for its own namespace)."""
+
+    def __init__(self, core: client.CoreV1Api, net: PodNetwork):
+        self.core, self.net = core, net
+        self.listeners: dict[tuple[str, int], socket.socket] = {}
+        self.endpoints: dict[tuple[str, str], list] = {}
+        self.rr: dict[tuple, int] = {}
+        self.stopping = False
+
+    def hosts(self, namespace: str) -> list[str]:
+        lines = []
+        for s in self.core.list_service_for_all_namespaces().items:
+            cip = s.spec.cluster_ip
+            if not cip or cip == "None":
+                continue
+            n, ns = s.metadata.name, s.metadata.namespace
+            names = ([n] if ns == namespace else []) + [f"{n}.{ns}", f"{n}.{ns}.svc", f"{n}.{ns}.svc.cluster.local"]
+            lines.append(f"{cip}\t{' '.join(names)}")
+        return lines
+
+    def loop(self) -> None:
+        while not self.stopping:
+            try:
+                self.sync()
+            except Exception:  # noqa: BLE001
+                log("service proxy sync failed:\n" + traceback.format_exc())
+            time.sleep(1)
+        for sock in self.listeners.values():
+            sock.close()
+
+    def sync(self) -> None:
+        eps = {}
+        for e in self.core.list_endpoints_for_all_namespaces().items:
+            eps[(e.metadata.namespace, e.metadata.name)] = e.subsets or []
+        self.endpoints = eps
+        want = {}
+        for s in self.core.list_service_for_all_namespaces().items:
+            cip = s.spec.cluster_ip
+            if not cip or cip == "None":
+                continue
+            for port in s.spec.ports or []:
+                if (port.protocol or "TCP") == "TCP":
+                    want[(cip, port.port)] = (s.metadata.namespace, s.metadata.name, port.name)
+        for key in set(self.listeners) - set(want):
+            self.listeners.pop(key).close()
+        for key, svc in want.items():
+            if key in self.listeners:
+                continue
+            cip, port = key
+            ip("addr", "add", f"{cip}/32", "dev", self.net.bridge, check=False)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(key)
+            except OSError as err:
+                log(f"service {svc[0]}/{svc[1]}: cannot listen on {cip}:{port}: {err}")
+                sock.close()
+                continue
+            sock.listen(64)
+            self.listeners[key] = sock
+            threading.Thread(target=self.accept, args=(sock, svc), daemon=True, name=f"svc-{svc[1]}-{port}").start()
+            log(f"service {svc[0]}/{svc[1]}: {cip}:{port}")
+
+    def backend(self, svc: tuple, fresh: bool = False) -> tuple[str, int] | None:
+        ns, name, port_name = svc
+        if fresh or not self.endpoints.get((ns, name)):  # this proxy syncs every second: look again before refusing
+            try:
+                self.endpoints[(ns, name)] = self.core.read_namespaced_endpoints(name, ns).subsets or []
+            except ApiException:
+                pass
+        choices = []
+        for sub in self.endpoints.get((ns, name), []):
+            ports = [p.port for p in sub.ports or [] if p.name == port_name or len(sub.ports) == 1]
+            for a in sub.addresses or []:
+                choices += [(a.ip, p) for p in ports[:1]]
+        if not choices:
+            return None
+        i = self.rr.get(svc, 0)
+        self.rr[svc] = i + 1
+        return choices[i % len(choices)]
+
+    def accept(self, sock: socket.socket, svc: tuple) -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self.relay, args=(conn, svc), daemon=True).start()
+
+    def relay(self, conn: socket.socket, svc: tuple) -> None:
+        up = None
+        for attempt in range(3):  # as the userspace proxier: another endpoint (freshly read) when one fails
+            target = self.backend(svc, fresh=attempt > 0)
+            if target is None:
+                break
+            try:
+                up = socket.create_connection(target, timeout=2)
+                break
+            except OSError:
+                continue
+        if up is None:
+            conn.close()
+            return
+        up.settimeout(None)
+
+        def pump(src: socket.socket, dst: socket.socket) -> None:
+            try:
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                try:
+                    dst.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+        t = threading.Thread(target=pump, args=(up, conn), daemon=True)
+        t.start()
+        pump(conn, up)
+        t.join()
+        conn.close()
+        up.close()
 
 
 # --- pods --------------------------------------------------------------------------------------------------------
@@ -189,6 +408,9 @@ class Container:
     probe_at: dict = field(default_factory=dict)
     probe_failures: dict = field(default_factory=dict)
     done: bool = False  # terminated and will not be restarted
+    env: dict = field(default_factory=dict)  # as launched: for exec probes
+    user: int | None = None
+    group: int | None = None
 
 
 class Pod:
@@ -212,6 +434,15 @@ class Pod:
         self.mounts: dict[str, Path] | None = None
         self.last_status: str | None = None
         self.terminating = False
+        # A pod whose containers declare ports gets a sandbox: its own network namespace and pod IP (PodNetwork).
+        self.wants_net = any(p.get("containerPort") for c in self.inits + self.mains for p in c.spec.get("ports") or [])
+        self.netns: str | None = None
+        self.ip: str | None = None
+        self.net_lock = threading.Lock()
+
+    @property
+    def pod_ip(self) -> str:
+        return self.ip or "127.0.0.1"
 
     # -- resolution --
     def _get(self, kind: str, name: str):
@@ -241,13 +472,14 @@ class Pod:
             return (meta.get(m[1]) or {}).get(m[2], "")
         return {"metadata.name": meta["name"], "metadata.namespace": meta["namespace"], "metadata.uid": meta["uid"],
                 "spec.nodeName": spec.get("nodeName", ""), "spec.serviceAccountName": spec.get("serviceAccountName", ""),
-                "status.podIP": "127.0.0.1", "status.hostIP": "127.0.0.1"}.get(path, "")
+                "status.podIP": self.pod_ip, "status.hostIP": "127.0.0.1"}.get(path, "")
 
     def environment(self, c: dict, image: Image) -> dict[str, str]:
         venv_bin = str(self.agent.venv / "bin")
-        env = {"PATH": f"{venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+        env = {"PATH": f"{venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" if image.venv
+               else "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
         for k, v in image.env.items():
-            env[k] = v if k != "PATH" else env["PATH"]
+            env[k] = v if k != "PATH" or not image.venv else env["PATH"]
         env.update({"HOSTNAME": self.name, "KUBERNETES_SERVICE_HOST": self.agent.api_host,
                     "KUBERNETES_SERVICE_PORT": str(self.agent.api_port), "KUBERNETES_SERVICE_PORT_HTTPS": str(self.agent.api_port),
                     "KUBERNETES_PORT": f"tcp://{self.agent.api_host}:{self.agent.api_port}"})
@@ -322,10 +554,21 @@ class Pod:
             out[name] = target
         return out
 
+    def ensure_sandbox(self) -> None:
+        """The pod's network namespace and IP, made once, before its volumes and containers (as the kubelet makes the
+        sandbox first): the pod IP it reports never changes."""
+        with self.net_lock:
+            if self.wants_net and self.netns is None and not self.terminating:
+                try:
+                    self.netns, self.ip = self.agent.net.sandbox(self.uid)
+                except RuntimeError as err:
+                    raise ConfigError(f"failed to create pod sandbox: {err}") from err
+                log(f"{self.ns}/{self.name}: sandbox {self.netns}, pod IP {self.ip}")
+
     # -- containers --
     def launch(self, c: Container) -> None:
         spec = c.spec
-        image = self.agent.images.get(image_repository(spec["image"]))
+        image = self.agent.image(spec["image"])
         assert image is not None
         if spec.get("command"):
             argv = list(spec["command"]) + list(spec.get("args") or [])
@@ -351,7 +594,8 @@ class Pod:
                 src = src / m["subPath"]
                 src.mkdir(parents=True, exist_ok=True)
             mounts.append({"source": str(src), "target": m["mountPath"], "readOnly": bool(m.get("readOnly"))})
-        net = any(p.get("containerPort") for p in spec.get("ports") or [])
+        self.ensure_sandbox()
+        net = self.netns is not None
         cdir = self.dir / f"{'init' if c.init else 'c'}-{spec['name']}"
         cdir.mkdir(parents=True, exist_ok=True)
         launch = {"argv": argv, "env": env, "workdir": spec.get("workingDir") or image.workdir, "mounts": mounts,
@@ -360,12 +604,13 @@ class Pod:
                   "readOnlyRoot": bool(sc.get("readOnlyRootFilesystem")), "net": net,
                   "home": env.get("HOME") or ("/tmp/home" if not user else image.workdir),
                   # the project's virtual environment (and, for its editable install, the repository)
-                  "hostPaths": [str(self.agent.venv), str(self.agent.repo)]}
+                  "hostPaths": [str(self.agent.venv), str(self.agent.repo)],
+                  "podIP": self.pod_ip, "hosts": self.agent.proxy.hosts(self.ns), "prepare": image.prepare}
         (cdir / "launch.json").write_text(json.dumps(launch))
         c.log_path = cdir / "log"
         logf = open(c.log_path, "ab")
-        ns = ["--mount", "--uts"] + (["--net"] if net else [])
-        c.proc = subprocess.Popen(["unshare", *ns, sys.executable, str(Path(__file__).resolve()), "exec", str(cdir / "launch.json")],
+        sandbox = ["nsenter", f"--net=/run/netns/{self.netns}"] if net else []
+        c.proc = subprocess.Popen([*sandbox, "unshare", "--mount", "--uts", sys.executable, str(Path(__file__).resolve()), "exec", str(cdir / "launch.json")],
                                   stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         logf.close()
         c.started_at = now()
@@ -373,6 +618,7 @@ class Pod:
         c.ready = False
         c.started = "startupProbe" not in spec
         c.probe_at, c.probe_failures = {}, {}
+        c.env, c.user, c.group = env, user, group
         log(f"{self.ns}/{self.name} on {self.node}: started {spec['name']} (pid {c.proc.pid}): {shlex.join(argv)[:200]}")
 
     def kill(self, c: Container, grace: float) -> None:
@@ -407,27 +653,30 @@ class Pod:
         c.probe_at[kind] = t + p.get("periodSeconds", 10)
         timeout = p.get("timeoutSeconds", 1)
         ports = {q.get("name"): q["containerPort"] for q in c.spec.get("ports") or []}
-        prefix = ["nsenter", "-t", str(c.proc.pid), "-n"] if any(ports.values()) else []
+        # As the kubelet does: HTTP and TCP probes from the node to the pod IP (127.0.0.1 for a pod in the machine's
+        # network); exec probes inside the container: its namespaces, root, working directory, env and user.
         try:
             if "httpGet" in p:
                 g = p["httpGet"]
                 port = ports.get(g["port"], g["port"])
-                url = f"http://127.0.0.1:{port}{g.get('path', '/')}"
-                code = "import sys,urllib.request; urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2]))"
-                ok = subprocess.run(prefix + [sys.executable, "-c", code, url, str(timeout)], capture_output=True,
-                                    timeout=timeout + 5).returncode == 0
+                url = f"http://{self.pod_ip}:{port}{g.get('path', '/')}"
+                opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+                with opener.open(url, timeout=timeout) as r:
+                    ok = 200 <= r.status < 400
             elif "tcpSocket" in p:
                 port = ports.get(p["tcpSocket"]["port"], p["tcpSocket"]["port"])
-                code = "import socket,sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=float(sys.argv[2]))"
-                ok = subprocess.run(prefix + [sys.executable, "-c", code, str(port), str(timeout)], capture_output=True,
-                                    timeout=timeout + 5).returncode == 0
+                socket.create_connection((self.pod_ip, int(port)), timeout=timeout).close()
+                ok = True
             elif "exec" in p:
-                ok = subprocess.run(["nsenter", "-t", str(c.proc.pid), "-m", "-u"] + (["-n"] if prefix else [])
+                ids = ([f"--setuid={c.user}", f"--setgid={c.group if c.group is not None else c.user}"]
+                       if c.user is not None else [])
+                ok = subprocess.run(["nsenter", "-t", str(c.proc.pid), "-m", "-u", "-r", "-w"]
+                                    + (["-n"] if self.netns else []) + ids
                                     + ["--", "/bin/sh", "-c", "exec " + shlex.join(p["exec"]["command"])],
-                                    capture_output=True, timeout=timeout + 5).returncode == 0
+                                    env=c.env, capture_output=True, timeout=timeout + 5).returncode == 0
             else:
                 ok = False
-        except subprocess.TimeoutExpired:
+        except (subprocess.TimeoutExpired, OSError, ValueError, http.client.HTTPException):
             ok = False
         if ok:
             c.probe_failures[kind] = 0
@@ -442,15 +691,16 @@ class Pod:
         if self.mounts is None:
             try:
                 for c in self.inits + self.mains:
-                    if image_repository(c.spec["image"]) not in self.agent.images:
+                    if self.agent.image(c.spec["image"]) is None:
                         self.image_error = (f'node agent cannot run image "{c.spec["image"]}": not in '
                                             f"tests/k8s_harness/images.yaml")
                         c.state = {"waiting": {"reason": "ErrImagePull", "message": self.image_error}}
                 if self.image_error:
                     return
+                self.ensure_sandbox()
                 self.mounts = self.prepare_volumes()
                 for c in self.inits + self.mains:  # resolve every env now: a missing reference is a config error
-                    self.environment(c.spec, self.agent.images[image_repository(c.spec["image"])])
+                    self.environment(c.spec, self.agent.image(c.spec["image"]))
                 self.config_error = None
             except ConfigError as err:
                 self.mounts = None
@@ -538,8 +788,9 @@ class Pod:
                       {"type": "PodScheduled", "status": "True", "lastProbeTime": None, "lastTransitionTime": t}]
         if self.phase in ("Succeeded", "Failed"):
             conditions[1]["reason"] = conditions[2]["reason"] = "PodCompleted"
-        return {"phase": self.phase, "conditions": conditions, "hostIP": "127.0.0.1", "podIP": "127.0.0.1",
-                "podIPs": [{"ip": "127.0.0.1"}], "startTime": self.start_time, "qosClass": self.raw.get("status", {}).get("qosClass"),
+        # A pod with ports has no IP until its sandbox exists (the API server refuses to change a pod IP once set).
+        ips = {} if self.wants_net and self.ip is None else {"podIP": self.pod_ip, "podIPs": [{"ip": self.pod_ip}]}
+        return {"phase": self.phase, "conditions": conditions, "hostIP": "127.0.0.1", **ips, "startTime": self.start_time, "qosClass": self.raw.get("status", {}).get("qosClass"),
                 "initContainerStatuses": [cs(c) for c in self.inits], "containerStatuses": [cs(c) for c in self.mains]}
 
     def report(self) -> None:
@@ -559,6 +810,10 @@ class Pod:
         self.terminating = True
         for c in self.inits + self.mains:
             self.kill(c, grace)
+        with self.net_lock:
+            if self.netns is not None:
+                self.agent.net.release(self.netns, self.ip)
+                self.netns = None
 
     def logs(self, container: str | None) -> Path | None:
         for c in self.mains + self.inits:
@@ -575,11 +830,17 @@ class Agent:
         self.state.mkdir(parents=True, exist_ok=True)
         self.venv = Path(args.venv).resolve()
         self.repo = Path(args.repo).resolve()
-        self.images = image_table(self.repo)
+        self.images, self.upstream = image_table(self.repo, self.venv)
         self.api_host, self.api_port = args.api_host, args.api_port
+        self.net = PodNetwork(args.pod_cidr, args.bridge, self.state)
+        self.proxy = ServiceProxy(self.core, self.net)
         self.pods: dict[str, Pod] = {}
         self.lock = threading.Lock()
         self.stopping = False
+
+    def image(self, ref: str) -> Image | None:
+        """An upstream image by its exact reference, else a project image by its repository name."""
+        return self.upstream.get(normalize_reference(ref.split("@")[0])) or self.images.get(image_repository(ref))
 
     def serve_kubelet_api(self) -> None:
         key, crt = self.state / "kubelet.key", self.state / "kubelet.crt"
@@ -647,17 +908,21 @@ class Agent:
 
     def loop(self) -> None:
         self.serve_kubelet_api()
+        threading.Thread(target=self.proxy.loop, daemon=True, name="service-proxy").start()
         (self.state / "ready").write_text(str(os.getpid()))
-        log(f"running for nodes {sorted(self.nodes)}; images {sorted(self.images)}")
+        log(f"running for nodes {sorted(self.nodes)}; images {sorted(self.images)}; upstream images {sorted(self.upstream)}; "
+            f"pod network {self.net.cidr} on {self.net.bridge}")
         while not self.stopping:
             try:
                 self.sync()
             except Exception:  # noqa: BLE001 - keep the node alive; the error is in the log
                 log("sync failed:\n" + traceback.format_exc())
             time.sleep(0.5)
+        self.proxy.stopping = True
         with self.lock:
             for p in self.pods.values():
                 p.stop(5)
+        self.net.close()
 
     def sync(self) -> None:
         listed = self.core.list_pod_for_all_namespaces(field_selector="spec.nodeName!=").items
@@ -759,7 +1024,24 @@ def exec_container(launch_file: str) -> None:
     sh("mount", "-t", "tmpfs", "-o", "mode=1777", "tmpfs", str(root / "tmp"))
     (root / "etc" / "hostname").write_text(spec["hostname"] + "\n")
     hosts = (root / "etc" / "hosts").read_text() if (root / "etc" / "hosts").exists() else ""
-    (root / "etc" / "hosts").write_text(hosts + f"127.0.0.1\t{spec['hostname']}\n")
+    extra = [f"{spec.get('podIP', '127.0.0.1')}\t{spec['hostname']}", *spec.get("hosts", [])]
+    (root / "etc" / "hosts").write_text(hosts + "".join(line + "\n" for line in extra))
+    # What an upstream image's layers create (images.yaml: users, groups, dirs), in this pod's root only.
+    prep = spec.get("prepare") or {}
+    for fname, key in (("passwd", "users"), ("group", "groups")):
+        entries = prep.get(key) or []
+        if entries:
+            f = root / "etc" / fname
+            taken = {e.split(":")[0] for e in entries} | {e.split(":")[2] for e in entries}
+            kept_lines = [ln for ln in f.read_text().splitlines()
+                          if ln.split(":")[0] not in taken and (ln.split(":") + ["", "", ""])[2] not in taken]
+            f.write_text("\n".join(kept_lines + entries) + "\n")
+    for path, d in (prep.get("dirs") or {}).items():
+        target = in_root(root, path)
+        target.mkdir(parents=True, exist_ok=True)
+        owner, _, grp = str(d.get("owner", "0:0")).partition(":")
+        os.chown(target, int(owner), int(grp or owner))
+        os.chmod(target, int(str(d.get("mode", "755")), 8))
     for m in spec["mounts"]:
         target = in_root(root, m["target"])
         if Path(m["source"]).is_dir():
@@ -830,6 +1112,8 @@ def main() -> None:
             p.add_argument("--api-host", required=True)
             p.add_argument("--api-port", type=int, required=True)
             p.add_argument("--ca", required=True)
+            p.add_argument("--pod-cidr", default="10.244.0.0/24", help="the pod network (a /24; its .1 is the bridge)")
+            p.add_argument("--bridge", default="tapper-br0", help="the pod network's bridge on this machine")
     e = sub.add_parser("exec")
     e.add_argument("launch")
     args = ap.parse_args()
