@@ -17,7 +17,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,7 +27,6 @@ pytestmark = pytest.mark.k8s
 
 REPO = Path(__file__).resolve().parents[1]
 HARNESS_DIR = REPO / "tests" / "k8s_harness"
-sys.path.insert(0, str(HARNESS_DIR))
 STATE = os.environ.get("TAPPER_K8S_HARNESS")
 NS = "tapper"
 CONFIG = HARNESS_DIR / "k8s-tiny.yaml"

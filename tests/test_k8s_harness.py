@@ -3,7 +3,6 @@ agent's image table, the known-bad fixtures' declarations. The harness itself ru
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,10 +10,9 @@ import yaml
 
 HARNESS = Path(__file__).resolve().parent / "k8s_harness"
 REPO = HARNESS.parents[1]
-sys.path.insert(0, str(HARNESS))
 
-import translate  # noqa: E402
-from translate import TranslationError, from_served, to_served, translate_path  # noqa: E402
+import translate
+from translate import TranslationError, from_served, to_served, translate_path
 
 
 def test_exactly_three_translations():
@@ -81,8 +79,10 @@ def test_request_paths(path, served):
 def test_the_agents_images_come_from_the_projects_dockerfiles():
     from node_agent import image_repository, image_table
 
-    table = image_table(REPO)
-    assert set(table) == {"tapper-pipeline", "tapper-serve"}
+    table, upstream = image_table(REPO, REPO / ".venv")
+    assert set(table) == {"tapper-pipeline", "tapper-serve", "tapper-mlflow"}
+    mlflow = table["tapper-mlflow"]
+    assert mlflow.entrypoint == ["mlflow"] and mlflow.cmd[0] == "server" and mlflow.user == "10001:10001"
     serve = table["tapper-serve"]
     assert serve.entrypoint == ["tapper"] and serve.cmd == ["serve"] and serve.user == "10001:10001"
     assert serve.workdir == "/home/tapper" and serve.env["TAPPER_PORT"] == "8080"
@@ -90,6 +90,11 @@ def test_the_agents_images_come_from_the_projects_dockerfiles():
     assert pipe.workdir == "/app" and pipe.env["HF_HUB_OFFLINE"] == "1" and pipe.entrypoint == []
     assert image_repository("registry.example.com/tapper/tapper-serve:cu128") == "tapper-serve"
     assert image_repository("tapper-pipeline@sha256:abc") == "tapper-pipeline"
+    # Third-party images run only as the table's documented substitutes, and only where those can run here.
+    minio = upstream["quay.io/minio/minio:RELEASE.2025-04-22T22-12-26Z"]
+    assert minio.entrypoint[-1].endswith("tests/k8s_harness/images/minio-substitute.py") and minio.venv is False
+    postgres_here = Path("/usr/lib/postgresql/15/bin/postgres").exists()
+    assert ("postgres:15-bookworm" in upstream) == postgres_here
 
 
 def test_every_bad_fixture_declares_what_rejects_it():
