@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.suite import BY_NAME, HELPERS, KINDS, REGISTRY
 
-from bench.suite import BY_NAME, HELPERS, KINDS, REGISTRY  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 DOCS = [ROOT / "README.md", ROOT / "bench" / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 CITED = re.compile(r"bench/results/[\w./-]+\.(?:json|png|md)")
