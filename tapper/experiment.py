@@ -29,6 +29,7 @@ from tapper.eval.paired import paired_difference
 from tapper.eval.predict import generate_texts
 from tapper.model.backbone import Backbone, load_backbone, load_backbone_dir
 from tapper.model.embedding_cache import EmbeddingCache
+from tapper.model.shared_cache import one_cache_per_run, shared_embedding_cache
 from tapper.model.prefixed_lm import PrefixedLM
 from tapper.paths import cache_dir
 from tapper.train.stage1 import Stage1Result, train_stage1
@@ -82,7 +83,8 @@ def run_stage1(backbone: Backbone, data: PreparedData, cfg: RunConfig, out_dir: 
 
 
 def embedding_cache(backbone: Backbone, root: Path | None = None) -> EmbeddingCache:
-    return EmbeddingCache(root or cache_dir() / "embeddings", backbone.model, backbone.tokenizer)
+    """The run's cache for `backbone` (one per backbone directory within run_experiment: tapper.model.shared_cache)."""
+    return shared_embedding_cache(root or cache_dir() / "embeddings", backbone)
 
 
 @dataclass
@@ -143,13 +145,11 @@ def _asdict(obj) -> dict:
 def train_tapper_variant(variant: str, stage1_dir: Path, data: PreparedData, cfg: RunConfig, progress=True,
                          log: LossLogger | None = None):
     """Stage 2 of one TAP-PER variant on a fresh copy of the merged backbone: (backbone, Stage2Result)."""
-    from tapper.model.backbone import weights_hash
-
     s2cfg = stage2_config_for(variant, cfg)
     bb = load_backbone_dir(stage1_dir, dtype=s2cfg.dtype)
     result = train_stage2(
         bb.model, bb.tokenizer, data.task, data.splits.stage2_train, data.splits.stage2_users, s2cfg, embedding_cache(bb),
-        seed=cfg.seed, backbone_hash=weights_hash(bb.model), progress=progress,
+        seed=cfg.seed, backbone_hash=bb.weights_hash, progress=progress,
         on_epoch=(lambda e, l: log(variant, e, l)) if log else None,
     )
     return bb, result
@@ -265,8 +265,10 @@ def run_experiment(
         report["paired"] = paired_comparisons(data, {k: r.predictions for k, r in results.items()}, user_groups)
         return report
 
+    caches: dict = {}  # one embedding cache for every variant (tapper.model.shared_cache)
     for v in variants:
-        res = run_variant(v, s1.path, data, cfg, out_dir, progress, log)
+        with one_cache_per_run(caches):
+            res = run_variant(v, s1.path, data, cfg, out_dir, progress, log)
         results[v] = res
         write_predictions(data.task.name, res.predictions, out_dir / "predictions" / f"{v}.json")
         # Rewritten after every variant but the last (written, complete, below): a run stopped
