@@ -50,7 +50,7 @@ from deploy.service import ServeConfig, TapperService  # noqa: E402
 from tapper.config import Stage2Config  # noqa: E402
 from tapper.data.tasks import LAMP_2N_LABELS  # noqa: E402
 from tapper.data.types import Record  # noqa: E402
-from tapper.model.backbone import load_backbone, weights_hash  # noqa: E402
+from tapper.model.backbone import load_backbone  # noqa: E402
 from tapper.model.tapper import TapPer  # noqa: E402
 
 
@@ -112,7 +112,7 @@ def measure(n_users: int, history: int, feedbacks: int, new_users: int, work: Pa
     users = [f"u{i:07d}" for i in range(n_users)]
     histories = {u: [_record(rng, f"{u}-{j}", j) for j in range(history)] for u in users}
     bb = load_backbone("tiny", texts=[f"a story about {c} On {c}" for c in LAMP_2N_LABELS])
-    model = TapPer(bb.model, users, Stage2Config(), backbone_hash=weights_hash(bb.model))
+    model = TapPer(bb.model, users, Stage2Config(), backbone_hash=bb.weights_hash)
     model.save(work / "state")
     bundle = export_bundle(bb.path, work / "state", "LaMP_2N", work / "bundle", version="bench", histories=histories)
     del model, histories

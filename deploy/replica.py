@@ -28,18 +28,19 @@ log = logging.getLogger("tapper.serve")
 
 def build(cfg: ServeConfig, state: LiveState) -> Loaded:
     """Load the bundle at cfg.model_dir and bring it to the newest generation of it in the state directory."""
-    from tapper.model.backbone import load_backbone_dir, weights_hash
+    from tapper.model.backbone import load_backbone_dir, tensor_hash
     from tapper.model.tapper import TapPer
 
     info = read_bundle(cfg.model_dir)
     bid = bundle_id(info)
-    # In the precision the state was trained in: its backbone hash is that of the backbone loaded so.
+    # In the precision the state was trained in (a state saved before backbone hashes were file hashes recorded
+    # the hash of the tensors as loaded in it).
     bb = load_backbone_dir(info.stage1_dir, dtype=TapPer.saved_dtype(info.state_dir))
     state_meta = json.loads((info.state_dir / "tapper_config.json").read_text())
     expected = state_meta.get("backbone_hash") or info.backbone_hash
     if cfg.verify_backbone and expected:
-        got = weights_hash(bb.model)
-        if got != expected:
+        got = bb.weights_hash
+        if got != expected and tensor_hash(bb.model) != expected:
             raise ValueError(f"{info.stage1_dir}: weights hash {got[:16]}… is not the backbone the TapPer state "
                              f"was trained on ({expected[:16]}…); the bundle is inconsistent")
     # scratch_dir: the user table is paged there from the start (filled from the file in chunks, never a full

@@ -16,7 +16,7 @@ from zenml.materializers.base_materializer import BaseMaterializer
 from materializers._io import download_file, upload_file, md_table, read_json, write_json, write_text
 from materializers.types import LampFiles
 from tapper.data.types import LampDataset
-from tapper.experiment import PreparedData
+from tapper.data.prepared import PreparedData
 
 QUESTIONS, OUTPUTS, META = "questions.json", "outputs.json", "meta.json"
 

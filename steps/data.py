@@ -11,7 +11,7 @@ from zenml.types import HTMLString
 
 from materializers.types import LampFiles
 from tapper.data.types import LampDataset
-from tapper.experiment import PreparedData
+from tapper.data.prepared import PreparedData
 
 logger = get_logger(__name__)
 

@@ -8,7 +8,7 @@ from zenml.logger import get_logger
 
 from materializers.types import BackboneDir, EmbeddingTable, TapPerState
 from steps._core import embedding_texts, install_embeddings, quiet, run_config, step_tempdir, train_tapper
-from tapper.experiment import PreparedData
+from tapper.data.prepared import PreparedData
 
 logger = get_logger(__name__)
 

@@ -29,7 +29,8 @@ from tapper.methods.base import encoder_for_base, run as _run_base
 from tapper.methods.result import VariantResult, query_scores, score
 from tapper.methods.tap_per import predict_eval, stage2_config_for, train_and_evaluate, train_tapper_variant
 from tapper.model.backbone import Backbone, load_backbone
-from tapper.model.embedding_cache import EmbeddingCache, cache_for
+from tapper.model.embedding_cache import EmbeddingCache
+from tapper.model.shared_cache import cache_for, one_cache_per_run
 from tapper.train.stage1 import Stage1Result, train_stage1
 
 # Re-exported for callers of the orchestration API (steps, benchmarks): the pieces live with their method.
@@ -133,8 +134,10 @@ def run_experiment(
             paired=paired_comparisons(data, {k: r.predictions for k, r in results.items()}, user_groups),
         ).to_dict()
 
+    caches: dict = {}  # one embedding cache for every variant (tapper.model.shared_cache)
     for v in variants:
-        res = run_variant(v, s1.path, data, cfg, out_dir, progress, log)
+        with one_cache_per_run(caches):
+            res = run_variant(v, s1.path, data, cfg, out_dir, progress, log)
         results[v] = res
         write_predictions(data.task.name, res.predictions, out_dir / "predictions" / f"{v}.json")
         # Rewritten after every variant but the last (written, complete, below): a run stopped

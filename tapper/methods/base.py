@@ -10,7 +10,7 @@ from tapper.eval.predict import generate_texts
 from tapper.methods.registry import Method
 from tapper.methods.result import VariantResult, score
 from tapper.model.backbone import Backbone, load_backbone_dir
-from tapper.model.embedding_cache import cache_for
+from tapper.model.shared_cache import cache_for
 from tapper.model.prefixed_lm import PrefixedLM
 from tapper.train.features import FeatureEncoder
 

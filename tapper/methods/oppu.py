@@ -167,7 +167,8 @@ def run_oppu(variant: str, spec: PromptSpec, stage1_dir, data, cfg, out_dir, pro
         # Profiles come from the merged backbone before any adapter is attached (same text as PAG's), each from
         # its example's own history: a training example never sees the record it predicts.
         train = limit_per_user(data.splits.stage2_train, cfg.stage2.max_examples_per_user)
-        profiles, _ = make_profiles(bb.model, bb.tokenizer, task, train + data.splits.eval, progress)
+        profiles, _ = make_profiles(bb.model, bb.tokenizer, task, train + data.splits.eval, progress,
+                                    model_hash=bb.weights_hash)
     ocfg = OppuConfig.from_run(cfg)
     done = []
 

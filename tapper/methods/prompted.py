@@ -15,6 +15,7 @@ import torch
 from tapper.atomic import atomic_write_json
 from tapper.methods.profile import ProfileConfig, ProfileWriter
 from tapper.methods.retrieval import Augmented, augment
+from tapper.data.bm25 import Bm25Index
 from tapper.data.types import Example
 from tapper.eval.predict import default_max_new_tokens, generate_texts
 from tapper.train.features import EncodedExample, EncodedSet, FeatureEncoder
@@ -33,12 +34,14 @@ def encode_augmented(task, tokenizer, examples: list[Example], k: int, max_len: 
     """
     enc = FeatureEncoder(task, tokenizer, cache=None, max_len=max_len)
     items, augmented = [], {}
+    indexes: dict[str, Bm25Index] = {}  # one BM25 index per user: their records tokenized once
     for ex in examples:
         if ex.target is not None:
             reserve = len(tokenizer(task.format_target(ex.target), add_special_tokens=False)["input_ids"]) + 1
         else:
             reserve = default_max_new_tokens(task)
-        aug = augment(task, ex, k, tokenizer, max_len, reserve=reserve, profile=(profiles or {}).get(ex.id))
+        aug = augment(task, ex, k, tokenizer, max_len, reserve=reserve, profile=(profiles or {}).get(ex.id),
+                      index=indexes.setdefault(ex.user_id, Bm25Index()))
         augmented[ex.id] = aug
         prompt_ids, target_ids = enc.tokenize(aug.text, ex.target)
         items.append(EncodedExample(
@@ -50,12 +53,13 @@ def encode_augmented(task, tokenizer, examples: list[Example], k: int, max_len: 
 
 
 def make_profiles(model, tokenizer, task, examples: list[Example], progress: bool = True,
-                  cfg: ProfileConfig | None = None) -> tuple[dict[str, str], ProfileWriter]:
-    from tapper.model.backbone import weights_hash
-
+                  cfg: ProfileConfig | None = None, model_hash: str | None = None) -> tuple[dict[str, str], ProfileWriter]:
     """{example id: profile} made from each example's own history: a query's is its user's full profile, a
-    training example's only the records before it (never the record it was made from)."""
-    writer = ProfileWriter(model, tokenizer, weights_hash(model), cfg)
+    training example's only the records before it (never the record it was made from). `model_hash` keys the
+    profile cache (a loaded Backbone's weights_hash); without it the module's tensors are hashed."""
+    from tapper.model.backbone import tensor_hash
+
+    writer = ProfileWriter(model, tokenizer, model_hash or tensor_hash(model), cfg)
     return writer.profiles(task, {ex.id: [r for r in ex.history if r.id != ex.source_record_id] for ex in examples}), writer
 
 
@@ -84,7 +88,7 @@ def run_prompted(variant: str, spec: PromptSpec, stage1_dir, data, cfg, out_dir,
     t0 = time.time()
     bb = load_backbone_dir(stage1_dir)
     task, evals = data.task, data.splits.eval
-    profiles, writer = (make_profiles(bb.model, bb.tokenizer, task, evals, progress) if spec.profile else (None, None))
+    profiles, writer = (make_profiles(bb.model, bb.tokenizer, task, evals, progress, model_hash=bb.weights_hash) if spec.profile else (None, None))
     encoded, augmented = encode_augmented(task, bb.tokenizer, evals, spec.k, baseline_max_len(cfg), profiles)
     preds = generate_texts(PrefixedLM(bb.model), encoded, bb.tokenizer, task, cfg.eval.batch_size, cfg.eval.max_new_tokens, progress, variant)
     write_audit(out_dir, variant, augmented, profiles)

@@ -161,7 +161,7 @@ def readout_predictions(variant: str, model, tokenizer, cache, task, train: list
 
 def run_readout(variant, stage1_dir, data, cfg, out_dir, progress=True, log=None):
     from tapper.methods.result import VariantResult, score
-    from tapper.model.embedding_cache import cache_for
+    from tapper.model.shared_cache import cache_for
     from tapper.model.backbone import load_backbone_dir
 
     t0 = time.time()

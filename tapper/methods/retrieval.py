@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 
 from tapper.data.types import Example, Record
-from tapper.data.bm25 import rank
+from tapper.data.bm25 import Bm25Index, rank
 
 
 @dataclass(frozen=True)
@@ -64,12 +64,12 @@ def candidates(example: Example) -> list[Record]:
     return [r for r in example.history if r.id != example.source_record_id]
 
 
-def retrieve(task, example: Example, k: int) -> list[Record]:
-    """Top-k records by BM25 (best first; ties -> the more recent record)."""
+def retrieve(task, example: Example, k: int, index: Bm25Index | None = None) -> list[Record]:
+    """Top-k records by BM25 (best first; ties -> the more recent record). `index`: the user's (tapper.data.bm25)."""
     pool = candidates(example)
     if k <= 0 or not pool:
         return []
-    order = rank(task, example.input, pool)
+    order = rank(task, example.input, pool, index)
     return [pool[i] for i in order[:k]]
 
 
@@ -130,12 +130,13 @@ def retrieval_budget(task, tokenizer, text: str, max_len: int, reserve: int) -> 
     return max(max_len - reserve - min(input_tokens, int(INPUT_SHARE * max_len)), 0)
 
 
-def augment(task, example: Example, k: int, tokenizer, max_len: int, reserve: int = 8, profile: str | None = None) -> Augmented:
+def augment(task, example: Example, k: int, tokenizer, max_len: int, reserve: int = 8, profile: str | None = None,
+            index: Bm25Index | None = None) -> Augmented:
     """The example's input with its top-k records (and a PAG profile, if given) written in.
 
-    `reserve` keeps room for the target tokens (and soft tokens, if any).
+    `reserve` keeps room for the target tokens (and soft tokens, if any); `index`: the user's BM25 index.
     """
-    records = retrieve(task, example, k)
+    records = retrieve(task, example, k, index)
     text = example.input
     if profile:
         reserve += _n_tokens(tokenizer, profile_sentence(profile))

@@ -21,8 +21,8 @@ from tapper.data.prepared import PreparedData
 from tapper.eval.predict import generate_texts
 from tapper.methods.registry import Method
 from tapper.methods.result import VariantResult, score
-from tapper.model.backbone import Backbone, load_backbone_dir, weights_hash
-from tapper.model.embedding_cache import cache_for
+from tapper.model.backbone import Backbone, load_backbone_dir
+from tapper.model.shared_cache import cache_for
 from tapper.train.stage2 import encoder_for, train_stage2
 
 # The paper's configuration: every departure of Stage2Config from it reset (see tapper.config.Stage2Config).
@@ -71,7 +71,7 @@ def train_tapper_variant(variant: str, stage1_dir: Path, data: PreparedData, cfg
     bb = load_backbone_dir(stage1_dir, dtype=s2cfg.dtype)
     result = train_stage2(
         bb.model, bb.tokenizer, data.task, data.splits.stage2_train, data.splits.stage2_users, s2cfg, cache_for(bb),
-        seed=cfg.seed, backbone_hash=weights_hash(bb.model), progress=progress,
+        seed=cfg.seed, backbone_hash=bb.weights_hash, progress=progress,
         on_epoch=(lambda e, l: log(variant, e, l)) if log else None,
     )
     return bb, result

@@ -44,6 +44,13 @@ class Backbone:
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
 
+    @property
+    def weights_hash(self) -> str:
+        """weights_hash of `path`; a backbone with no weight files there (a hub id) hashes its tensors."""
+        if self.path.is_dir() and any(f.name != "config.json" for f in _weight_files(self.path)):
+            return weights_hash(self.path)
+        return tensor_hash(self.model)
+
 
 def load_backbone(spec: str, texts: list[str] | None = None, seed: int = 0, dtype: str = "fp32") -> Backbone:
     """Load a backbone by spec (see module doc). `texts` trains the tiny tokenizer; `dtype` as tapper.precision."""
@@ -213,8 +220,50 @@ def train_tiny_tokenizer(texts: list[str], vocab_size: int = 2000) -> PreTrained
     )
 
 
-def weights_hash(model: torch.nn.Module) -> str:
-    """Content hash of all parameters and buffers (keys the embedding cache and lineage)."""
+# What a backbone directory's weights hash covers: the architecture and every weight file (not the tokenizer,
+# hashed on its own by tokenizer_hash, nor generation settings).
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".index.json")
+# Digest of a file already read in this process, by (path, size, mtime, inode): a run asks for the same backbone's
+# hash once per variant, and an 8B backbone is 16 GB of files.
+_FILE_DIGESTS: dict[tuple, str] = {}
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir()
+                  if p.is_file() and (p.name == "config.json" or p.name.endswith(WEIGHT_FILE_SUFFIXES)))
+
+
+def _content_digest(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _FILE_DIGESTS:
+        with open(path, "rb") as f:
+            _FILE_DIGESTS[key] = hashlib.file_digest(f, "sha256").hexdigest()
+    return _FILE_DIGESTS[key]
+
+
+def weights_hash(directory: str | Path) -> str:
+    """Content hash of a saved backbone: config.json and its weight files' bytes (keys lineage and serving's check).
+
+    The files, not the loaded tensors: reading every tensor back out of the model (upcast, copied, hashed) cost
+    a full pass over the weights per call, 32 GB for an 8B model in fp32, and a run called it once per variant.
+    The hash is of the bytes (not of sizes and dates), so a copied directory keeps it; each file is read once
+    per process (later calls only stat it). The dtype a backbone is loaded in is not part of it."""
+    if isinstance(directory, torch.nn.Module):
+        raise TypeError("weights_hash takes the backbone's directory (Backbone.weights_hash); tensor_hash hashes a module")
+    directory = Path(directory)
+    files = _weight_files(directory) if directory.is_dir() else []
+    if not any(f.name != "config.json" for f in files):
+        raise FileNotFoundError(f"{directory}: no weight files (*.safetensors, *.bin) to hash")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}\0{_content_digest(f)}\0".encode())
+    return h.hexdigest()
+
+
+def tensor_hash(model: torch.nn.Module) -> str:
+    """Content hash of all parameters and buffers as loaded: for a module without files (a hub id loaded from the
+    HF cache), and what backbone hashes were before weights_hash hashed files (states saved then record it)."""
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tapper.progress import tqdm  # a bar on a terminal, log lines elsewhere (pipeline steps)
@@ -186,15 +187,12 @@ class EmbeddingCache:
         return self._vectors[rows] if len(rows) else torch.zeros(0, self.dim)
 
     def _mean_embed(self, texts: list[str]) -> torch.Tensor:
-        enc = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.max_tokens, padding=True, return_tensors="pt")
-        mask = enc["attention_mask"].unsqueeze(-1).float()  # padding excluded from the mean
-        vecs = self.emb[enc["input_ids"]] * mask
-        return vecs.sum(1) / mask.sum(1).clamp(min=1.0)
+        """Mean embedding row per text (zero for a text with no tokens), one bag per text.
 
-
-def cache_for(backbone, root: Path | None = None) -> EmbeddingCache:
-    """The content-addressed embedding cache of `backbone` (a tapper.model.backbone.Backbone) under tapper's cache
-    directory: one per backbone embedding table and tokenizer, shared by every method and run that reads them."""
-    from tapper.paths import cache_dir
-
-    return EmbeddingCache(root or cache_dir() / "embeddings", backbone.model, backbone.tokenizer)
+        embedding_bag reads the rows of each text's own tokens and averages them: no padded [texts, max_tokens, d]
+        gather (256 x 512 x d floats per chunk, 2 GB at d = 4096), no padding rows multiplied by zero."""
+        ids = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.max_tokens)["input_ids"]
+        lengths = torch.tensor([len(x) for x in ids], dtype=torch.long)
+        flat = torch.tensor([t for x in ids for t in x], dtype=torch.long)
+        offsets = torch.cumsum(lengths, 0) - lengths
+        return F.embedding_bag(flat, self.emb, offsets, mode="mean")

@@ -45,7 +45,7 @@ from tapper.data.types import Example, Record
 from tapper.eval.paired import paired_difference
 from tapper.eval.predict import generate_texts
 from tapper.experiment import PreparedData, embedding_cache, open_backbone, prepare_data, query_scores, run_stage1, score
-from tapper.model.backbone import load_backbone_dir, weights_hash
+from tapper.model.backbone import load_backbone_dir
 from tapper.model.tapper import TapPer
 from tapper.online.config import OnlineConfig
 from tapper.online.update import steps_for, update_users
@@ -185,7 +185,7 @@ def train_bootstrap(stage1_dir: Path, split: OnlineSplit, data: PreparedData, cf
     bb = load_backbone_dir(stage1_dir)
     cache = embedding_cache(bb)
     res = train_stage2(bb.model, bb.tokenizer, data.task, split.seen_examples(0), split.users, cfg.stage2, cache,
-                       seed=cfg.seed, backbone_hash=weights_hash(bb.model), progress=progress)
+                       seed=cfg.seed, backbone_hash=bb.weights_hash, progress=progress)
     seconds = time.perf_counter() - t0
     res.model.save(state_dir)
     r0 = evaluate(res.model, bb, split, data, cfg, cache, eval_step(ocfg, "static", 0), progress, "eval R_0")
@@ -228,7 +228,7 @@ def simulate_method(method: str, stage1_dir: Path, bootstrap_dir: Path, r0: dict
         elif method == "full-retrain":
             fresh = load_backbone_dir(stage1_dir)
             res = train_stage2(fresh.model, fresh.tokenizer, data.task, split.seen_examples(t), split.users, cfg.stage2, cache,
-                               seed=cfg.seed, backbone_hash=weights_hash(fresh.model), progress=progress)
+                               seed=cfg.seed, backbone_hash=fresh.weights_hash, progress=progress)
             model, bb = res.model, fresh
             groups = model.trainable_parameters()
             cost = {"params_touched": sum(p.numel() for ps in groups.values() for p in ps),

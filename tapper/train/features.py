@@ -53,13 +53,14 @@ def time_gaps(ex: Example) -> tuple[list[float], list[float]]:
     return dt, dpi
 
 
-def bm25_keep(ex: Example, task, k: int) -> list[int]:
+def bm25_keep(ex: Example, task, k: int, index: bm25.Bm25Index | None = None) -> list[int]:
     """Indices (chronological) of the k history records BM25 ranks highest for the query.
 
-    The same query and corpus text as RAG (tapper.data.bm25), so the pre-filter keeps what RAG-k would retrieve."""
+    The same query and corpus text as RAG (tapper.data.bm25), so the pre-filter keeps what RAG-k would retrieve.
+    `index`: the user's BM25 index, shared by all of the user's examples."""
     if len(ex.history) <= k:
         return list(range(len(ex.history)))
-    return sorted(bm25.rank(task, ex.input, ex.history)[:k])
+    return sorted(bm25.rank(task, ex.input, ex.history, index)[:k])
 
 
 class FeatureEncoder:
@@ -108,8 +109,12 @@ class FeatureEncoder:
             return texts.setdefault(text, len(texts))
 
         items = []
+        indexes: dict[str, bm25.Bm25Index] = {}  # one BM25 index per user: their records tokenized once
         for ex in examples:
-            keep = bm25_keep(ex, self.task, self.bm25_k) if self.bm25_k else range(len(ex.history))
+            if self.bm25_k:
+                keep = bm25_keep(ex, self.task, self.bm25_k, indexes.setdefault(ex.user_id, bm25.Bm25Index()))
+            else:
+                keep = range(len(ex.history))
             dt, dpi = time_gaps(ex)
             prompt_ids, target_ids = self.tokenize(ex.input, ex.target)
             items.append(

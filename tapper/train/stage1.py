@@ -94,4 +94,4 @@ def train_stage1(
     set_checkpointing(model, False)
     model.eval()
     path = save_backbone_dir(model, backbone.tokenizer, Path(out_dir))
-    return Stage1Result(path=path, losses=losses, weights_hash=weights_hash(model), n_examples=len(items))
+    return Stage1Result(path=path, losses=losses, weights_hash=weights_hash(path), n_examples=len(items))

@@ -135,8 +135,12 @@ def fit(model: TapPer, encoded: EncodedSet, pad_id: int, cfg: Stage2Config, epoc
     if use_aux:
         groups.append({"params": list(aux.parameters()), "lr": cfg.lr, "weight_decay": 0.0})
 
+    # The vectors live on the model's device for the whole fit: a step gathers its [B, N, d] history from them
+    # through index tensors (tapper.train.features.prefix_inputs) instead of building it on the host and copying it.
+    vectors = encoded.vectors.to(model.plm.device)
+
     def loss_fn(batch):
-        loss = model.loss(batch, encoded.vectors, pad_id)
+        loss = model.loss(batch, vectors, pad_id)
         return loss + cfg.aux_weight * aux.loss(model, batch) if use_aux else loss
 
     losses = train_epochs(
