@@ -79,11 +79,18 @@ REGISTRY: tuple[Bench, ...] = (
           ("--backbone", "smollm2", "--threads", "1", "--batch", "4", "--seq", "256", "--steps", "3", "--out", "{out}"),
           ("--backbone", "tiny", "--threads", "1", "--batch", "2", "--seq", "64", "--steps", "2", "--out", "{out}"),
           "throughput_smollm2", page="docs/results/throughput.md"),
-    Bench("throughput_vs", "systems", "Stage-2 step time of this checkout against an older revision, alternated",
-          "throughput_vs.py", ("--old", "e5e76c3", "--out", "{out}"),
+    Bench("throughput_vs", "systems", "Stage-2 and Stage-1 step time and MFU of this checkout against the code before "
+          "issue 21 (e5e76c3), alternated, with a profile of the new step",
+          "throughput_vs.py", ("--old", "e5e76c3", "--backbone", "smollm2", "--stages", "2,1", "--rounds", "3",
+                               "--steps", "3", "--threads", "1", "--profile", "--out", "{out}"),
           ("--old", "e5e76c3", "--backbone", "tiny", "--batch", "2", "--seq", "64", "--steps", "1", "--rounds", "1",
            "--out", "{out}"),
           "throughput_vs_e5e76c3_smollm2", page="docs/results/throughput.md"),
+    Bench("hotpaths", "systems", "the hot paths around the training step (backbone hash, record pooling, BM25 "
+          "pre-filter, generation padding), old form against new on the same data", "hotpaths.py",
+          ("--records", "400", "--texts", "256", "--repeats", "3", "--out", "{out}"),
+          ("--records", "40", "--texts", "32", "--repeats", "1", "--out", "{out}"),
+          "hotpaths_smollm2", page="docs/results/throughput.md"),
     Bench("serving", "systems", "latency and throughput of real servers: TAP-PER against the bare backbone and RAG-k4, "
           "and predictions while feedback streams in", "serving.py",
           ("--backbones", "tiny,smollm2", "--out", "{out}"),
