@@ -26,6 +26,7 @@ quickstart: install
 	$(VENV)/bin/tapper train --config configs/quickstart.yaml
 
 test: install
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 test-slow: install

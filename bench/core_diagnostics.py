@@ -8,6 +8,7 @@ sample of its own Stage-2 training examples against the held-out queries, attent
 sizes of the prefix parts; once per run: how alike queries' z_q and users' pooled histories are. Writes
 JSON (default RUN_DIR/diagnostics.json) and prints it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,13 +35,19 @@ def diagnose(run_dir: Path, variants: list[str] | None, train_n: int) -> dict:
     data = prepare_data(metrics["task"], metrics["files"]["questions"], metrics["files"]["outputs"], cfg.stage2_users)
     # Record vectors from a backbone no state is loaded onto (a loaded state brings its bridge LoRA), as in training.
     cache = embedding_cache(load_backbone_dir(run_dir / "stage1"))
-    out: dict = {"run": str(run_dir), "inputs": input_report(data.task, cache, data.splits.eval, seed=cfg.seed), "variants": {}}
+    out: dict = {
+        "run": str(run_dir),
+        "inputs": input_report(data.task, cache, data.splits.eval, seed=cfg.seed),
+        "variants": {},
+    }
     saved = sorted(p.name for p in (run_dir / "tapper").iterdir() if (p / CONFIG_FILE).exists())
     for name in variants or saved:
         bb = load_backbone_dir(run_dir / "stage1")
         model = TapPer.load(run_dir / "tapper" / name, bb.model)
         model.eval()
-        train = train_sample(limit_per_user(data.splits.stage2_train, model.cfg.max_examples_per_user), train_n, cfg.seed)
+        train = train_sample(
+            limit_per_user(data.splits.stage2_train, model.cfg.max_examples_per_user), train_n, cfg.seed
+        )
         rows = model.user_rows if model.cfg.use_pu else None
         enc = encoder_for(model, data.task, bb.tokenizer, cache)
         train_enc = enc.encode(train, rows, progress=False)
@@ -51,7 +58,8 @@ def diagnose(run_dir: Path, variants: list[str] | None, train_n: int) -> dict:
             "train_examples": len(train),
             "eval_accuracy": round(metrics["variants"][name]["accuracy"], 4),
             "eval_queries": len(data.splits.eval),
-            "lambda_t": round(float(model.prefix.lambda_t), 4), "lambda_o": round(float(model.prefix.lambda_o), 4),
+            "lambda_t": round(float(model.prefix.lambda_t), 4),
+            "lambda_o": round(float(model.prefix.lambda_o), 4),
             **attention_report(model, eval_enc),
         }
     return out

@@ -22,6 +22,7 @@ And it loads the whole server in a fresh process, twice: with the per-user state
 sends the same `--feedbacks` feedbacks to each: the anonymous memory (RssAnon) and file pages mapped (RssFile)
 after load and after the feedbacks, and the load time. That is what a replica's memory limit has to hold.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,12 @@ def _record(rng: random.Random, rid: str, day: int) -> Record:
 
     date = dt.date(2020, 1, 1) + dt.timedelta(days=day)
     label = rng.choice(LAMP_2N_LABELS)
-    return Record(id=rid, fields={"text": f"a story about {label} number {rid}", "title": f"On {label}", "category": label},
-                  date=date, raw_date=date.isoformat())
+    return Record(
+        id=rid,
+        fields={"text": f"a story about {label} number {rid}", "title": f"On {label}", "category": label},
+        date=date,
+        raw_date=date.isoformat(),
+    )
 
 
 _SERVER_PROBE = """
@@ -97,8 +102,16 @@ def probe_server(bundle: Path, work: Path, scratch: Path | None, feedbacks: int)
     """A fresh process loads a TapperService on `bundle` (per-user state on `scratch` if given) and takes
     `feedbacks` feedbacks: load seconds and memory added (anonymous, and file pages mapped), after load and after."""
     live = work / ("live-scratch" if scratch else "live-memory")
-    argv = [sys.executable, "-c", _SERVER_PROBE, str(Path(__file__).resolve().parent.parent), str(bundle), str(live),
-            str(scratch or ""), str(feedbacks)]
+    argv = [
+        sys.executable,
+        "-c",
+        _SERVER_PROBE,
+        str(Path(__file__).resolve().parent.parent),
+        str(bundle),
+        str(live),
+        str(scratch or ""),
+        str(feedbacks),
+    ]
     out = subprocess.run(argv, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -116,15 +129,19 @@ def measure(n_users: int, history: int, feedbacks: int, new_users: int, work: Pa
     model.save(work / "state")
     bundle = export_bundle(bb.path, work / "state", "LaMP_2N", work / "bundle", version="bench", histories=histories)
     del model, histories
-    legacy = atomic_write_json(work / "legacy" / "histories.json",
-                               histories_to_json(HistoryStore.read(bundle.histories_file)), compact=True)
+    legacy = atomic_write_json(
+        work / "legacy" / "histories.json", histories_to_json(HistoryStore.read(bundle.histories_file)), compact=True
+    )
     store_cost = {"jsonl": probe_history_file(bundle.histories_file), "legacy_json": probe_history_file(legacy)}
     legacy.unlink()
-    server_memory = {"in_memory": probe_server(bundle.path, work, None, feedbacks),
-                     "scratch_dir": probe_server(bundle.path, work, work / "scratch", feedbacks)}
+    server_memory = {
+        "in_memory": probe_server(bundle.path, work, None, feedbacks),
+        "scratch_dir": probe_server(bundle.path, work, work / "scratch", feedbacks),
+    }
 
-    cfg = ServeConfig(model_dir=bundle.path, state_dir=work / "live", feedback_steps=1, sync_seconds=0,
-                      compact_every=10 ** 9)
+    cfg = ServeConfig(
+        model_dir=bundle.path, state_dir=work / "live", feedback_steps=1, sync_seconds=0, compact_every=10**9
+    )
     t0 = time.perf_counter()
     svc = TapperService(cfg)
     ld = svc.load()
@@ -150,8 +167,15 @@ def measure(n_users: int, history: int, feedbacks: int, new_users: int, work: Pa
         reallocations += ld.model.prefix.user_table is not table
 
     t0 = time.perf_counter()
-    snap = svc.state.start_generation(bundle_id=ld.bundle_id, bundle_version=ld.bundle.version, bundle_path=ld.bundle.path,
-                                      parent=ld.generation, parent_sequence=ld.sequence, model=ld.model, histories=ld.histories)
+    snap = svc.state.start_generation(
+        bundle_id=ld.bundle_id,
+        bundle_version=ld.bundle.version,
+        bundle_path=ld.bundle.path,
+        parent=ld.generation,
+        parent_sequence=ld.sequence,
+        model=ld.model,
+        histories=ld.histories,
+    )
     snapshot_s = time.perf_counter() - t0
     snapshot_bytes = _du(cfg.state_dir / snap)
 
@@ -160,9 +184,12 @@ def measure(n_users: int, history: int, feedbacks: int, new_users: int, work: Pa
     reload_s = time.perf_counter() - t0
     width = ld.model.prefix.user_table.embedding_dim
     return {
-        "users": n_users, "history_per_user": history, "row_floats": width,
+        "users": n_users,
+        "history_per_user": history,
+        "row_floats": width,
         "user_table_bytes": (n_users + 1) * width * 4,
-        "load_s": round(load_s, 3), "reload_from_snapshot_s": round(reload_s, 3),
+        "load_s": round(load_s, 3),
+        "reload_from_snapshot_s": round(reload_s, 3),
         "feedbacks": feedbacks,
         "feedback_ms_median": round(1000 * statistics.median(latencies), 1),
         "feedback_ms_max": round(1000 * max(latencies), 1),
@@ -171,7 +198,8 @@ def measure(n_users: int, history: int, feedbacks: int, new_users: int, work: Pa
         "new_user_feedback_ms_median": round(1000 * statistics.median(new_latencies), 1) if new_latencies else None,
         "new_user_feedback_ms_max": round(1000 * max(new_latencies), 1) if new_latencies else None,
         "new_user_table_reallocations": reallocations,
-        "snapshot_bytes": snapshot_bytes, "snapshot_s": round(snapshot_s, 3),
+        "snapshot_bytes": snapshot_bytes,
+        "snapshot_s": round(snapshot_s, 3),
         "history_store": store_cost,
         "server_memory": server_memory,
     }
@@ -182,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--users", default="1000,10000,100000", help="comma-separated user counts (default: %(default)s)")
     ap.add_argument("--history", type=int, default=10, help="records per user in the bundle (default: %(default)s)")
     ap.add_argument("--feedbacks", type=int, default=20, help="feedbacks timed per user count (default: %(default)s)")
-    ap.add_argument("--new-users", type=int, default=20, help="first feedbacks of new users timed (default: %(default)s)")
+    ap.add_argument(
+        "--new-users", type=int, default=20, help="first feedbacks of new users timed (default: %(default)s)"
+    )
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "feedback_state_cpu.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -191,16 +221,25 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="tapper-feedback-bench-") as tmp:
             row = measure(n, args.history, args.feedbacks, args.new_users, Path(tmp))
         rows.append(row)
-        print(f"{n:>9,} users: feedback {row['feedback_ms_median']:>7.1f} ms, {row['feedback_bytes_median']:>9,} B written;  "
-              f"new user {row['new_user_feedback_ms_median']} ms ({row['new_user_table_reallocations']} reallocations);  "
-              f"snapshot {row['snapshot_s']:>7.2f} s, {row['snapshot_bytes']:>13,} B;  load {row['load_s']:.1f} s;  "
-              f"history store {row['history_store']['jsonl']['load_s']} s, +{row['history_store']['jsonl']['rss_added_mb']} MB "
-              f"(legacy JSON {row['history_store']['legacy_json']['load_s']} s, "
-              f"+{row['history_store']['legacy_json']['rss_added_mb']} MB)", flush=True)
+        print(
+            f"{n:>9,} users: feedback {row['feedback_ms_median']:>7.1f} ms, {row['feedback_bytes_median']:>9,} B "
+            "written;  "
+            f"new user {row['new_user_feedback_ms_median']} ms ({row['new_user_table_reallocations']} reallocations);  "
+            f"snapshot {row['snapshot_s']:>7.2f} s, {row['snapshot_bytes']:>13,} B;  load {row['load_s']:.1f} s;  "
+            f"history store {row['history_store']['jsonl']['load_s']} s, "
+            f"+{row['history_store']['jsonl']['rss_added_mb']} MB "
+            f"(legacy JSON {row['history_store']['legacy_json']['load_s']} s, "
+            f"+{row['history_store']['legacy_json']['rss_added_mb']} MB)",
+            flush=True,
+        )
         for mode, m in row["server_memory"].items():
-            print(f"{'':>16}server, state {mode:>11}: load {m['load_s']} s, anonymous +{m['after_load']['anon_added_mb']} MB "
-                  f"(+{m['after_feedbacks']['anon_added_mb']} MB after the feedbacks), file pages "
-                  f"+{m['after_load']['file_added_mb']} / +{m['after_feedbacks']['file_added_mb']} MB", flush=True)
+            print(
+                f"{'':>16}server, state {mode:>11}: load {m['load_s']} s, anonymous "
+                f"+{m['after_load']['anon_added_mb']} MB "
+                f"(+{m['after_feedbacks']['anon_added_mb']} MB after the feedbacks), file pages "
+                f"+{m['after_load']['file_added_mb']} / +{m['after_feedbacks']['file_added_mb']} MB",
+                flush=True,
+            )
     write_results(args.out, "feedback_state.py", argv, rows, torch=torch.__version__, threads=1)
     return 0
 

@@ -19,6 +19,7 @@ directory next to the files; put it on the local disk a server would use).
 `bench/feedback_state.py` measures the whole serving path (user table included) up to 100,000 users; this one
 isolates the history store, which is the part whose cost grew with every user's records.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,8 @@ before, before_anon = rss(), rss_anon(); t0 = time.perf_counter()
 store = HistoryStore.read(sys.argv[1], spool_dir)
 load_s = time.perf_counter() - t0
 added, added_anon = rss() - before, rss_anon() - before_anon
-out = {"load_s": round(load_s, 3), "rss_added_mb": round(added / 1e6, 1), "rss_anon_added_mb": round(added_anon / 1e6, 1),
-       "users": len(store)}
+out = {"load_s": round(load_s, 3), "rss_added_mb": round(added / 1e6, 1),
+       "rss_anon_added_mb": round(added_anon / 1e6, 1), "users": len(store)}
 if len(sys.argv) > 4:
     t0 = time.perf_counter(); first = next(iter(store)); n = len(store[first])
     out["first_read_ms"] = round(1000 * (time.perf_counter() - t0), 2)
@@ -69,7 +70,9 @@ def probe_history_file(path: Path, write_to: Path | None = None, spool_dir: Path
     """Load `path` with HistoryStore.read (spooled into `spool_dir` if given) in a fresh process: seconds and
     resident memory the store adds; with `write_to`, also the first read of one user and the time to write the
     store back there."""
-    argv = [sys.executable, "-c", _PROBE, str(path), str(ROOT), str(spool_dir or "")] + ([str(write_to)] if write_to else [])
+    argv = [sys.executable, "-c", _PROBE, str(path), str(ROOT), str(spool_dir or "")] + (
+        [str(write_to)] if write_to else []
+    )
     out = subprocess.run(argv, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return {"file_bytes": path.stat().st_size, **json.loads(out.stdout)}
 
@@ -79,8 +82,15 @@ def _items(rng: random.Random, user: str, history: int) -> list[dict]:
     out = []
     for j in range(history):
         label = rng.choice(LAMP_2N_LABELS)
-        out.append({"id": f"{user}-{j}", "date": (first + dt.timedelta(days=j)).isoformat(),
-                    "text": f"a story about {label} number {user}-{j}", "title": f"On {label}", "category": label})
+        out.append(
+            {
+                "id": f"{user}-{j}",
+                "date": (first + dt.timedelta(days=j)).isoformat(),
+                "text": f"a story about {label} number {user}-{j}",
+                "title": f"On {label}",
+                "category": label,
+            }
+        )
     return out
 
 
@@ -113,8 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--users", default="100000,1000000", help="comma-separated user counts (default: %(default)s)")
     ap.add_argument("--history", type=int, default=10, help="records per user (default: %(default)s)")
-    ap.add_argument("--spool-dir", type=Path, default=None,
-                    help="where the spooled load keeps its spool file (default: a temporary dir beside the files)")
+    ap.add_argument(
+        "--spool-dir",
+        type=Path,
+        default=None,
+        help="where the spooled load keeps its spool file (default: a temporary dir beside the files)",
+    )
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "history_store_cpu.json")
     args = ap.parse_args(argv)
     rows = []
@@ -123,17 +137,27 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             lines, legacy = write_both(n, args.history, Path(tmp))
             print(f"{n:>9,} users: files written in {time.perf_counter() - t0:.0f} s", flush=True)
-            row = {"users": n, "history_per_user": args.history,
-                   "jsonl": probe_history_file(lines, Path(tmp) / "back.jsonl"),
-                   "legacy_json": probe_history_file(legacy, Path(tmp) / "back-from-legacy.jsonl"),
-                   "jsonl_spooled": probe_history_file(lines, Path(tmp) / "back-spooled.jsonl", args.spool_dir or Path(tmp) / "spool")}
+            row = {
+                "users": n,
+                "history_per_user": args.history,
+                "jsonl": probe_history_file(lines, Path(tmp) / "back.jsonl"),
+                "legacy_json": probe_history_file(legacy, Path(tmp) / "back-from-legacy.jsonl"),
+                "jsonl_spooled": probe_history_file(
+                    lines, Path(tmp) / "back-spooled.jsonl", args.spool_dir or Path(tmp) / "spool"
+                ),
+            }
             # The spooled store writes back exactly what the in-memory one does.
-            row["jsonl_spooled"]["write_back_identical"] = _same_bytes(Path(tmp) / "back.jsonl", Path(tmp) / "back-spooled.jsonl")
+            row["jsonl_spooled"]["write_back_identical"] = _same_bytes(
+                Path(tmp) / "back.jsonl", Path(tmp) / "back-spooled.jsonl"
+            )
         rows.append(row)
         for name in ("jsonl", "legacy_json", "jsonl_spooled"):
             r = row[name]
-            print(f"{n:>9,} users, {name:>13}: load {r['load_s']} s, +{r['rss_added_mb']} MB resident "
-                  f"(+{r['rss_anon_added_mb']} MB anonymous), write back {r['write_back_s']} s", flush=True)
+            print(
+                f"{n:>9,} users, {name:>13}: load {r['load_s']} s, +{r['rss_added_mb']} MB resident "
+                f"(+{r['rss_anon_added_mb']} MB anonymous), write back {r['write_back_s']} s",
+                flush=True,
+            )
     write_results(args.out, "history_store.py", argv, rows)
     return 0
 

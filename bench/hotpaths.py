@@ -15,6 +15,7 @@ the same process:
   length-sorted, for the same texts' token counts.
 Times are the best of --repeats; the 1-minute load average is recorded.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,9 +91,16 @@ def pooling_bench(path: Path, sample: list[str], repeats: int) -> dict:
     t_old, v_old = best_of(old, repeats)
     t_new, v_new = best_of(new, repeats)
     n_tok = [len(x) for x in tok(long, add_special_tokens=False, truncation=True, max_length=512)["input_ids"]]
-    return {"texts": len(long), "mean_tokens": sum(n_tok) / len(n_tok), "longest": max(n_tok), "d": int(emb.shape[1]),
-            "old_padded_gather_bytes": len(long) * max(n_tok) * int(emb.shape[1]) * 4,
-            "old_s": t_old, "new_s": t_new, "max_abs_diff": float((v_old - v_new).abs().max())}
+    return {
+        "texts": len(long),
+        "mean_tokens": sum(n_tok) / len(n_tok),
+        "longest": max(n_tok),
+        "d": int(emb.shape[1]),
+        "old_padded_gather_bytes": len(long) * max(n_tok) * int(emb.shape[1]) * 4,
+        "old_s": t_old,
+        "new_s": t_new,
+        "max_abs_diff": float((v_old - v_new).abs().max()),
+    }
 
 
 def bm25_bench(records: list[str], repeats: int, k: int = 4) -> dict:
@@ -120,8 +128,14 @@ def bm25_bench(records: list[str], repeats: int, k: int = 4) -> dict:
 
     t_old, k_old = best_of(old, repeats)
     t_new, k_new = best_of(new, repeats)
-    return {"records": len(records), "examples": len(records) - 1, "k": k, "old_s": t_old, "new_s": t_new,
-            "same_records_kept": k_old == k_new}
+    return {
+        "records": len(records),
+        "examples": len(records) - 1,
+        "k": k,
+        "old_s": t_old,
+        "new_s": t_new,
+        "same_records_kept": k_old == k_new,
+    }
 
 
 def padding_bench(path: Path, sample: list[str], batch: int = 16) -> dict:
@@ -131,11 +145,19 @@ def padding_bench(path: Path, sample: list[str], batch: int = 16) -> dict:
     lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in sample]
 
     def padded(order):
-        return sum(max(lengths[i] for i in order[b:b + batch]) * len(order[b:b + batch]) for b in range(0, len(order), batch))
+        return sum(
+            max(lengths[i] for i in order[b : b + batch]) * len(order[b : b + batch])
+            for b in range(0, len(order), batch)
+        )
 
     given = list(range(len(lengths)))
-    return {"prompts": len(lengths), "batch": batch, "real_tokens": sum(lengths), "old_padded_tokens": padded(given),
-            "new_padded_tokens": padded(sorted(given, key=lambda i: -lengths[i]))}
+    return {
+        "prompts": len(lengths),
+        "batch": batch,
+        "real_tokens": sum(lengths),
+        "old_padded_tokens": padded(given),
+        "new_padded_tokens": padded(sorted(given, key=lambda i: -lengths[i])),
+    }
 
 
 def main() -> None:
@@ -152,8 +174,10 @@ def main() -> None:
     path = ensure_smollm2_dir()
     sample = texts(max(args.records, args.texts))
     load = [os.getloadavg()[0]]
-    res = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads},
-           "settings": vars(args)}
+    res = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads},
+        "settings": vars(args),
+    }
     res["backbone_hash"] = hash_bench(path, args.repeats)
     res["pooling"] = pooling_bench(path, sample[: args.texts], args.repeats)
     res["bm25_prefilter"] = bm25_bench(sample[: args.records], args.repeats)

@@ -7,11 +7,13 @@ users whose did not (where all data counts the same); this scores every final
 model on the unchanged test queries, with the history the simulation scored them with, split by the groups of the
 synthetic build's users.json (or any {"groups": {name: [user ids]}} file).
 
-    python bench/online_groups.py RUN_DIR [RUN_DIR ...] --data DATA_DIR --out bench/results/online_synthetic_groups_cpu.json
+    python bench/online_groups.py RUN_DIR [RUN_DIR ...] --data DATA_DIR \
+        --out bench/results/online_synthetic_groups_cpu.json
 
 Each RUN_DIR is a `tapper online --out` directory made on DATA_DIR's files; its
 settings are read back from its trajectories.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,13 +46,17 @@ def score_run(run_dir: Path, data_dir: Path, groups: dict[str, list[str]]) -> di
             cache = embedding_cache(bb)
         model = TapPer.load(method_dir, bb.model)
         # The history each method's last point was scored with (Static keeps the bootstrap half).
-        preds, _ = predict(model, bb, split, data, cfg, cache, eval_step(ocfg, method_dir.name, split.n_chunks), progress=False)
+        preds, _ = predict(
+            model, bb, split, data, cfg, cache, eval_step(ocfg, method_dir.name, split.n_chunks), progress=False
+        )
         out[method_dir.name] = group_metrics(data, preds, groups)
         # The same predictions scored over everyone must give the trajectory's last point.
         everyone = group_metrics(data, preds, {"all": split.users})["all"][report["metric"]]
         if abs(everyone - report["methods"][method_dir.name][-1]) > 1e-9:
-            raise ValueError(f"{method_dir}: scores {everyone:.4f}, its trajectory ends at "
-                             f"{report['methods'][method_dir.name][-1]:.4f}; the saved model is not the one scored")
+            raise ValueError(
+                f"{method_dir}: scores {everyone:.4f}, its trajectory ends at "
+                f"{report['methods'][method_dir.name][-1]:.4f}; the saved model is not the one scored"
+            )
         print(run_dir.name, method_dir.name, json.dumps(out[method_dir.name]), flush=True)
     return {"metric": report["metric"], "groups": out}
 
@@ -64,13 +70,22 @@ def summarize(runs: dict[str, dict]) -> dict:
     out: dict = {}
     for g in group_names:
         vals = {m: [r["groups"][m][g][metric] for r in runs.values()] for m in methods}
-        entry = {m: {"mean": round(statistics.mean(v), 4), "sd": round(statistics.stdev(v), 4) if len(v) > 1 else 0.0,
-                     "per_run": [round(x, 4) for x in v]} for m, v in vals.items()}
+        entry = {
+            m: {
+                "mean": round(statistics.mean(v), 4),
+                "sd": round(statistics.stdev(v), 4) if len(v) > 1 else 0.0,
+                "per_run": [round(x, 4) for x in v],
+            }
+            for m, v in vals.items()
+        }
         if "full-retrain" in vals:
             for m in methods:
                 if m != "full-retrain":
                     d = [a - b for a, b in zip(vals["full-retrain"], vals[m])]
-                    entry[f"full-retrain_minus_{m}"] = {"mean": round(statistics.mean(d), 4), "per_run": [round(x, 4) for x in d]}
+                    entry[f"full-retrain_minus_{m}"] = {
+                        "mean": round(statistics.mean(d), 4),
+                        "per_run": [round(x, 4) for x in d],
+                    }
         entry["n"] = first["groups"][methods[0]][g]["n"]
         out[g] = entry
     return out
@@ -79,7 +94,9 @@ def summarize(runs: dict[str, dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path, nargs="+", help="`tapper online --out` directories")
-    parser.add_argument("--data", type=Path, required=True, help="the build they ran on (questions.json, outputs.json, users.json)")
+    parser.add_argument(
+        "--data", type=Path, required=True, help="the build they ran on (questions.json, outputs.json, users.json)"
+    )
     parser.add_argument("--groups", type=Path, help="user groups JSON (default DATA/users.json)")
     parser.add_argument("--out", type=Path, required=True, help="result JSON")
     args = parser.parse_args(argv)
@@ -91,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     report = {"data": str(args.data), "runs": runs, "summary": summarize(runs)}
     atomic_write_json(args.out, report)
     for g, entry in report["summary"].items():
-        print(f"{g} (n={entry['n']}): " + ", ".join(f"{m} {v['mean']:.3f}" for m, v in entry.items()
-                                                    if isinstance(v, dict) and "sd" in v))
+        print(
+            f"{g} (n={entry['n']}): "
+            + ", ".join(f"{m} {v['mean']:.3f}" for m, v in entry.items() if isinstance(v, dict) and "sd" in v)
+        )
     print(f"wrote {args.out}")
     return 0
 

@@ -22,6 +22,7 @@ A run made earlier by hand joins with `--adopt NAME=DIR/trajectories.json` (its
 settings must equal the spec's for that run, checked key by key), and parts run at
 different times combine with `--merge a.json b.json --out all.json`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,14 @@ def _sweep_module():
 sweep = _sweep_module()
 
 # (a, b): the paired difference a − b per step, seed by seed.
-PAIRS = (("full-retrain", "online-full"), ("full-retrain", "online-emb"), ("online-full", "static"),
-         ("online-emb", "static"), ("full-retrain", "static"), ("online-full", "online-emb"))
+PAIRS = (
+    ("full-retrain", "online-full"),
+    ("full-retrain", "online-emb"),
+    ("online-full", "static"),
+    ("online-emb", "static"),
+    ("full-retrain", "static"),
+    ("online-full", "online-emb"),
+)
 
 
 def run_settings(spec: dict, run: dict) -> list[str]:
@@ -84,11 +91,16 @@ def config_differences(expected: dict, got: dict, prefix: str = "") -> list[str]
 def result_row(report: dict, seconds: float | None = None) -> dict:
     """What the sweep keeps of one trajectories.json."""
     return {
-        "metric": report["metric"], "higher_is_better": report.get("higher_is_better", True),
-        "fractions": report["fractions"], "methods": report["methods"],
+        "metric": report["metric"],
+        "higher_is_better": report.get("higher_is_better", True),
+        "fractions": report["fractions"],
+        "methods": report["methods"],
         "final_gap_full_retrain_minus_online_full": report.get("final_gap_full_retrain_minus_online_full"),
-        "cost": {m: {k: c[k] for k in ("params_touched_per_chunk", "seconds_per_chunk")} for m, c in report["cost"].items()},
-        "split": report.get("split"), "config": report.get("config"),
+        "cost": {
+            m: {k: c[k] for k in ("params_touched_per_chunk", "seconds_per_chunk")} for m, c in report["cost"].items()
+        },
+        "split": report.get("split"),
+        "config": report.get("config"),
         "seconds": round(seconds if seconds is not None else report.get("seconds", 0)),
     }
 
@@ -101,7 +113,10 @@ def read_run(work: Path, name: str, seconds: float) -> dict:
 
 
 def _stats(values: list[float]) -> dict:
-    return {"mean": round(statistics.mean(values), 4), "sd": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0}
+    return {
+        "mean": round(statistics.mean(values), 4),
+        "sd": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+    }
 
 
 def aggregate(results: dict[str, dict]) -> dict:
@@ -117,21 +132,35 @@ def aggregate(results: dict[str, dict]) -> dict:
             raise ValueError("runs differ in metric, chunking or data split; they are not seeds of one simulation")
     methods = [m for m in rows[0]["methods"] if all(m in r["methods"] for r in rows)]
     steps = range(len(fractions))
-    out: dict = {"seeds": len(rows), "metric": rows[0]["metric"], "fractions": fractions,
-                 "methods": {m: [_stats([r["methods"][m][t] for r in rows]) for t in steps] for m in methods},
-                 "differences": {}}
+    out: dict = {
+        "seeds": len(rows),
+        "metric": rows[0]["metric"],
+        "fractions": fractions,
+        "methods": {m: [_stats([r["methods"][m][t] for r in rows]) for t in steps] for m in methods},
+        "differences": {},
+    }
     sign = 1 if rows[0].get("higher_is_better", True) else -1
     for a, b in PAIRS:
         if a in methods and b in methods:
             per_step = []
             for t in steps:
                 diffs = [r["methods"][a][t] - r["methods"][b][t] for r in rows]
-                per_step.append({**_stats(diffs), "per_seed": [round(d, 4) for d in diffs],
-                                 # "a is at least as good as b" in this many seeds (sign-aware for error metrics).
-                                 "seeds_a_not_worse": sum(sign * d >= -1e-9 for d in diffs)})
+                per_step.append(
+                    {
+                        **_stats(diffs),
+                        "per_seed": [round(d, 4) for d in diffs],
+                        # "a is at least as good as b" in this many seeds (sign-aware for error metrics).
+                        "seeds_a_not_worse": sum(sign * d >= -1e-9 for d in diffs),
+                    }
+                )
             out["differences"][f"{a}_minus_{b}"] = per_step
-    out["cost"] = {m: {k: round(statistics.mean(r["cost"][m][k] for r in rows), 2)
-                       for k in ("params_touched_per_chunk", "seconds_per_chunk")} for m in methods}
+    out["cost"] = {
+        m: {
+            k: round(statistics.mean(r["cost"][m][k] for r in rows), 2)
+            for k in ("params_touched_per_chunk", "seconds_per_chunk")
+        }
+        for m in methods
+    }
     return out
 
 
@@ -170,8 +199,14 @@ def plot_summary(summary: dict, path: Path, title: str) -> Path:
         mean, sd = [p["mean"] for p in points], [p["sd"] for p in points]
         style = STYLE.get(method, {})
         ax.plot(xs, mean, label=LABELS.get(method, method), linewidth=1.6, markersize=4, **style)
-        ax.fill_between(xs, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)],
-                        color=style.get("color"), alpha=0.12, linewidth=0)
+        ax.fill_between(
+            xs,
+            [m - s for m, s in zip(mean, sd)],
+            [m + s for m, s in zip(mean, sd)],
+            color=style.get("color"),
+            alpha=0.12,
+            linewidth=0,
+        )
 
     for method, points in summary["methods"].items():
         draw(left, method, points)
@@ -203,14 +238,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("spec", type=Path, help="sweep spec JSON (see bench/specs/science/online_*.json)")
     parser.add_argument("--jobs", type=int, default=1, help="simulations run at once (default 1)")
-    parser.add_argument("--out", type=Path, help="result JSON (default bench/results/<spec name>.json); the plot goes beside it")
+    parser.add_argument(
+        "--out", type=Path, help="result JSON (default bench/results/<spec name>.json); the plot goes beside it"
+    )
     parser.add_argument("--work", type=Path, help="where data and runs go (default: a temporary directory)")
     parser.add_argument("--limit-s", type=float, help="kill runs still going after this many seconds")
     parser.add_argument("--runs", help="comma-separated run names to do (default: all in the spec)")
-    parser.add_argument("--adopt", action="append", default=[], metavar="NAME=TRAJECTORIES_JSON",
-                        help="count a finished `tapper online` report as run NAME (its settings are checked); repeatable")
-    parser.add_argument("--merge", type=Path, nargs="+", metavar="RESULT",
-                        help="run nothing: combine result JSONs of parts of this spec into one")
+    parser.add_argument(
+        "--adopt",
+        action="append",
+        default=[],
+        metavar="NAME=TRAJECTORIES_JSON",
+        help="count a finished `tapper online` report as run NAME (its settings are checked); repeatable",
+    )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        metavar="RESULT",
+        help="run nothing: combine result JSONs of parts of this spec into one",
+    )
     args = parser.parse_args(argv)
     spec = json.loads(args.spec.read_text())
     out = args.out or ROOT / "bench" / "results" / f"{args.spec.stem}.json"
@@ -233,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(e))
     wanted = args.runs.split(",") if args.runs else [r["name"] for r in spec["runs"] if r["name"] not in adopted]
     try:
-        todo = sweep.select_runs(spec, [w for w in wanted if w not in adopted]) if wanted else dict(spec, runs=[], data={})
+        todo = (
+            sweep.select_runs(spec, [w for w in wanted if w not in adopted]) if wanted else dict(spec, runs=[], data={})
+        )
     except ValueError as e:
         parser.error(f"{args.spec}: {e}")
     t0 = time.time()
@@ -244,14 +293,28 @@ def main(argv: list[str] | None = None) -> int:
             work.mkdir(parents=True, exist_ok=True)
 
             def command(run: dict, d: Path) -> list[str]:
-                cmd = sweep.tapper_cmd("online", "--questions", str(d / "questions.json"), "--outputs", str(d / "outputs.json"),
-                                       "--backbone", run.get("backbone", "tiny"), "--out", str(work / "runs" / run["name"]),
-                                       "--no-progress")
+                cmd = sweep.tapper_cmd(
+                    "online",
+                    "--questions",
+                    str(d / "questions.json"),
+                    "--outputs",
+                    str(d / "outputs.json"),
+                    "--backbone",
+                    run.get("backbone", "tiny"),
+                    "--out",
+                    str(work / "runs" / run["name"]),
+                    "--no-progress",
+                )
                 return cmd + [a for kv in run_settings(spec, run) for a in ("--set", kv)]
 
             results.update(sweep.run_processes(todo, work, max(1, args.jobs), args.limit_s, command, read_run))
-    report = {"machine": sweep.machine(args.jobs), "spec": spec, "results": results, "summary": aggregate(results),
-              "seconds": round(time.time() - t0) + sum(r.get("seconds", 0) for r in adopted.values())}
+    report = {
+        "machine": sweep.machine(args.jobs),
+        "spec": spec,
+        "results": results,
+        "summary": aggregate(results),
+        "seconds": round(time.time() - t0) + sum(r.get("seconds", 0) for r in adopted.values()),
+    }
     write(report, out, title)
     return 0
 

@@ -16,6 +16,7 @@ after load, after reading `--rows` random rows, and after writing `--rows` rando
 one row read and one row write. Page cache is not process memory: the paged table's rows live there (written
 back to the scratch file by the kernel); /proc/meminfo's Dirty is recorded too (machine-wide, so noisy).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -122,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--users", type=int, default=100000, help="users in the table (default: %(default)s)")
     ap.add_argument("--width", type=int, default=8 * 576, help="floats per row (default: %(default)s, SmolLM2's L*d)")
     ap.add_argument("--rows", type=int, default=1000, help="random rows read, then written (default: %(default)s)")
-    ap.add_argument("--table-dir", type=Path, default=None, help="scratch dir of the paged table (default: a temporary dir)")
+    ap.add_argument(
+        "--table-dir", type=Path, default=None, help="scratch dir of the paged table (default: a temporary dir)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "paged_table_cpu.json")
     args = ap.parse_args(argv)
@@ -132,18 +135,24 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         t0 = time.perf_counter()
         nbytes = write_state(tmp / "prefix.safetensors", args.users, args.width, args.seed)
-        print(f"{args.users:,} users x {args.width} floats: state {nbytes / 1e6:.0f} MB written in "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        print(
+            f"{args.users:,} users x {args.width} floats: state {nbytes / 1e6:.0f} MB written in "
+            f"{time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
         results = []
         for mode in ("memory", "paged"):
             r = probe(mode, tmp / "prefix.safetensors", args.table_dir or tmp / "table", args.rows, args.seed)
             r.update(users=args.users, state_bytes=nbytes)
             results.append(r)
             a, rd, wr = r["after_load"], r["after_reads"], r["after_writes"]
-            print(f"{mode:>6}: load {r['load_s']} s; RssAnon/RssFile MB after load {a['RssAnon_mb']}/{a['RssFile_mb']}, "
-                  f"after {args.rows} reads {rd['RssAnon_mb']}/{rd['RssFile_mb']}, after {args.rows} writes "
-                  f"{wr['RssAnon_mb']}/{wr['RssFile_mb']}; peak {wr['VmHWM_mb']} MB; row read "
-                  f"{r['row_read_us_median']} us, write {r['row_write_us_median']} us (medians)", flush=True)
+            print(
+                f"{mode:>6}: load {r['load_s']} s; RssAnon/RssFile MB after load {a['RssAnon_mb']}/{a['RssFile_mb']}, "
+                f"after {args.rows} reads {rd['RssAnon_mb']}/{rd['RssFile_mb']}, after {args.rows} writes "
+                f"{wr['RssAnon_mb']}/{wr['RssFile_mb']}; peak {wr['VmHWM_mb']} MB; row read "
+                f"{r['row_read_us_median']} us, write {r['row_write_us_median']} us (medians)",
+                flush=True,
+            )
     write_results(args.out, "paged_table.py", argv, results, torch=torch.__version__)
     return 0
 

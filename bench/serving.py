@@ -26,6 +26,7 @@ journal write each), the predictions' p99 is compared with the same load without
 
 Bounded: each run stops at its request count or --max-seconds, whichever comes first.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,12 +55,18 @@ TODAY = time.strftime("%Y-%m-%d", time.gmtime())
 RUNS = {
     # Small budgets: the bench measures serving, not accuracy; the models only need to answer like trained ones
     # (a label, then end of sequence) so that every mode generates what it would in production.
-    "tiny": {"stage2_users": 10, "seed": 0,
-             "stage1": {"epochs": 2, "lr": 0.01, "batch_size": 8, "max_len": 512, "max_examples": 256},
-             "stage2": {"epochs": 1, "lr": 0.001, "batch_size": 8, "max_len": 512, "max_examples_per_user": 4}},
-    "smollm2": {"stage2_users": 10, "seed": 0,
-                "stage1": {"epochs": 1, "lr": 3.0e-4, "batch_size": 8, "max_len": 512, "max_examples": 96},
-                "stage2": {"epochs": 1, "lr": 1.0e-3, "batch_size": 8, "max_len": 512, "max_examples_per_user": 4}},
+    "tiny": {
+        "stage2_users": 10,
+        "seed": 0,
+        "stage1": {"epochs": 2, "lr": 0.01, "batch_size": 8, "max_len": 512, "max_examples": 256},
+        "stage2": {"epochs": 1, "lr": 0.001, "batch_size": 8, "max_len": 512, "max_examples_per_user": 4},
+    },
+    "smollm2": {
+        "stage2_users": 10,
+        "seed": 0,
+        "stage1": {"epochs": 1, "lr": 3.0e-4, "batch_size": 8, "max_len": 512, "max_examples": 96},
+        "stage2": {"epochs": 1, "lr": 1.0e-3, "batch_size": 8, "max_len": 512, "max_examples_per_user": 4},
+    },
 }
 
 
@@ -88,8 +95,15 @@ def ensure_bundle(backbone: str, work: Path) -> tuple[Path, list[dict], list[dic
         for ex in data.splits.eval:
             if len(ex.history) > len(histories.get(ex.user_id, [])):
                 histories[ex.user_id] = list(ex.history)
-        export_bundle(s1.path, work / backbone / "state", "LaMP_2N", bundle, version=f"bench-{backbone}",
-                      histories=histories, overwrite=True)
+        export_bundle(
+            s1.path,
+            work / backbone / "state",
+            "LaMP_2N",
+            bundle,
+            version=f"bench-{backbone}",
+            histories=histories,
+            overwrite=True,
+        )
         print(f"[{backbone}] bundle built in {time.time() - t0:.0f} s", flush=True)
     read_bundle(bundle)
     return bundle, queries, [{"user_id": ex.user_id} for ex in data.splits.eval]
@@ -111,13 +125,39 @@ class Server:
         self.port = free_port()
         self.mode = mode
         # OMP_WAIT_POLICY=PASSIVE as the serving image sets it (deploy/Dockerfile): no busy-waiting OpenMP threads.
-        env = {**os.environ, "TAPPER_TORCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
-               "OMP_WAIT_POLICY": "PASSIVE"}
+        env = {
+            **os.environ,
+            "TAPPER_TORCH_THREADS": str(threads),
+            "OMP_NUM_THREADS": str(threads),
+            "OMP_WAIT_POLICY": "PASSIVE",
+        }
         for k in ("TAPPER_API_TOKEN", "TAPPER_ADMIN_TOKEN"):
             env.pop(k, None)
-        args = [sys.executable, "-m", "deploy.serve", "serve", "--model-dir", str(bundle), "--state-dir", str(state),
-                "--port", str(self.port), "--insecure-local", "--mode", mode, "--max-batch", str(max_batch),
-                "--batch-wait-ms", "5", "--max-queue", "1024", "--feedback-steps", "1", "--log-level", "warning"]
+        args = [
+            sys.executable,
+            "-m",
+            "deploy.serve",
+            "serve",
+            "--model-dir",
+            str(bundle),
+            "--state-dir",
+            str(state),
+            "--port",
+            str(self.port),
+            "--insecure-local",
+            "--mode",
+            mode,
+            "--max-batch",
+            str(max_batch),
+            "--batch-wait-ms",
+            "5",
+            "--max-queue",
+            "1024",
+            "--feedback-steps",
+            "1",
+            "--log-level",
+            "warning",
+        ]
         self.log = open(log, "w")
         self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
@@ -144,8 +184,14 @@ class Server:
         self.log.close()
 
 
-def request(port: int, method: str, path: str, body: dict | None, timeout: float = 300,
-            conn: http.client.HTTPConnection | None = None) -> tuple[int, dict]:
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: dict | None,
+    timeout: float = 300,
+    conn: http.client.HTTPConnection | None = None,
+) -> tuple[int, dict]:
     own = conn is None
     conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
@@ -171,8 +217,9 @@ def percentile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-def drive(port: int, queries: list[dict], concurrency: int, n_requests: int, max_seconds: float,
-          offset: int = 0) -> dict:
+def drive(
+    port: int, queries: list[dict], concurrency: int, n_requests: int, max_seconds: float, offset: int = 0
+) -> dict:
     """`concurrency` closed-loop clients send /predict for queries[(offset + i) % len] until n_requests are answered
     or max_seconds pass; the raw samples."""
     lock = threading.Lock()
@@ -227,17 +274,27 @@ def summarize(concurrency: int, parts: list[dict]) -> dict:
     wall = sum(p["wall_s"] for p in parts)
     loads = [x for p in parts for x in p["loadavg"]]
     return {
-        "concurrency": concurrency, "requests": len(lat), "errors": len(errors), "error_sample": errors[:3],
-        "wall_s": round(wall, 2), "throughput_rps": round(len(lat) / wall, 3) if wall else None,
-        "p50_ms": round(1000 * percentile(lat, 0.5), 1), "p90_ms": round(1000 * percentile(lat, 0.9), 1),
+        "concurrency": concurrency,
+        "requests": len(lat),
+        "errors": len(errors),
+        "error_sample": errors[:3],
+        "wall_s": round(wall, 2),
+        "throughput_rps": round(len(lat) / wall, 3) if wall else None,
+        "p50_ms": round(1000 * percentile(lat, 0.5), 1),
+        "p90_ms": round(1000 * percentile(lat, 0.9), 1),
         "p99_ms": round(1000 * percentile(lat, 0.99), 1),
         "mean_batch": round(statistics.mean(batches), 2) if batches else None,
         "mean_generated_tokens": round(statistics.mean(tokens), 2) if tokens else None,
         # What the model reads per request (TAP-PER: the prompt and its prefix_len soft tokens; RAG: the prompt
         # with the retrieved records): on a CPU the forward pass's cost grows with it.
         "mean_prompt_tokens": round(statistics.mean(prompt), 1) if prompt else None,
-        "time_bounded": any(p["time_bounded"] for p in parts), "segments": len(parts),
-        "loadavg_1min": {"min": round(min(loads), 2), "max": round(max(loads), 2), "mean": round(statistics.mean(loads), 2)},
+        "time_bounded": any(p["time_bounded"] for p in parts),
+        "segments": len(parts),
+        "loadavg_1min": {
+            "min": round(min(loads), 2),
+            "max": round(max(loads), 2),
+            "mean": round(statistics.mean(loads), 2),
+        },
     }
 
 
@@ -256,8 +313,13 @@ def feedback_stream(port: int, users: list[dict], stop: threading.Event, out: di
         while not stop.is_set():
             user = rng.choice(users)["user_id"]
             label = rng.choice(LAMP_2N_LABELS)
-            rec = {"id": f"bench-fb-{seed}-{n}", "date": TODAY, "text": f"a short news story about {label} number {n}",
-                   "title": f"On {label}", "category": label}
+            rec = {
+                "id": f"bench-fb-{seed}-{n}",
+                "date": TODAY,
+                "text": f"a short news story about {label} number {n}",
+                "title": f"On {label}",
+                "category": label,
+            }
             t0 = time.perf_counter()
             status, body = request(port, "POST", "/feedback", {"user_id": user, "records": [rec]}, conn=conn)
             out.setdefault("latencies", []).append(time.perf_counter() - t0)
@@ -267,8 +329,15 @@ def feedback_stream(port: int, users: list[dict], stop: threading.Event, out: di
         conn.close()
 
 
-def feedback_comparison(port: int, queries: list[dict], users: list[dict], concurrency: int, n_requests: int,
-                        max_seconds: float, rounds: int) -> dict:
+def feedback_comparison(
+    port: int,
+    queries: list[dict],
+    users: list[dict],
+    concurrency: int,
+    n_requests: int,
+    max_seconds: float,
+    rounds: int,
+) -> dict:
     """Prediction latency at `concurrency` without and while one client streams feedback, in alternating segments
     (without, with, without, with ...) so that both see the same machine load."""
     without_parts, with_parts, fb_parts = [], [], []
@@ -288,13 +357,21 @@ def feedback_comparison(port: int, queries: list[dict], users: list[dict], concu
         fb_parts.append(fb)
     without, during = summarize(concurrency, without_parts), summarize(concurrency, with_parts)
     lat = [x for fb in fb_parts for x in fb.get("latencies", [])]
-    during["feedback"] = {"sent": len(lat), "ok": sum(fb.get("ok", 0) for fb in fb_parts),
-                          "errors": sum(fb.get("errors", 0) for fb in fb_parts),
-                          "rate_per_s": round(len(lat) / (during["wall_s"] + 0.5 * rounds), 2),
-                          "p50_ms": round(1000 * percentile(lat, 0.5), 1), "p99_ms": round(1000 * percentile(lat, 0.99), 1)}
-    return {"concurrency": concurrency, "without": without, "with": during,
-            "p99_ratio": round(during["p99_ms"] / without["p99_ms"], 3) if without["p99_ms"] else None,
-            "p50_ratio": round(during["p50_ms"] / without["p50_ms"], 3) if without["p50_ms"] else None}
+    during["feedback"] = {
+        "sent": len(lat),
+        "ok": sum(fb.get("ok", 0) for fb in fb_parts),
+        "errors": sum(fb.get("errors", 0) for fb in fb_parts),
+        "rate_per_s": round(len(lat) / (during["wall_s"] + 0.5 * rounds), 2),
+        "p50_ms": round(1000 * percentile(lat, 0.5), 1),
+        "p99_ms": round(1000 * percentile(lat, 0.99), 1),
+    }
+    return {
+        "concurrency": concurrency,
+        "without": without,
+        "with": during,
+        "p99_ratio": round(during["p99_ms"] / without["p99_ms"], 3) if without["p99_ms"] else None,
+        "p50_ratio": round(during["p50_ms"] / without["p50_ms"], 3) if without["p50_ms"] else None,
+    }
 
 
 def durable_write_cost(directory: Path, row_floats: int, n: int = 50) -> dict:
@@ -320,9 +397,13 @@ def durable_write_cost(directory: Path, row_floats: int, n: int = 50) -> dict:
         durable.append(time.perf_counter() - t0)
     for p in directory.iterdir():
         p.unlink()
-    return {"bytes": len(data), "writes": n, "rename_only_ms_median": round(1000 * statistics.median(fast), 3),
-            "durable_ms_median": round(1000 * statistics.median(durable), 3),
-            "durable_ms_p99": round(1000 * percentile(durable, 0.99), 3)}
+    return {
+        "bytes": len(data),
+        "writes": n,
+        "rename_only_ms_median": round(1000 * statistics.median(fast), 3),
+        "durable_ms_median": round(1000 * statistics.median(durable), 3),
+        "durable_ms_p99": round(1000 * percentile(durable, 0.99), 3),
+    }
 
 
 # --- the benchmark ------------------------------------------------------------------------------------------
@@ -354,29 +435,42 @@ def bench_backbone(backbone: str, args, work: Path) -> dict:
             for r in range(rounds):
                 for m in MODES:
                     size = n // rounds + (1 if r < n % rounds else 0)
-                    parts[m].append(drive(servers[m].port, queries, c, size, args.max_seconds / rounds, offset=r * size))
+                    parts[m].append(
+                        drive(servers[m].port, queries, c, size, args.max_seconds / rounds, offset=r * size)
+                    )
             for m in MODES:
                 res = summarize(c, parts[m])
                 res["mode"] = m
                 out["runs"].append(res)
-                print(f"[{backbone}] {m:6s} c={c:<3d} {res['requests']:4d} req  {res['throughput_rps']:7.2f} req/s  "
-                      f"p50 {res['p50_ms']:8.1f} ms  p99 {res['p99_ms']:8.1f} ms  batch {res['mean_batch']}  "
-                      f"tokens {res['mean_prompt_tokens']}+{res['mean_generated_tokens']}  load {res['loadavg_1min']['mean']}", flush=True)
+                print(
+                    f"[{backbone}] {m:6s} c={c:<3d} {res['requests']:4d} req  {res['throughput_rps']:7.2f} req/s  "
+                    f"p50 {res['p50_ms']:8.1f} ms  p99 {res['p99_ms']:8.1f} ms  batch {res['mean_batch']}  "
+                    f"tokens {res['mean_prompt_tokens']}+{res['mean_generated_tokens']}  load "
+                    f"{res['loadavg_1min']['mean']}",
+                    flush=True,
+                )
         # Predictions while feedback streams in (TAP-PER), against the same load without it, back to back.
         c, n = args.feedback_concurrency, args.feedback_requests
-        out["feedback"] = feedback_comparison(servers["tapper"].port, queries, users, c, n, args.feedback_seconds,
-                                              max(1, min(args.rounds, n // c)))
+        out["feedback"] = feedback_comparison(
+            servers["tapper"].port, queries, users, c, n, args.feedback_seconds, max(1, min(args.rounds, n // c))
+        )
         without, during = out["feedback"]["without"], out["feedback"]["with"]
-        print(f"[{backbone}] feedback stream: prediction p99 {without['p99_ms']} -> {during['p99_ms']} ms "
-              f"(x{out['feedback']['p99_ratio']}), {during['feedback']['sent']} feedbacks "
-              f"({during['feedback']['rate_per_s']}/s, p50 {during['feedback']['p50_ms']} ms)", flush=True)
+        print(
+            f"[{backbone}] feedback stream: prediction p99 {without['p99_ms']} -> {during['p99_ms']} ms "
+            f"(x{out['feedback']['p99_ratio']}), {during['feedback']['sent']} feedbacks "
+            f"({during['feedback']['rate_per_s']}/s, p50 {during['feedback']['p50_ms']} ms)",
+            flush=True,
+        )
     finally:
         for s in servers.values():
             s.stop()
     cfg = json.loads((bundle / "tapper" / "tapper_config.json").read_text())
     out["durable_write"] = durable_write_cost(runs / "fsync-probe", cfg["stage2"]["prefix_len"] * cfg["d"])
-    print(f"[{backbone}] a journal entry: {out['durable_write']['durable_ms_median']} ms durable, "
-          f"{out['durable_write']['rename_only_ms_median']} ms without fsync (median)", flush=True)
+    print(
+        f"[{backbone}] a journal entry: {out['durable_write']['durable_ms_median']} ms durable, "
+        f"{out['durable_write']['rename_only_ms_median']} ms without fsync (median)",
+        flush=True,
+    )
     out["targets"] = targets(out)
     return out
 
@@ -393,7 +487,9 @@ def targets(result: dict) -> dict:
     t["p50_vs_base_met (<= 1.1)"] = all(v <= 1.1 for v in t["tapper_p50_over_base"].values())
     t["p50_vs_rag_met (<= 0.5)"] = all(v <= 0.5 for v in t["tapper_p50_over_rag"].values())
     if ("tapper", 1) in by and ("tapper", 8) in by:
-        t["tapper_throughput_c8_over_c1"] = round(by[("tapper", 8)]["throughput_rps"] / by[("tapper", 1)]["throughput_rps"], 3)
+        t["tapper_throughput_c8_over_c1"] = round(
+            by[("tapper", 8)]["throughput_rps"] / by[("tapper", 1)]["throughput_rps"], 3
+        )
         t["throughput_met (>= 3)"] = t["tapper_throughput_c8_over_c1"] >= 3
     if result.get("feedback"):
         t["p99_with_feedback_over_without"] = result["feedback"]["p99_ratio"]
@@ -412,9 +508,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--feedback-seconds", type=float, default=120.0, help="time bound of each of the two feedback runs")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=4, help="segments per run, the modes taking turns (load drift)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads per server (default 1: the CPU is shared with other jobs, and one mode is driven "
-                        "at a time, so one thread keeps the three comparable)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per server (default 1: the CPU is shared with other jobs, and one mode is driven "
+        "at a time, so one thread keeps the three comparable)",
+    )
     p.add_argument("--work", default=str(Path.home() / ".cache" / "tapper" / "bench-serving"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serving_cpu.json"))
     args = p.parse_args(argv)
@@ -424,11 +524,24 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip())
-    write_results(Path(args.out), "serving.py", argv, results, torch=torch.__version__, torch_threads=args.threads,
-                  loadavg_start=loadavg_start, loadavg_end=[round(x, 2) for x in os.getloadavg()],
-                  wall_s=round(time.time() - t0), commit=commit, uncommitted_changes=dirty)
+    dirty = bool(
+        subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    )
+    write_results(
+        Path(args.out),
+        "serving.py",
+        argv,
+        results,
+        torch=torch.__version__,
+        torch_threads=args.threads,
+        loadavg_start=loadavg_start,
+        loadavg_end=[round(x, 2) for x in os.getloadavg()],
+        wall_s=round(time.time() - t0),
+        commit=commit,
+        uncommitted_changes=dirty,
+    )
     return 0
 
 

@@ -9,6 +9,7 @@ before generation (reading the state, tokenizing, TAP-PER's P_q/P_u prefix, RAG'
 (the forward passes), the tokens the forward pass reads, and torch's operator profile of one batch. The modes
 take turns batch by batch (T B R T B R ...) so that the machine's load (other jobs) falls on all alike.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,20 +91,38 @@ def main(argv: list[str] | None = None) -> int:
                 out = predictors[m].run(jobs(k, 3 + rep * k))
                 total = time.perf_counter() - t0
                 gen = predictors[m].plm.seconds
-                samples[m].append({"total_s": total, "generate_s": gen, "before_generate_s": total - gen,
-                                   "prompt_tokens": sum(o["prompt_tokens"] for o in out),
-                                   "completion_tokens": [o["completion_tokens"] for o in out]})
+                samples[m].append(
+                    {
+                        "total_s": total,
+                        "generate_s": gen,
+                        "before_generate_s": total - gen,
+                        "prompt_tokens": sum(o["prompt_tokens"] for o in out),
+                        "completion_tokens": [o["completion_tokens"] for o in out],
+                    }
+                )
         for m in MODES:
             s = samples[m]
-            med = {key: round(statistics.median(x[key] for x in s), 4) for key in ("total_s", "generate_s", "before_generate_s")}
+            med = {
+                key: round(statistics.median(x[key] for x in s), 4)
+                for key in ("total_s", "generate_s", "before_generate_s")
+            }
             toks = statistics.mean(x["prompt_tokens"] for x in s)
-            row = {"mode": m, "batch": k, "reps": len(s), **med, "prompt_tokens_per_batch": round(toks, 1),
-                   "ms_per_prompt_token_in_generate": round(1000 * med["generate_s"] / toks, 3),
-                   "completion_tokens": [x["completion_tokens"] for x in s]}
+            row = {
+                "mode": m,
+                "batch": k,
+                "reps": len(s),
+                **med,
+                "prompt_tokens_per_batch": round(toks, 1),
+                "ms_per_prompt_token_in_generate": round(1000 * med["generate_s"] / toks, 3),
+                "completion_tokens": [x["completion_tokens"] for x in s],
+            }
             results.append(row)
-            print(f"{m:6s} batch {k}: total {med['total_s']:.3f} s  before generate {med['before_generate_s']:.3f} s  "
-                  f"generate {med['generate_s']:.3f} s  {toks:.0f} prompt tokens  "
-                  f"{row['ms_per_prompt_token_in_generate']} ms/token", flush=True)
+            print(
+                f"{m:6s} batch {k}: total {med['total_s']:.3f} s  before generate {med['before_generate_s']:.3f} s  "
+                f"generate {med['generate_s']:.3f} s  {toks:.0f} prompt tokens  "
+                f"{row['ms_per_prompt_token_in_generate']} ms/token",
+                flush=True,
+            )
     from torch.profiler import ProfilerActivity, profile
 
     ops = {}
@@ -112,14 +131,23 @@ def main(argv: list[str] | None = None) -> int:
             predictors[m].run(jobs(8, 1))
         table = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
         whole = sum(e.self_cpu_time_total for e in table)
-        ops[m] = [{"op": e.key, "self_share": round(e.self_cpu_time_total / whole, 3), "calls": e.count} for e in table[:8]]
+        ops[m] = [
+            {"op": e.key, "self_share": round(e.self_cpu_time_total / whole, 3), "calls": e.count} for e in table[:8]
+        ]
         print(m, "batch 8, top operators by self CPU time:", [(o["op"], o["self_share"]) for o in ops[m]], flush=True)
     for s in services.values():
         s.close()
     out = Path(args.out or ROOT / "bench" / "results" / f"serving_profile_{args.backbone}_cpu.json")
-    write_results(out, "serving_profile.py", argv, [{"backbone": args.backbone, "batches": results, "operators_batch8": ops}],
-                  torch=torch.__version__, torch_threads=args.threads, loadavg_start=load_start,
-                  loadavg_end=[round(x, 2) for x in os.getloadavg()])
+    write_results(
+        out,
+        "serving_profile.py",
+        argv,
+        [{"backbone": args.backbone, "batches": results, "operators_batch8": ops}],
+        torch=torch.__version__,
+        torch_threads=args.threads,
+        loadavg_start=load_start,
+        loadavg_end=[round(x, 2) for x in os.getloadavg()],
+    )
     return 0
 
 

@@ -6,6 +6,7 @@ warm-up step, on a random-init backbone (tapper.analysis.footprint.backbone_conf
 --stage 1: the task LoRA on q, k, v, o (Stage1Config's defaults), no prefix.
 --profile FILE: also run torch.profiler over the timed steps and write where the CPU time went (new code only).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,6 +47,7 @@ def profile_table(prof, top: int = 25) -> dict:
     """Self CPU time per op (the top ones) and per kind of work, as shares of the profiled time."""
     rows = [(e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages()]
     total = sum(r[1] for r in rows) or 1.0
+
     def kind(name: str) -> str:
         if name.startswith("Optimizer."):
             return "optimizer"
@@ -58,9 +60,31 @@ def profile_table(prof, top: int = 25) -> dict:
             return "attention"
         if op.startswith("_foreach") or op in ("addcdiv", "addcmul", "lerp", "sqrt", "linalg_vector_norm", "norm"):
             return "optimizer"
-        if op in ("copy", "to", "_to_copy", "cat", "index", "index_select", "gather", "scatter", "embedding",
-                  "embedding_dense_backward", "clone", "contiguous", "stack", "fill", "zero", "zeros", "empty",
-                  "empty_strided", "ones", "new_zeros", "index_put", "masked_fill", "_index_put_impl"):
+        if op in (
+            "copy",
+            "to",
+            "_to_copy",
+            "cat",
+            "index",
+            "index_select",
+            "gather",
+            "scatter",
+            "embedding",
+            "embedding_dense_backward",
+            "clone",
+            "contiguous",
+            "stack",
+            "fill",
+            "zero",
+            "zeros",
+            "empty",
+            "empty_strided",
+            "ones",
+            "new_zeros",
+            "index_put",
+            "masked_fill",
+            "_index_put_impl",
+        ):
             return "copies/indexing"
         return "elementwise/other"
 
@@ -68,10 +92,14 @@ def profile_table(prof, top: int = 25) -> dict:
     for name, t, _ in rows:
         by_kind[kind(name)] = by_kind.get(kind(name), 0.0) + t
     rows.sort(key=lambda r: -r[1])
-    return {"total_self_cpu_s": total / 1e6,
-            "by_kind": {k: round(v / total, 4) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-            "top_ops": [{"op": n, "self_cpu_s": round(t / 1e6, 4), "share": round(t / total, 4), "calls": c}
-                        for n, t, c in rows[:top]]}
+    return {
+        "total_self_cpu_s": total / 1e6,
+        "by_kind": {k: round(v / total, 4) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "top_ops": [
+            {"op": n, "self_cpu_s": round(t / 1e6, 4), "share": round(t / total, 4), "calls": c}
+            for n, t, c in rows[:top]
+        ],
+    }
 
 
 def main() -> None:
@@ -104,10 +132,20 @@ def main() -> None:
     items = []
     for i in range((a.steps + 1) * a.batch):
         ids = torch.randint(4, int(config.vocab_size), (room,), generator=g).tolist()
-        items.append(EncodedExample(id=str(i), user_id=f"u{i % 4}", user_row=1 + i % 4, q_row=0,
-                                    hist_rows=list(range(1, hist + 1)), dt=[1.0] * hist,
-                                    dpi=[1.0] * hist, prompt_ids=ids[: room - n_tgt], target_ids=ids[room - n_tgt :],
-                                    target=None))
+        items.append(
+            EncodedExample(
+                id=str(i),
+                user_id=f"u{i % 4}",
+                user_row=1 + i % 4,
+                q_row=0,
+                hist_rows=list(range(1, hist + 1)),
+                dt=[1.0] * hist,
+                dpi=[1.0] * hist,
+                prompt_ids=ids[: room - n_tgt],
+                target_ids=ids[room - n_tgt :],
+                target=None,
+            )
+        )
     train_epochs(items[: a.batch], loss_fn, groups(), epochs=1, batch_size=a.batch, progress=False)  # warm-up
     load = os.getloadavg()[0]
     t0, c0 = time.perf_counter(), time.process_time()
@@ -115,8 +153,14 @@ def main() -> None:
     step = (time.perf_counter() - t0) / a.steps
     # CPU seconds of this process per step: on a shared machine wall time also counts the waits for a core.
     cpu = (time.process_time() - c0) / a.steps
-    out = {"code": os.path.dirname(os.path.dirname(tapper.__file__)), "stage": a.stage, "step_s": step,
-           "tokens_per_s": a.batch * a.seq / step, "step_cpu_s": cpu, "load_1min": [load, os.getloadavg()[0]]}
+    out = {
+        "code": os.path.dirname(os.path.dirname(tapper.__file__)),
+        "stage": a.stage,
+        "step_s": step,
+        "tokens_per_s": a.batch * a.seq / step,
+        "step_cpu_s": cpu,
+        "load_1min": [load, os.getloadavg()[0]],
+    }
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
 

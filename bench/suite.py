@@ -9,6 +9,7 @@ writes bench/results/<results>_<machine>.json (the committed results the docs ci
 bench/results/quick/<results>_<machine>.json (git-ignored), so quick runs never overwrite committed results.
 After the script has written its JSON the runner adds a "bench" block to it (see bench/README.md).
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -30,9 +31,13 @@ RESULTS = BENCH / "results"
 QUICK_RESULTS = RESULTS / "quick"
 KINDS = ("systems", "science")
 # bench/*.py files that are not benchmarks of their own.
-HELPERS = {"__init__.py": "makes bench/ a package (`python -m bench`)", "__main__.py": "`python -m bench`",
-           "suite.py": "this registry and runner", "bench_io.py": "write_results(): machine + command + results",
-           "step_timer.py": "one Stage-2 timing, run by throughput_vs.py against each checkout"}
+HELPERS = {
+    "__init__.py": "makes bench/ a package (`python -m bench`)",
+    "__main__.py": "`python -m bench`",
+    "suite.py": "this registry and runner",
+    "bench_io.py": "write_results(): machine + command + results",
+    "step_timer.py": "one Stage-2 timing, run by throughput_vs.py against each checkout",
+}
 
 Cmd = tuple[str, ...]
 
@@ -44,16 +49,16 @@ class Bench:
     `tapper` runs `python -m tapper.cli`; one whose first word ends in .py runs that bench/ script."""
 
     name: str
-    kind: str                       # "science" (what the method does) | "systems" (what it costs)
-    goal: str                       # one line: the question it answers
-    script: str                     # bench/<script>
-    args: Cmd                       # full mode: reproduces the committed results file
-    quick: Cmd | None               # quick mode: the same code path at toy size, tiny backbone (None: see `no_quick`)
-    results: str                    # results file stem: bench/results/<results>_<machine>.json
-    page: str | None = None         # docs/results page that cites the results
-    prepare: tuple[Cmd, ...] = ()   # commands run before the full mode (datasets, runs an analysis reads)
+    kind: str  # "science" (what the method does) | "systems" (what it costs)
+    goal: str  # one line: the question it answers
+    script: str  # bench/<script>
+    args: Cmd  # full mode: reproduces the committed results file
+    quick: Cmd | None  # quick mode: the same code path at toy size, tiny backbone (None: see `no_quick`)
+    results: str  # results file stem: bench/results/<results>_<machine>.json
+    page: str | None = None  # docs/results page that cites the results
+    prepare: tuple[Cmd, ...] = ()  # commands run before the full mode (datasets, runs an analysis reads)
     quick_prepare: tuple[Cmd, ...] = ()
-    no_quick: str = ""              # why there is no quick mode
+    no_quick: str = ""  # why there is no quick mode
 
     def results_file(self, machine: str, quick: bool = False) -> Path:
         return (QUICK_RESULTS if quick else RESULTS) / f"{self.results}_{machine}.json"
@@ -67,91 +72,297 @@ class Bench:
 _SWEEP = "bench/specs/science"
 REGISTRY: tuple[Bench, ...] = (
     # ---- systems: what TAP-PER costs to train, store and serve -------------------------------------------------
-    Bench("footprint", "systems", "stored parameters per user and shared, TAP-PER against OPPU, counted from the real "
-          "modules on the meta device", "footprint.py",
-          ("--backbones", "tiny,smollm2,llama-3.1-8b", "--out", "{out}"), ("--backbones", "tiny", "--out", "{out}"),
-          "footprint", page="docs/results/footprint.md"),
-    Bench("train_time", "systems", "per-user training time as a history grows: OPPU's LoRA against TAP-PER's user row",
-          "train_time.py", ("--backbone", "smollm2", "--lengths", "8,16,32", "--repeats", "1", "--out", "{out}"),
-          ("--backbone", "tiny", "--lengths", "8,16", "--repeats", "1", "--out", "{out}"),
-          "train_time_smollm2", page="docs/results/footprint.md"),
-    Bench("throughput", "systems", "Stage-1 and Stage-2 training tokens/s, step time and MFU", "throughput.py",
-          ("--backbone", "smollm2", "--threads", "1", "--batch", "4", "--seq", "256", "--steps", "3", "--out", "{out}"),
-          ("--backbone", "tiny", "--threads", "1", "--batch", "2", "--seq", "64", "--steps", "2", "--out", "{out}"),
-          "throughput_smollm2", page="docs/results/throughput.md"),
-    Bench("throughput_vs", "systems", "Stage-2 and Stage-1 step time and MFU of this checkout against the code before "
-          "issue 21 (e5e76c3), alternated, with a profile of the new step",
-          "throughput_vs.py", ("--old", "e5e76c3", "--backbone", "smollm2", "--stages", "2,1", "--rounds", "3",
-                               "--steps", "3", "--threads", "1", "--profile", "--out", "{out}"),
-          ("--old", "e5e76c3", "--backbone", "tiny", "--batch", "2", "--seq", "64", "--steps", "1", "--rounds", "1",
-           "--out", "{out}"),
-          "throughput_vs_e5e76c3_smollm2", page="docs/results/throughput.md"),
-    Bench("hotpaths", "systems", "the hot paths around the training step (backbone hash, record pooling, BM25 "
-          "pre-filter, generation padding), old form against new on the same data", "hotpaths.py",
-          ("--records", "400", "--texts", "256", "--repeats", "3", "--out", "{out}"),
-          ("--records", "40", "--texts", "32", "--repeats", "1", "--out", "{out}"),
-          "hotpaths_smollm2", page="docs/results/throughput.md"),
-    Bench("serving", "systems", "latency and throughput of real servers: TAP-PER against the bare backbone and RAG-k4, "
-          "and predictions while feedback streams in", "serving.py",
-          ("--backbones", "tiny,smollm2", "--out", "{out}"),
-          ("--backbones", "tiny", "--concurrency", "1,4", "--requests", "8,16", "--max-seconds", "20",
-           "--feedback-requests", "16", "--feedback-seconds", "15", "--rounds", "2", "--out", "{out}"),
-          "serving", page="docs/results/serving.md"),
-    Bench("serving_profile", "systems", "where one prediction batch's time goes (prefix, retrieval, forward pass)",
-          "serving_profile.py", ("--backbone", "smollm2", "--out", "{out}"),
-          ("--backbone", "tiny", "--batches", "1,4", "--reps", "1", "--out", "{out}"),
-          "serving_profile_smollm2", page="docs/results/serving.md"),
-    Bench("feedback_state", "systems", "what one serving feedback writes and costs as users grow to 100,000, and the "
-          "server's memory with and without --scratch-dir", "feedback_state.py",
-          ("--users", "1000,10000,100000", "--feedbacks", "20", "--new-users", "20", "--out", "{out}"),
-          ("--users", "200,1000", "--feedbacks", "3", "--new-users", "3", "--out", "{out}"),
-          "feedback_state", page="docs/results/serving-state.md"),
-    Bench("history_store", "systems", "loading and writing back the serving history store up to a million users",
-          "history_store.py", ("--users", "100000,1000000", "--out", "{out}"),
-          ("--users", "1000,10000", "--out", "{out}"), "history_store", page="docs/results/serving-state.md"),
-    Bench("paged_table", "systems", "the user table in memory against the paged (--scratch-dir) table: load, memory, "
-          "row access", "paged_table.py", ("--users", "100000", "--out", "{out}"),
-          ("--users", "2000", "--rows", "200", "--out", "{out}"), "paged_table", page="docs/results/serving-state.md"),
+    Bench(
+        "footprint",
+        "systems",
+        "stored parameters per user and shared, TAP-PER against OPPU, counted from the real modules on the meta device",
+        "footprint.py",
+        ("--backbones", "tiny,smollm2,llama-3.1-8b", "--out", "{out}"),
+        ("--backbones", "tiny", "--out", "{out}"),
+        "footprint",
+        page="docs/results/footprint.md",
+    ),
+    Bench(
+        "train_time",
+        "systems",
+        "per-user training time as a history grows: OPPU's LoRA against TAP-PER's user row",
+        "train_time.py",
+        ("--backbone", "smollm2", "--lengths", "8,16,32", "--repeats", "1", "--out", "{out}"),
+        ("--backbone", "tiny", "--lengths", "8,16", "--repeats", "1", "--out", "{out}"),
+        "train_time_smollm2",
+        page="docs/results/footprint.md",
+    ),
+    Bench(
+        "throughput",
+        "systems",
+        "Stage-1 and Stage-2 training tokens/s, step time and MFU",
+        "throughput.py",
+        ("--backbone", "smollm2", "--threads", "1", "--batch", "4", "--seq", "256", "--steps", "3", "--out", "{out}"),
+        ("--backbone", "tiny", "--threads", "1", "--batch", "2", "--seq", "64", "--steps", "2", "--out", "{out}"),
+        "throughput_smollm2",
+        page="docs/results/throughput.md",
+    ),
+    Bench(
+        "throughput_vs",
+        "systems",
+        "Stage-2 and Stage-1 step time and MFU of this checkout against the code before "
+        "issue 21 (e5e76c3), alternated, with a profile of the new step",
+        "throughput_vs.py",
+        (
+            "--old",
+            "e5e76c3",
+            "--backbone",
+            "smollm2",
+            "--stages",
+            "2,1",
+            "--rounds",
+            "3",
+            "--steps",
+            "3",
+            "--threads",
+            "1",
+            "--profile",
+            "--out",
+            "{out}",
+        ),
+        (
+            "--old",
+            "e5e76c3",
+            "--backbone",
+            "tiny",
+            "--batch",
+            "2",
+            "--seq",
+            "64",
+            "--steps",
+            "1",
+            "--rounds",
+            "1",
+            "--out",
+            "{out}",
+        ),
+        "throughput_vs_e5e76c3_smollm2",
+        page="docs/results/throughput.md",
+    ),
+    Bench(
+        "hotpaths",
+        "systems",
+        "the hot paths around the training step (backbone hash, record pooling, BM25 "
+        "pre-filter, generation padding), old form against new on the same data",
+        "hotpaths.py",
+        ("--records", "400", "--texts", "256", "--repeats", "3", "--out", "{out}"),
+        ("--records", "40", "--texts", "32", "--repeats", "1", "--out", "{out}"),
+        "hotpaths_smollm2",
+        page="docs/results/throughput.md",
+    ),
+    Bench(
+        "serving",
+        "systems",
+        "latency and throughput of real servers: TAP-PER against the bare backbone and RAG-k4, "
+        "and predictions while feedback streams in",
+        "serving.py",
+        ("--backbones", "tiny,smollm2", "--out", "{out}"),
+        (
+            "--backbones",
+            "tiny",
+            "--concurrency",
+            "1,4",
+            "--requests",
+            "8,16",
+            "--max-seconds",
+            "20",
+            "--feedback-requests",
+            "16",
+            "--feedback-seconds",
+            "15",
+            "--rounds",
+            "2",
+            "--out",
+            "{out}",
+        ),
+        "serving",
+        page="docs/results/serving.md",
+    ),
+    Bench(
+        "serving_profile",
+        "systems",
+        "where one prediction batch's time goes (prefix, retrieval, forward pass)",
+        "serving_profile.py",
+        ("--backbone", "smollm2", "--out", "{out}"),
+        ("--backbone", "tiny", "--batches", "1,4", "--reps", "1", "--out", "{out}"),
+        "serving_profile_smollm2",
+        page="docs/results/serving.md",
+    ),
+    Bench(
+        "feedback_state",
+        "systems",
+        "what one serving feedback writes and costs as users grow to 100,000, and the "
+        "server's memory with and without --scratch-dir",
+        "feedback_state.py",
+        ("--users", "1000,10000,100000", "--feedbacks", "20", "--new-users", "20", "--out", "{out}"),
+        ("--users", "200,1000", "--feedbacks", "3", "--new-users", "3", "--out", "{out}"),
+        "feedback_state",
+        page="docs/results/serving-state.md",
+    ),
+    Bench(
+        "history_store",
+        "systems",
+        "loading and writing back the serving history store up to a million users",
+        "history_store.py",
+        ("--users", "100000,1000000", "--out", "{out}"),
+        ("--users", "1000,10000", "--out", "{out}"),
+        "history_store",
+        page="docs/results/serving-state.md",
+    ),
+    Bench(
+        "paged_table",
+        "systems",
+        "the user table in memory against the paged (--scratch-dir) table: load, memory, row access",
+        "paged_table.py",
+        ("--users", "100000", "--out", "{out}"),
+        ("--users", "2000", "--rows", "200", "--out", "{out}"),
+        "paged_table",
+        page="docs/results/serving-state.md",
+    ),
     # ---- science: what the method learns ------------------------------------------------------------------------
-    Bench("core_v2", "science", "does TAP-PER learn what a user's history holds? base, RAG, OPPU, P_q-only, TAP-PER "
-          "and readouts over four seeds", "synthetic_sweep.py",
-          (f"{_SWEEP}/core_v2.json", "--jobs", "2", "--out", "{out}"),
-          (f"{_SWEEP}/core_v2_quick.json", "--out", "{out}"), "core_v2", page="docs/results/core.md"),
-    Bench("core_diagnostics", "science", "where a trained TAP-PER loses the user's signal (train vs held-out, "
-          "attention, inputs), on seed 1 of core_v2", "core_diagnostics.py",
-          ("{work}/runs/V2-s1", "--out", "{out}"),
-          ("{work}/runs/Q-s0", "--train-sample", "20", "--out", "{out}"), "core_diagnostics_s1",
-          page="docs/results/core.md",
-          prepare=(("bench/synthetic_sweep.py", f"{_SWEEP}/core_v2.json", "--runs", "V2-s1", "--work", "{work}",
-                    "--out", "{work}/sweep.json"),),
-          quick_prepare=(("bench/synthetic_sweep.py", f"{_SWEEP}/core_v2_quick.json", "--work", "{work}",
-                          "--out", "{work}/sweep.json"),)),
-    Bench("synthetic_oracle", "science", "what knowing a user's labels is worth: label-counting oracles on the "
-          "synthetic build the core check uses", "synthetic_oracle.py",
-          ("{work}/syn", "--stage2-users", "80", "--out", "{out}"),
-          ("{work}/syn", "--stage2-users", "10", "--out", "{out}"), "synthetic_oracle",
-          prepare=(("tapper", "build", "synthetic", "--out", "{work}/syn", "--users", "300", "--queries-per-user", "4",
-                    "--seed", "0"),),
-          quick_prepare=(("tapper", "build", "synthetic", "--out", "{work}/syn", "--users", "60",
-                          "--queries-per-user", "2", "--seed", "0"),)),
-    Bench("online_synthetic", "science", "the paper's online adaptation (Static, Online-Emb, Online-Full, "
-          "Full-Retrain) on drifting users, over four seeds", "online_seeds.py",
-          (f"{_SWEEP}/online_synthetic.json", "--jobs", "2", "--out", "{out}"),
-          (f"{_SWEEP}/online_synthetic_quick.json", "--out", "{out}"), "online_synthetic", page="docs/results/online.md"),
-    Bench("online_synthetic_stable", "science", "the same simulation where no user drifts (the control)",
-          "online_seeds.py", (f"{_SWEEP}/online_synthetic_stable.json", "--jobs", "2", "--runs", "OS-s0,OS-s1",
-                              "--out", "{out}"),
-          None, "online_synthetic_stable", page="docs/results/online.md",
-          no_quick="the same runner and code path as online_synthetic's quick mode"),
-    Bench("online_groups", "science", "online_synthetic's final models scored per user group (drifting / stable)",
-          "online_groups.py", ("{work}/runs/O-s1", "{work}/runs/O-s2", "{work}/runs/O-s3", "--data", "{work}/drift",
-                               "--out", "{out}"),
-          ("{work}/runs/OQ-s0", "--data", "{work}/drift", "--out", "{out}"), "online_synthetic_groups",
-          page="docs/results/online.md",
-          prepare=(("bench/online_seeds.py", f"{_SWEEP}/online_synthetic.json", "--jobs", "2", "--runs",
-                    "O-s1,O-s2,O-s3", "--work", "{work}", "--out", "{work}/seeds.json"),),
-          quick_prepare=(("bench/online_seeds.py", f"{_SWEEP}/online_synthetic_quick.json", "--work", "{work}",
-                          "--out", "{work}/seeds.json"),)),
+    Bench(
+        "core_v2",
+        "science",
+        "does TAP-PER learn what a user's history holds? base, RAG, OPPU, P_q-only, TAP-PER "
+        "and readouts over four seeds",
+        "synthetic_sweep.py",
+        (f"{_SWEEP}/core_v2.json", "--jobs", "2", "--out", "{out}"),
+        (f"{_SWEEP}/core_v2_quick.json", "--out", "{out}"),
+        "core_v2",
+        page="docs/results/core.md",
+    ),
+    Bench(
+        "core_diagnostics",
+        "science",
+        "where a trained TAP-PER loses the user's signal (train vs held-out, attention, inputs), on seed 1 of core_v2",
+        "core_diagnostics.py",
+        ("{work}/runs/V2-s1", "--out", "{out}"),
+        ("{work}/runs/Q-s0", "--train-sample", "20", "--out", "{out}"),
+        "core_diagnostics_s1",
+        page="docs/results/core.md",
+        prepare=(
+            (
+                "bench/synthetic_sweep.py",
+                f"{_SWEEP}/core_v2.json",
+                "--runs",
+                "V2-s1",
+                "--work",
+                "{work}",
+                "--out",
+                "{work}/sweep.json",
+            ),
+        ),
+        quick_prepare=(
+            (
+                "bench/synthetic_sweep.py",
+                f"{_SWEEP}/core_v2_quick.json",
+                "--work",
+                "{work}",
+                "--out",
+                "{work}/sweep.json",
+            ),
+        ),
+    ),
+    Bench(
+        "synthetic_oracle",
+        "science",
+        "what knowing a user's labels is worth: label-counting oracles on the synthetic build the core check uses",
+        "synthetic_oracle.py",
+        ("{work}/syn", "--stage2-users", "80", "--out", "{out}"),
+        ("{work}/syn", "--stage2-users", "10", "--out", "{out}"),
+        "synthetic_oracle",
+        prepare=(
+            (
+                "tapper",
+                "build",
+                "synthetic",
+                "--out",
+                "{work}/syn",
+                "--users",
+                "300",
+                "--queries-per-user",
+                "4",
+                "--seed",
+                "0",
+            ),
+        ),
+        quick_prepare=(
+            (
+                "tapper",
+                "build",
+                "synthetic",
+                "--out",
+                "{work}/syn",
+                "--users",
+                "60",
+                "--queries-per-user",
+                "2",
+                "--seed",
+                "0",
+            ),
+        ),
+    ),
+    Bench(
+        "online_synthetic",
+        "science",
+        "the paper's online adaptation (Static, Online-Emb, Online-Full, "
+        "Full-Retrain) on drifting users, over four seeds",
+        "online_seeds.py",
+        (f"{_SWEEP}/online_synthetic.json", "--jobs", "2", "--out", "{out}"),
+        (f"{_SWEEP}/online_synthetic_quick.json", "--out", "{out}"),
+        "online_synthetic",
+        page="docs/results/online.md",
+    ),
+    Bench(
+        "online_synthetic_stable",
+        "science",
+        "the same simulation where no user drifts (the control)",
+        "online_seeds.py",
+        (f"{_SWEEP}/online_synthetic_stable.json", "--jobs", "2", "--runs", "OS-s0,OS-s1", "--out", "{out}"),
+        None,
+        "online_synthetic_stable",
+        page="docs/results/online.md",
+        no_quick="the same runner and code path as online_synthetic's quick mode",
+    ),
+    Bench(
+        "online_groups",
+        "science",
+        "online_synthetic's final models scored per user group (drifting / stable)",
+        "online_groups.py",
+        ("{work}/runs/O-s1", "{work}/runs/O-s2", "{work}/runs/O-s3", "--data", "{work}/drift", "--out", "{out}"),
+        ("{work}/runs/OQ-s0", "--data", "{work}/drift", "--out", "{out}"),
+        "online_synthetic_groups",
+        page="docs/results/online.md",
+        prepare=(
+            (
+                "bench/online_seeds.py",
+                f"{_SWEEP}/online_synthetic.json",
+                "--jobs",
+                "2",
+                "--runs",
+                "O-s1,O-s2,O-s3",
+                "--work",
+                "{work}",
+                "--out",
+                "{work}/seeds.json",
+            ),
+        ),
+        quick_prepare=(
+            (
+                "bench/online_seeds.py",
+                f"{_SWEEP}/online_synthetic_quick.json",
+                "--work",
+                "{work}",
+                "--out",
+                "{work}/seeds.json",
+            ),
+        ),
+    ),
 )
 BY_NAME = {b.name: b for b in REGISTRY}
 
@@ -169,10 +380,14 @@ def machine_tag() -> str:
 def machine_info() -> dict:
     import torch
 
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__,
-            "device": f"cuda: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "cpu",
-            "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": f"cuda: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "cpu",
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+    }
 
 
 def _fill(cmd: Cmd, out: Path, work: Path) -> list[str]:
@@ -198,8 +413,13 @@ def _env() -> dict:
 def _git_commit() -> str | None:
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                               text=True, check=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return rev.strip() + ("+dirty" if dirty else "")
@@ -221,8 +441,13 @@ def stamp(out: Path, block: dict) -> Path | None:
     return target
 
 
-def run(bench: Bench, quick: bool = False, extra: list[str] | None = None, machine: str | None = None,
-        keep_work: bool = False) -> dict:
+def run(
+    bench: Bench,
+    quick: bool = False,
+    extra: list[str] | None = None,
+    machine: str | None = None,
+    keep_work: bool = False,
+) -> dict:
     """Run one benchmark (its prepare commands, then its script); return a summary row."""
     extra = list(extra or [])
     cmd = bench.quick if quick else bench.args
@@ -255,21 +480,39 @@ def run(bench: Bench, quick: bool = False, extra: list[str] | None = None, machi
     seconds = round(time.time() - t0, 1)
     if status == "ok":
         mode = ["--quick"] if quick else []
-        block = {"name": bench.name, "kind": bench.kind, "mode": "quick" if quick else "full",
-                 "command": " ".join(["python -m bench", bench.name, *mode, *extra]).strip(),
-                 "script": " ".join([f"python bench/{bench.script}", *_fill(cmd, out.relative_to(ROOT), Path("{work}")),
-                                     *extra]),
-                 "prepare": [" ".join(["python -m tapper.cli" if c[0] == "tapper" else f"python {c[0]}",
-                                       *_fill(c[1:], out.relative_to(ROOT), Path("{work}"))])
-                             for c in (bench.quick_prepare if quick else bench.prepare)],
-                 "spec": next((a for a in cmd if a.startswith("bench/specs/")), None),
-                 "machine": machine_info(), "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                 "seconds": seconds, "commit": _git_commit()}
+        block = {
+            "name": bench.name,
+            "kind": bench.kind,
+            "mode": "quick" if quick else "full",
+            "command": " ".join(["python -m bench", bench.name, *mode, *extra]).strip(),
+            "script": " ".join(
+                [f"python bench/{bench.script}", *_fill(cmd, out.relative_to(ROOT), Path("{work}")), *extra]
+            ),
+            "prepare": [
+                " ".join(
+                    [
+                        "python -m tapper.cli" if c[0] == "tapper" else f"python {c[0]}",
+                        *_fill(c[1:], out.relative_to(ROOT), Path("{work}")),
+                    ]
+                )
+                for c in (bench.quick_prepare if quick else bench.prepare)
+            ],
+            "spec": next((a for a in cmd if a.startswith("bench/specs/")), None),
+            "machine": machine_info(),
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "seconds": seconds,
+            "commit": _git_commit(),
+        }
         written = stamp(out, block)
         if written is None:
             status = f"failed (no results file {out.relative_to(ROOT)})"
-    return {"name": bench.name, "kind": bench.kind, "status": status, "seconds": seconds,
-            "results": str(out.relative_to(ROOT))}
+    return {
+        "name": bench.name,
+        "kind": bench.kind,
+        "status": status,
+        "seconds": seconds,
+        "results": str(out.relative_to(ROOT)),
+    }
 
 
 def listing() -> str:
@@ -279,16 +522,22 @@ def listing() -> str:
         for b in (b for b in REGISTRY if b.kind == kind):
             lines.append(f"  {b.name:<24} {b.goal}")
             for prep in b.prepare:
-                lines.append(f"  {'':<24} first: " + ("python -m tapper.cli " if prep[0] == "tapper" else "python ")
-                             + " ".join(prep[1:] if prep[0] == "tapper" else prep))
+                lines.append(
+                    f"  {'':<24} first: "
+                    + ("python -m tapper.cli " if prep[0] == "tapper" else "python ")
+                    + " ".join(prep[1:] if prep[0] == "tapper" else prep)
+                )
             lines.append(f"  {'':<24} full:  python bench/{b.script} {' '.join(b.args)}")
-            lines.append(f"  {'':<24} quick: " + (f"python bench/{b.script} {' '.join(b.quick)}" if b.quick
-                                                   else f"none ({b.no_quick})"))
-            lines.append(f"  {'':<24} -> bench/results/{b.results}_<machine>.json"
-                         + (f", {b.page}" if b.page else ""))
+            lines.append(
+                f"  {'':<24} quick: "
+                + (f"python bench/{b.script} {' '.join(b.quick)}" if b.quick else f"none ({b.no_quick})")
+            )
+            lines.append(f"  {'':<24} -> bench/results/{b.results}_<machine>.json" + (f", {b.page}" if b.page else ""))
     lines.append("")
-    lines.append("python -m bench NAME [--quick] [ARGS]  runs one; python -m bench quick  runs every quick mode "
-                 "(results in bench/results/quick/)")
+    lines.append(
+        "python -m bench NAME [--quick] [ARGS]  runs one; python -m bench quick  runs every quick mode "
+        "(results in bench/results/quick/)"
+    )
     return "\n".join(lines)
 
 
@@ -303,11 +552,15 @@ def run_quick(names: list[str]) -> int:
     total = time.time() - t0
     print(f"\n{'benchmark':<24} {'kind':<8} {'seconds':>8}  status / results")
     for r in rows:
-        print(f"{r['name']:<24} {r['kind']:<8} {r['seconds']:>8.1f}  {r['status']}"
-              + (f"  {r['results']}" if r["status"] == "ok" else f"  {r.get('why', '')}"))
-    print(f"quick suite: {sum(r['status'] == 'ok' for r in rows)} ok, "
-          f"{sum(r['status'].startswith('failed') for r in rows)} failed, "
-          f"{sum(r['status'] == 'skipped' for r in rows)} skipped, {total / 60:.1f} min")
+        print(
+            f"{r['name']:<24} {r['kind']:<8} {r['seconds']:>8.1f}  {r['status']}"
+            + (f"  {r['results']}" if r["status"] == "ok" else f"  {r.get('why', '')}")
+        )
+    print(
+        f"quick suite: {sum(r['status'] == 'ok' for r in rows)} ok, "
+        f"{sum(r['status'].startswith('failed') for r in rows)} failed, "
+        f"{sum(r['status'] == 'skipped' for r in rows)} skipped, {total / 60:.1f} min"
+    )
     return 1 if any(r["status"].startswith("failed") for r in rows) else 0
 
 

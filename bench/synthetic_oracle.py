@@ -10,6 +10,7 @@ synthetic check's numbers should be read against.
 
     python bench/synthetic_oracle.py data/syn --stage2-users 80 [--last 5,10,15] [--out FILE.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,11 @@ def oracle_accuracy(build: Path, stage2_users: int, windows: list[int]) -> dict:
     for user in users_by_activity(ds)[:stage2_users]:
         history = user_history(by_user[user])
         # A user's queries share one history, so each window's label counts are counted once.
-        counts = {name: Counter(r.fields["category"] for r in (history[-k:] if k else history))
-                  for name, k in strategies.items() if k is not None}
+        counts = {
+            name: Counter(r.fields["category"] for r in (history[-k:] if k else history))
+            for name, k in strategies.items()
+            if k is not None
+        }
         for q in by_user[user]:
             candidates = candidates_in(q.input.split("article:")[-1])
             for name in strategies:
@@ -55,15 +59,22 @@ def oracle_accuracy(build: Path, stage2_users: int, windows: list[int]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("build", type=Path, help="a `tapper build synthetic` output directory")
-    parser.add_argument("--stage2-users", type=int, default=80, help="evaluate the N most active users' queries (default 80)")
-    parser.add_argument("--last", default="5,10,15", help="history windows for the recent-count oracles (default 5,10,15)")
+    parser.add_argument(
+        "--stage2-users", type=int, default=80, help="evaluate the N most active users' queries (default 80)"
+    )
+    parser.add_argument(
+        "--last", default="5,10,15", help="history windows for the recent-count oracles (default 5,10,15)"
+    )
     parser.add_argument("--out", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     result = oracle_accuracy(args.build, args.stage2_users, [int(k) for k in args.last.split(",") if k])
     for name, groups in result.items():
         print(f"{name:16s} " + "  ".join(f"{g} {v:.3f}" for g, v in groups.items()))
     if args.out:
-        args.out.write_text(json.dumps({"build": str(args.build), "stage2_users": args.stage2_users, "accuracy": result}, indent=1) + "\n")
+        args.out.write_text(
+            json.dumps({"build": str(args.build), "stage2_users": args.stage2_users, "accuracy": result}, indent=1)
+            + "\n"
+        )
     return 0
 
 

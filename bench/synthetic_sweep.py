@@ -23,6 +23,7 @@ are combined with `--merge a.json b.json --out all.json`. A sweep stopped part w
 `--work`) keeps its finished runs: `--collect --work DIR` reports those without running
 anything.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,17 +48,35 @@ def tapper_cmd(*args: str) -> list[str]:
 
 def run_sweep(spec: dict, work: Path, jobs: int, limit_s: float | None) -> dict:
     def command(run: dict, d: Path) -> list[str]:
-        cmd = tapper_cmd("experiment", "--questions", str(d / "questions.json"), "--outputs", str(d / "outputs.json"),
-                         "--backbone", run.get("backbone", "tiny"), "--out", str(work / "runs" / run["name"]),
-                         "--stage2-users", str(run.get("users", 80)),
-                         "--variants", run.get("variants", "base,tap-per,lambda0"), "--no-progress")
+        cmd = tapper_cmd(
+            "experiment",
+            "--questions",
+            str(d / "questions.json"),
+            "--outputs",
+            str(d / "outputs.json"),
+            "--backbone",
+            run.get("backbone", "tiny"),
+            "--out",
+            str(work / "runs" / run["name"]),
+            "--stage2-users",
+            str(run.get("users", 80)),
+            "--variants",
+            run.get("variants", "base,tap-per,lambda0"),
+            "--no-progress",
+        )
         return cmd + [a for kv in spec.get("common", []) + run.get("set", []) for a in ("--set", kv)]
 
     return run_processes(spec, work, jobs, limit_s, command, read_run)
 
 
-def run_processes(spec: dict, work: Path, jobs: int, limit_s: float | None,
-                  command: Callable[[dict, Path], list[str]], read: Callable[[Path, str, float], dict]) -> dict:
+def run_processes(
+    spec: dict,
+    work: Path,
+    jobs: int,
+    limit_s: float | None,
+    command: Callable[[dict, Path], list[str]],
+    read: Callable[[Path, str, float], dict],
+) -> dict:
     """Build the spec's datasets, then run one process per run, `jobs` at a time.
 
     `command(run, data_dir)` gives a run's command line, `read(work, name, seconds)` its
@@ -66,8 +85,13 @@ def run_processes(spec: dict, work: Path, jobs: int, limit_s: float | None,
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, jobs))))
     for name, flags in spec["data"].items():
-        subprocess.run(tapper_cmd("build", "synthetic", "--out", str(work / name), *flags.split()),
-                       check=True, env=env, stdout=subprocess.DEVNULL, cwd=ROOT)
+        subprocess.run(
+            tapper_cmd("build", "synthetic", "--out", str(work / name), *flags.split()),
+            check=True,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            cwd=ROOT,
+        )
     pending = list(spec["runs"])
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     results: dict[str, dict] = {}
@@ -76,7 +100,9 @@ def run_processes(spec: dict, work: Path, jobs: int, limit_s: float | None,
         while pending and len(running) < jobs:
             run = pending.pop(0)
             log = open(work / f"{run['name']}.log", "w")
-            proc = subprocess.Popen(command(run, work / run["data"]), env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            proc = subprocess.Popen(
+                command(run, work / run["data"]), env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+            )
             running[run["name"]] = (proc, time.time())
         time.sleep(1)
         for name, (proc, t0) in list(running.items()):
@@ -93,9 +119,13 @@ def run_processes(spec: dict, work: Path, jobs: int, limit_s: float | None,
 def machine(jobs: int) -> dict:
     import torch
 
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "device": "cuda: " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-            "jobs": jobs}
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "device": "cuda: " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "jobs": jobs,
+    }
 
 
 def read_run(work: Path, name: str, seconds: float) -> dict:
@@ -108,8 +138,11 @@ def read_run(work: Path, name: str, seconds: float) -> dict:
         for group, x in groups.items():
             row[f"{variant}@{group}"] = round(x["accuracy"], 4)
             row[f"n@{group}"] = x.get("n")
-    row["lambdas"] = {v: [round(x["lambda_t"], 3), round(x["lambda_o"], 3)]
-                      for v, x in m.get("details", {}).items() if "lambda_t" in x}
+    row["lambdas"] = {
+        v: [round(x["lambda_t"], 3), round(x["lambda_o"], 3)]
+        for v, x in m.get("details", {}).items()
+        if "lambda_t" in x
+    }
     row["seconds"] = round(seconds)
     return row
 
@@ -124,19 +157,29 @@ def aggregate(results: dict[str, dict]) -> dict[str, dict]:
     out = {}
     for group, rows in groups.items():
         keys = [k for k in rows[0] if isinstance(rows[0][k], float) and all(k in r for r in rows)]
-        stats = {k: {"mean": round(statistics.mean(r[k] for r in rows), 4),
-                     "sd": round(statistics.stdev(r[k] for r in rows), 4) if len(rows) > 1 else 0.0} for k in keys}
+        stats = {
+            k: {
+                "mean": round(statistics.mean(r[k] for r in rows), 4),
+                "sd": round(statistics.stdev(r[k] for r in rows), 4) if len(rows) > 1 else 0.0,
+            }
+            for k in keys
+        }
         # Paired differences, seed by seed: what the claims are about (TAP-PER against every other row).
         others = [k for k in keys if "@" not in k and k != "tap-per"]
-        pairs = [("tap-per", "base", "tap-per_minus_base"), ("tap-per@drifting", "lambda0@drifting", "lambda_gain@drifting"),
-                 ("tap-per", "lambda0", "lambda_gain")]
+        pairs = [
+            ("tap-per", "base", "tap-per_minus_base"),
+            ("tap-per@drifting", "lambda0@drifting", "lambda_gain@drifting"),
+            ("tap-per", "lambda0", "lambda_gain"),
+        ]
         pairs += [("tap-per", o, f"tap-per_minus_{o}") for o in others if o not in ("base", "lambda0")]
         for a, b, label in pairs:
             if all(a in r and b in r for r in rows):
                 diffs = [r[a] - r[b] for r in rows]
-                stats[label] = {"mean": round(statistics.mean(diffs), 4),
-                                "sd": round(statistics.stdev(diffs), 4) if len(diffs) > 1 else 0.0,
-                                "per_seed": [round(d, 4) for d in diffs]}
+                stats[label] = {
+                    "mean": round(statistics.mean(diffs), 4),
+                    "sd": round(statistics.stdev(diffs), 4) if len(diffs) > 1 else 0.0,
+                    "per_seed": [round(d, 4) for d in diffs],
+                }
         out[group] = {"seeds": len(rows), **stats}
     return out
 
@@ -149,11 +192,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help="where data and runs go (default: a temporary directory)")
     parser.add_argument("--limit-s", type=float, help="kill runs still going after this many seconds")
     parser.add_argument("--runs", help="comma-separated run names to do (default: all in the spec)")
-    parser.add_argument("--collect", action="store_true",
-                        help="run nothing: report the runs of the spec that finished in --work (a sweep stopped part way)")
-    parser.add_argument("--merge", type=Path, nargs="+", metavar="RESULT",
-                        help="run nothing: combine result JSONs of parts of this spec (e.g. seeds run at different "
-                             "times with --runs) into one, with the mean and sd over all their seeds")
+    parser.add_argument(
+        "--collect",
+        action="store_true",
+        help="run nothing: report the runs of the spec that finished in --work (a sweep stopped part way)",
+    )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        metavar="RESULT",
+        help="run nothing: combine result JSONs of parts of this spec (e.g. seeds run at different "
+        "times with --runs) into one, with the mean and sd over all their seeds",
+    )
     args = parser.parse_args(argv)
     spec = json.loads(args.spec.read_text())
     if args.merge:
@@ -183,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         results = run_sweep(spec, work, max(1, args.jobs), args.limit_s)
     report = {
         "machine": machine(args.jobs),
-        "spec": spec, "results": results, "by_group": aggregate(results), "seconds": round(time.time() - t0),
+        "spec": spec,
+        "results": results,
+        "by_group": aggregate(results),
+        "seconds": round(time.time() - t0),
     }
     write_report(report, out)
     return 0
@@ -203,9 +257,15 @@ def collect_runs(spec: dict, work: Path, jobs: int) -> dict:
         done[run["name"]] = read_run(work, run["name"], m.get("seconds", 0.0))
     if not done:
         raise SystemExit(f"{work}: no run of the spec has finished")
-    return {"machine": machine(jobs), "spec": select_runs(spec, list(done)), "results": done,
-            "by_group": aggregate(done), "seconds": round(sum(r["seconds"] for r in done.values())),
-            "collected_from": str(work), "not_finished": not_finished}
+    return {
+        "machine": machine(jobs),
+        "spec": select_runs(spec, list(done)),
+        "results": done,
+        "by_group": aggregate(done),
+        "seconds": round(sum(r["seconds"] for r in done.values())),
+        "collected_from": str(work),
+        "not_finished": not_finished,
+    }
 
 
 def select_runs(spec: dict, wanted: list[str]) -> dict:
@@ -225,8 +285,9 @@ def write_report(report: dict, out: Path) -> None:
     print(f"wrote {out}")
 
 
-def merge_reports(spec: dict, paths: list[Path], summarize: Callable[[dict], dict] | None = None,
-                  key: str = "by_group") -> dict:
+def merge_reports(
+    spec: dict, paths: list[Path], summarize: Callable[[dict], dict] | None = None, key: str = "by_group"
+) -> dict:
     """One report from several partial ones of `spec`: their runs together, re-aggregated
     (by `summarize` into `key`; bench/online_seeds.py passes its own)."""
     results: dict[str, dict] = {}
@@ -239,13 +300,21 @@ def merge_reports(spec: dict, paths: list[Path], summarize: Callable[[dict], dic
             if name in results:
                 raise ValueError(f"{path}: run {name!r} is in more than one of the files")
             results[name] = row
-        parts.append({"file": path.name, "machine": part["machine"], "runs": sorted(part["results"]), "seconds": part["seconds"]})
+        parts.append(
+            {"file": path.name, "machine": part["machine"], "runs": sorted(part["results"]), "seconds": part["seconds"]}
+        )
     names = {r["name"] for r in spec["runs"]}
     unknown = sorted(set(results) - names)
     if unknown:
         raise ValueError(f"runs {unknown} are not in the spec")
-    return {"machine": parts[0]["machine"], "merged_from": parts, "spec": spec, "results": results,
-            key: (summarize or aggregate)(results), "seconds": sum(p["seconds"] for p in parts)}
+    return {
+        "machine": parts[0]["machine"],
+        "merged_from": parts,
+        "spec": spec,
+        "results": results,
+        key: (summarize or aggregate)(results),
+        "seconds": sum(p["seconds"] for p in parts),
+    }
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ LoRAs' and prefix encoder's own FLOPs are < 1 % and left out), plus attention's 
 forward, twice that in the backward. Recomputation under checkpointing is not counted (it is overhead, not
 model work), as is the convention for MFU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,7 +61,10 @@ def matmul_peak(device: torch.device, dtype: str, n: int, repeats: int = 5) -> f
 def model_flops(config, tokens: int, seq: int) -> float:
     d, layers = int(config.hidden_size), int(config.num_hidden_layers)
     ffn = int(config.intermediate_size)
-    heads, kv = int(config.num_attention_heads), int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    heads, kv = (
+        int(config.num_attention_heads),
+        int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads),
+    )
     head_dim = int(getattr(config, "head_dim", None) or d // heads)
     per_layer = d * heads * head_dim * 2 + d * kv * head_dim * 2 + 3 * d * ffn  # q,o + k,v + gate,up,down
     n = layers * per_layer
@@ -76,8 +80,18 @@ def run(args, stage: int, device: torch.device) -> dict:
     from tapper.train.loop import train_epochs
 
     steps = args.warmup + args.steps
-    w = build_workload(args.backbone, stage, args.batch, args.seq, args.history, args.dtype, args.checkpointing,
-                       args.micro, device=device, n_items=steps * args.batch)
+    w = build_workload(
+        args.backbone,
+        stage,
+        args.batch,
+        args.seq,
+        args.history,
+        args.dtype,
+        args.checkpointing,
+        args.micro,
+        device=device,
+        n_items=steps * args.batch,
+    )
     times: list[float] = []
     last = [time.perf_counter()]
 
@@ -89,15 +103,21 @@ def run(args, stage: int, device: torch.device) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     last[0] = time.perf_counter()
-    train_epochs(w.items, w.loss_fn, w.groups, epochs=1, batch_size=args.batch, on_step=on_step, progress=False,
-                 **w.loop_kwargs)
+    train_epochs(
+        w.items, w.loss_fn, w.groups, epochs=1, batch_size=args.batch, on_step=on_step, progress=False, **w.loop_kwargs
+    )
     timed = sorted(times[args.warmup :])
     step_s = timed[len(timed) // 2]  # median
     tokens = args.batch * args.seq
     flops = model_flops(w.config, tokens, args.seq)
-    out = {"stage": stage, "step_s": round(step_s, 4), "step_s_all": [round(t, 4) for t in times],
-           "tokens_per_s": round(tokens / step_s, 1), "model_flops_per_step": flops,
-           "model_flops_per_s": flops / step_s}
+    out = {
+        "stage": stage,
+        "step_s": round(step_s, 4),
+        "step_s_all": [round(t, 4) for t in times],
+        "tokens_per_s": round(tokens / step_s, 1),
+        "model_flops_per_step": flops,
+        "model_flops_per_s": flops / step_s,
+    }
     if device.type == "cuda":
         out["peak_memory"] = torch.cuda.max_memory_allocated(device)
         plan = w.plan()
@@ -108,7 +128,9 @@ def run(args, stage: int, device: torch.device) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="tiny")
-    ap.add_argument("--random-init", metavar="CONFIG", help="a run config: its backbone, batch size, max_len and memory settings")
+    ap.add_argument(
+        "--random-init", metavar="CONFIG", help="a run config: its backbone, batch size, max_len and memory settings"
+    )
     ap.add_argument("--stage", default="1,2")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
@@ -128,7 +150,11 @@ def main() -> None:
         from tapper.plan.cli import load_config_file
 
         backbone, cfg = load_config_file(args.random_init)
-        args.backbone, args.batch, args.seq = backbone, cfg.stage2.micro_batch_size or cfg.stage2.batch_size, cfg.stage2.max_len
+        args.backbone, args.batch, args.seq = (
+            backbone,
+            cfg.stage2.micro_batch_size or cfg.stage2.batch_size,
+            cfg.stage2.max_len,
+        )
         args.dtype, args.checkpointing = cfg.stage2.dtype, cfg.stage2.gradient_checkpointing
     from tapper.model.backbone import default_device
 
@@ -139,18 +165,31 @@ def main() -> None:
         s["mfu"] = round(s["model_flops_per_s"] / peak, 4)
     name = args.backbone.split("/")[-1]
     res = {
-        "backbone": args.backbone, "random_init": args.random_init, "device": str(device),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
-        "settings": {k: getattr(args, k) for k in ("batch", "seq", "history", "dtype", "checkpointing", "micro", "steps", "warmup")},
-        "matmul_peak_flops": peak, "stages": stages,
+        "backbone": args.backbone,
+        "random_init": args.random_init,
+        "device": str(device),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        },
+        "settings": {
+            k: getattr(args, k)
+            for k in ("batch", "seq", "history", "dtype", "checkpointing", "micro", "steps", "warmup")
+        },
+        "matmul_peak_flops": peak,
+        "stages": stages,
     }
     out = Path(args.out or Path(__file__).parent / "results" / f"throughput_{name}_{device.type}.json")
     atomic_write_json(out, res)
     for s in stages:
-        print(f"stage {s['stage']}: {s['step_s']:.3f} s/step, {s['tokens_per_s']:.0f} tokens/s, MFU {s['mfu']:.1%} "
-              f"of a measured {peak / 1e9:.1f} GFLOP/s matmul peak")
+        print(
+            f"stage {s['stage']}: {s['step_s']:.3f} s/step, {s['tokens_per_s']:.0f} tokens/s, MFU {s['mfu']:.1%} "
+            f"of a measured {peak / 1e9:.1f} GFLOP/s matmul peak"
+        )
     print(f"wrote {out}")
 
 

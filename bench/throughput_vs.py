@@ -15,6 +15,7 @@ measured in this run, with the same thread count, before and after the timings (
 load average is recorded around every timing: on a shared machine it says how much the numbers can be trusted.
 --profile: one more run of the new code per stage under torch.profiler, where its CPU time goes, by op and kind.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,9 +36,24 @@ from tapper.atomic import atomic_write_json  # noqa: E402
 
 def timed(code: Path, args, stage: int, profile: Path | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": str(args.threads)}
-    cmd = [sys.executable, str(ROOT / "bench" / "step_timer.py"), "--backbone", args.backbone, "--stage", str(stage),
-           "--batch", str(args.batch), "--seq", str(args.seq), "--history", str(args.history), "--steps", str(args.steps),
-           "--threads", str(args.threads)] + (["--profile", str(profile)] if profile else [])
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "step_timer.py"),
+        "--backbone",
+        args.backbone,
+        "--stage",
+        str(stage),
+        "--batch",
+        str(args.batch),
+        "--seq",
+        str(args.seq),
+        "--history",
+        str(args.history),
+        "--steps",
+        str(args.steps),
+        "--threads",
+        str(args.threads),
+    ] + (["--profile", str(profile)] if profile else [])
     out = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -71,14 +87,27 @@ def main() -> None:
     from tapper.plan.backbones import backbone_config
 
     stages = [int(s) for s in args.stages.split(",")]
-    old_rev = subprocess.run(["git", "rev-parse", args.old], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    new_rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    old_rev = subprocess.run(
+        ["git", "rev-parse", args.old], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    new_rev = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
     # Code only: a results file rewritten by an earlier run is not a change to what is measured.
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"],
-                                cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip())
+    dirty = bool(
+        subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
     peaks = [peak(args)]
     tmp = Path(tempfile.mkdtemp(prefix="tapper-old-"))
-    subprocess.run(["git", "worktree", "add", "--detach", str(tmp / "tree"), old_rev], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", str(tmp / "tree"), old_rev], cwd=ROOT, check=True, capture_output=True
+    )
     runs: dict[int, dict[str, list[dict]]] = {s: {"old": [], "new": []} for s in stages}
     try:
         for _ in range(args.rounds):
@@ -97,8 +126,11 @@ def main() -> None:
         # Two readings: wall time (what a dedicated machine would show, if the load was equal) and this process's
         # CPU seconds per step (insensitive to waiting for a core on a shared machine).
         results[str(s)] = {
-            "runs": runs[s], "best_step_s": best, "speedup": best["old"] / best["new"],
-            "best_step_cpu_s": cpu, "cpu_speedup": cpu["old"] / cpu["new"],
+            "runs": runs[s],
+            "best_step_s": best,
+            "speedup": best["old"] / best["new"],
+            "best_step_cpu_s": cpu,
+            "cpu_speedup": cpu["old"] / cpu["new"],
             "tokens_per_s": {k: args.batch * args.seq / v for k, v in best.items()},
             "mfu": {k: flops / v / best_peak for k, v in best.items()},
             "mfu_cpu_time": {k: flops / v / best_peak for k, v in cpu.items()},
@@ -109,20 +141,33 @@ def main() -> None:
             results[str(s)]["profile_new"] = json.loads(prof.read_text())
             prof.unlink()
     loads = [x for st in runs.values() for side in st.values() for r in side for x in r.get("load_1min", [])]
-    res = {"old": old_rev, "new": new_rev, "new_has_uncommitted_changes": dirty, "backbone": args.backbone,
-           "settings": vars(args),
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads},
-           "load_1min": {"min": min(loads), "max": max(loads), "mean": sum(loads) / len(loads)},
-           "matmul_peak_flops": best_peak, "matmul_peaks": peaks, "model_flops_per_step": flops, "stages": results}
+    res = {
+        "old": old_rev,
+        "new": new_rev,
+        "new_has_uncommitted_changes": dirty,
+        "backbone": args.backbone,
+        "settings": vars(args),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads},
+        "load_1min": {"min": min(loads), "max": max(loads), "mean": sum(loads) / len(loads)},
+        "matmul_peak_flops": best_peak,
+        "matmul_peaks": peaks,
+        "model_flops_per_step": flops,
+        "stages": results,
+    }
     out = Path(args.out or ROOT / "bench" / "results" / f"throughput_vs_{args.old}_{args.backbone}_cpu.json")
     atomic_write_json(out, res)
-    print(f"matmul peak {best_peak / 1e9:.1f} GFLOP/s ({args.threads} thread(s)); load {res['load_1min']['min']:.2f}-"
-          f"{res['load_1min']['max']:.2f}")
+    print(
+        f"matmul peak {best_peak / 1e9:.1f} GFLOP/s ({args.threads} thread(s)); load {res['load_1min']['min']:.2f}-"
+        f"{res['load_1min']['max']:.2f}"
+    )
     for s, r in results.items():
         b, c = r["best_step_s"], r["best_step_cpu_s"]
-        print(f"stage {s}, {args.backbone}: old {b['old']:.2f} s, new {b['new']:.2f} s per step, speedup {r['speedup']:.2f}x "
-              f"(CPU s/step {c['old']:.2f} -> {c['new']:.2f}, {r['cpu_speedup']:.2f}x); MFU old {r['mfu']['old']:.1%}, "
-              f"new {r['mfu']['new']:.1%}")
+        print(
+            f"stage {s}, {args.backbone}: old {b['old']:.2f} s, new {b['new']:.2f} s per step, speedup "
+            f"{r['speedup']:.2f}x "
+            f"(CPU s/step {c['old']:.2f} -> {c['new']:.2f}, {r['cpu_speedup']:.2f}x); MFU old {r['mfu']['old']:.1%}, "
+            f"new {r['mfu']['new']:.1%}"
+        )
     print(f"wrote {out}")
 
 

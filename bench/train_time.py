@@ -7,6 +7,7 @@ Wall-clock seconds of the per-user optimisation loop (best of --repeats), on a s
 see tapper/analysis/timing.py. Writes the JSON and a plot beside it. Cost on the 2-core CPU box: tiny,
 default lengths ~30 s; smollm2 with --lengths 8,16,32 --repeats 1 ~5 min (one thread).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,15 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out or Path(__file__).parent / "results" / f"train_time_{args.backbone}_cpu.json")
     t0 = time.time()
-    res = time_user_training(args.backbone, tuple(int(x) for x in args.lengths.split(",")), args.epochs, args.batch_size,
-                             args.max_len, threads=args.threads, repeats=args.repeats)
+    res = time_user_training(
+        args.backbone,
+        tuple(int(x) for x in args.lengths.split(",")),
+        args.epochs,
+        args.batch_size,
+        args.max_len,
+        threads=args.threads,
+        repeats=args.repeats,
+    )
     res["wall_s"] = round(time.time() - t0, 1)
     atomic_write_json(out, res)
     plot_timing(res, out.with_suffix(".png"))

@@ -9,6 +9,7 @@ query has a gold). The result is a `QualityResult`: pass/fail, the failed
 expectations in words, summary numbers, and a self-contained HTML page made
 from GX's Data Docs.
 """
+
 from __future__ import annotations
 
 import html
@@ -38,6 +39,7 @@ class QualityResult:
 
 
 # --- flattening ------------------------------------------------------------------------------
+
 
 def _load_json(blob: bytes, name: str) -> tuple[Any, str | None]:
     try:
@@ -79,7 +81,9 @@ def flatten(files: LampFiles, task: str) -> dict[str, list[dict]]:
             {"file": files.questions_name, "role": "questions", "parsed": q_err is None, "problem": q_err or ""},
             {"file": files.outputs_name, "role": "outputs", "parsed": o_err is None, "problem": o_err or ""},
         ],
-        "queries": [], "records": [], "golds": [],
+        "queries": [],
+        "records": [],
+        "golds": [],
     }
     golds: dict[str, Any] = {}
     if o_err is None:
@@ -98,12 +102,16 @@ def flatten(files: LampFiles, task: str) -> dict[str, list[dict]]:
             qids.add(qid)
             profile = q.get("profile") if isinstance(q.get("profile"), list) else None
             user = q.get("user_id", q.get("id"))
-            tables["queries"].append({
-                "id": qid, "input": q.get("input") if isinstance(q.get("input"), str) else None,
-                "user_id": None if user is None else str(user),
-                "profile_len": len(profile) if profile is not None else None,
-                "has_gold": qid in golds, "gold": golds.get(qid),
-            })
+            tables["queries"].append(
+                {
+                    "id": qid,
+                    "input": q.get("input") if isinstance(q.get("input"), str) else None,
+                    "user_id": None if user is None else str(user),
+                    "profile_len": len(profile) if profile is not None else None,
+                    "has_gold": qid in golds,
+                    "gold": golds.get(qid),
+                }
+            )
             parsed: list[Record] = []
             rows = []
             for j, r in enumerate(profile or []):
@@ -114,11 +122,18 @@ def flatten(files: LampFiles, task: str) -> dict[str, list[dict]]:
                     date_ok = True
                 except ValueError:
                     date, date_ok = None, False
-                row = {"query_id": qid, "record_id": rid, "date": None if r.get("date") is None else str(r.get("date")),
-                       "date_ok": date_ok, "chronological": True}
+                row = {
+                    "query_id": qid,
+                    "record_id": rid,
+                    "date": None if r.get("date") is None else str(r.get("date")),
+                    "date_ok": date_ok,
+                    "chronological": True,
+                }
                 for name in spec.profile_fields:
                     v = r.get(name)
-                    row[f"field_{name}"] = str(v) if isinstance(v, (str, int, float)) and not isinstance(v, bool) else None
+                    row[f"field_{name}"] = (
+                        str(v) if isinstance(v, (str, int, float)) and not isinstance(v, bool) else None
+                    )
                 rows.append(row)
                 parsed.append(Record(id=str(j), fields={}, date=date))
             # The loader sorts each profile by date; the order it yields must then be chronological.
@@ -133,6 +148,7 @@ def flatten(files: LampFiles, task: str) -> dict[str, list[dict]]:
 
 
 # --- expectations ----------------------------------------------------------------------------
+
 
 def build_suites(task: str, min_history: int, max_history: int) -> dict[str, list]:
     import great_expectations as gx
@@ -169,7 +185,9 @@ def build_suites(task: str, min_history: int, max_history: int) -> dict[str, lis
         suites["queries"].append(E.ExpectColumnValuesToBeInSet(column="gold", value_set=list(spec.labels)))
         suites["golds"].append(E.ExpectColumnValuesToBeInSet(column="output", value_set=list(spec.labels)))
         if spec.target_field is not None:
-            suites["records"].append(E.ExpectColumnValuesToBeInSet(column=f"field_{spec.target_field}", value_set=list(spec.labels)))
+            suites["records"].append(
+                E.ExpectColumnValuesToBeInSet(column=f"field_{spec.target_field}", value_set=list(spec.labels))
+            )
     return suites
 
 
@@ -201,12 +219,28 @@ _PLAIN: dict[tuple[str, str, str | None], str] = {
     ("queries", "expect_column_values_to_not_be_null", "input"): "question(s) without an input text",
     ("queries", "expect_column_values_to_not_be_null", "user_id"): "question(s) without a user_id",
     ("queries", "expect_column_values_to_be_in_set", "has_gold"): "question(s) have no gold answer in the outputs file",
-    ("queries", "expect_column_values_to_be_between", "profile_len"): "question(s) have a history (profile) of {bounds} records",
-    ("queries", "expect_column_values_to_be_in_set", "gold"): "question(s) have a gold answer that is not a {task} label",
+    (
+        "queries",
+        "expect_column_values_to_be_between",
+        "profile_len",
+    ): "question(s) have a history (profile) of {bounds} records",
+    (
+        "queries",
+        "expect_column_values_to_be_in_set",
+        "gold",
+    ): "question(s) have a gold answer that is not a {task} label",
     ("records", "expect_column_values_to_not_be_null", "record_id"): "history record(s) without an id",
-    ("records", "expect_compound_columns_to_be_unique", None): "history record(s) repeat a record id within one question's profile",
+    (
+        "records",
+        "expect_compound_columns_to_be_unique",
+        None,
+    ): "history record(s) repeat a record id within one question's profile",
     ("records", "expect_column_values_to_be_in_set", "date_ok"): "history record(s) have a date that does not parse",
-    ("records", "expect_column_values_to_be_in_set", "chronological"): "question(s) have a profile whose dates go backwards",
+    (
+        "records",
+        "expect_column_values_to_be_in_set",
+        "chronological",
+    ): "question(s) have a profile whose dates go backwards",
     ("golds", "expect_column_values_to_not_be_null", "id"): "gold(s) without an id",
     ("golds", "expect_column_values_to_be_unique", "id"): "gold(s) share an id with another gold",
     ("golds", "expect_column_values_to_not_be_null", "output"): "gold(s) without an output",
@@ -217,8 +251,9 @@ _SHOW = {"has_gold": "id", "date_ok": "date", "chronological": "query_id", "prof
 _FILE_OF = {"queries": "questions", "records": "questions", "golds": "outputs"}
 
 
-def describe_failure(table: str, res, rows: list[dict] | None = None, files: LampFiles | None = None,
-                     task: str = "") -> str:
+def describe_failure(
+    table: str, res, rows: list[dict] | None = None, files: LampFiles | None = None, task: str = ""
+) -> str:
     """One failed expectation in words: which file, how many rows, what is wrong with them, examples.
 
     e.g. "questions.json: 1 history record(s) have a date that does not parse (e.g. '2020-13-45' in record 'r0'
@@ -231,12 +266,18 @@ def describe_failure(table: str, res, rows: list[dict] | None = None, files: Lam
     key = (table, cfg.type, col if isinstance(col, str) else None)
     what = _PLAIN.get(key)
     if what is None and isinstance(col, str) and col.startswith("field_"):
-        field = col[len("field_"):]
-        what = (f"history record(s) have a {field!r} that is not a {task} label"
-                if cfg.type == "expect_column_values_to_be_in_set" else f"history record(s) lack the field {field!r}")
+        field = col[len("field_") :]
+        what = (
+            f"history record(s) have a {field!r} that is not a {task} label"
+            if cfg.type == "expect_column_values_to_be_in_set"
+            else f"history record(s) lack the field {field!r}"
+        )
     lo, hi = kw.get("min_value"), kw.get("max_value")
-    bounds = (f"fewer than {lo:g}" if lo is not None else "") + (" or " if lo is not None and hi is not None else "") + \
-             (f"more than {hi:g}" if hi is not None else "")
+    bounds = (
+        (f"fewer than {lo:g}" if lo is not None else "")
+        + (" or " if lo is not None and hi is not None else "")
+        + (f"more than {hi:g}" if hi is not None else "")
+    )
     what = (what or cfg.type.replace("expect_", "").replace("_", " ")).format(task=task, bounds=bounds)
     examples: list[str] = []
     indices = r.get("partial_unexpected_index_list") or []
@@ -247,10 +288,17 @@ def describe_failure(table: str, res, rows: list[dict] | None = None, files: Lam
             if row is None:
                 continue
             value = row.get(show) if show else None
-            where = f"record {row['record_id']!r} of question {row['query_id']!r}" if table == "records" else \
-                    f"question {row['id']!r}" if table == "queries" and show != "id" else ""
+            where = (
+                f"record {row['record_id']!r} of question {row['query_id']!r}"
+                if table == "records"
+                else f"question {row['id']!r}"
+                if table == "queries" and show != "id"
+                else ""
+            )
             if table == "queries" and show == "id":
-                examples.append(repr(row.get("id")) + (f" ({row.get('profile_len')} records)" if col == "profile_len" else ""))
+                examples.append(
+                    repr(row.get("id")) + (f" ({row.get('profile_len')} records)" if col == "profile_len" else "")
+                )
             else:
                 examples.append(" in ".join(x for x in (repr(value) if value is not None else "", where) if x))
     elif r.get("partial_unexpected_list"):
@@ -270,6 +318,7 @@ def validate_files(files: LampFiles, min_history: int = 1, max_history: int = 10
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
+
     task = resolve_task(files)
     tables = flatten(files, task)
     suites = build_suites(task, min_history, max_history)
@@ -287,39 +336,63 @@ def validate_files(files: LampFiles, min_history: int = 1, max_history: int = 10
             batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
             suite = ctx.suites.add(gx.ExpectationSuite(name=f"{task}.{name}", expectations=exps))
             vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=f"{task}.{name}", data=batch, suite=suite))
-            cp = ctx.checkpoints.add(gx.Checkpoint(
-                name=f"{task}.{name}", validation_definitions=[vd],
-                actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
-                result_format={"result_format": "SUMMARY", "partial_unexpected_count": 3},
-            ))
+            cp = ctx.checkpoints.add(
+                gx.Checkpoint(
+                    name=f"{task}.{name}",
+                    validation_definitions=[vd],
+                    actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
+                    result_format={"result_format": "SUMMARY", "partial_unexpected_count": 3},
+                )
+            )
             run = cp.run(batch_parameters={"dataframe": _frame(name, tables[name], task)})
             for vr in run.run_results.values():
                 for res in vr.results:
                     ok = bool(res.success)
-                    expectations.append({"table": name, "expectation": res.expectation_config.type,
-                                         "column": res.expectation_config.kwargs.get("column"), "success": ok})
+                    expectations.append(
+                        {
+                            "table": name,
+                            "expectation": res.expectation_config.type,
+                            "column": res.expectation_config.kwargs.get("column"),
+                            "success": ok,
+                        }
+                    )
                     if not ok and name == "files":
                         # the file did not parse: its own problem (not valid JSON, wrong top level) says it plainly
-                        failures.extend(f"{Path(row['file']).name}: {row['problem'].split(': ', 1)[-1]}"
-                                        for row in tables["files"] if not row["parsed"])
+                        failures.extend(
+                            f"{Path(row['file']).name}: {row['problem'].split(': ', 1)[-1]}"
+                            for row in tables["files"]
+                            if not row["parsed"]
+                        )
                     elif not ok:
                         failures.append(describe_failure(name, res, tables[name], files, task))
         site = Path(root) / "gx" / "uncommitted" / "data_docs" / "local_site"
         for page in sorted((site / "validations").rglob("*.html")) if site.exists() else []:
             pages.append((page.relative_to(site / "validations").parts[0], _inline_css(page.read_text(), site)))
     summary = {
-        "task": task, "success": not failures, "expectations": len(expectations),
+        "task": task,
+        "success": not failures,
+        "expectations": len(expectations),
         "failed_expectations": sum(not e["success"] for e in expectations),
-        "queries": len(tables["queries"]), "records": len(tables["records"]), "golds": len(tables["golds"]),
+        "queries": len(tables["queries"]),
+        "records": len(tables["records"]),
+        "golds": len(tables["golds"]),
         "users": len({q["user_id"] for q in tables["queries"]}),
-        "questions_sha256": files.questions_sha256, "outputs_sha256": files.outputs_sha256,
+        "questions_sha256": files.questions_sha256,
+        "outputs_sha256": files.outputs_sha256,
     }
-    return QualityResult(task=task, success=not failures, failures=failures, summary=summary,
-                         html=report_html(task, files, summary, failures, expectations, pages), expectations=expectations)
+    return QualityResult(
+        task=task,
+        success=not failures,
+        failures=failures,
+        summary=summary,
+        html=report_html(task, files, summary, failures, expectations, pages),
+        expectations=expectations,
+    )
 
 
 def _inline_css(page: str, site: Path) -> str:
     """GX pages link their CSS relative to the site; inline what exists so the page stands alone."""
+
     def repl(m: re.Match) -> str:
         href = m.group(1)
         local = site / re.sub(r"^(\.\./)+", "", href)
@@ -336,19 +409,27 @@ def report_html(task, files, summary, failures, expectations, pages) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(e['table'])}</td><td>{html.escape(e['expectation'])}</td>"
         f"<td>{html.escape(str(e['column'] or ''))}</td><td style='color:{'#1a7f37' if e['success'] else '#cf222e'}'>"
-        f"{'pass' if e['success'] else 'FAIL'}</td></tr>" for e in expectations)
+        f"{'pass' if e['success'] else 'FAIL'}</td></tr>"
+        for e in expectations
+    )
     fails = "".join(f"<li>{html.escape(f)}</li>" for f in failures)
     frames = "".join(
         f"<h3>GX Data Docs: {html.escape(name)}</h3><iframe style='width:100%;height:700px;border:1px solid #ccc' "
-        f"srcdoc=\"{html.escape(page, quote=True)}\"></iframe>" for name, page in pages)
+        f'srcdoc="{html.escape(page, quote=True)}"></iframe>'
+        for name, page in pages
+    )
     nums = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
     return (
-        "<html><head><meta charset='utf-8'><title>tapper data quality</title></head><body style='font-family:sans-serif'>"
-        f"<h2>Data quality: {html.escape(task)} — <span style='color:{color}'>{'PASSED' if ok else 'FAILED'}</span></h2>"
-        f"<p>questions: <code>{html.escape(files.questions_name)}</code><br>outputs: <code>{html.escape(files.outputs_name)}</code></p>"
+        "<html><head><meta charset='utf-8'><title>tapper data quality</title></head><body "
+        "style='font-family:sans-serif'>"
+        f"<h2>Data quality: {html.escape(task)} — <span "
+        f"style='color:{color}'>{'PASSED' if ok else 'FAILED'}</span></h2>"
+        f"<p>questions: <code>{html.escape(files.questions_name)}</code><br>outputs: "
+        f"<code>{html.escape(files.outputs_name)}</code></p>"
         + (f"<h3>What failed</h3><ul>{fails}</ul>" if fails else "")
         + f"<h3>Summary</h3><table border='1' cellpadding='4' style='border-collapse:collapse'>{nums}</table>"
         + f"<h3>Expectations</h3><table border='1' cellpadding='4' style='border-collapse:collapse'>"
-          f"<tr><th>table</th><th>expectation</th><th>column</th><th>result</th></tr>{rows}</table>"
-        + frames + "</body></html>"
+        f"<tr><th>table</th><th>expectation</th><th>column</th><th>result</th></tr>{rows}</table>"
+        + frames
+        + "</body></html>"
     )

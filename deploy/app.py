@@ -20,6 +20,7 @@ endpoints run in the thread pool.
 Run: `tapper serve --model-dir DIR`, or `uvicorn --factory deploy.app:app_from_env` with TAPPER_MODEL_DIR set
 (and the tokens, deploy.auth).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -82,7 +83,9 @@ async def await_predictions(futures: list[Future], request: Request) -> list | N
     return None
 
 
-def create_app(cfg: ServeConfig | None = None, service: TapperService | None = None, host: str | None = None) -> FastAPI:
+def create_app(
+    cfg: ServeConfig | None = None, service: TapperService | None = None, host: str | None = None
+) -> FastAPI:
     cfg = cfg or (service.cfg if service else ServeConfig.from_env())
     cfg.auth.check_startable(host)  # fail closed: no tokens, no server (unless --insecure-local on loopback)
     svc = service or TapperService(cfg)
@@ -101,8 +104,12 @@ def create_app(cfg: ServeConfig | None = None, service: TapperService | None = N
     metrics = ServingMetrics(svc)
     app.state.metrics = metrics
     # Outermost first: metrics see every answer, including the limits' 413/503.
-    app.add_middleware(RequestLimitsMiddleware, max_body_bytes=limits.max_body_bytes, max_inflight=limits.max_inflight,
-                       retry_after_s=cfg.batching.retry_after_s)
+    app.add_middleware(
+        RequestLimitsMiddleware,
+        max_body_bytes=limits.max_body_bytes,
+        max_inflight=limits.max_inflight,
+        retry_after_s=cfg.batching.retry_after_s,
+    )
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
 
     # --- errors: one shape ----------------------------------------------------------------------------
@@ -122,7 +129,9 @@ def create_app(cfg: ServeConfig | None = None, service: TapperService | None = N
         if isinstance(exc, BodyTooLarge):
             return _json(413, too_large_items(exc.limit), {"Connection": "close"})
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _json(exc.status_code, [{"loc": [], "msg": str(exc.detail), "type": kind}], getattr(exc, "headers", None))
+        return _json(
+            exc.status_code, [{"loc": [], "msg": str(exc.detail), "type": kind}], getattr(exc, "headers", None)
+        )
 
     @app.exception_handler(HistoryError)
     async def _bad_stored_history(request: Request, exc: HistoryError):
@@ -133,8 +142,16 @@ def create_app(cfg: ServeConfig | None = None, service: TapperService | None = N
     @app.exception_handler(OSError)
     async def _os_error(request: Request, exc: OSError):
         if is_no_space(exc):
-            return _json(507, [{"loc": [], "msg": f"the disk is full ({exc.strerror or exc}); nothing was written",
-                                "type": "insufficient_storage"}])
+            return _json(
+                507,
+                [
+                    {
+                        "loc": [],
+                        "msg": f"the disk is full ({exc.strerror or exc}); nothing was written",
+                        "type": "insufficient_storage",
+                    }
+                ],
+            )
         log.exception("I/O error", exc_info=exc)
         return _json(500, [{"loc": [], "msg": f"I/O error: {exc.strerror or exc}", "type": "io_error"}])
 
@@ -154,10 +171,20 @@ def create_app(cfg: ServeConfig | None = None, service: TapperService | None = N
     async def health():
         ld = svc._loaded
         if ld is None:
-            return JSONResponse(status_code=503, content={"status": "unavailable", **errors.body(
-                [{"loc": [], "msg": "model not loaded", "type": "not_ready"}])})
-        return {"status": "ok", "task": ld.task.name, "model_version": ld.bundle.version, "generation": ld.generation,
-                "sequence": ld.sequence}
+            return JSONResponse(
+                status_code=503,
+                content={
+                    "status": "unavailable",
+                    **errors.body([{"loc": [], "msg": "model not loaded", "type": "not_ready"}]),
+                },
+            )
+        return {
+            "status": "ok",
+            "task": ld.task.name,
+            "model_version": ld.bundle.version,
+            "generation": ld.generation,
+            "sequence": ld.sequence,
+        }
 
     @app.get("/info", responses=responses(401, 503), dependencies=[Depends(bearer_scheme)])
     def info(role: str = Depends(auth.optional), max_users: int = 1000):
@@ -175,7 +202,11 @@ def create_app(cfg: ServeConfig | None = None, service: TapperService | None = N
         if req.max_new_tokens is not None and req.max_new_tokens > limits.max_new_tokens:
             p.add(["body", "max_new_tokens"], f"at most {limits.max_new_tokens}", "less_than_equal")
         if (req.input is None) == (req.fields is None):
-            p.add(["body", "input"], "give exactly one of 'input' (the full query text) or 'fields' (the task's fields)", "missing")
+            p.add(
+                ["body", "input"],
+                "give exactly one of 'input' (the full query text) or 'fields' (the task's fields)",
+                "missing",
+            )
         history = to_records(req.history, ("body", "history"), task, limits, feedback=False, p=p)
         p.raise_if_any()
         text = req.input
@@ -185,8 +216,14 @@ def create_app(cfg: ServeConfig | None = None, service: TapperService | None = N
             except ValueError as err:
                 missing = str(err).rsplit("field ", 1)[-1].strip("'")
                 raise FieldProblem([{"loc": ["body", "fields", missing], "msg": str(err), "type": "missing"}]) from None
-        return PredictJob(user_id=req.user_id, text=text, history=history, query_date=parse_lamp_date(req.date),
-                          query_id=req.id, max_new_tokens=req.max_new_tokens)
+        return PredictJob(
+            user_id=req.user_id,
+            text=text,
+            history=history,
+            query_date=parse_lamp_date(req.date),
+            query_id=req.id,
+            max_new_tokens=req.max_new_tokens,
+        )
 
     @app.post("/predict", responses=responses(400, 401, 413, 422, 500, 503), dependencies=[Depends(bearer_scheme)])
     async def predict(req: PredictRequest, request: Request, role: str = Depends(auth.api)):
@@ -204,8 +241,9 @@ def create_app(cfg: ServeConfig | None = None, service: TapperService | None = N
 
     # --- writes ---------------------------------------------------------------------------------------
 
-    @app.post("/feedback", responses=responses(400, 401, 409, 413, 422, 500, 503, 507),
-              dependencies=[Depends(bearer_scheme)])
+    @app.post(
+        "/feedback", responses=responses(400, 401, 409, 413, 422, 500, 503, 507), dependencies=[Depends(bearer_scheme)]
+    )
     def feedback(req: FeedbackRequest, role: str = Depends(auth.api)):
         s = _ready()
         p = Problems()
@@ -236,9 +274,16 @@ def create_app(cfg: ServeConfig | None = None, service: TapperService | None = N
             ld = svc.load()
         except Exception as err:  # the old model keeps serving
             log.exception("reload failed")
-            raise ApiError.one(500, [], f"reload failed, still serving the previous model: {err}", "reload_failed") from None
-        return {"status": "reloaded", "model_version": ld.bundle.version, "generation": ld.generation,
-                "sequence": ld.sequence, "n_users": len(ld.live_users())}
+            raise ApiError.one(
+                500, [], f"reload failed, still serving the previous model: {err}", "reload_failed"
+            ) from None
+        return {
+            "status": "reloaded",
+            "model_version": ld.bundle.version,
+            "generation": ld.generation,
+            "sequence": ld.sequence,
+            "n_users": len(ld.live_users()),
+        }
 
     # async: on the event loop, not in the thread pool where feedbacks wait; reads attributes and /proc only.
     @app.get("/metrics", include_in_schema=False)

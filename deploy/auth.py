@@ -10,6 +10,7 @@ match), so the time taken does not tell how much of a guess was right. Header va
 a non-ASCII value is compared as its bytes and simply does not match (compare_digest on str raises for
 non-ASCII, which was a 500).
 """
+
 from __future__ import annotations
 
 import hmac

@@ -12,6 +12,7 @@ Columns: `user_id` and `input` (the task's full input text) are required; `date`
 a timestamp; missing: the latest history date), `history` (a list of LaMP profile items used in addition to the
 stored ones, not stored) and `id` are optional. A bad value raises a ValueError naming the row and column.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -37,8 +38,15 @@ class BatchScorer:
         self.predictor = Predictor(ld, "tapper", rag_k=4, default_max_new_tokens=max_new_tokens)
 
     @classmethod
-    def from_dirs(cls, state_dir: str | Path, stage1_dir: str | Path, task: str, histories: str | Path | None = None,
-                  version: str = "mlflow", **kw) -> "BatchScorer":
+    def from_dirs(
+        cls,
+        state_dir: str | Path,
+        stage1_dir: str | Path,
+        task: str,
+        histories: str | Path | None = None,
+        version: str = "mlflow",
+        **kw,
+    ) -> "BatchScorer":
         from tapper.model.backbone import load_backbone_dir
         from tapper.model.tapper import TapPer
 
@@ -48,14 +56,25 @@ class BatchScorer:
         meta = json.loads((state_dir / "tapper_config.json").read_text())
         info = BundleInfo(path=state_dir, task=task, version=version, backbone_hash=meta.get("backbone_hash", ""))
         store = HistoryStore.read(histories) if histories else HistoryStore()
-        ld = Loaded(bundle=info, bundle_id="batch", task=info.task_spec(), backbone=bb, model=model, histories=store,
-                    generation=None, sequence=0, loaded_at=time.time())
+        ld = Loaded(
+            bundle=info,
+            bundle_id="batch",
+            task=info.task_spec(),
+            backbone=bb,
+            model=model,
+            histories=store,
+            generation=None,
+            sequence=0,
+            loaded_at=time.time(),
+        )
         return cls(ld, **kw)
 
     def jobs(self, df) -> list[PredictJob]:
         missing = [c for c in REQUIRED if c not in df.columns]
         if missing:
-            raise ValueError(f"batch scoring needs columns {list(REQUIRED)} (optional {list(OPTIONAL)}); missing {missing}")
+            raise ValueError(
+                f"batch scoring needs columns {list(REQUIRED)} (optional {list(OPTIONAL)}); missing {missing}"
+            )
         unknown = [c for c in df.columns if c not in REQUIRED + OPTIONAL]
         if unknown:
             raise ValueError(f"unknown columns {unknown}; expected {list(REQUIRED)} and optionally {list(OPTIONAL)}")
@@ -72,8 +91,15 @@ class BatchScorer:
                     items = json.loads(items)
                 history = [record_from_json(item, f"{where}, column 'history' [{i}]") for i, item in enumerate(items)]
             rid = row["id"] if "id" in df.columns and not _missing(row["id"]) else f"row-{n}"
-            out.append(PredictJob(user_id=str(user), text=str(text), history=history,
-                                  query_date=_date(row["date"], where) if "date" in df.columns else None, query_id=str(rid)))
+            out.append(
+                PredictJob(
+                    user_id=str(user),
+                    text=str(text),
+                    history=history,
+                    query_date=_date(row["date"], where) if "date" in df.columns else None,
+                    query_id=str(rid),
+                )
+            )
         return out
 
     def score(self, df):
@@ -82,7 +108,7 @@ class BatchScorer:
         jobs = self.jobs(df)
         predictions = []
         for a in range(0, len(jobs), self.batch_size):
-            for result in self.predictor.run(jobs[a: a + self.batch_size]):
+            for result in self.predictor.run(jobs[a : a + self.batch_size]):
                 if isinstance(result, BaseException):
                     raise result
                 predictions.append(result["prediction"])

@@ -14,6 +14,7 @@ are not safe to share between threads).
 The loop holds only a weak reference to its Batcher, so a Batcher nobody uses any more is collected and its
 thread ends; `close()` ends it at once.
 """
+
 from __future__ import annotations
 
 import logging
@@ -50,8 +51,13 @@ class BatchStats:
 
 
 class Batcher:
-    def __init__(self, run_batch: Callable[[Sequence[Any]], Sequence[Any]], cfg: Batching,
-                 on_batch: Callable[[int, list[float]], None] | None = None, name: str = "tapper-batcher"):
+    def __init__(
+        self,
+        run_batch: Callable[[Sequence[Any]], Sequence[Any]],
+        cfg: Batching,
+        on_batch: Callable[[int, list[float]], None] | None = None,
+        name: str = "tapper-batcher",
+    ):
         """`run_batch(payloads)` returns one result per payload, each a value or an exception instance (that job
         fails alone). `on_batch(size, queue_waits)` is told about every batch (metrics)."""
         self.cfg = cfg
@@ -60,8 +66,9 @@ class Batcher:
         self.stats = BatchStats()
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=cfg.max_queue)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=_worker, args=(weakref.ref(self), self._queue, self._stop),
-                                        name=name, daemon=True)
+        self._thread = threading.Thread(
+            target=_worker, args=(weakref.ref(self), self._queue, self._stop), name=name, daemon=True
+        )
         self._thread.start()
 
     def submit(self, payload: Any) -> Future:

@@ -1,6 +1,7 @@
 """The server's side of the model bundle (the format itself: tapper.bundle): the users' history store read lazily
 (deploy.histories), and bundles built from the MLflow registry (`models:/<name>@production`).
 """
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,37 @@ from pathlib import Path
 
 from deploy.histories import HistoryStore, read_histories_dir
 from tapper.atomic import atomic_write_json
-# The format, re-exported for the server's modules.
-from tapper.bundle import (FORMAT, FORMAT_VERSION, META_FILE, STAGE1_DIR, STATE_DIR, STATE_FILES,  # noqa: F401
-                           BundleError, BundleInfo, export_bundle, publish_bundle, read_bundle)
+from tapper.bundle import (
+    FORMAT,
+    FORMAT_VERSION,
+    META_FILE,
+    STAGE1_DIR,
+    STATE_DIR,
+    STATE_FILES,
+    BundleError,
+    BundleInfo,
+    export_bundle,
+    publish_bundle,
+    read_bundle,
+)
+
+# The format is the core's (tapper.bundle), re-exported for the server's modules; the rest is the server's own.
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "META_FILE",
+    "STAGE1_DIR",
+    "STATE_DIR",
+    "STATE_FILES",
+    "BundleError",
+    "BundleInfo",
+    "export_bundle",
+    "publish_bundle",
+    "read_bundle",
+    "read_histories",
+    "bundle_from_mlflow_dir",
+    "bundle_from_mlflow",
+]
 
 
 def read_histories(info: BundleInfo, spool_dir: str | os.PathLike | None = None) -> HistoryStore:
@@ -23,8 +52,10 @@ def read_histories(info: BundleInfo, spool_dir: str | os.PathLike | None = None)
 
 # --- MLflow registry -------------------------------------------------------------------------------
 
-def bundle_from_mlflow_dir(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, version: str | None = None,
-                           overwrite: bool = False) -> BundleInfo:
+
+def bundle_from_mlflow_dir(
+    model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, version: str | None = None, overwrite: bool = False
+) -> BundleInfo:
     """Bundle from a downloaded MLflow pyfunc model directory (the layout steps/register.py logs)."""
     import yaml
 
@@ -41,7 +72,9 @@ def bundle_from_mlflow_dir(model_dir: str | os.PathLike, out_dir: str | os.PathL
 
     state, ref_file = art("tapper_state"), art("backbone_ref")
     if state is None or ref_file is None:
-        raise BundleError(f"{mlmodel}: not a tapper model (artifacts tapper_state and backbone_ref expected, got {sorted(arts)})")
+        raise BundleError(
+            f"{mlmodel}: not a tapper model (artifacts tapper_state and backbone_ref expected, got {sorted(arts)})"
+        )
     ref = json.loads(ref_file.read_text())
     stage1 = art("stage1_backbone")
     if stage1 is None:
@@ -50,14 +83,22 @@ def bundle_from_mlflow_dir(model_dir: str | os.PathLike, out_dir: str | os.PathL
             raise BundleError(
                 f"{mlmodel}: the model was registered without its Stage-1 backbone (log_backbone=False) and the "
                 f"backbone's artifact-store location {uri!r} is not a local directory here; register with "
-                "log_backbone=True, or mount the artifact store, or export the bundle from the pipeline instead")
+                "log_backbone=True, or mount the artifact store, or export the bundle from the pipeline instead"
+            )
         stage1 = Path(uri)
     meta = conf.get("metadata") or {}
     hist_file = art("histories")  # the Stage-2 users' histories, when the model was registered with them
     histories = HistoryStore.read(hist_file) if hist_file is not None and hist_file.is_file() else None
-    return export_bundle(stage1, state, ref["task"], out_dir, version=version or meta.get("zenml_model_version"),
-                         histories=histories, source={"mlflow_model_dir": str(model_dir), **{k: str(v) for k, v in meta.items()}},
-                         overwrite=overwrite)
+    return export_bundle(
+        stage1,
+        state,
+        ref["task"],
+        out_dir,
+        version=version or meta.get("zenml_model_version"),
+        histories=histories,
+        source={"mlflow_model_dir": str(model_dir), **{k: str(v) for k, v in meta.items()}},
+        overwrite=overwrite,
+    )
 
 
 def bundle_from_mlflow(model_uri: str, out_dir: str | os.PathLike, *, overwrite: bool = False) -> BundleInfo:
@@ -69,7 +110,7 @@ def bundle_from_mlflow(model_uri: str, out_dir: str | os.PathLike, *, overwrite:
 
     version = None
     if model_uri.startswith("models:/") and "@" in model_uri:
-        name, alias = model_uri[len("models:/"):].split("@", 1)
+        name, alias = model_uri[len("models:/") :].split("@", 1)
         mv = mlflow.MlflowClient().get_model_version_by_alias(name, alias)
         version = f"{name}/{mv.version}"
     with tempfile.TemporaryDirectory(prefix="tapper-mlflow-") as tmp:

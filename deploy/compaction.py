@@ -13,6 +13,7 @@ feedback retried it under the lock (a slow full snapshot on each request).
 The thread holds only a weak reference to the service, so a service nobody uses any more is collected and its
 thread ends; `close()` ends it at once.
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,8 +45,9 @@ class Compactor:
         self._idle.set()
         self._erase = False
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=_loop, args=(weakref.ref(service), self), name="tapper-compactor",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=_loop, args=(weakref.ref(service), self), name="tapper-compactor", daemon=True
+        )
         self._thread.start()
 
     def request(self, erase: bool = False) -> None:

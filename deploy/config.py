@@ -4,6 +4,7 @@ Settings come from flags (deploy.serve) over the environment (`ServeConfig.from_
 deploy/README.md. A value that makes no sense (a negative limit, an unknown mode) stops the server at start,
 naming the setting, rather than surfacing as odd behaviour under traffic.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,7 +50,11 @@ class Limits:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if f.name == "max_future_days" else 1):
+            if (
+                not isinstance(value, int)
+                or isinstance(value, bool)
+                or value < (0 if f.name == "max_future_days" else 1)
+            ):
                 raise ConfigError(f"limits.{f.name} must be a positive integer, got {value!r}")
 
 
@@ -70,8 +75,10 @@ class Batching:
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_queue < 1 or self.retry_after_s < 0 or not (0 <= self.max_wait_ms <= 1000):
-            raise ConfigError(f"batching: max_batch and max_queue must be >= 1, max_wait_ms in [0, 1000], "
-                              f"retry_after_s >= 0; got {self}")
+            raise ConfigError(
+                f"batching: max_batch and max_queue must be >= 1, max_wait_ms in [0, 1000], "
+                f"retry_after_s >= 0; got {self}"
+            )
 
 
 @dataclass(frozen=True)
@@ -89,8 +96,10 @@ class Auth:
         for kind in ("api_tokens", "admin_tokens"):
             for token in getattr(self, kind):
                 if len(token) < MIN_TOKEN_CHARS or not token.isascii() or not token.isprintable() or " " in token:
-                    raise ConfigError(f"auth.{kind}: a token must be at least {MIN_TOKEN_CHARS} printable ASCII "
-                                      "characters without spaces")
+                    raise ConfigError(
+                        f"auth.{kind}: a token must be at least {MIN_TOKEN_CHARS} printable ASCII "
+                        "characters without spaces"
+                    )
 
     @property
     def open(self) -> bool:
@@ -101,14 +110,21 @@ class Auth:
         """Fail closed: refuse to start without tokens, unless insecure_local on a loopback address."""
         if self.insecure_local:
             if host is not None and host not in LOOPBACK_HOSTS:
-                raise ConfigError(f"--insecure-local serves without tokens and only binds to loopback; got --host {host}")
+                raise ConfigError(
+                    f"--insecure-local serves without tokens and only binds to loopback; got --host {host}"
+                )
             return
-        missing = [name for name, tokens in (("TAPPER_API_TOKEN", self.api_tokens), ("TAPPER_ADMIN_TOKEN", self.admin_tokens))
-                   if not tokens]
+        missing = [
+            name
+            for name, tokens in (("TAPPER_API_TOKEN", self.api_tokens), ("TAPPER_ADMIN_TOKEN", self.admin_tokens))
+            if not tokens
+        ]
         if missing:
-            raise ConfigError(f"refusing to start without {' and '.join(missing)}: every endpoint that changes state or "
-                              "reveals a user needs a token. Set them (the Kubernetes Secret tapper-serve-tokens), or "
-                              "pass --insecure-local to serve on loopback without tokens")
+            raise ConfigError(
+                f"refusing to start without {' and '.join(missing)}: every endpoint that changes state or "
+                "reveals a user needs a token. Set them (the Kubernetes Secret tapper-serve-tokens), or "
+                "pass --insecure-local to serve on loopback without tokens"
+            )
 
 
 @dataclass
@@ -212,18 +228,33 @@ class ServeConfig:
             scratch_dir=env.get("TAPPER_SCRATCH_DIR") or None,
         )
         kw = {k: v for k, v in kw.items() if v is not None}
-        limits = {k: v for k, v in dict(
-            max_body_bytes=num("TAPPER_MAX_BODY_BYTES"), max_text_chars=num("TAPPER_MAX_TEXT_CHARS"),
-            max_request_history=num("TAPPER_MAX_REQUEST_HISTORY"), max_feedback_records=num("TAPPER_MAX_FEEDBACK_RECORDS"),
-            max_stored_history=num("TAPPER_MAX_STORED_HISTORY"), max_future_days=num("TAPPER_MAX_FUTURE_DAYS"),
-            max_inflight=num("TAPPER_MAX_INFLIGHT"),
-        ).items() if v is not None}
-        batching = {k: v for k, v in dict(
-            max_batch=num("TAPPER_MAX_BATCH"), max_wait_ms=num("TAPPER_BATCH_WAIT_MS", float),
-            max_queue=num("TAPPER_MAX_QUEUE"),
-        ).items() if v is not None}
-        auth = dict(api_tokens=_tokens(env.get("TAPPER_API_TOKEN")), admin_tokens=_tokens(env.get("TAPPER_ADMIN_TOKEN")),
-                    insecure_local=env.get("TAPPER_INSECURE_LOCAL", "0").lower() in ("1", "true", "yes"))
+        limits = {
+            k: v
+            for k, v in dict(
+                max_body_bytes=num("TAPPER_MAX_BODY_BYTES"),
+                max_text_chars=num("TAPPER_MAX_TEXT_CHARS"),
+                max_request_history=num("TAPPER_MAX_REQUEST_HISTORY"),
+                max_feedback_records=num("TAPPER_MAX_FEEDBACK_RECORDS"),
+                max_stored_history=num("TAPPER_MAX_STORED_HISTORY"),
+                max_future_days=num("TAPPER_MAX_FUTURE_DAYS"),
+                max_inflight=num("TAPPER_MAX_INFLIGHT"),
+            ).items()
+            if v is not None
+        }
+        batching = {
+            k: v
+            for k, v in dict(
+                max_batch=num("TAPPER_MAX_BATCH"),
+                max_wait_ms=num("TAPPER_BATCH_WAIT_MS", float),
+                max_queue=num("TAPPER_MAX_QUEUE"),
+            ).items()
+            if v is not None
+        }
+        auth = dict(
+            api_tokens=_tokens(env.get("TAPPER_API_TOKEN")),
+            admin_tokens=_tokens(env.get("TAPPER_ADMIN_TOKEN")),
+            insecure_local=env.get("TAPPER_INSECURE_LOCAL", "0").lower() in ("1", "true", "yes"),
+        )
         for name, group in (("limits", limits), ("batching", batching), ("auth", auth)):
             given = overrides.pop(name, None) or {}
             group.update({k: v for k, v in dict(given).items() if v is not None})

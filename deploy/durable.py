@@ -15,6 +15,7 @@ development machine's disk an fsync of a small file takes about a millisecond, o
 Errors keep their errno, so callers can tell a full disk (ENOSPC, EDQUOT) from anything else (deploy.errors
 answers those with 507).
 """
+
 from __future__ import annotations
 
 import errno

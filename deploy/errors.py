@@ -14,6 +14,7 @@ shape whatever answered). Which statuses mean what:
 
 Routes declare these in OpenAPI with `responses(...)`.
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -73,8 +74,9 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     @classmethod
-    def one(cls, status: int, loc: Sequence[str | int], msg: str, type_: str,
-            headers: dict[str, str] | None = None) -> "ApiError":
+    def one(
+        cls, status: int, loc: Sequence[str | int], msg: str, type_: str, headers: dict[str, str] | None = None
+    ) -> "ApiError":
         return cls(status, [{"loc": list(loc), "msg": msg, "type": type_}], headers)
 
 
@@ -96,8 +98,11 @@ class FeedbackConflict(ApiError):
 
 class QueueFull(ApiError):
     def __init__(self, retry_after: int):
-        super().__init__(503, [{"loc": [], "msg": "the prediction queue is full; retry later", "type": "overloaded"}],
-                         {"Retry-After": str(retry_after)})
+        super().__init__(
+            503,
+            [{"loc": [], "msg": "the prediction queue is full; retry later", "type": "overloaded"}],
+            {"Retry-After": str(retry_after)},
+        )
 
 
 class NotReady(ApiError):

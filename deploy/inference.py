@@ -11,6 +11,7 @@ generation runs without it (deploy.loaded). Rows are left-padded to the longest 
 KV cache runs until every row has ended or the batch's largest `max_new_tokens` is reached, and each row is
 cut to its own limit.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,7 +37,9 @@ class PredictJob:
 class Predictor:
     """Runs batches of PredictJobs on one Loaded model (a new Predictor after each reload)."""
 
-    def __init__(self, ld: Loaded, mode: str, rag_k: int, default_max_new_tokens: int | None, merge_bridge: bool = True):
+    def __init__(
+        self, ld: Loaded, mode: str, rag_k: int, default_max_new_tokens: int | None, merge_bridge: bool = True
+    ):
         from tapper.eval.predict import default_max_new_tokens as task_default
 
         self.ld, self.mode, self.rag_k = ld, mode, rag_k
@@ -48,10 +51,15 @@ class Predictor:
         self.vectors = ServingVectors(bb.model, self.tokenizer)
         cfg = model.cfg
         tapper_mode = mode == "tapper"
-        self.encoder = ServingEncoder(ld.task, self.tokenizer, self.vectors, max_len=cfg.max_len,
-                                      prefix_len=cfg.prefix_len if tapper_mode else 0,
-                                      bm25_k=cfg.bm25_k if tapper_mode else None,
-                                      max_token_chars=max_token_chars(self.tokenizer))
+        self.encoder = ServingEncoder(
+            ld.task,
+            self.tokenizer,
+            self.vectors,
+            max_len=cfg.max_len,
+            prefix_len=cfg.prefix_len if tapper_mode else 0,
+            bm25_k=cfg.bm25_k if tapper_mode else None,
+            max_token_chars=max_token_chars(self.tokenizer),
+        )
         self.max_len = cfg.max_len
         self.default_max_new = default_max_new_tokens or task_default(ld.task)
 
@@ -69,19 +77,24 @@ class Predictor:
                 except ValueError as err:  # HistoryError: this user's stored data is malformed; the others go on
                     results[i] = err
                     continue
-                used = merge_histories({job.user_id: stored}, {job.user_id: list(job.history)}).get(job.user_id, []) \
-                    if job.history else list(stored)
+                used = (
+                    merge_histories({job.user_id: stored}, {job.user_id: list(job.history)}).get(job.user_id, [])
+                    if job.history
+                    else list(stored)
+                )
                 qid = job.query_id or uuid.uuid4().hex
-                ex = Example(id=qid, user_id=job.user_id, input=job.text, target=None, history=used,
-                             query_date=job.query_date)
+                ex = Example(
+                    id=qid, user_id=job.user_id, input=job.text, target=None, history=used, query_date=job.query_date
+                )
                 examples.append((i, ex, len(stored)))
             known = {ex.user_id: ex.user_id in model.user_rows for _, ex, _ in examples}
             rows = {u: model.user_rows.get(u, 0) for u in known} if model.cfg.use_pu else {}
             prefix = None
             if examples and self.mode == "tapper":
                 # A user the table has no row for is served with P_q only (row 0), as a cold start.
-                encoded = self.encoder.encode([ex for _, ex, _ in examples], rows, progress=False,
-                                              unknown_users="pq_only")
+                encoded = self.encoder.encode(
+                    [ex for _, ex, _ in examples], rows, progress=False, unknown_users="pq_only"
+                )
                 prefix, _ = model.prefix_for(encoded.items, encoded.vectors)
         if not examples:
             return results
@@ -92,21 +105,33 @@ class Predictor:
         elif self.mode == "rag":
             from tapper.methods.prompted import encode_augmented
 
-            encoded, _ = encode_augmented(ld.task, self.tokenizer, [ex for _, ex, _ in examples], self.rag_k, self.max_len)
+            encoded, _ = encode_augmented(
+                ld.task, self.tokenizer, [ex for _, ex, _ in examples], self.rag_k, self.max_len
+            )
         wanted = [jobs[i].max_new_tokens or self.default_max_new for i, _, _ in examples]
         tok = self.tokenizer
-        generated = self.plm.generate(lm_generate_batch(encoded.items, tok.pad_token_id), prefix, max(wanted),
-                                      tok.eos_token_id)
+        generated = self.plm.generate(
+            lm_generate_batch(encoded.items, tok.pad_token_id), prefix, max(wanted), tok.eos_token_id
+        )
         for (i, ex, n_stored), item, ids, limit in zip(examples, encoded.items, generated, wanted):
             ids = ids[:limit]
             text = tok.decode(ids, skip_special_tokens=True)
             results[i] = {
-                "id": ex.id, "user_id": ex.user_id, "prediction": ld.task.parse_prediction(text), "text": text,
-                "known_user": known[ex.user_id], "user_row": rows.get(ex.user_id, 0) if self.mode == "tapper" else 0,
+                "id": ex.id,
+                "user_id": ex.user_id,
+                "prediction": ld.task.parse_prediction(text),
+                "text": text,
+                "known_user": known[ex.user_id],
+                "user_row": rows.get(ex.user_id, 0) if self.mode == "tapper" else 0,
                 "history_used": len(item.hist_rows) if self.mode == "tapper" else len(item.history_ids),
-                "history_stored": n_stored, "model_version": ld.bundle.version, "generation": generation,
-                "sequence": sequence, "mode": self.mode, "batch_size": len(examples),
+                "history_stored": n_stored,
+                "model_version": ld.bundle.version,
+                "generation": generation,
+                "sequence": sequence,
+                "mode": self.mode,
+                "batch_size": len(examples),
                 "prompt_tokens": len(item.prompt_ids) + (model.cfg.prefix_len if self.mode == "tapper" else 0),
-                "completion_tokens": len(ids), "finish_reason": "stop" if len(ids) < limit else "length",
+                "completion_tokens": len(ids),
+                "finish_reason": "stop" if len(ids) < limit else "length",
             }
         return results

@@ -5,7 +5,8 @@ users that is gigabytes per click. Here a feedback writes only what it changed (
 new records, a few KB), and the full state is written only every `compact_every` feedbacks::
 
     <state_dir>/
-      CURRENT                    {"generation": "gen-000003", "bundle_id": ..., "bundle_version": ..., "updated_at": ...}
+      CURRENT                    {"generation": "gen-000003", "bundle_id": ..., "bundle_version": ...,
+                                  "updated_at": ...}
       gen-000003/
         meta.json                {"generation", "bundle_id", "bundle_version", "base": "bundle" | "snapshot",
                                   "bundle_path", "parent", "parent_sequence", "written_at"}
@@ -35,6 +36,7 @@ Snapshots also hold `updates.json` ({user: time of the user's last feedback}) fo
 Temporary names a crash left behind (`.gen-*.tmp-*` directories, `.*.tmp` files) are removed at start, under the
 writers' lock, so no other writer can be in the middle of one (`LiveState.remove_stale_temporaries`).
 """
+
 from __future__ import annotations
 
 import json
@@ -53,7 +55,14 @@ from safetensors.torch import save as save_bytes
 
 from deploy.bundle import BundleError, read_bundle, read_histories
 from deploy.durable import durable_write_bytes, fsync_dir, fsync_tree
-from deploy.histories import HISTORIES_FILE, HistoryStore, histories_file, histories_from_json, histories_to_json, write_histories
+from deploy.histories import (
+    HISTORIES_FILE,
+    HistoryStore,
+    histories_file,
+    histories_from_json,
+    histories_to_json,
+    write_histories,
+)
 from tapper.data.types import Record
 
 CURRENT_FILE = "CURRENT"
@@ -175,10 +184,16 @@ class LiveState:
         users = meta.get("users")
         if not isinstance(users, list) or len(users) != rows.shape[0]:
             raise StateError(f"{path}: field 'users' must list one user per row ({rows.shape[0]} rows)")
-        return Delta(sequence=int(meta["sequence"]), users=users, rows=rows, new_users=list(meta.get("new_users", [])),
-                     records=histories_from_json(meta.get("records", {}), f"{path}: records"),
-                     report=meta.get("report"), written_at=meta.get("written_at", ""),
-                     deleted_users=list(meta.get("deleted_users", [])))
+        return Delta(
+            sequence=int(meta["sequence"]),
+            users=users,
+            rows=rows,
+            new_users=list(meta.get("new_users", [])),
+            records=histories_from_json(meta.get("records", {}), f"{path}: records"),
+            report=meta.get("report"),
+            written_at=meta.get("written_at", ""),
+            deleted_users=list(meta.get("deleted_users", [])),
+        )
 
     def snapshot_updates(self, name: str) -> dict[str, str]:
         """{user: time of the user's last feedback} as of a snapshot generation's start ({} if it has none)."""
@@ -220,9 +235,17 @@ class LiveState:
             raise StateError(f"{self.gen_dir(name)}: no such generation; reload the server")
         have = self.sequences(name)
         if (have[-1] if have else 0) != delta.sequence - 1:
-            raise StateError(f"{path}: journal of {name} ends at {have[-1] if have else 0}, cannot append {delta.sequence}")
-        meta = {"sequence": delta.sequence, "users": delta.users, "new_users": delta.new_users,
-                "records": histories_to_json(delta.records), "report": delta.report, "written_at": delta.written_at or _now()}
+            raise StateError(
+                f"{path}: journal of {name} ends at {have[-1] if have else 0}, cannot append {delta.sequence}"
+            )
+        meta = {
+            "sequence": delta.sequence,
+            "users": delta.users,
+            "new_users": delta.new_users,
+            "records": histories_to_json(delta.records),
+            "report": delta.report,
+            "written_at": delta.written_at or _now(),
+        }
         if delta.deleted_users:
             meta["deleted_users"] = delta.deleted_users
         rows = delta.rows.detach().cpu().contiguous()
@@ -231,9 +254,18 @@ class LiveState:
         durable_write_bytes(path, save_bytes({"rows": rows}, metadata={"delta": json.dumps(meta, ensure_ascii=False)}))
         return path
 
-    def start_generation(self, *, bundle_id: str, bundle_version: str, bundle_path: Path, parent: str | None,
-                         parent_sequence: int, model=None, histories: Mapping[str, Sequence[Record]] | None = None,
-                         updates: Mapping[str, str] | None = None) -> str:
+    def start_generation(
+        self,
+        *,
+        bundle_id: str,
+        bundle_version: str,
+        bundle_path: Path,
+        parent: str | None,
+        parent_sequence: int,
+        model=None,
+        histories: Mapping[str, Sequence[Record]] | None = None,
+        updates: Mapping[str, str] | None = None,
+    ) -> str:
         """Write a new generation and point CURRENT at it.
 
         With `model` and `histories` it is a snapshot of them (and `updates`: each user's last feedback time);
@@ -250,10 +282,23 @@ class LiveState:
                 write_histories(tmp / HISTORIES_FILE, histories or {})
                 (tmp / UPDATES_FILE).write_text(json.dumps(dict(updates or {}), ensure_ascii=False))
             (tmp / JOURNAL_DIR).mkdir()
-            (tmp / META_FILE).write_text(json.dumps({
-                "generation": name, "bundle_id": bundle_id, "bundle_version": bundle_version, "base": base,
-                "bundle_path": str(bundle_path), "parent": parent, "parent_sequence": parent_sequence, "written_at": _now(),
-            }, indent=2, ensure_ascii=False) + "\n")
+            (tmp / META_FILE).write_text(
+                json.dumps(
+                    {
+                        "generation": name,
+                        "bundle_id": bundle_id,
+                        "bundle_version": bundle_version,
+                        "base": base,
+                        "bundle_path": str(bundle_path),
+                        "parent": parent,
+                        "parent_sequence": parent_sequence,
+                        "written_at": _now(),
+                    },
+                    indent=2,
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
             for p in (tmp, tmp / JOURNAL_DIR):
                 os.chmod(p, 0o755)
             fsync_tree(tmp)  # every byte on the disk before the name makes it visible
@@ -266,8 +311,13 @@ class LiveState:
         return name
 
     def set_current(self, name: str, bundle_id: str, bundle_version: str) -> None:
-        data = json.dumps({"generation": name, "bundle_id": bundle_id, "bundle_version": bundle_version,
-                           "updated_at": _now()}, indent=2) + "\n"
+        data = (
+            json.dumps(
+                {"generation": name, "bundle_id": bundle_id, "bundle_version": bundle_version, "updated_at": _now()},
+                indent=2,
+            )
+            + "\n"
+        )
         durable_write_bytes(self.root / CURRENT_FILE, data.encode())
 
     def remove_stale_temporaries(self) -> list[str]:
@@ -281,7 +331,11 @@ class LiveState:
             if p.is_dir() and TMP_GEN_RE.match(p.name):
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p.name)
-            elif p.is_file() and p.name.endswith(".tmp") and (p.name.startswith(".") or p.name.startswith(CURRENT_FILE + ".")):
+            elif (
+                p.is_file()
+                and p.name.endswith(".tmp")
+                and (p.name.startswith(".") or p.name.startswith(CURRENT_FILE + "."))
+            ):
                 p.unlink(missing_ok=True)
                 removed.append(p.name)
         for n in self.generation_numbers():

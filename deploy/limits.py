@@ -7,6 +7,7 @@
   the thread pool and the event loop. /health and /metrics are never refused (probes and scrapers must see a
   busy replica as alive).
 """
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,9 @@ class BodyTooLarge(StarletteHTTPException):
 
 
 def too_large_items(limit: int) -> list[dict]:
-    return [{"loc": ["body"], "msg": f"the request body is larger than the limit of {limit} bytes", "type": "too_large"}]
+    return [
+        {"loc": ["body"], "msg": f"the request body is larger than the limit of {limit} bytes", "type": "too_large"}
+    ]
 
 
 async def send_json(send, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
@@ -52,8 +55,14 @@ class RequestLimitsMiddleware:
             await self.app(scope, receive, send)
             return
         if self.inflight >= self.max_inflight:
-            await send_json(send, 503, error_body([{"loc": [], "msg": f"{self.inflight} requests in progress; retry later",
-                                                    "type": "overloaded"}]), {"Retry-After": str(self.retry_after_s)})
+            await send_json(
+                send,
+                503,
+                error_body(
+                    [{"loc": [], "msg": f"{self.inflight} requests in progress; retry later", "type": "overloaded"}]
+                ),
+                {"Retry-After": str(self.retry_after_s)},
+            )
             return
         length = _content_length(scope)
         if length is not None and length > self.max_body_bytes:

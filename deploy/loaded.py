@@ -11,6 +11,7 @@ writes or a compaction (those hold the service's writer lock, deploy.service).
 Copy-on-write: writers replace a user's history list, they never extend it in place, so a reader may keep the
 list it took under the lock.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -71,7 +72,7 @@ class ServingVectors(EmbeddingCache):
         if missing:
             todo = list(missing.items())
             for i in range(0, len(todo), batch_size):
-                chunk = todo[i: i + batch_size]
+                chunk = todo[i : i + batch_size]
                 for (k, _), v in zip(chunk, self._mean_embed([t for _, t in chunk])):
                     fresh[k] = v
         out = torch.stack([fresh[k] if k in fresh else self._lru[k] for k in keys])
@@ -97,7 +98,7 @@ class ServingEncoder(FeatureEncoder):
 
     def tokenize(self, prompt: str, target: str | None) -> tuple[list[int], list[int]]:
         if len(prompt) > 2 * self.room:
-            prompt = prompt[: self.room] + prompt[-self.room:]
+            prompt = prompt[: self.room] + prompt[-self.room :]
         return super().tokenize(prompt, target)
 
 
@@ -120,7 +121,9 @@ class Loaded:
     generation: str | None  # None: the bundle's own state, no feedback applied yet
     sequence: int  # deltas of `generation` applied
     loaded_at: float
-    spool_dir: Path | None = None  # where history stores read from files keep their unread lines (ServeConfig.scratch_dir)
+    spool_dir: Path | None = (
+        None  # where history stores read from files keep their unread lines (ServeConfig.scratch_dir)
+    )
     updates: dict[str, str] = field(default_factory=dict)  # user -> time of their last feedback (ISO, UTC)
     lock: threading.Lock = field(default_factory=threading.Lock)  # guards the per-user state (module doc)
     _bundle_histories: HistoryStore | None = None
@@ -196,11 +199,15 @@ def read_snapshot_table(model, state_dir: Path) -> SnapshotTable:
     with safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())
         if keys - {TABLE_KEY} != set(shared):
-            raise StateError(f"{path}: holds tensors {sorted(keys - {TABLE_KEY} ^ set(shared))[:5]} the live model does not")
+            raise StateError(
+                f"{path}: holds tensors {sorted(keys - {TABLE_KEY} ^ set(shared))[:5]} the live model does not"
+            )
         for k, v in shared.items():
             if not torch.equal(f.get_tensor(k), v.detach().cpu()):
-                raise StateError(f"{path}: {k} differs from the loaded model's (not written by Online-Emb serving); "
-                                 "a full reload is needed")
+                raise StateError(
+                    f"{path}: {k} differs from the loaded model's (not written by Online-Emb serving); "
+                    "a full reload is needed"
+                )
         old = model.prefix.user_table
         if getattr(model, "table_dir", None) is not None:
             weight = load_paged_table(path, model.table_dir, old.weight.dtype)

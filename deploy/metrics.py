@@ -11,6 +11,7 @@ plain attributes of the loaded object without the service's lock: a scrape must 
 update or a queue of predictions. A value read while a feedback is applied may be one update behind; that is
 what a gauge sampled a moment earlier would show too.
 """
+
 from __future__ import annotations
 
 import time
@@ -39,18 +40,28 @@ class ServingMetrics:
     def __init__(self, service):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("tapper_requests", "HTTP requests answered, by endpoint and status code",
-                                ["endpoint", "status"], registry=r)
-        self.duration = Histogram("tapper_request_duration_seconds", "time to answer a request, by endpoint",
-                                  ["endpoint"], buckets=BUCKETS, registry=r)
-        self.feedback_records = Counter("tapper_feedback_records", "records accepted through /feedback by this replica",
-                                        registry=r)
-        self.new_users = Counter("tapper_new_users", "users given a new row of the user table by a /feedback to this replica",
-                                 registry=r)
-        self.batch_size = Histogram("tapper_batch_size", "predictions per forward pass (micro-batching)",
-                                    buckets=BATCH_BUCKETS, registry=r)
-        self.queue_wait = Histogram("tapper_queue_wait_seconds", "time a prediction waited for its batch to start",
-                                    buckets=BUCKETS, registry=r)
+        self.requests = Counter(
+            "tapper_requests", "HTTP requests answered, by endpoint and status code", ["endpoint", "status"], registry=r
+        )
+        self.duration = Histogram(
+            "tapper_request_duration_seconds",
+            "time to answer a request, by endpoint",
+            ["endpoint"],
+            buckets=BUCKETS,
+            registry=r,
+        )
+        self.feedback_records = Counter(
+            "tapper_feedback_records", "records accepted through /feedback by this replica", registry=r
+        )
+        self.new_users = Counter(
+            "tapper_new_users", "users given a new row of the user table by a /feedback to this replica", registry=r
+        )
+        self.batch_size = Histogram(
+            "tapper_batch_size", "predictions per forward pass (micro-batching)", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.queue_wait = Histogram(
+            "tapper_queue_wait_seconds", "time a prediction waited for its batch to start", buckets=BUCKETS, registry=r
+        )
         service.batch_listeners.append(self.batch)
         # process_* (CPU seconds, RSS, open fds, start time) and python_info, as every Python exporter has them.
         ProcessCollector(registry=r)
@@ -124,24 +135,45 @@ class ModelCollector:
     def collect(self) -> Iterable[Metric]:
         svc = self.service
         ld = svc._loaded  # the attribute, not `svc.loaded` (no exception) and not under svc._lock (see module doc)
-        yield GaugeMetricFamily("tapper_model_loaded", "1 when a model is loaded and served, else 0 (/health is 503)",
-                                value=0 if ld is None else 1)
+        yield GaugeMetricFamily(
+            "tapper_model_loaded",
+            "1 when a model is loaded and served, else 0 (/health is 503)",
+            value=0 if ld is None else 1,
+        )
         if ld is None:
             return
-        info = GaugeMetricFamily("tapper_model_info", "the loaded model (value 1); generation is the live feedback "
-                                 "generation, 'none' before the bundle's first feedback", labels=["version", "task", "generation"])
+        info = GaugeMetricFamily(
+            "tapper_model_info",
+            "the loaded model (value 1); generation is the live feedback "
+            "generation, 'none' before the bundle's first feedback",
+            labels=["version", "task", "generation"],
+        )
         info.add_metric([str(ld.bundle.version), str(ld.task.name), ld.generation or "none"], 1)
         yield info
-        yield GaugeMetricFamily("tapper_users", "users with a row in the user table (known users)", value=len(ld.live_users()))
+        yield GaugeMetricFamily(
+            "tapper_users", "users with a row in the user table (known users)", value=len(ld.live_users())
+        )
         yield GaugeMetricFamily("tapper_users_with_history", "users with a stored history", value=len(ld.histories))
-        yield GaugeMetricFamily("tapper_live_sequence", "feedback deltas of the live generation applied here "
-                                "(rises with every feedback to any replica; back to 0 after a compaction)", value=ld.sequence)
-        yield GaugeMetricFamily("tapper_model_age_seconds", "seconds since the model was (re)loaded", value=time.time() - ld.loaded_at)
-        yield GaugeMetricFamily("tapper_scratch_dir_enabled", "1 when per-user state is on local scratch files (--scratch-dir), else 0",
-                                value=1 if svc.cfg.scratch_dir is not None else 0)
+        yield GaugeMetricFamily(
+            "tapper_live_sequence",
+            "feedback deltas of the live generation applied here "
+            "(rises with every feedback to any replica; back to 0 after a compaction)",
+            value=ld.sequence,
+        )
+        yield GaugeMetricFamily(
+            "tapper_model_age_seconds", "seconds since the model was (re)loaded", value=time.time() - ld.loaded_at
+        )
+        yield GaugeMetricFamily(
+            "tapper_scratch_dir_enabled",
+            "1 when per-user state is on local scratch files (--scratch-dir), else 0",
+            value=1 if svc.cfg.scratch_dir is not None else 0,
+        )
         yield GaugeMetricFamily("tapper_queue_depth", "predictions waiting for a batch", value=svc.batcher.depth)
-        yield CounterMetricFamily("tapper_predictions_dropped", "queued predictions dropped because their client had gone",
-                                  value=svc.batcher.stats.dropped)
+        yield CounterMetricFamily(
+            "tapper_predictions_dropped",
+            "queued predictions dropped because their client had gone",
+            value=svc.batcher.stats.dropped,
+        )
         c = svc.compactor.stats
         compactions = CounterMetricFamily("tapper_compactions", "snapshot compactions, by result", labels=["result"])
         compactions.add_metric(["done"], c.done)
@@ -174,8 +206,10 @@ class MemoryCollector:
     def collect(self) -> Iterable[Metric]:
         mem = proc_status_memory()
         if "RssAnon" in mem:
-            yield GaugeMetricFamily("tapper_process_anonymous_memory_bytes", "resident anonymous memory (RssAnon)",
-                                    value=mem["RssAnon"])
+            yield GaugeMetricFamily(
+                "tapper_process_anonymous_memory_bytes", "resident anonymous memory (RssAnon)", value=mem["RssAnon"]
+            )
         if "RssFile" in mem:
-            yield GaugeMetricFamily("tapper_process_file_memory_bytes", "resident file-backed memory (RssFile)",
-                                    value=mem["RssFile"])
+            yield GaugeMetricFamily(
+                "tapper_process_file_memory_bytes", "resident file-backed memory (RssFile)", value=mem["RssFile"]
+            )

@@ -11,6 +11,7 @@ per prompt, batched like any other predictions). Decoding is greedy: `temperatur
 have no effect. What tapper cannot do is refused naming the field (stream, n > 1, echo, logprobs, best_of,
 suffix), rather than silently ignored. `stop` sequences cut the returned text.
 """
+
 from __future__ import annotations
 
 import time
@@ -30,10 +31,12 @@ MAX_PROMPTS = 16
 
 def _unsupported(req: CompletionRequest) -> list[dict]:
     out = []
-    for name, bad, why in (("stream", req.stream, "streaming is not supported"),
-                           ("echo", req.echo, "echo is not supported"),
-                           ("logprobs", req.logprobs is not None, "logprobs are not supported"),
-                           ("suffix", req.suffix is not None, "suffix (insertion) is not supported")):
+    for name, bad, why in (
+        ("stream", req.stream, "streaming is not supported"),
+        ("echo", req.echo, "echo is not supported"),
+        ("logprobs", req.logprobs is not None, "logprobs are not supported"),
+        ("suffix", req.suffix is not None, "suffix (insertion) is not supported"),
+    ):
         if bad:
             out.append({"loc": ["body", name], "msg": why, "type": "unsupported"})
     for name in sorted(req.model_extra or {}):
@@ -48,7 +51,9 @@ def _cut_at_stop(text: str, stop) -> tuple[str, bool]:
 
 
 def register(app: FastAPI, svc, auth, limits, await_predictions, client_gone: int) -> None:
-    @app.post("/v1/completions", responses=responses(400, 401, 413, 422, 500, 503), dependencies=[Depends(bearer_scheme)])
+    @app.post(
+        "/v1/completions", responses=responses(400, 401, 413, 422, 500, 503), dependencies=[Depends(bearer_scheme)]
+    )
     async def completions(req: CompletionRequest, request: Request, role: str = Depends(auth.api)):
         svc.loaded  # noqa: B018 - 503 before anything is queued
         prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
@@ -81,13 +86,22 @@ def register(app: FastAPI, svc, auth, limits, await_predictions, client_gone: in
         choices, prompt_tokens, completion_tokens = [], 0, 0
         for i, r in enumerate(results):
             text, stopped = _cut_at_stop(r["text"], req.stop)
-            choices.append({"text": text, "index": i, "logprobs": None,
-                            "finish_reason": "stop" if stopped else r["finish_reason"]})
+            choices.append(
+                {"text": text, "index": i, "logprobs": None, "finish_reason": "stop" if stopped else r["finish_reason"]}
+            )
             prompt_tokens += r["prompt_tokens"]
             completion_tokens += r["completion_tokens"]
         first = results[0]
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": first["model_version"], "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens},
-                "system_fingerprint": f"tapper-{first['mode']}-{first['generation'] or 'bundle'}-{first['sequence']}"}
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": first["model_version"],
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+            "system_fingerprint": f"tapper-{first['mode']}-{first['generation'] or 'bundle'}-{first['sequence']}",
+        }

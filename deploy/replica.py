@@ -7,6 +7,7 @@ for a snapshot being read. Several replicas (or workers) may share one state dir
 it writes (under the file lock, deploy.writer) and a background thread picks up other replicas' deltas within
 `sync_seconds` (deploy.service).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,16 +42,28 @@ def build(cfg: ServeConfig, state: LiveState) -> Loaded:
     if cfg.verify_backbone and expected:
         got = bb.weights_hash
         if got != expected and tensor_hash(bb.model) != expected:
-            raise ValueError(f"{info.stage1_dir}: weights hash {got[:16]}… is not the backbone the TapPer state "
-                             f"was trained on ({expected[:16]}…); the bundle is inconsistent")
+            raise ValueError(
+                f"{info.stage1_dir}: weights hash {got[:16]}… is not the backbone the TapPer state "
+                f"was trained on ({expected[:16]}…); the bundle is inconsistent"
+            )
     # scratch_dir: the user table is paged there from the start (filled from the file in chunks, never a full
     # copy in memory), and history files read below are spooled there.
     model = TapPer.load(info.state_dir, bb.model, table_dir=cfg.scratch_dir)
     if cfg.mode != "tapper" and model.cfg.use_bridge:
         # "base" and "rag" answer with the Stage-1 backbone alone: the bridge LoRA is switched off for good.
         model.plm.lm.base_model.disable_adapter_layers()
-    ld = Loaded(bundle=info, bundle_id=bid, task=info.task_spec(), backbone=bb, model=model, histories=None,
-                generation=None, sequence=0, loaded_at=time.time(), spool_dir=cfg.scratch_dir)
+    ld = Loaded(
+        bundle=info,
+        bundle_id=bid,
+        task=info.task_spec(),
+        backbone=bb,
+        model=model,
+        histories=None,
+        generation=None,
+        sequence=0,
+        loaded_at=time.time(),
+        spool_dir=cfg.scratch_dir,
+    )
     cur = state.current()
     if cur and cur.get("bundle_id") == bid:
         adopt(ld, state, cur["generation"], fresh=True)

@@ -13,6 +13,7 @@ Pydantic checks types. The rest is checked here, before any model work, and ever
   non-empty for generation tasks, and dated no later than today + `max_future_days` (one 9999-12-31 made every
   later feedback of that user a 409).
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -85,9 +86,13 @@ class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user_id: IdStr
     input: Text | None = Field(None, min_length=1, description="the query as the task's full input text (LaMP `input`)")
-    fields: dict[Text, Text] | None = Field(None, description="or the task's fields, e.g. {'text': ...}; the input is built from the task template")
+    fields: dict[Text, Text] | None = Field(
+        None, description="or the task's fields, e.g. {'text': ...}; the input is built from the task template"
+    )
     date: DateStr = Field(None, description="query date YYYY-MM-DD (default: the latest history date)")
-    history: list[RecordIn] | None = Field(None, description="records to use in addition to the server's history store (not stored)")
+    history: list[RecordIn] | None = Field(
+        None, description="records to use in addition to the server's history store (not stored)"
+    )
     id: IdStr | None = None
     max_new_tokens: int | None = Field(None, ge=1)
 
@@ -148,8 +153,16 @@ def check_ids(p: Problems, limits: Limits, **ids: tuple[list, str | None]) -> No
             p.add(loc, f"at most {limits.max_id_chars} characters (got {len(value)})", "string_too_long")
 
 
-def to_records(items: list[RecordIn] | None, loc: tuple, task, limits: Limits, *, feedback: bool,
-               today: dt.date | None = None, p: Problems | None = None) -> list[Record]:
+def to_records(
+    items: list[RecordIn] | None,
+    loc: tuple,
+    task,
+    limits: Limits,
+    *,
+    feedback: bool,
+    today: dt.date | None = None,
+    p: Problems | None = None,
+) -> list[Record]:
     """Validated Records for the task. `feedback`: the records will be stored and trained on, so the answer field
     is required and must be a valid answer, and dates may not lie in the future (beyond max_future_days)."""
     own = p is None
@@ -198,14 +211,21 @@ def to_records(items: list[RecordIn] | None, loc: tuple, task, limits: Limits, *
         answer = fields.get(task.target_field) if task.target_field else None
         if feedback and answer is not None:
             if task.labels is not None and answer not in task.labels:
-                p.add([*here, task.target_field], f"{answer!r} is not a {task.name} label; one of {list(task.labels)}",
-                      "label")
+                p.add(
+                    [*here, task.target_field],
+                    f"{answer!r} is not a {task.name} label; one of {list(task.labels)}",
+                    "label",
+                )
             elif task.labels is None and not answer.strip():
                 p.add([*here, task.target_field], "the answer must not be empty", "string_too_short")
         date = parse_lamp_date(item.date)
         if feedback and date is not None and date > latest_allowed:
-            p.add([*here, "date"], f"{date.isoformat()} is in the future (at most {limits.max_future_days} day(s) after "
-                                   f"today, {latest_allowed.isoformat()})", "date_in_future")
+            p.add(
+                [*here, "date"],
+                f"{date.isoformat()} is in the future (at most {limits.max_future_days} day(s) after "
+                f"today, {latest_allowed.isoformat()})",
+                "date_in_future",
+            )
         out.append(Record(id=item.id, fields=fields, date=date, raw_date=item.date))
     if own:
         p.raise_if_any()

@@ -16,6 +16,7 @@ time in this process) -> the state directory's file lock (one writer across repl
 for microseconds to milliseconds). Predictions take only the last, so a feedback's training and disk writes,
 a compaction, or another replica's snapshot being read never delay them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -84,16 +85,24 @@ class TapperService:
                 log.warning("removed %d temporary file(s) a crashed writer left: %s", len(removed), removed[:5])
             new = replica.build(self.cfg, self.state)
             predictor = Predictor(new, self.cfg.mode, self.cfg.rag_k, self.cfg.max_new_tokens, self.cfg.merge_bridge)
-            trainer = RowTrainer(new.model, new.backbone.model, new.backbone.tokenizer,
-                                 self.cfg.feedback_nice) if self.cfg.mode == "tapper" else None
+            trainer = (
+                RowTrainer(new.model, new.backbone.model, new.backbone.tokenizer, self.cfg.feedback_nice)
+                if self.cfg.mode == "tapper"
+                else None
+            )
             with self._writer_lock:
                 old = self._trainer
                 self._loaded, self._predictor, self._trainer = new, predictor, trainer
             if old is not None:
                 old.close()
             self._start_syncer()
-            log.info("loaded bundle %s (version %s, generation %s, %d users)", new.bundle.path, new.bundle.version,
-                     new.generation, len(new.live_users()))
+            log.info(
+                "loaded bundle %s (version %s, generation %s, %d users)",
+                new.bundle.path,
+                new.bundle.version,
+                new.generation,
+                len(new.live_users()),
+            )
             return new
 
     def close(self) -> None:
@@ -106,8 +115,12 @@ class TapperService:
 
     def _start_syncer(self) -> None:
         if self._syncer is None:
-            self._syncer = threading.Thread(target=_sync_loop, args=(weakref.ref(self), self._stop,
-                                            max(self.cfg.sync_seconds, MIN_SYNC_INTERVAL_S)), name="tapper-sync", daemon=True)
+            self._syncer = threading.Thread(
+                target=_sync_loop,
+                args=(weakref.ref(self), self._stop, max(self.cfg.sync_seconds, MIN_SYNC_INTERVAL_S)),
+                name="tapper-sync",
+                daemon=True,
+            )
             self._syncer.start()
 
     def sync(self) -> bool:
@@ -125,11 +138,25 @@ class TapperService:
         self.loaded  # noqa: B018 - NotReady (503) before anything is queued
         return self.batcher.submit(job)
 
-    def predict(self, user_id: str, text: str, history: Sequence[Record] | None = None, query_date=None,
-                query_id: str | None = None, max_new_tokens: int | None = None, timeout: float | None = 300) -> dict:
+    def predict(
+        self,
+        user_id: str,
+        text: str,
+        history: Sequence[Record] | None = None,
+        query_date=None,
+        query_id: str | None = None,
+        max_new_tokens: int | None = None,
+        timeout: float | None = 300,
+    ) -> dict:
         """One prediction, waiting for its batch (for callers in Python; HTTP handlers use submit)."""
-        job = PredictJob(user_id=user_id, text=text, history=list(history or []), query_date=query_date,
-                         query_id=query_id, max_new_tokens=max_new_tokens)
+        job = PredictJob(
+            user_id=user_id,
+            text=text,
+            history=list(history or []),
+            query_date=query_date,
+            query_id=query_id,
+            max_new_tokens=max_new_tokens,
+        )
         return self.submit(job).result(timeout)
 
     def _run_batch(self, jobs: Sequence[PredictJob]) -> list:
@@ -148,7 +175,8 @@ class TapperService:
         return _Writing(self)
 
     def feedback(self, user_id: str, records: Sequence[Record]) -> dict:
-        """Append `records` (with answers) to the user's history and update their row (Online-Emb); persist one delta."""
+        """Append `records` (with answers) to the user's history and update their row (Online-Emb); persist one
+        delta."""
         with self._writing() as ld:
             out = writer.feedback(self.ctx, ld, self._trainer, user_id, records)
             due = ld.sequence >= self.cfg.compact_every
@@ -186,28 +214,54 @@ class TapperService:
             n_users, n_hist = len(ld.live_users()), len(ld.histories)
             generation, sequence = ld.generation, ld.sequence
         out = {
-            "task": ld.task.name, "model_version": ld.bundle.version, "bundle_id": ld.bundle_id, "mode": self.cfg.mode,
-            "generation": generation, "sequence": sequence, "compact_every": self.cfg.compact_every,
-            "backbone_hash": m.backbone_hash or ld.bundle.backbone_hash, "per_user_params": m.per_user_params(),
-            "shared_params": m.shared_params(), "prefix_len": m.cfg.prefix_len,
-            "switches": {k: getattr(m.cfg, k) for k in ("use_pu", "use_pq", "use_bridge", "use_lambda_t", "use_lambda_o", "bm25_k")},
-            "n_users": n_users, "users_with_history": n_hist,
-            "feedback": {"mode": "emb", "epochs": self.cfg.feedback_epochs, "steps": self.cfg.feedback_steps,
-                         "lr": self.cfg.feedback_lr or m.cfg.lr},
-            "batching": {"max_batch": self.cfg.batching.max_batch, "max_wait_ms": self.cfg.batching.max_wait_ms,
-                         "max_queue": self.cfg.batching.max_queue},
+            "task": ld.task.name,
+            "model_version": ld.bundle.version,
+            "bundle_id": ld.bundle_id,
+            "mode": self.cfg.mode,
+            "generation": generation,
+            "sequence": sequence,
+            "compact_every": self.cfg.compact_every,
+            "backbone_hash": m.backbone_hash or ld.bundle.backbone_hash,
+            "per_user_params": m.per_user_params(),
+            "shared_params": m.shared_params(),
+            "prefix_len": m.cfg.prefix_len,
+            "switches": {
+                k: getattr(m.cfg, k)
+                for k in ("use_pu", "use_pq", "use_bridge", "use_lambda_t", "use_lambda_o", "bm25_k")
+            },
+            "n_users": n_users,
+            "users_with_history": n_hist,
+            "feedback": {
+                "mode": "emb",
+                "epochs": self.cfg.feedback_epochs,
+                "steps": self.cfg.feedback_steps,
+                "lr": self.cfg.feedback_lr or m.cfg.lr,
+            },
+            "batching": {
+                "max_batch": self.cfg.batching.max_batch,
+                "max_wait_ms": self.cfg.batching.max_wait_ms,
+                "max_queue": self.cfg.batching.max_queue,
+            },
             "created_at": ld.bundle.meta.get("created_at"),
             "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ld.loaded_at)),
         }
         if admin:
-            out.update({
-                "users": users[:max_users], "users_truncated": len(users) > max_users, "bundle": str(ld.bundle.path),
-                "backbone": str(ld.bundle.stage1_dir), "state_dir": str(self.cfg.state_dir),
-                "scratch_dir": str(self.cfg.scratch_dir) if self.cfg.scratch_dir else None,
-                "source": ld.bundle.meta.get("source", {}),
-                "compaction": {"done": self.compactor.stats.done, "failed": self.compactor.stats.failed,
-                               "last_error": self.compactor.stats.last_error},
-            })
+            out.update(
+                {
+                    "users": users[:max_users],
+                    "users_truncated": len(users) > max_users,
+                    "bundle": str(ld.bundle.path),
+                    "backbone": str(ld.bundle.stage1_dir),
+                    "state_dir": str(self.cfg.state_dir),
+                    "scratch_dir": str(self.cfg.scratch_dir) if self.cfg.scratch_dir else None,
+                    "source": ld.bundle.meta.get("source", {}),
+                    "compaction": {
+                        "done": self.compactor.stats.done,
+                        "failed": self.compactor.stats.failed,
+                        "last_error": self.compactor.stats.last_error,
+                    },
+                }
+            )
         return out
 
 

@@ -21,6 +21,7 @@ Training runs on one dedicated thread at a lower CPU priority (`nice`, Linux: pe
 ServeConfig.feedback_nice): when predictions and a feedback's forward and backward passes want the same cores,
 the kernel gives them to the predictions, and the feedback (which nobody waits for interactively) takes longer.
 """
+
 from __future__ import annotations
 
 import copy
@@ -68,21 +69,46 @@ class RowTrainer:
         self.twin.prefix.user_table = nn.Embedding(1, model.prefix.user_table.embedding_dim)
         self.tokenizer = copy.deepcopy(tokenizer)
         self.vectors = ServingVectors(backbone_model, self.tokenizer)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="tapper-trainer", initializer=lower_priority, initargs=(nice,))
+        self._pool = ThreadPoolExecutor(
+            1, thread_name_prefix="tapper-trainer", initializer=lower_priority, initargs=(nice,)
+        )
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
 
-    def update(self, task, user: str, examples: list, current_row: torch.Tensor | None, row0: torch.Tensor, *,
-               epochs: float, steps: int | None, lr: float | None, seed: int) -> RowUpdate:
+    def update(
+        self,
+        task,
+        user: str,
+        examples: list,
+        current_row: torch.Tensor | None,
+        row0: torch.Tensor,
+        *,
+        epochs: float,
+        steps: int | None,
+        lr: float | None,
+        seed: int,
+    ) -> RowUpdate:
         """Train `user`'s row on `examples` (tapper.online.update.feedback_examples); `current_row` is a copy of the
         user's row (None: a new user, whose row starts at zero like add_users gives it). Runs on the trainer's own
         low-priority thread; the caller waits for it."""
-        return self._pool.submit(self._update, task, user, examples, current_row, row0, epochs=epochs, steps=steps,
-                                 lr=lr, seed=seed).result()
+        return self._pool.submit(
+            self._update, task, user, examples, current_row, row0, epochs=epochs, steps=steps, lr=lr, seed=seed
+        ).result()
 
-    def _update(self, task, user: str, examples: list, current_row: torch.Tensor | None, row0: torch.Tensor, *,
-                epochs: float, steps: int | None, lr: float | None, seed: int) -> RowUpdate:
+    def _update(
+        self,
+        task,
+        user: str,
+        examples: list,
+        current_row: torch.Tensor | None,
+        row0: torch.Tensor,
+        *,
+        epochs: float,
+        steps: int | None,
+        lr: float | None,
+        seed: int,
+    ) -> RowUpdate:
         from tapper.online.update import update_users
 
         twin = self.twin
@@ -93,8 +119,9 @@ class RowTrainer:
         twin.user_ids = [] if current_row is None else [user]
         twin.user_rows = {} if current_row is None else {user: 1}
         try:
-            report = update_users(twin, task, self.tokenizer, self.vectors, examples, "emb", epochs=epochs, steps=steps,
-                                  lr=lr, seed=seed)
+            report = update_users(
+                twin, task, self.tokenizer, self.vectors, examples, "emb", epochs=epochs, steps=steps, lr=lr, seed=seed
+            )
             row = twin.prefix.user_table.weight.detach()[twin.user_rows[user]].clone()
         finally:
             twin.prefix.user_table = served

@@ -11,6 +11,7 @@ undo is needed. A full disk (ENOSPC/EDQUOT) is answered 507 in the error shape a
 
 Predictions never take the writer lock (deploy.loaded).
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,8 +32,13 @@ log = logging.getLogger("tapper.serve")
 
 
 def disk_full(err: OSError, what: str) -> ApiError:
-    return ApiError.one(507, [], f"the state directory's disk is full ({err.strerror or err}); {what} was not written "
-                                 "and nothing changed; the server keeps serving", "insufficient_storage")
+    return ApiError.one(
+        507,
+        [],
+        f"the state directory's disk is full ({err.strerror or err}); {what} was not written "
+        "and nothing changed; the server keeps serving",
+        "insufficient_storage",
+    )
 
 
 @dataclass
@@ -47,19 +53,25 @@ def check_new_records(history: Sequence[Record], records: Sequence[Record], max_
     """409 naming the field when `records` contradict the stored history: an id already there, a date before
     the user's latest record (feedback comes in time order), or a history that would pass `max_stored`."""
     if len(history) + len(records) > max_stored:
-        raise FeedbackConflict(("body", "records"), f"the user's history would hold {len(history) + len(records)} records, "
-                                                    f"more than the limit of {max_stored}")
+        raise FeedbackConflict(
+            ("body", "records"),
+            f"the user's history would hold {len(history) + len(records)} records, more than the limit of {max_stored}",
+        )
     ids = {r.id for r in history}
     latest = max((r.date for r in history if r.date is not None), default=None)
     for i, r in enumerate(records):
         if r.id in ids:
-            raise FeedbackConflict(("body", "records", i, "id"), f"record id {r.id!r} is already in this user's history")
+            raise FeedbackConflict(
+                ("body", "records", i, "id"), f"record id {r.id!r} is already in this user's history"
+            )
         ids.add(r.id)
         if r.date is not None:
             if latest is not None and r.date < latest:
-                raise FeedbackConflict(("body", "records", i, "date"),
-                                       f"date {r.date.isoformat()} is before the user's latest record ({latest.isoformat()}); "
-                                       "feedback must arrive in time order")
+                raise FeedbackConflict(
+                    ("body", "records", i, "date"),
+                    f"date {r.date.isoformat()} is before the user's latest record ({latest.isoformat()}); "
+                    "feedback must arrive in time order",
+                )
             latest = r.date
 
 
@@ -68,9 +80,15 @@ def start_generation(ctx: WriteContext, ld: Loaded) -> None:
     is there (whose histories `ld` carried over), a snapshot so those histories are kept."""
     fresh = ctx.state.current() is None
     name = ctx.state.start_generation(
-        bundle_id=ld.bundle_id, bundle_version=ld.bundle.version, bundle_path=ld.bundle.path, parent=None,
-        parent_sequence=0, model=None if fresh else ld.model, histories=None if fresh else ld.histories,
-        updates=None if fresh else ld.updates)
+        bundle_id=ld.bundle_id,
+        bundle_version=ld.bundle.version,
+        bundle_path=ld.bundle.path,
+        parent=None,
+        parent_sequence=0,
+        model=None if fresh else ld.model,
+        histories=None if fresh else ld.histories,
+        updates=None if fresh else ld.updates,
+    )
     with ld.lock:
         ld.generation, ld.sequence = name, 0
 
@@ -124,18 +142,40 @@ def feedback(ctx: WriteContext, ld: Loaded, trainer, user_id: str, records: Sequ
         skipped = f"{ld.task.name} records make no training example: the records only extend the history"
     else:
         seed = int(ld.generation.split("-")[1]) * 1_000_000 + ld.sequence + 1
-        update = trainer.update(ld.task, user_id, examples, current, row0, epochs=ctx.cfg.feedback_epochs,
-                                steps=ctx.cfg.feedback_steps, lr=ctx.cfg.feedback_lr, seed=seed)
+        update = trainer.update(
+            ld.task,
+            user_id,
+            examples,
+            current,
+            row0,
+            epochs=ctx.cfg.feedback_epochs,
+            steps=ctx.cfg.feedback_steps,
+            lr=ctx.cfg.feedback_lr,
+            seed=seed,
+        )
     report = update.report if update else None
     new_users = [] if user_id in ld.model.user_rows else ([user_id] if update else [])
-    delta = Delta(sequence=ld.sequence + 1, users=[user_id] if update else [],
-                  rows=update.row[None] if update else torch.zeros(0, table.shape[1]), new_users=new_users,
-                  records={user_id: list(records)}, report=report.to_dict() if report else None, written_at=now_iso())
+    delta = Delta(
+        sequence=ld.sequence + 1,
+        users=[user_id] if update else [],
+        rows=update.row[None] if update else torch.zeros(0, table.shape[1]),
+        new_users=new_users,
+        records={user_id: list(records)},
+        report=report.to_dict() if report else None,
+        written_at=now_iso(),
+    )
     _write_and_apply(ctx, ld, delta, "the feedback")
-    return {"user_id": user_id, "accepted": len(records), "history_stored": len(history) + len(records),
-            "updated": update is not None, "skipped": skipped, "generation": ld.generation, "sequence": delta.sequence,
-            "user_row": ld.model.user_rows.get(user_id, 0) if ld.model.cfg.use_pu else 0,
-            "report": report.to_dict() if report else None}
+    return {
+        "user_id": user_id,
+        "accepted": len(records),
+        "history_stored": len(history) + len(records),
+        "updated": update is not None,
+        "skipped": skipped,
+        "generation": ld.generation,
+        "sequence": delta.sequence,
+        "user_row": ld.model.user_rows.get(user_id, 0) if ld.model.cfg.use_pu else 0,
+        "report": report.to_dict() if report else None,
+    }
 
 
 def delete_user(ctx: WriteContext, ld: Loaded, user_id: str) -> dict:
@@ -158,11 +198,18 @@ def delete_user(ctx: WriteContext, ld: Loaded, user_id: str) -> dict:
                 raise disk_full(err, "the deletion") from err
             raise
     width = ld.model.prefix.user_table.embedding_dim
-    delta = Delta(sequence=ld.sequence + 1, users=[], rows=torch.zeros(0, width), deleted_users=[user_id],
-                  written_at=now_iso())
+    delta = Delta(
+        sequence=ld.sequence + 1, users=[], rows=torch.zeros(0, width), deleted_users=[user_id], written_at=now_iso()
+    )
     _write_and_apply(ctx, ld, delta, "the deletion")
-    return {"user_id": user_id, "deleted": True, "had_row": had_row, "records_deleted": records,
-            "generation": ld.generation, "sequence": delta.sequence}
+    return {
+        "user_id": user_id,
+        "deleted": True,
+        "had_row": had_row,
+        "records_deleted": records,
+        "generation": ld.generation,
+        "sequence": delta.sequence,
+    }
 
 
 def compact(ctx: WriteContext, ld: Loaded, force: bool = False, erase: bool = False) -> str | None:
@@ -176,8 +223,15 @@ def compact(ctx: WriteContext, ld: Loaded, force: bool = False, erase: bool = Fa
     if ld.sequence == 0 and not erase:
         return None
     name = ctx.state.start_generation(
-        bundle_id=ld.bundle_id, bundle_version=ld.bundle.version, bundle_path=ld.bundle.path,
-        parent=ld.generation, parent_sequence=ld.sequence, model=ld.model, histories=ld.histories, updates=ld.updates)
+        bundle_id=ld.bundle_id,
+        bundle_version=ld.bundle.version,
+        bundle_path=ld.bundle.path,
+        parent=ld.generation,
+        parent_sequence=ld.sequence,
+        model=ld.model,
+        histories=ld.histories,
+        updates=ld.updates,
+    )
     with ld.lock:
         ld.generation, ld.sequence = name, 0
     ctx.state.prune(1 if erase else ctx.cfg.keep_generations, current=name)

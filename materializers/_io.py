@@ -1,4 +1,5 @@
 """Small helpers the materializers share: JSON, directory copies, markdown/HTML tables."""
+
 from __future__ import annotations
 
 import html

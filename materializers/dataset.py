@@ -3,6 +3,7 @@
 Stored as LaMP's own JSON formats (questions.json / outputs.json), so an
 artifact can be fed straight back to `tapper train --questions --outputs`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,9 +42,12 @@ class LampFilesMaterializer(BaseMaterializer):
 
     def extract_metadata(self, data: LampFiles) -> Dict[str, Any]:
         return {
-            "questions_file": data.questions_name, "outputs_file": data.outputs_name,
-            "questions_sha256": data.questions_sha256, "outputs_sha256": data.outputs_sha256,
-            "questions_bytes": len(data.questions_bytes), "outputs_bytes": len(data.outputs_bytes),
+            "questions_file": data.questions_name,
+            "outputs_file": data.outputs_name,
+            "questions_sha256": data.questions_sha256,
+            "outputs_sha256": data.outputs_sha256,
+            "questions_bytes": len(data.questions_bytes),
+            "outputs_bytes": len(data.outputs_bytes),
         }
 
     def compute_content_hash(self, data: LampFiles) -> str:
@@ -54,8 +58,12 @@ def dataset_summary(ds: LampDataset) -> dict:
     records = sum(len(q.profile) for q in ds.queries)
     lengths = [len(q.profile) for q in ds.queries] or [0]
     return {
-        "task": ds.task, "users": len(ds.users()), "queries": len(ds.queries), "records": records,
-        "history_min": min(lengths), "history_max": max(lengths),
+        "task": ds.task,
+        "users": len(ds.users()),
+        "queries": len(ds.queries),
+        "records": records,
+        "history_min": min(lengths),
+        "history_max": max(lengths),
         "history_mean": round(sum(lengths) / len(lengths), 2),
     }
 
@@ -147,22 +155,31 @@ class PreparedDataMaterializer(BaseMaterializer):
         splits = make_splits(ds, spec, len(manifest["stage2_users"]))
         data = PreparedData(task=spec, splits=splits, n_users=manifest["n_users"], n_records=manifest["n_records"])
         if split_manifest(data) != manifest:
-            raise ValueError(f"{self.uri}: rebuilt splits differ from the stored manifest (tapper.data.make_splits changed?)")
+            raise ValueError(
+                f"{self.uri}: rebuilt splits differ from the stored manifest (tapper.data.make_splits changed?)"
+            )
         data.dataset = ds  # type: ignore[attr-defined]
         return data
 
     def extract_metadata(self, data: PreparedData) -> Dict[str, Any]:
         s = data.splits
         return {
-            "task": data.task.name, "users": data.n_users, "records": data.n_records,
-            "stage1_users": len(s.stage1_users), "stage2_users": len(s.stage2_users),
-            "stage1_examples": len(s.stage1_train), "stage2_examples": len(s.stage2_train),
+            "task": data.task.name,
+            "users": data.n_users,
+            "records": data.n_records,
+            "stage1_users": len(s.stage1_users),
+            "stage2_users": len(s.stage2_users),
+            "stage1_examples": len(s.stage1_train),
+            "stage2_examples": len(s.stage2_train),
             "eval_queries": len(s.eval),
         }
 
     def save_visualizations(self, data: PreparedData) -> Dict[str, VisualizationType]:
         m = self.extract_metadata(data)
-        text = f"# Splits ({data.task.name})\n\nPaper Table 6: Stage 2 = the N most active users; evaluation = their queries.\n\n"
+        text = (
+            f"# Splits ({data.task.name})\n\n"
+            "Paper Table 6: Stage 2 = the N most active users; evaluation = their queries.\n\n"
+        )
         text += md_table(["quantity", "value"], [[k, v] for k, v in m.items()])
         path = os.path.join(self.uri, "splits.md")
         write_text(self.artifact_store, path, text)

@@ -1,4 +1,5 @@
 """Materializers for evaluation results and promotion decisions (JSON, with tables and plots)."""
+
 from __future__ import annotations
 
 import os
@@ -31,18 +32,30 @@ class VariantResultMaterializer(_JsonDataclassMixin, BaseMaterializer):
     def save(self, data: VariantResult) -> None:
         super().save(data)
         # The predictions also in LaMP's format, so LaMP's own evaluator can read the artifact.
-        write_json(self.artifact_store, os.path.join(self.uri, "predictions.json"),
-                   {"task": data.task, "golds": [{"id": k, "output": v} for k, v in data.predictions.items()]})
+        write_json(
+            self.artifact_store,
+            os.path.join(self.uri, "predictions.json"),
+            {"task": data.task, "golds": [{"id": k, "output": v} for k, v in data.predictions.items()]},
+        )
 
     def extract_metadata(self, data: VariantResult) -> Dict[str, Any]:
-        return {**{f"metric/{k}": float(v) for k, v in data.metrics.items()}, "variant": data.name,
-                "predictions": len(data.predictions), "per_user_params": data.per_user_params,
-                "shared_params": data.shared_params, "seconds": round(data.seconds, 2)}
+        return {
+            **{f"metric/{k}": float(v) for k, v in data.metrics.items()},
+            "variant": data.name,
+            "predictions": len(data.predictions),
+            "per_user_params": data.per_user_params,
+            "shared_params": data.shared_params,
+            "seconds": round(data.seconds, 2),
+        }
 
     def save_visualizations(self, data: VariantResult) -> Dict[str, VisualizationType]:
-        text = f"# {data.name} on {data.task}\n\n" + md_table(["metric", "value"], [[k, float(v)] for k, v in data.metrics.items()])
+        text = f"# {data.name} on {data.task}\n\n" + md_table(
+            ["metric", "value"], [[k, float(v)] for k, v in data.metrics.items()]
+        )
         sample = list(data.predictions.items())[:10]
-        text += "\n\n## First predictions\n\n" + md_table(["id", "prediction"], [[k, v.replace("|", "/")] for k, v in sample])
+        text += "\n\n## First predictions\n\n" + md_table(
+            ["id", "prediction"], [[k, v.replace("|", "/")] for k, v in sample]
+        )
         path = os.path.join(self.uri, "eval.md")
         write_text(self.artifact_store, path, text)
         return {path: VisualizationType.MARKDOWN}
@@ -53,9 +66,14 @@ class EvalReportMaterializer(_JsonDataclassMixin, BaseMaterializer):
     ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.DATA_ANALYSIS
 
     def extract_metadata(self, data: EvalReport) -> Dict[str, Any]:
-        out: Dict[str, Any] = {"task": data.task, "primary_metric": data.primary_metric, "candidate": data.candidate,
-                               "candidate_score": data.candidate_score, "eval_data_hash": data.eval_data_hash,
-                               "eval_queries": data.eval_queries}
+        out: Dict[str, Any] = {
+            "task": data.task,
+            "primary_metric": data.primary_metric,
+            "candidate": data.candidate,
+            "candidate_score": data.candidate_score,
+            "eval_data_hash": data.eval_data_hash,
+            "eval_queries": data.eval_queries,
+        }
         for v, ms in data.variants.items():
             for k, x in ms.items():
                 out[f"{v}/{k}"] = float(x)
@@ -64,13 +82,25 @@ class EvalReportMaterializer(_JsonDataclassMixin, BaseMaterializer):
     def save_visualizations(self, data: EvalReport) -> Dict[str, VisualizationType]:
         metrics = list(next(iter(data.variants.values())).keys()) if data.variants else []
         names = list(data.variants)
-        rows = [[v, *(float(data.variants[v][m]) for m in metrics),
-                 data.params.get(v, {}).get("per_user", 0), data.params.get(v, {}).get("shared", 0)] for v in names]
+        rows = [
+            [
+                v,
+                *(float(data.variants[v][m]) for m in metrics),
+                data.params.get(v, {}).get("per_user", 0),
+                data.params.get(v, {}).get("shared", 0),
+            ]
+            for v in names
+        ]
         arrow = "higher is better" if data.higher_is_better else "lower is better"
-        page = (f"<h2>{data.task}: evaluation on {data.eval_queries} queries</h2>"
-                f"<p>primary metric <b>{data.primary_metric}</b> ({arrow}); candidate <b>{data.candidate}</b></p>"
-                + html_table(["variant", *metrics, "per-user params", "shared params"], rows,
-                             names.index(data.candidate) if data.candidate in names else None))
+        page = (
+            f"<h2>{data.task}: evaluation on {data.eval_queries} queries</h2>"
+            f"<p>primary metric <b>{data.primary_metric}</b> ({arrow}); candidate <b>{data.candidate}</b></p>"
+            + html_table(
+                ["variant", *metrics, "per-user params", "shared params"],
+                rows,
+                names.index(data.candidate) if data.candidate in names else None,
+            )
+        )
         html_path = os.path.join(self.uri, "metrics.html")
         write_text(self.artifact_store, html_path, f"<html><body>{page}</body></html>")
         out = {html_path: VisualizationType.HTML}
@@ -118,13 +148,23 @@ class PromotionDecisionMaterializer(_JsonDataclassMixin, BaseMaterializer):
 
     def save_visualizations(self, data: PromotionDecision) -> Dict[str, VisualizationType]:
         verdict = "PROMOTED to production" if data.promoted else "NOT promoted"
-        rows = [["candidate", f"{data.model_name} v{data.model_version}", data.candidate_score],
-                ["production", f"v{data.production_version}" if data.production_version else "(none)",
-                 "" if data.production_score is None else data.production_score]]
-        text = (f"# {verdict}\n\n{data.reason}\n\n" + md_table(["", "version", data.metric], rows)
-                + ("\n\n(forced by hand)" if data.forced else ""))
+        rows = [
+            ["candidate", f"{data.model_name} v{data.model_version}", data.candidate_score],
+            [
+                "production",
+                f"v{data.production_version}" if data.production_version else "(none)",
+                "" if data.production_score is None else data.production_score,
+            ],
+        ]
+        text = (
+            f"# {verdict}\n\n{data.reason}\n\n"
+            + md_table(["", "version", data.metric], rows)
+            + ("\n\n(forced by hand)" if data.forced else "")
+        )
         if data.bundle_path:
-            text += f"\n\nServing bundle: `{data.bundle_path}`" + (f" (published as `{data.serving_link}`)" if data.serving_link else "")
+            text += f"\n\nServing bundle: `{data.bundle_path}`" + (
+                f" (published as `{data.serving_link}`)" if data.serving_link else ""
+            )
         elif data.bundle_error:
             text += f"\n\nNo serving bundle: {data.bundle_error}"
         path = os.path.join(self.uri, "decision.md")

@@ -3,6 +3,7 @@
 Both show in the ZenML dashboard: the trajectories as the Figure-6-style plot and a Markdown table,
 the comparison report as Markdown (its plots inlined) and one image per plot.
 """
+
 from __future__ import annotations
 
 import base64
@@ -61,15 +62,24 @@ class OnlineTrajectoriesMaterializer(BaseMaterializer):
         if data.png:
             out[os.path.join(self.uri, PLOT)] = VisualizationType.IMAGE
         head = ["method", *(f"{100 * f:.0f}%" for f in r["fractions"]), "params/chunk", "s/chunk"]
-        rows = [[m, *(float(y) for y in ys), f"{r['cost'][m]['params_touched_per_chunk']:,}", float(r["cost"][m]["seconds_per_chunk"])]
-                for m, ys in r["methods"].items()]
-        text = (f"# {r.get('task', '')} online adaptation: {r['metric']} by history absorbed\n\n" + md_table(head, rows))
+        rows = [
+            [
+                m,
+                *(float(y) for y in ys),
+                f"{r['cost'][m]['params_touched_per_chunk']:,}",
+                float(r["cost"][m]["seconds_per_chunk"]),
+            ]
+            for m, ys in r["methods"].items()
+        ]
+        text = f"# {r.get('task', '')} online adaptation: {r['metric']} by history absorbed\n\n" + md_table(head, rows)
         if "final_gap_full_retrain_minus_online_full" in r:
             text += f"\n\nFinal gap Full-Retrain − Online-Full: {r['final_gap_full_retrain_minus_online_full']:+.4f}"
         if "split" in r:
             s = r["split"]
-            text += (f"\n\n{s.get('users')} users, {s.get('eval_queries')} test queries; bootstrap records "
-                     f"{s.get('bootstrap_records')}, records per chunk {s.get('chunk_records')}")
+            text += (
+                f"\n\n{s.get('users')} users, {s.get('eval_queries')} test queries; bootstrap records "
+                f"{s.get('bootstrap_records')}, records per chunk {s.get('chunk_records')}"
+            )
         md = os.path.join(self.uri, "trajectories.md")
         write_text(self.artifact_store, md, text)
         out[md] = VisualizationType.MARKDOWN
@@ -97,8 +107,11 @@ class ComparisonReportMaterializer(BaseMaterializer):
         return ComparisonReport(task=str(metrics.get("task", "")), markdown=markdown, images=images, metrics=metrics)
 
     def extract_metadata(self, data: ComparisonReport) -> Dict[str, Any]:
-        out: Dict[str, Any] = {"task": data.task, "variants": list(data.metrics.get("variants", {})),
-                               "plots": sorted(data.images)}
+        out: Dict[str, Any] = {
+            "task": data.task,
+            "variants": list(data.metrics.get("variants", {})),
+            "plots": sorted(data.images),
+        }
         for v, ms in data.metrics.get("variants", {}).items():
             for k, x in ms.items():
                 out[f"{v}/{k}"] = float(x)

@@ -4,6 +4,7 @@ Each type here is plain data (paths, numbers, strings) so that its
 materializer can store it as JSON / safetensors / an HF directory — never a
 pickle — and show it in the ZenML dashboard.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -155,7 +156,8 @@ class OnlineTrajectories:
 
 @dataclass
 class ComparisonReport:
-    """tapper.analysis.report.write_report's output for one run: report.md, its PNGs, and the metrics it was made from."""
+    """tapper.analysis.report.write_report's output for one run: report.md, its PNGs, and the metrics it was made
+    from."""
 
     task: str
     markdown: str

@@ -5,6 +5,7 @@ MLflow at import time (only inside the command functions), so `tapper --help`
 and the core commands stay fast and work without a ZenML store. Errors are
 raised as `tapper.cli.CLIError` (one line, no traceback).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,70 +58,102 @@ def _add_run_flags(p: argparse.ArgumentParser, set_help: str) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "train", help="run the ZenML training pipeline (validate -> Stage 1 -> Stage 2 -> evaluate -> promote)",
+        "train",
+        help="run the ZenML training pipeline (validate -> Stage 1 -> Stage 2 -> evaluate -> promote)",
         description="Run the `training` pipeline on the active ZenML stack with a YAML run config (ZenML's format). "
-                    "Flags override the config's data and settings, so any LaMP-format files can be run without editing YAML. "
-                    "Without --questions/--outputs (and none in the config) the embedded default dataset is used.")
+        "Flags override the config's data and settings, so any LaMP-format files can be run without editing YAML. "
+        "Without --questions/--outputs (and none in the config) the embedded default dataset is used.",
+    )
     p.add_argument("--config", default=None, help="YAML run config, e.g. configs/quickstart.yaml")
-    _add_run_flags(p, "override a setting: stage2.epochs=6, stage1.lr=0.001, stage2_users=20, variants=[base,tap-per,no-bridge], "
-                      "compare=true (adds the comparison report), serving_dir=DIR, "
-                      "promote_if=significantly-better (promote only when the paired 95 %% interval excludes no change) (repeatable)")
+    _add_run_flags(
+        p,
+        "override a setting: stage2.epochs=6, stage1.lr=0.001, stage2_users=20, variants=[base,tap-per,no-bridge], "
+        "compare=true (adds the comparison report), serving_dir=DIR, "
+        "promote_if=significantly-better (promote only when the paired 95 %% interval excludes no change) (repeatable)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
-        "online-pipeline", help="run the ZenML online_adaptation pipeline (Static / Online-Emb / Online-Full / Full-Retrain)",
+        "online-pipeline",
+        help="run the ZenML online_adaptation pipeline (Static / Online-Emb / Online-Full / Full-Retrain)",
         description="Run the `online_adaptation` pipeline on the active ZenML stack: the training pipeline's data, "
-                    "embedding and Stage-1 steps (from the step cache when a training run used the same settings), then "
-                    "a bootstrap checkpoint on the earlier half of each evaluation user's history and one step per method "
-                    "over T chunks of the later half. Trajectories: artifact `online_trajectories` (trajectories.json + "
-                    "online.png, shown in the dashboard) and MLflow metrics online/<method>/<metric> at step t. "
-                    "(`tapper online` runs the same simulation directly on files, without ZenML.)")
-    p.add_argument("--config", default=None, help="YAML run config with an `online:` section, e.g. configs/online-tiny.yaml")
-    _add_run_flags(p, "override a setting: online.chunks=5, online.lr_emb=0.01, online.methods=[static,online-emb], "
-                      "stage2.epochs=6 (repeatable)")
+        "embedding and Stage-1 steps (from the step cache when a training run used the same settings), then "
+        "a bootstrap checkpoint on the earlier half of each evaluation user's history and one step per method "
+        "over T chunks of the later half. Trajectories: artifact `online_trajectories` (trajectories.json + "
+        "online.png, shown in the dashboard) and MLflow metrics online/<method>/<metric> at step t. "
+        "(`tapper online` runs the same simulation directly on files, without ZenML.)",
+    )
+    p.add_argument(
+        "--config", default=None, help="YAML run config with an `online:` section, e.g. configs/online-tiny.yaml"
+    )
+    _add_run_flags(
+        p,
+        "override a setting: online.chunks=5, online.lr_emb=0.01, online.methods=[static,online-emb], "
+        "stage2.epochs=6 (repeatable)",
+    )
     p.set_defaults(func=cmd_online_pipeline)
 
-    p = sub.add_parser("promote", help="force a model version to production (recorded as forced)",
-                       description="Make VERSION the production version in ZenML (stage `production`, the previous one archived) "
-                                   "and in MLflow (alias `production`), recorded as a forced promotion.")
+    p = sub.add_parser(
+        "promote",
+        help="force a model version to production (recorded as forced)",
+        description="Make VERSION the production version in ZenML (stage `production`, the previous one archived) "
+        "and in MLflow (alias `production`), recorded as a forced promotion.",
+    )
     p.add_argument("version", help="ZenML model version (number or name)")
     p.add_argument("--model", help="model name (default: the only tapper model, e.g. tapper-LaMP_2N)")
     p.set_defaults(func=cmd_promote)
 
-    p = sub.add_parser("lineage", help="print the chain from input files to a model version",
-                       description="Artifacts (names, versions, producing steps, run ids) from the input files to MODEL_VERSION "
-                                   "(default: the production version), with the data-quality verdict and the promotion decision.")
+    p = sub.add_parser(
+        "lineage",
+        help="print the chain from input files to a model version",
+        description="Artifacts (names, versions, producing steps, run ids) from the input files to MODEL_VERSION "
+        "(default: the production version), with the data-quality verdict and the promotion decision.",
+    )
     p.add_argument("model_version", nargs="?", help="ZenML model version (default: production, else the latest)")
     p.add_argument("--model", help="model name (default: the only tapper model)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_lineage)
 
-    p = sub.add_parser("models", help="model versions: stage, MLflow aliases, metric, promotion decision and date",
-                       description="Every version of a tapper model from ZenML's Model Control Plane and the MLflow registry: "
-                                   "stage, MLflow version and aliases, the primary metric, and the promotion decision with its "
-                                   "reason and date (the open-source ZenML dashboard does not show models).")
+    p = sub.add_parser(
+        "models",
+        help="model versions: stage, MLflow aliases, metric, promotion decision and date",
+        description="Every version of a tapper model from ZenML's Model Control Plane and the MLflow registry: "
+        "stage, MLflow version and aliases, the primary metric, and the promotion decision with its "
+        "reason and date (the open-source ZenML dashboard does not show models).",
+    )
     p.add_argument("name", nargs="?", help="model name (default: the only tapper model, e.g. tapper-LaMP_2N)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("ui", aliases=["dashboard"], help="start (or --stop) the ZenML dashboard and the MLflow UI",
-                       description="Start the ZenML dashboard (ZenML's local server) and the MLflow UI on the active stack's "
-                                   "tracking store, in the background, and print where to look: the latest run's DAG, the "
-                                   "training experiment and its latest run. The CLI is not logged in to the dashboard's "
-                                   "server, so stopping it (`tapper ui --stop`) leaves every other command working.")
+    p = sub.add_parser(
+        "ui",
+        aliases=["dashboard"],
+        help="start (or --stop) the ZenML dashboard and the MLflow UI",
+        description="Start the ZenML dashboard (ZenML's local server) and the MLflow UI on the active stack's "
+        "tracking store, in the background, and print where to look: the latest run's DAG, the "
+        "training experiment and its latest run. The CLI is not logged in to the dashboard's "
+        "server, so stopping it (`tapper ui --stop`) leaves every other command working.",
+    )
     p.add_argument("--stop", action="store_true", help="stop the dashboard and the MLflow UI this command started")
     p.add_argument("--port", type=int, default=None, help="dashboard port (default 8237, or the next free one)")
     p.add_argument("--mlflow-port", type=int, default=None, help="MLflow UI port (default 5000, or the next free one)")
     p.add_argument("--no-dashboard", action="store_true", help="only the MLflow UI")
     p.add_argument("--no-mlflow", action="store_true", help="only the ZenML dashboard")
-    p.add_argument("--screenshots", metavar="DIR", help="also save PNG screenshots (headless Chromium) of the latest run's "
-                   "DAG, its data-quality report, its MLflow run and the registered model version into DIR")
+    p.add_argument(
+        "--screenshots",
+        metavar="DIR",
+        help="also save PNG screenshots (headless Chromium) of the latest run's "
+        "DAG, its data-quality report, its MLflow run and the registered model version into DIR",
+    )
     p.set_defaults(func=cmd_ui)
 
-    p = sub.add_parser("stack", help="register the ZenML stacks described in zenml.yaml",
-                       description="`tapper stack up local` (default; no set-up needed) or `tapper stack up k8s` registers the "
-                                   "stack's components and activates it. `tapper stack show` prints the active stack: each "
-                                   "component with where it keeps its data (artifact store path, MLflow tracking URI).")
+    p = sub.add_parser(
+        "stack",
+        help="register the ZenML stacks described in zenml.yaml",
+        description="`tapper stack up local` (default; no set-up needed) or `tapper stack up k8s` registers the "
+        "stack's components and activates it. `tapper stack show` prints the active stack: each "
+        "component with where it keeps its data (artifact store path, MLflow tracking URI).",
+    )
     ssub = p.add_subparsers(dest="stack_command", required=True, metavar="ACTION")
     up = ssub.add_parser("up", help="register and activate a stack")
     up.add_argument("name", choices=["local", "k8s"])
@@ -131,6 +164,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # --- train --------------------------------------------------------------------------------
+
 
 def _run_pipeline(args: argparse.Namespace, resolve, launch):
     """Resolve the run config, then run (or schedule) the pipeline; returns (exit code, run or None)."""
@@ -180,9 +214,14 @@ def print_next_steps() -> None:
     print("\nnext:")
     print(f"  {cli} models     # versions, stages, metric, promotion decision (the open-source dashboard hides models)")
     print(f"  {cli} lineage    # input files -> data quality -> artifacts -> model version -> promotion")
-    print(f"  {cli} ui         # ZenML dashboard (run DAG, data-quality report) + MLflow UI; `{cli} ui --stop` ends them")
+    print(
+        f"  {cli} ui         # ZenML dashboard (run DAG, data-quality report) + MLflow UI; `{cli} ui --stop` ends them"
+    )
     if cli != "tapper":
-        print(f"  (`{cli}` is the CLI this checkout installed; `source {Path(cli).parent}/activate` puts `tapper` on your PATH)")
+        print(
+            f"  (`{cli}` is the CLI this checkout installed; `source {Path(cli).parent}/activate` puts `tapper` on "
+            "your PATH)"
+        )
 
 
 def cmd_online_pipeline(args: argparse.Namespace) -> int:
@@ -196,7 +235,10 @@ def cmd_online_pipeline(args: argparse.Namespace) -> int:
         from tapper.online.cli import print_trajectories
 
         print_trajectories(art.load().report)
-        print(f"artifact online_trajectories v{art.version}: {art.uri} (trajectories.json, online.png; also in the dashboard)")
+        print(
+            f"artifact online_trajectories v{art.version}: {art.uri} (trajectories.json, online.png; also in the "
+            "dashboard)"
+        )
     except (KeyError, IndexError):
         pass
     return code
@@ -223,7 +265,9 @@ def _report_failure(err: Exception, before: set) -> CLIError:
 
     runs = [r for r in Client().list_pipeline_runs(size=1, sort_by="desc:created") if r.id not in before]
     if not runs:
-        return CLIError(f"the pipeline did not start: {str(err).splitlines()[0] if str(err) else type(err).__name__}", 1)
+        return CLIError(
+            f"the pipeline did not start: {str(err).splitlines()[0] if str(err) else type(err).__name__}", 1
+        )
     run = Client().get_pipeline_run(runs[0].id)
     failed = [n for n, s in run.steps.items() if str(s.status.value) == "failed"]
     if "validate_data" in failed:
@@ -232,19 +276,31 @@ def _report_failure(err: Exception, before: set) -> CLIError:
         # The report the failed step saved: the newest one, if it was made during this run.
         arts = Client().list_artifact_versions(name="data_quality_report", sort_by="desc:created", size=1, hydrate=True)
         art = arts.items[0] if arts.items else None
-        if art is not None and run.start_time is not None and art.created.replace(tzinfo=None) >= run.start_time.replace(tzinfo=None):
+        if (
+            art is not None
+            and run.start_time is not None
+            and art.created.replace(tzinfo=None) >= run.start_time.replace(tzinfo=None)
+        ):
             meta = art.run_metadata or {}
             where = f"; report: artifact data_quality_report v{art.version} ({art.uri}), also in `tapper ui`"
         failures = list(meta.get("failures") or [])
         for f in failures:
             print(f"  - {f}", file=sys.stderr)
         files = run.steps["load_data"].config.parameters if "load_data" in run.steps else {}
-        names = " / ".join(Path(str(files[k])).name for k in ("questions", "outputs") if files.get(k)) or "the input files"
-        return CLIError(f"{names} failed data validation ({len(failures) or 'see the report for the'} problem(s) listed above"
-                        f"{where}); fix the file(s) and run again. Run {run.name}: nothing after validation ran, "
-                        "no model version was created", 1)
-    return CLIError(f"run {run.name} failed in step(s) {', '.join(failed) or '?'}: "
-                    f"{str(err).splitlines()[0] if str(err) else type(err).__name__}; `zenml logs` / `tapper ui` show its logs", 1)
+        names = (
+            " / ".join(Path(str(files[k])).name for k in ("questions", "outputs") if files.get(k)) or "the input files"
+        )
+        return CLIError(
+            f"{names} failed data validation ({len(failures) or 'see the report for the'} problem(s) listed above"
+            f"{where}); fix the file(s) and run again. Run {run.name}: nothing after validation ran, "
+            "no model version was created",
+            1,
+        )
+    return CLIError(
+        f"run {run.name} failed in step(s) {', '.join(failed) or '?'}: "
+        f"{str(err).splitlines()[0] if str(err) else type(err).__name__}; `zenml logs` / `tapper ui` show its logs",
+        1,
+    )
 
 
 def _print_run(run) -> None:
@@ -273,19 +329,27 @@ def _print_run(run) -> None:
     try:
         if "comparison_report" in run.steps:
             art = run.steps["comparison_report"].outputs["comparison_report"][0]
-            console.print(f"comparison report: artifact comparison_report v{art.version} ({art.uri}/report.md; "
-                          "also in the dashboard and in MLflow under comparison/)")
+            console.print(
+                f"comparison report: artifact comparison_report v{art.version} ({art.uri}/report.md; "
+                "also in the dashboard and in MLflow under comparison/)"
+            )
         d = run.steps["promote"].outputs["promotion_decision"][0].load()
-        console.print(f"model {d.model_name} version {d.model_version}: "
-                      f"{'[green]PROMOTED[/green]' if d.promoted else '[yellow]not promoted[/yellow]'} — {d.reason}", soft_wrap=True)
+        console.print(
+            f"model {d.model_name} version {d.model_version}: "
+            f"{'[green]PROMOTED[/green]' if d.promoted else '[yellow]not promoted[/yellow]'} — {d.reason}",
+            soft_wrap=True,
+        )
         if d.bundle_path:
             console.print(f"serving bundle: {d.bundle_path} (published as {d.serving_link})", soft_wrap=True)
         elif d.bundle_error:
             console.print(f"[red]no serving bundle[/red]: {d.bundle_error}", soft_wrap=True)
         reg = run.steps["register_model"].outputs["registration"][0].load()
         if reg.get("mlflow_model"):
-            console.print(f"MLflow: registered model {reg['mlflow_model']} v{reg['mlflow_version']}, run {reg['mlflow_run_id']} "
-                          f"({reg['tracking_uri']})", soft_wrap=True)
+            console.print(
+                f"MLflow: registered model {reg['mlflow_model']} v{reg['mlflow_version']}, run {reg['mlflow_run_id']} "
+                f"({reg['tracking_uri']})",
+                soft_wrap=True,
+            )
     except (KeyError, IndexError):
         pass
 
@@ -306,13 +370,19 @@ def print_evaluation(console, rep) -> None:
     console.print(t)
     refs = getattr(rep, "references", None) or {}
     if refs:
-        console.print(f"labels alone ({rep.primary_metric}): " + "; ".join(f"{r['what']} {r['score']:.4f}" for r in refs.values()),
-                      soft_wrap=True)
+        console.print(
+            f"labels alone ({rep.primary_metric}): "
+            + "; ".join(f"{r['what']} {r['score']:.4f}" for r in refs.values()),
+            soft_wrap=True,
+        )
     pairs = (getattr(rep, "paired", None) or {}).get("pairs") or {}
     if pairs:
         direction = "higher" if rep.higher_is_better else "lower"
-        console.print(f"paired on the same queries, {rep.primary_metric} difference ({direction} is better), "
-                      "mean [95 % bootstrap interval]; an interval that contains 0 cannot tell the two apart:", soft_wrap=True)
+        console.print(
+            f"paired on the same queries, {rep.primary_metric} difference ({direction} is better), "
+            "mean [95 % bootstrap interval]; an interval that contains 0 cannot tell the two apart:",
+            soft_wrap=True,
+        )
         order = sorted(pairs, key=lambda k: (not k.startswith(rep.candidate), k))
         for pair in order:
             st = pairs[pair]["all"]
@@ -320,11 +390,14 @@ def print_evaluation(console, rep) -> None:
             verdict = ""
             if up or down:
                 better = up == rep.higher_is_better
-                verdict = f"  [{'green' if better else 'red'}]({pair.split(' - ')[0]} {'better' if better else 'worse'})[/]"
+                verdict = (
+                    f"  [{'green' if better else 'red'}]({pair.split(' - ')[0]} {'better' if better else 'worse'})[/]"
+                )
             console.print(f"  {pair}: {describe(st)}{verdict}", soft_wrap=True)
 
 
 # --- promote / lineage --------------------------------------------------------------------
+
 
 def _model_name(given: str | None) -> str:
     from zenml.client import Client
@@ -386,6 +459,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 # --- dashboard / stack --------------------------------------------------------------------
 
+
 def cmd_models(args: argparse.Namespace) -> int:
     _env()
     from pipelines.models import ModelsError, model_versions, print_models
@@ -404,7 +478,15 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     _env()
-    from pipelines.ui import UIError, dashboard_links, mlflow_links, start_dashboard, start_mlflow, stop_dashboard, stop_mlflow
+    from pipelines.ui import (
+        UIError,
+        dashboard_links,
+        mlflow_links,
+        start_dashboard,
+        start_mlflow,
+        stop_dashboard,
+        stop_mlflow,
+    )
 
     cli = cli_path()
     if args.stop:
@@ -422,8 +504,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
             dash = links["dashboard"]
             print(f"ZenML dashboard: {links['dashboard']}")
             if "dashboard_run" in links:
-                print(f"  latest run (DAG; click validate_data's data_quality_report for the data-quality report): "
-                      f"{links['dashboard_run']}")
+                print(
+                    f"  latest run (DAG; click validate_data's data_quality_report for the data-quality report): "
+                    f"{links['dashboard_run']}"
+                )
         if not args.no_mlflow:
             state = start_mlflow(args.mlflow_port)
             ml = mlflow_links(state["url"], state["tracking_uri"])

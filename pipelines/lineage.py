@@ -1,10 +1,22 @@
 """Lineage of a model version: input files -> artifacts -> the model, from ZenML's records."""
+
 from __future__ import annotations
 
 from typing import Any
 
-STEP_ORDER = ["load_data", "validate_data", "build_splits", "cache_embeddings", "train_stage1", "train_stage2",
-              "evaluate_base", "evaluate_tapper", "report", "register_model", "promote"]
+STEP_ORDER = [
+    "load_data",
+    "validate_data",
+    "build_splits",
+    "cache_embeddings",
+    "train_stage1",
+    "train_stage2",
+    "evaluate_base",
+    "evaluate_tapper",
+    "report",
+    "register_model",
+    "promote",
+]
 
 
 def _model_version(name: str, version: str | None):
@@ -43,11 +55,18 @@ def lineage(model_name: str, version: str | None = None) -> dict[str, Any]:
     # through them rather than through a pipeline-level model).
     runs = [r.id for r in Client().list_pipeline_runs(linked_to_model_version_id=mv.id, sort_by="asc:created", size=50)]
     info: dict[str, Any] = {
-        "model": model_name, "version": str(mv.number), "stage": getattr(mv.stage, "value", mv.stage),
-        "primary_metric": meta.get("primary_metric"), "score": meta.get("candidate_score"),
-        "promotion": meta.get("promotion"), "promotion_forced": meta.get("promotion_forced"),
+        "model": model_name,
+        "version": str(mv.number),
+        "stage": getattr(mv.stage, "value", mv.stage),
+        "primary_metric": meta.get("primary_metric"),
+        "score": meta.get("candidate_score"),
+        "promotion": meta.get("promotion"),
+        "promotion_forced": meta.get("promotion_forced"),
         "mlflow": {k: meta[k] for k in ("mlflow_model", "mlflow_version", "mlflow_run_id") if k in meta},
-        "runs": [str(r) for r in runs], "steps": [], "inputs": {}, "data_quality": None,
+        "runs": [str(r) for r in runs],
+        "steps": [],
+        "inputs": {},
+        "data_quality": None,
     }
     if not runs:
         return info
@@ -58,21 +77,29 @@ def lineage(model_name: str, version: str | None = None) -> dict[str, Any]:
         s = run.steps[n]
         entry: dict[str, Any] = {"step": n, "status": str(s.status.value), "inputs": [], "outputs": []}
         for in_name, avs in (s.inputs or {}).items():
-            for av in (avs if isinstance(avs, list) else [avs]):
-                entry["inputs"].append({"input": in_name, "artifact": av.artifact.name, "version": str(av.version),
-                                        "id": str(av.id)})
+            for av in avs if isinstance(avs, list) else [avs]:
+                entry["inputs"].append(
+                    {"input": in_name, "artifact": av.artifact.name, "version": str(av.version), "id": str(av.id)}
+                )
         for out_name, avs in (s.outputs or {}).items():
             for av in avs:
-                entry["outputs"].append({"artifact": out_name, "version": str(av.version), "id": str(av.id),
-                                         "uri": av.uri, **_producer(av)})
+                entry["outputs"].append(
+                    {"artifact": out_name, "version": str(av.version), "id": str(av.id), "uri": av.uri, **_producer(av)}
+                )
         if n == "load_data":
             p = s.config.parameters
-            info["inputs"] = {k: p.get(k) for k in ("questions", "outputs", "task", "questions_sha256", "outputs_sha256")}
+            info["inputs"] = {
+                k: p.get(k) for k in ("questions", "outputs", "task", "questions_sha256", "outputs_sha256")
+            }
         if n == "validate_data":
             for av in (s.outputs or {}).get("data_quality_report", []):
                 m = av.run_metadata or {}
-                info["data_quality"] = {"verdict": m.get("verdict"), "expectations": m.get("expectations"),
-                                        "failed": m.get("failed_expectations"), "report": f"data_quality_report v{av.version}"}
+                info["data_quality"] = {
+                    "verdict": m.get("verdict"),
+                    "expectations": m.get("expectations"),
+                    "failed": m.get("failed_expectations"),
+                    "report": f"data_quality_report v{av.version}",
+                }
         info["steps"].append(entry)
     return info
 
@@ -96,7 +123,10 @@ def print_lineage(info: dict[str, Any]) -> None:
         f.add(f"task: {ins.get('task') or '(from the outputs file)'}")
     dq = info.get("data_quality")
     if dq:
-        tree.add(f"data quality: [bold]{dq['verdict']}[/bold] ({dq['expectations']} expectations, {dq['failed']} failed; {dq['report']})")
+        tree.add(
+            f"data quality: [bold]{dq['verdict']}[/bold] ({dq['expectations']} expectations, {dq['failed']} failed; "
+            f"{dq['report']})"
+        )
     if info.get("run"):
         r = tree.add(f"pipeline run {info['run']['name']} ({info['run']['id']}): {info['run']['status']}")
         for s in info["steps"]:

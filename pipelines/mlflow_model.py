@@ -14,6 +14,7 @@ predictions (deploy.batch_scoring: the serving code path, so the registry and `t
 It also still takes LaMP questions (dicts, or a DataFrame with a `profile` column: id, input, profile, user_id)
 and returns a list of answers, the format of earlier versions.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,9 +31,13 @@ class TapperModel(PythonModel):
 
         ref = json.loads(Path(context.artifacts["backbone_ref"]).read_text())
         backbone_dir = context.artifacts.get("stage1_backbone") or ref["uri"]
-        self.scorer = BatchScorer.from_dirs(context.artifacts["tapper_state"], backbone_dir, ref["task"],
-                                            histories=context.artifacts.get("histories"),
-                                            version=str(ref.get("weights_hash", ""))[:12] or "mlflow")
+        self.scorer = BatchScorer.from_dirs(
+            context.artifacts["tapper_state"],
+            backbone_dir,
+            ref["task"],
+            histories=context.artifacts.get("histories"),
+            version=str(ref.get("weights_hash", ""))[:12] or "mlflow",
+        )
         self.task = self.scorer.ld.task
 
     # The type hint says what pyfunc hands over after checking the input against the logged signature (a
@@ -52,13 +57,23 @@ class TapperModel(PythonModel):
         rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
         jobs = []
         for q in rows:
-            profile = [Record(id=str(r["id"]), fields={k: str(v) for k, v in r.items() if k not in ("id", "date")},
-                              date=parse_lamp_date(r.get("date")), raw_date=r.get("date")) for r in q.get("profile", [])]
-            jobs.append(PredictJob(user_id=str(q.get("user_id", q["id"])), text=q["input"], history=profile,
-                                   query_id=str(q["id"])))
+            profile = [
+                Record(
+                    id=str(r["id"]),
+                    fields={k: str(v) for k, v in r.items() if k not in ("id", "date")},
+                    date=parse_lamp_date(r.get("date")),
+                    raw_date=r.get("date"),
+                )
+                for r in q.get("profile", [])
+            ]
+            jobs.append(
+                PredictJob(
+                    user_id=str(q.get("user_id", q["id"])), text=q["input"], history=profile, query_id=str(q["id"])
+                )
+            )
         out = []
         for a in range(0, len(jobs), self.scorer.batch_size):
-            for result in self.scorer.predictor.run(jobs[a: a + self.scorer.batch_size]):
+            for result in self.scorer.predictor.run(jobs[a : a + self.scorer.batch_size]):
                 if isinstance(result, BaseException):
                     raise result
                 out.append(result["prediction"])

@@ -4,6 +4,7 @@ metric, and promotion decision and date, from ZenML's Model Control Plane and th
 The open-source ZenML dashboard does not show the Model Control Plane (its Models tab is a paid-plan page),
 so this is where a user sees which version is in production and why.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -56,7 +57,9 @@ def model_versions(name: str) -> list[dict[str, Any]]:
         client.get_model(name)
     except KeyError:
         known = tapper_models()
-        raise ModelsError(f"no model named {name!r}; models: {', '.join(known) or 'none yet (run `tapper train`)'}") from None
+        raise ModelsError(
+            f"no model named {name!r}; models: {', '.join(known) or 'none yet (run `tapper train`)'}"
+        ) from None
     mlflow_versions = _mlflow_versions(name)
     rows = []
     for mv in client.list_model_versions(model=name, sort_by="desc:number", size=100, hydrate=True):
@@ -72,13 +75,21 @@ def model_versions(name: str) -> list[dict[str, Any]]:
         else:
             decision, reason, when = "no decision", "the run did not reach the promotion step", None
         stage = getattr(mv.stage, "value", mv.stage)
-        rows.append({
-            "version": str(mv.number), "stage": str(stage) if stage else "", "created": _when(mv.created),
-            "metric": meta.get("primary_metric"), "score": meta.get("candidate_score"),
-            "eval_queries": meta.get("eval_queries"), "mlflow_version": None if mlv is None else str(mlv),
-            "mlflow_aliases": ml.get("aliases", []), "decision": decision, "reason": reason,
-            "decided_at": _when(when) if when else "",
-        })
+        rows.append(
+            {
+                "version": str(mv.number),
+                "stage": str(stage) if stage else "",
+                "created": _when(mv.created),
+                "metric": meta.get("primary_metric"),
+                "score": meta.get("candidate_score"),
+                "eval_queries": meta.get("eval_queries"),
+                "mlflow_version": None if mlv is None else str(mlv),
+                "mlflow_aliases": ml.get("aliases", []),
+                "decision": decision,
+                "reason": reason,
+                "decided_at": _when(when) if when else "",
+            }
+        )
     return rows
 
 
@@ -95,9 +106,15 @@ def print_models(name: str, rows: list[dict[str, Any]]) -> None:
         table.add_column(col, justify="right" if col in (metric, "queries") else "left")
     for r in rows:
         score = f"{r['score']:.4f}" if isinstance(r["score"], (int, float)) else ""
-        ml = f"v{r['mlflow_version']}" + (f": {', '.join(r['mlflow_aliases'])}" if r["mlflow_aliases"] else "") if r["mlflow_version"] else ""
+        ml = (
+            f"v{r['mlflow_version']}" + (f": {', '.join(r['mlflow_aliases'])}" if r["mlflow_aliases"] else "")
+            if r["mlflow_version"]
+            else ""
+        )
         stage = f"[bold green]{r['stage']}[/bold green]" if r["stage"] == "production" else r["stage"]
-        table.add_row(r["version"], stage, score, str(r["eval_queries"] or ""), ml, r["decision"], r["decided_at"], r["created"])
+        table.add_row(
+            r["version"], stage, score, str(r["eval_queries"] or ""), ml, r["decision"], r["decided_at"], r["created"]
+        )
     console.print(table)
     for r in rows:
         if r["reason"] and r["decision"] != "no decision":

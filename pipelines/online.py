@@ -8,6 +8,7 @@ steps and parameters: served from the step cache after a training run with the s
 `online` is tapper.online.OnlineConfig as a dict (chunks, epochs/steps, lr_emb, lr_full,
 lambda_lr, batch_size, methods, eval_history, seed). See configs/online-tiny.yaml.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -42,7 +43,9 @@ def online_adaptation(
     data, vectors, stage1 = upstream(questions, outputs, task, backbone, run, min_history, max_history)
     boot_state, boot_metrics = _tracked(online_bootstrap)(stage1, data, vectors, run=run, online=online)
     trajectories = [
-        _tracked(online_method)(m, stage1, boot_state, boot_metrics, data, vectors, run=run, online=online, id=step_id(m))
+        _tracked(online_method)(
+            m, stage1, boot_state, boot_metrics, data, vectors, run=run, online=online, id=step_id(m)
+        )
         for m in methods
     ]
     _tracked(online_report)(trajectories, boot_metrics, stage1, data, backbone=backbone, run=run, online=online)

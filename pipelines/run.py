@@ -7,6 +7,7 @@ pipeline, whose `run:` section is tapper's RunConfig (validated: unknown
 keys are errors). `--set a.b=v` edits `parameters.run` (or another pipeline
 parameter, e.g. `--set variants=[base,tap-per,no-bridge]`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -17,8 +18,21 @@ from typing import Any
 
 import yaml
 
-PIPELINE_PARAMS = ("questions", "outputs", "task", "backbone", "run", "variants", "candidate",
-                   "min_history", "max_history", "log_backbone", "compare", "serving_dir", "promote_if")
+PIPELINE_PARAMS = (
+    "questions",
+    "outputs",
+    "task",
+    "backbone",
+    "run",
+    "variants",
+    "candidate",
+    "min_history",
+    "max_history",
+    "log_backbone",
+    "compare",
+    "serving_dir",
+    "promote_if",
+)
 # The online_adaptation pipeline's parameters: the data/backbone/run ones are the training pipeline's
 # (so its upstream steps are cache hits), plus `online` (tapper.online.OnlineConfig).
 ONLINE_PARAMS = ("questions", "outputs", "task", "backbone", "run", "online", "min_history", "max_history")
@@ -34,10 +48,17 @@ def offline_env() -> None:
     from tapper.quiet import quiet
 
     quiet()
-    for k, v in {"ZENML_ANALYTICS_OPT_IN": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "ZENML_AUTO_OPEN_DASHBOARD": "false",
-                 "HF_HUB_OFFLINE": "1", "GX_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false",
-                 "DO_NOT_TRACK": "1", "ZENML_ENABLE_RICH_TRACEBACK": "false",
-                 "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}.items():
+    for k, v in {
+        "ZENML_ANALYTICS_OPT_IN": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "ZENML_AUTO_OPEN_DASHBOARD": "false",
+        "HF_HUB_OFFLINE": "1",
+        "GX_ANALYTICS_ENABLED": "false",
+        "TOKENIZERS_PARALLELISM": "false",
+        "DO_NOT_TRACK": "1",
+        "ZENML_ENABLE_RICH_TRACEBACK": "false",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    }.items():
         os.environ.setdefault(k, v)
 
 
@@ -49,15 +70,21 @@ def _read_config(config: str | Path | dict | None) -> dict:
         return {}
     path = Path(config)
     if not path.is_file():
-        raise RunSetupError(f"config file not found: {path} (the shipped ones are in configs/, e.g. configs/quickstart.yaml)")
+        raise RunSetupError(
+            f"config file not found: {path} (the shipped ones are in configs/, e.g. configs/quickstart.yaml)"
+        )
     try:
         loaded = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f", line {mark.line + 1}" if mark is not None else ""
-        raise RunSetupError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', None) or err}); fix the file") from None
+        raise RunSetupError(
+            f"{path}{where}: not valid YAML ({getattr(err, 'problem', None) or err}); fix the file"
+        ) from None
     if loaded is not None and not isinstance(loaded, dict):
-        raise RunSetupError(f"{path}: a run config is a YAML mapping (parameters:, model:, ...), got {type(loaded).__name__}")
+        raise RunSetupError(
+            f"{path}: a run config is a YAML mapping (parameters:, model:, ...), got {type(loaded).__name__}"
+        )
     return loaded or {}
 
 
@@ -77,8 +104,14 @@ def check_input_files(questions: str, outputs: str, task: str | None) -> str:
         raise RunSetupError(f"{Path(outputs).name}: {str(err).strip(chr(39))}; fix the file or pass --task") from None
 
 
-def resolve_config(config: str | Path | dict | None, task: str | None = None, questions: str | None = None,
-                   outputs: str | None = None, backbone: str | None = None, overrides: list[str] | None = None) -> dict:
+def resolve_config(
+    config: str | Path | dict | None,
+    task: str | None = None,
+    questions: str | None = None,
+    outputs: str | None = None,
+    backbone: str | None = None,
+    overrides: list[str] | None = None,
+) -> dict:
     """The full ZenML run config for one run: file + flags, validated, data paths absolute."""
     from tapper.config import _coerce, load_run_config
     from tapper.data import canonical_task_name
@@ -106,7 +139,9 @@ def resolve_config(config: str | Path | dict | None, task: str | None = None, qu
             params[parts[0]] = _coerce(value)
             continue
         else:
-            raise RunSetupError(f"--set {item!r}: unknown key {parts[0]!r}; valid: {list(RUN_KEYS) + list(PIPELINE_PARAMS)}")
+            raise RunSetupError(
+                f"--set {item!r}: unknown key {parts[0]!r}; valid: {list(RUN_KEYS) + list(PIPELINE_PARAMS)}"
+            )
         for p in parts[:-1]:
             node = node.setdefault(p, {})
         node[parts[-1]] = _coerce(value)
@@ -162,8 +197,14 @@ def resolve_config(config: str | Path | dict | None, task: str | None = None, qu
     return cfg
 
 
-def resolve_online_config(config: str | Path | dict | None, task: str | None = None, questions: str | None = None,
-                          outputs: str | None = None, backbone: str | None = None, overrides: list[str] | None = None) -> dict:
+def resolve_online_config(
+    config: str | Path | dict | None,
+    task: str | None = None,
+    questions: str | None = None,
+    outputs: str | None = None,
+    backbone: str | None = None,
+    overrides: list[str] | None = None,
+) -> dict:
     """The online_adaptation pipeline's run config: like `resolve_config` (same normalisation of `run`, so the
     shared upstream steps get identical parameters and hit the cache), plus a validated `online:` section.
 
@@ -244,7 +285,8 @@ def model_after_validation(cfg: dict) -> dict:
 
 
 def run_training(cfg: dict, schedule: bool = True):
-    """Run (or schedule) the training pipeline with a resolved config; returns the pipeline run response (None if scheduled)."""
+    """Run (or schedule) the training pipeline with a resolved config; returns the pipeline run response (None if
+    scheduled)."""
     from pipelines.training import training
 
     return run_pipeline(training, model_after_validation(cfg), schedule)
@@ -280,9 +322,11 @@ class _NoProUpsell:
 def quiet_validation_failures() -> None:
     import logging
 
-    for name, kind in (("zenml.orchestrators.step_launcher", _QuietValidationFailure),
-                       ("zenml.orchestrators.local.local_orchestrator", _QuietValidationFailure),
-                       ("zenml.orchestrators.step_run_utils", _NoProUpsell)):
+    for name, kind in (
+        ("zenml.orchestrators.step_launcher", _QuietValidationFailure),
+        ("zenml.orchestrators.local.local_orchestrator", _QuietValidationFailure),
+        ("zenml.orchestrators.step_run_utils", _NoProUpsell),
+    ):
         log = logging.getLogger(name)
         if not any(isinstance(f, kind) for f in log.filters):
             log.addFilter(kind())
@@ -332,5 +376,8 @@ def _tracker_uri() -> str | None:
 
 
 def pipeline_run_summary(run) -> dict[str, Any]:
-    steps = {name: str(s.status.value) + (" (cached)" if str(s.status.value) == "cached" else "") for name, s in run.steps.items()}
+    steps = {
+        name: str(s.status.value) + (" (cached)" if str(s.status.value) == "cached" else "")
+        for name, s in run.steps.items()
+    }
     return {"run": run.name, "id": str(run.id), "status": str(run.status.value), "steps": steps}

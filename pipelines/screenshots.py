@@ -8,6 +8,7 @@
 Chromium runs headless with a fresh profile and nothing that calls home (Debian: `apt-get install chromium`),
 driven over its DevTools protocol so that each shot waits until the page has drawn what it is for.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -17,9 +18,18 @@ from pathlib import Path
 
 from pipelines.ui import UIError
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--hide-scrollbars", "--run-all-compositor-stages-before-draw"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--run-all-compositor-stages-before-draw",
+]
 
 
 def chromium() -> str:
@@ -27,7 +37,9 @@ def chromium() -> str:
         path = shutil.which(name)
         if path:
             return path
-    raise UIError("headless Chromium not found: install it (Debian/Ubuntu: apt-get install chromium) to take screenshots")
+    raise UIError(
+        "headless Chromium not found: install it (Debian/Ubuntu: apt-get install chromium) to take screenshots"
+    )
 
 
 class Browser:
@@ -40,10 +52,17 @@ class Browser:
         import time
 
         self.profile = tempfile.TemporaryDirectory(prefix="tapper-chromium-")
-        cmd = [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={self.profile.name}", "--remote-debugging-port=0",
-               f"--window-size={width},{height}", "about:blank"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                     start_new_session=True)
+        cmd = [
+            chromium(),
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={self.profile.name}",
+            "--remote-debugging-port=0",
+            f"--window-size={width},{height}",
+            "about:blank",
+        ]
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
         deadline, ws_url = time.monotonic() + 60, None
         while time.monotonic() < deadline and ws_url is None:
             line = self.proc.stderr.readline()
@@ -80,15 +99,25 @@ class Browser:
                     raise UIError(f"Chromium: {method}: {msg['error'].get('message')}")
                 return msg.get("result", {})
 
-    def shot(self, url: str, out: Path, ready: str = "true", settle: float = 1.5, timeout: float = 60,
-             height: int | None = None, then: str | None = None) -> Path:
+    def shot(
+        self,
+        url: str,
+        out: Path,
+        ready: str = "true",
+        settle: float = 1.5,
+        timeout: float = 60,
+        height: int | None = None,
+        then: str | None = None,
+    ) -> Path:
         """Open `url`, wait until the JS expression `ready` is true, run the JS `then` (e.g. close a side panel),
         wait `settle` seconds more, save a PNG."""
         import base64
         import time
 
         if height:
-            self.call("Emulation.setDeviceMetricsOverride", width=1440, height=height, deviceScaleFactor=1, mobile=False)
+            self.call(
+                "Emulation.setDeviceMetricsOverride", width=1440, height=height, deviceScaleFactor=1, mobile=False
+            )
         self.call("Page.navigate", url=url)
         deadline = time.monotonic() + timeout
         check = f"document.readyState === 'complete' && !!({ready})"
@@ -126,15 +155,19 @@ class Browser:
 
 
 # When each page has drawn what the screenshot is for.
-DAG_READY = "document.querySelectorAll('.react-flow__node').length > 0 && !document.body.innerText.includes('Calculating DAG')"
+DAG_READY = (
+    "document.querySelectorAll('.react-flow__node').length > 0 && !document.body.innerText.includes('Calculating DAG')"
+)
 MLFLOW_RUN_READY = "document.body.innerText.includes('Metrics') && document.body.innerText.includes('Parameters')"
 MLFLOW_MODEL_READY = "document.body.innerText.includes('Description') && document.body.innerText.includes('Schema')"
 # MLflow 3.17 opens its (beta) assistant chat beside every page; it hides half of what the shot is for.
 MLFLOW_CLOSE_ASSISTANT = "document.querySelector('[data-component-id=\"mlflow.assistant.chat_panel.close\"]')?.click()"
 # Unfold the signature's inputs on the model version page.
-MLFLOW_OPEN_SCHEMA = MLFLOW_CLOSE_ASSISTANT + "; [...document.querySelectorAll('*')]" \
-    ".filter(e => /^Inputs \\(\\d+\\)$/.test((e.innerText || '').trim()) && e.children.length === 0)" \
+MLFLOW_OPEN_SCHEMA = (
+    MLFLOW_CLOSE_ASSISTANT + "; [...document.querySelectorAll('*')]"
+    ".filter(e => /^Inputs \\(\\d+\\)$/.test((e.innerText || '').trim()) && e.children.length === 0)"
     ".forEach(e => (e.closest('[role=button], button, tr, [class*=row]') || e).click())"
+)
 
 
 def take_screenshots(out_dir: Path, dashboard: str | None, mlflow: dict | None) -> list[Path]:
@@ -149,8 +182,15 @@ def take_screenshots(out_dir: Path, dashboard: str | None, mlflow: dict | None) 
     browser = Browser()
     try:
         if dashboard and run is not None:
-            shots.append(browser.shot(f"{dashboard}/projects/{run.project.name}/runs/{run.id}",
-                                      out_dir / "dashboard-run-dag.png", ready=DAG_READY, settle=2, height=1300))
+            shots.append(
+                browser.shot(
+                    f"{dashboard}/projects/{run.project.name}/runs/{run.id}",
+                    out_dir / "dashboard-run-dag.png",
+                    ready=DAG_READY,
+                    settle=2,
+                    height=1300,
+                )
+            )
         if run is not None:
             report = Client().get_pipeline_run(run.id).steps["validate_data"].outputs.get("data_quality_report")
             if report:
@@ -159,11 +199,27 @@ def take_screenshots(out_dir: Path, dashboard: str | None, mlflow: dict | None) 
                     page.write_text(str(report[0].load()))
                     shots.append(browser.shot(page.as_uri(), out_dir / "data-quality-report.png", height=1600))
         if mlflow and mlflow.get("mlflow_run"):
-            shots.append(browser.shot(mlflow["mlflow_run"], out_dir / "mlflow-run.png", ready=MLFLOW_RUN_READY,
-                                      height=1300, settle=2, then=MLFLOW_CLOSE_ASSISTANT))
+            shots.append(
+                browser.shot(
+                    mlflow["mlflow_run"],
+                    out_dir / "mlflow-run.png",
+                    ready=MLFLOW_RUN_READY,
+                    height=1300,
+                    settle=2,
+                    then=MLFLOW_CLOSE_ASSISTANT,
+                )
+            )
         if mlflow and mlflow.get("mlflow_model_version"):
-            shots.append(browser.shot(mlflow["mlflow_model_version"], out_dir / "mlflow-model-version.png",
-                                      ready=MLFLOW_MODEL_READY, height=1400, settle=2, then=MLFLOW_OPEN_SCHEMA))
+            shots.append(
+                browser.shot(
+                    mlflow["mlflow_model_version"],
+                    out_dir / "mlflow-model-version.png",
+                    ready=MLFLOW_MODEL_READY,
+                    height=1400,
+                    settle=2,
+                    then=MLFLOW_OPEN_SCHEMA,
+                )
+            )
     finally:
         browser.close()
     return shots

@@ -1,4 +1,5 @@
 """Register the stacks described in zenml.yaml (`tapper stack up local|k8s`)."""
+
 from __future__ import annotations
 
 import os
@@ -64,7 +65,9 @@ def validate(spec: dict) -> list[str]:
             model = client.get_flavor_by_name_and_type(comp["flavor"], StackComponentType(ctype))
             Flavor.from_model(model).config_class(**comp.get("config", {}))
         except Exception as err:  # noqa: BLE001 - report every problem, not just the first
-            problems.append(f"{ctype} {comp['name']} ({comp['flavor']}): {type(err).__name__}: {str(err).splitlines()[0]}")
+            problems.append(
+                f"{ctype} {comp['name']} ({comp['flavor']}): {type(err).__name__}: {str(err).splitlines()[0]}"
+            )
     return problems
 
 
@@ -135,14 +138,16 @@ def ensure_mlflow_local(spec: dict | None = None) -> None:
     spec = spec or resolve("local")
     uri = spec["components"]["experiment_tracker"]["config"]["tracking_uri"]
     if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     art = Path(spec["mlflow_artifacts"])
     art.mkdir(parents=True, exist_ok=True)
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("training")
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment("training", artifact_location=art.as_uri())
+    exp_id = (
+        exp.experiment_id if exp is not None else client.create_experiment("training", artifact_location=art.as_uri())
+    )
     # The MLflow UI shows an experiment without a kind in its GenAI layout (traces, judges, prompts); ours is
     # model training: runs, metrics, registered models.
     if exp is None or exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:

@@ -14,6 +14,7 @@ and Stage-1 backbone (TAP-PER ablations `no-bridge`, `no-pq`, `no-pu`,
 per metric in bold + PNG plots, logged to MLflow, shown in the dashboard).
 See configs/compare-tiny.yaml.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -22,8 +23,19 @@ from zenml import pipeline
 from zenml.client import Client
 
 from steps import (
-    build_splits, cache_embeddings, comparison_report, evaluate_base, evaluate_tapper, evaluate_variant, load_data,
-    promote, register_model, report, train_stage1, train_stage2, validate_data,
+    build_splits,
+    cache_embeddings,
+    comparison_report,
+    evaluate_base,
+    evaluate_tapper,
+    evaluate_variant,
+    load_data,
+    promote,
+    register_model,
+    report,
+    train_stage1,
+    train_stage2,
+    validate_data,
 )
 from steps.data import file_sha256
 
@@ -36,8 +48,9 @@ def _tracked(step_fn):
     return step_fn.with_options(experiment_tracker=tracker.name) if tracker is not None else step_fn
 
 
-def upstream(questions: str, outputs: str, task: Optional[str], backbone: str, run: dict,
-             min_history: int, max_history: int):
+def upstream(
+    questions: str, outputs: str, task: Optional[str], backbone: str, run: dict, min_history: int, max_history: int
+):
     """load -> validate -> splits -> embeddings -> Stage 1: the steps every pipeline shares.
 
     Invoked with the same names and parameters in every pipeline, so a second
@@ -46,8 +59,13 @@ def upstream(questions: str, outputs: str, task: Optional[str], backbone: str, r
     """
     seed = int(run.get("seed", 0))
     # Hashes computed here (at compile time) key the load step's cache on file content.
-    files = _tracked(load_data)(questions=questions, outputs=outputs, task=task,
-                                questions_sha256=file_sha256(questions), outputs_sha256=file_sha256(outputs))
+    files = _tracked(load_data)(
+        questions=questions,
+        outputs=outputs,
+        task=task,
+        questions_sha256=file_sha256(questions),
+        outputs_sha256=file_sha256(outputs),
+    )
     dataset, _report = _tracked(validate_data)(files, min_history=min_history, max_history=max_history)
     data = _tracked(build_splits)(dataset, stage2_users=int(run.get("stage2_users", 100)))
     vectors = _tracked(cache_embeddings)(data, backbone=backbone, seed=seed)
@@ -80,7 +98,11 @@ def training(
     evals = []
     for v in variants:
         if v == "base":
-            evals.append(_tracked(evaluate_base)(stage1, data, vectors, stage1=run.get("stage1"), eval=run.get("eval"), seed=seed))
+            evals.append(
+                _tracked(evaluate_base)(
+                    stage1, data, vectors, stage1=run.get("stage1"), eval=run.get("eval"), seed=seed
+                )
+            )
         elif v == candidate:
             evals.append(_tracked(evaluate_tapper)(stage1, state, data, vectors, eval=run.get("eval"), seed=seed))
         else:

@@ -15,6 +15,7 @@ newsletter), which would otherwise stand in front of every page.
 Both are also what `mend_client` checks: a CLI left logged in to a local server that is no longer
 running (by `zenml login --local`, or an older `tapper dashboard`) is pointed back at the local store.
 """
+
 from __future__ import annotations
 
 import json
@@ -113,6 +114,7 @@ def _wait_http(url: str, timeout: float) -> bool:
 
 # --- the CLI's store --------------------------------------------------------------------------
 
+
 def mend_client() -> str | None:
     """If the ZenML CLI is logged in to a local server that does not answer, point it back at the local
     store (what `zenml logout` would do) and say so; returns the message, or None when nothing was wrong."""
@@ -129,11 +131,14 @@ def mend_client() -> str | None:
     if port_open(parsed.hostname, parsed.port or 80):
         return None
     gc.set_default_store()
-    return (f"note: the ZenML CLI was logged in to a local server at {store.url} that is not running; "
-            "it now uses the local store again (as `zenml logout` would)")
+    return (
+        f"note: the ZenML CLI was logged in to a local server at {store.url} that is not running; "
+        "it now uses the local store again (as `zenml logout` would)"
+    )
 
 
 # --- ZenML dashboard --------------------------------------------------------------------------
+
 
 def _deployer():
     from zenml.zen_server.deploy.deployer import LocalServerDeployer
@@ -165,8 +170,11 @@ def skip_first_visit_survey() -> None:
     user = client.active_user
     meta = dict((user.metadata.user_metadata if user.metadata else None) or {})
     if user.body.email_opted_in is None or not meta.get("finished_onboarding_survey"):
-        client.update_user(user.id, updated_email_opt_in=bool(user.body.email_opted_in),
-                           updated_metadata={**meta, "finished_onboarding_survey": True})
+        client.update_user(
+            user.id,
+            updated_email_opt_in=bool(user.body.email_opted_in),
+            updated_metadata={**meta, "finished_onboarding_survey": True},
+        )
 
 
 def start_dashboard(port: int | None = None, timeout: float = 90) -> str:
@@ -182,8 +190,10 @@ def start_dashboard(port: int | None = None, timeout: float = 90) -> str:
     server = _deployer().deploy_server(config, timeout=int(timeout))
     url = server.status.url if server.status and server.status.url else f"http://{HOST}:{port}"
     if not _wait_http(f"{url}/health", timeout):
-        raise UIError(f"the ZenML dashboard did not answer at {url} within {timeout:.0f} s; see `zenml logs` "
-                      "or run `tapper ui --stop` and try again")
+        raise UIError(
+            f"the ZenML dashboard did not answer at {url} within {timeout:.0f} s; see `zenml logs` "
+            "or run `tapper ui --stop` and try again"
+        )
     return url
 
 
@@ -200,6 +210,7 @@ def stop_dashboard() -> bool:
 
 
 # --- MLflow UI --------------------------------------------------------------------------------
+
 
 def tracking_store() -> tuple[str, str | None]:
     """(tracking URI, artifact root or None) of the active stack's MLflow experiment tracker."""
@@ -238,19 +249,34 @@ def start_mlflow(port: int | None = None, timeout: float = 90) -> dict[str, Any]
         return state
     uri, artifacts = tracking_store()
     if not uri.startswith("sqlite:///"):
-        raise UIError(f"MLflow tracks to {uri}, a server of its own: open it there (tapper ui starts a UI only "
-                      "for the local stack's store)")
+        raise UIError(
+            f"MLflow tracks to {uri}, a server of its own: open it there (tapper ui starts a UI only "
+            "for the local stack's store)"
+        )
     port = chosen_port(port, MLFLOW_PORT, "--mlflow-port")
     log = state_file().parent / "mlflow-ui.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", HOST, "--port", str(port),
-           "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     if artifacts:
         cmd += ["--default-artifact-root", Path(artifacts).as_uri()]
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
     with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True)  # its own process group: --stop ends it and its workers
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+        )  # its own process group: --stop ends it and its workers
     state = {"pid": proc.pid, "port": port, "url": f"http://{HOST}:{port}", "tracking_uri": uri, "log": str(log)}
     _write_state({**_read_state(), "mlflow": state})
     if not _wait_http(f"{state['url']}/health", timeout):
@@ -307,8 +333,12 @@ def mlflow_links(url: str, uri: str) -> dict[str, str]:
         if run_id:
             links["mlflow_run"] = f"{url}/#/experiments/{exp_id}/runs/{run_id}{ml}"
     client = mlflow.MlflowClient(tracking_uri=uri)
-    versions = [v for m in client.search_registered_models() if m.name.startswith("tapper")
-                for v in client.search_model_versions(f"name = '{m.name}'")]
+    versions = [
+        v
+        for m in client.search_registered_models()
+        if m.name.startswith("tapper")
+        for v in client.search_model_versions(f"name = '{m.name}'")
+    ]
     if versions:
         latest = max(versions, key=lambda v: v.creation_timestamp)
         links["mlflow_model_version"] = f"{url}/#/models/{latest.name}/versions/{latest.version}{ml}"

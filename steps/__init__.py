@@ -7,6 +7,7 @@ evaluation_report (+ comparison_report) -> promotion_decision (+ serving bundle)
 the online_adaptation pipeline: ... stage1_backbone -> online_bootstrap_state -> online_trajectory
 (one per method) -> online_trajectories.
 """
+
 import materializers  # noqa: F401  (registers our materializers)
 from steps._core import silence_known_noise
 from steps.data import build_splits, load_data, validate_data
@@ -19,7 +20,20 @@ from steps.register import register_model
 silence_known_noise()
 
 __all__ = [
-    "load_data", "validate_data", "build_splits", "cache_embeddings", "train_stage1", "train_stage2",
-    "evaluate_base", "evaluate_tapper", "evaluate_variant", "report", "register_model", "promote",
-    "online_bootstrap", "online_method", "online_report", "comparison_report",
+    "load_data",
+    "validate_data",
+    "build_splits",
+    "cache_embeddings",
+    "train_stage1",
+    "train_stage2",
+    "evaluate_base",
+    "evaluate_tapper",
+    "evaluate_variant",
+    "report",
+    "register_model",
+    "promote",
+    "online_bootstrap",
+    "online_method",
+    "online_report",
+    "comparison_report",
 ]

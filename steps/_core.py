@@ -2,6 +2,7 @@
 steps (tapper.methods.tap_per's train_tapper_variant and predict_eval, the calls its `train_and_evaluate` makes),
 the embedding cache fed from an artifact, and the step-side helpers (temporary dirs, MLflow, quiet logs).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -66,8 +67,9 @@ def install_embeddings(table: EmbeddingTable) -> int:
     return len(missing)
 
 
-def train_tapper(variant: str, stage1_dir: Path, data: PreparedData, cfg: RunConfig, state_dir: Path,
-                 progress: bool = True, log=None) -> TapPerState:
+def train_tapper(
+    variant: str, stage1_dir: Path, data: PreparedData, cfg: RunConfig, state_dir: Path, progress: bool = True, log=None
+) -> TapPerState:
     """Stage 2 of one TAP-PER variant on the merged backbone; saves TapPer state to `state_dir`."""
     from tapper.methods.tap_per import train_tapper_variant
 
@@ -76,22 +78,36 @@ def train_tapper(variant: str, stage1_dir: Path, data: PreparedData, cfg: RunCon
     model = result.model
     model.save(state_dir)
     return TapPerState(
-        path=Path(state_dir), variant=variant, backbone_hash=model.backbone_hash, users=len(model.user_ids),
-        per_user_params=model.per_user_params(), shared_params=model.shared_params(), losses=list(result.losses),
-        n_train=result.n_examples, lambda_t=float(model.prefix.lambda_t.detach()), lambda_o=float(model.prefix.lambda_o.detach()),
+        path=Path(state_dir),
+        variant=variant,
+        backbone_hash=model.backbone_hash,
+        users=len(model.user_ids),
+        per_user_params=model.per_user_params(),
+        shared_params=model.shared_params(),
+        losses=list(result.losses),
+        n_train=result.n_examples,
+        lambda_t=float(model.prefix.lambda_t.detach()),
+        lambda_o=float(model.prefix.lambda_o.detach()),
         seconds=time.time() - t0,
     )
 
 
-def evaluate_state(state: TapPerState, stage1_dir: Path, data: PreparedData, cfg: RunConfig, progress: bool = True) -> VariantResult:
+def evaluate_state(
+    state: TapPerState, stage1_dir: Path, data: PreparedData, cfg: RunConfig, progress: bool = True
+) -> VariantResult:
     """Load a saved TAP-PER state on the merged backbone and evaluate it on the evaluation split."""
     from tapper.methods.tap_per import evaluate_saved
 
     t0 = time.time()
     preds, metrics = evaluate_saved(state.path, stage1_dir, data, cfg, state.variant, progress)
     return VariantResult(
-        name=state.variant, task=data.task.name, metrics=metrics, predictions=preds,
-        per_user_params=state.per_user_params, shared_params=state.shared_params, losses=state.losses,
+        name=state.variant,
+        task=data.task.name,
+        metrics=metrics,
+        predictions=preds,
+        per_user_params=state.per_user_params,
+        shared_params=state.shared_params,
+        losses=state.losses,
         seconds=state.seconds + time.time() - t0,
         extra={"lambda_t": state.lambda_t, "lambda_o": state.lambda_o, "n_train": state.n_train},
     )
@@ -154,4 +170,5 @@ def silence_known_noise() -> None:
 
     name = "zenml.integrations.mlflow.experiment_trackers.mlflow_experiment_tracker"
     logging.getLogger(name).addFilter(
-        _DropMessage("Failed to disable MLflow autologging for the following frameworks: ['fastai']."))
+        _DropMessage("Failed to disable MLflow autologging for the following frameworks: ['fastai'].")
+    )

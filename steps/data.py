@@ -1,4 +1,5 @@
 """Data steps: read the files, check them (Great Expectations), split them (paper Table 6)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -30,16 +31,27 @@ def file_sha256(path: str | Path) -> str:
 
 @step
 def load_data(
-    questions: str, outputs: str, task: Optional[str] = None,
-    questions_sha256: str = "", outputs_sha256: str = "",
+    questions: str,
+    outputs: str,
+    task: Optional[str] = None,
+    questions_sha256: str = "",
+    outputs_sha256: str = "",
 ) -> Annotated[LampFiles, "lamp_files"]:
     """Read both files as bytes. The sha256 parameters key the step cache on file content, not path."""
     qb, ob = Path(questions).read_bytes(), Path(outputs).read_bytes()
     files = LampFiles(
-        questions_name=str(questions), outputs_name=str(outputs), questions_bytes=qb, outputs_bytes=ob,
-        questions_sha256=hashlib.sha256(qb).hexdigest(), outputs_sha256=hashlib.sha256(ob).hexdigest(), task=task,
+        questions_name=str(questions),
+        outputs_name=str(outputs),
+        questions_bytes=qb,
+        outputs_bytes=ob,
+        questions_sha256=hashlib.sha256(qb).hexdigest(),
+        outputs_sha256=hashlib.sha256(ob).hexdigest(),
+        task=task,
     )
-    for given, actual, name in ((questions_sha256, files.questions_sha256, questions), (outputs_sha256, files.outputs_sha256, outputs)):
+    for given, actual, name in (
+        (questions_sha256, files.questions_sha256, questions),
+        (outputs_sha256, files.outputs_sha256, outputs),
+    ):
         if given and given != actual:
             raise RuntimeError(f"{name} changed between pipeline compilation and the load step; run again")
     return files
@@ -47,7 +59,9 @@ def load_data(
 
 @step
 def validate_data(
-    files: LampFiles, min_history: int = 1, max_history: int = 100_000,
+    files: LampFiles,
+    min_history: int = 1,
+    max_history: int = 100_000,
 ) -> Tuple[Annotated[LampDataset, "lamp_dataset"], Annotated[HTMLString, "data_quality_report"]]:
     """Run the task's expectation suite; on failure save the report anyway and stop the run here."""
     from data_quality import validate_files
@@ -58,8 +72,9 @@ def validate_data(
     if not result.success:
         # The step's outputs are never written when it fails, so the report is saved by hand:
         # it is linked to this (failed) step run and shows in the dashboard.
-        save_artifact(HTMLString(result.html), name="data_quality_report", user_metadata=meta,
-                      tags=["data-quality", "failed"])
+        save_artifact(
+            HTMLString(result.html), name="data_quality_report", user_metadata=meta, tags=["data-quality", "failed"]
+        )
         try:
             log_metadata(metadata={"data_quality": meta})
         except Exception:  # noqa: BLE001 - metadata is best-effort; the error below is what matters
@@ -77,7 +92,11 @@ def validate_data(
             ds.source = files.questions_name
         except ValueError as err:
             msg = str(err).replace(str(q), files.questions_name).replace(str(o), files.outputs_name)
-            save_artifact(HTMLString(result.html), name="data_quality_report", user_metadata={**meta, "verdict": "failed", "failures": [msg]})
+            save_artifact(
+                HTMLString(result.html),
+                name="data_quality_report",
+                user_metadata={**meta, "verdict": "failed", "failures": [msg]},
+            )
             raise DataValidationError(f"data validation failed for {result.task}: {msg}") from None
     log_metadata(metadata=meta, artifact_name="data_quality_report", infer_artifact=True)
     log_metadata(metadata={"data_quality": {"verdict": "passed", "expectations": result.summary["expectations"]}})
@@ -102,6 +121,12 @@ def prepare_from_dataset(ds: LampDataset, stage2_users: int) -> PreparedData:
 def build_splits(dataset: LampDataset, stage2_users: int) -> Annotated[PreparedData, "prepared_data"]:
     data = prepare_from_dataset(dataset, stage2_users)
     s = data.splits
-    logger.info("splits: %d Stage-1 users (%d examples), %d Stage-2 users (%d examples), %d evaluation queries",
-                len(s.stage1_users), len(s.stage1_train), len(s.stage2_users), len(s.stage2_train), len(s.eval))
+    logger.info(
+        "splits: %d Stage-1 users (%d examples), %d Stage-2 users (%d examples), %d evaluation queries",
+        len(s.stage1_users),
+        len(s.stage1_train),
+        len(s.stage2_users),
+        len(s.stage2_train),
+        len(s.eval),
+    )
     return data

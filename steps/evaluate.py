@@ -1,4 +1,5 @@
 """Evaluation steps: the Stage-1 base, TAP-PER, any configured variant; the side-by-side report."""
+
 from __future__ import annotations
 
 from typing import Annotated, List, Optional
@@ -7,7 +8,16 @@ from zenml import log_metadata, step
 from zenml.logger import get_logger
 
 from materializers.types import BackboneDir, ComparisonReport, EmbeddingTable, EvalReport, TapPerState, VariantResult
-from steps._core import active_mlflow, eval_data_hash, evaluate_state, install_embeddings, quiet, run_config, step_tempdir, variant_eval
+from steps._core import (
+    active_mlflow,
+    eval_data_hash,
+    evaluate_state,
+    install_embeddings,
+    quiet,
+    run_config,
+    step_tempdir,
+    variant_eval,
+)
 from tapper.experiment import PreparedData, query_scores
 
 logger = get_logger(__name__)
@@ -23,15 +33,21 @@ def _log(ev: VariantResult) -> None:
 
 @step
 def evaluate_base(
-    stage1_backbone: BackboneDir, data: PreparedData, embeddings: EmbeddingTable,
-    stage1: Optional[dict] = None, eval: Optional[dict] = None, seed: int = 0,  # noqa: A002 - the config section's name
+    stage1_backbone: BackboneDir,
+    data: PreparedData,
+    embeddings: EmbeddingTable,
+    stage1: Optional[dict] = None,
+    eval: Optional[dict] = None,
+    seed: int = 0,  # noqa: A002 - the config section's name
 ) -> Annotated[VariantResult, "eval_base"]:
     """The merged Stage-1 backbone without any prefix: the non-personalized reference."""
     from tapper.experiment import evaluate_base as core_evaluate_base
 
     quiet()
     install_embeddings(embeddings)
-    res = core_evaluate_base(stage1_backbone.path, data, run_config(data, seed, stage1=stage1, eval=eval), progress=True)
+    res = core_evaluate_base(
+        stage1_backbone.path, data, run_config(data, seed, stage1=stage1, eval=eval), progress=True
+    )
     ev = variant_eval(res, data.task.name)
     _log(ev)
     return ev
@@ -39,8 +55,12 @@ def evaluate_base(
 
 @step
 def evaluate_tapper(
-    stage1_backbone: BackboneDir, tapper_state: TapPerState, data: PreparedData, embeddings: EmbeddingTable,
-    eval: Optional[dict] = None, seed: int = 0,  # noqa: A002
+    stage1_backbone: BackboneDir,
+    tapper_state: TapPerState,
+    data: PreparedData,
+    embeddings: EmbeddingTable,
+    eval: Optional[dict] = None,
+    seed: int = 0,  # noqa: A002
 ) -> Annotated[VariantResult, "eval_tapper"]:
     """The trained TAP-PER state, loaded from its artifact, on the Stage-2 users' queries."""
     quiet()
@@ -52,7 +72,10 @@ def evaluate_tapper(
 
 @step
 def evaluate_variant(
-    variant: str, stage1_backbone: BackboneDir, data: PreparedData, embeddings: EmbeddingTable,
+    variant: str,
+    stage1_backbone: BackboneDir,
+    data: PreparedData,
+    embeddings: EmbeddingTable,
     run: Optional[dict] = None,
 ) -> Annotated[VariantResult, "eval_variant"]:
     """Any other method `tapper experiment --variants` knows (ablation switches, baselines): trained and evaluated."""
@@ -70,8 +93,9 @@ def evaluate_variant(
 
 
 @step
-def report(evals: List[VariantResult], stage1_backbone: BackboneDir, data: PreparedData,
-           candidate: str = "tap-per") -> Annotated[EvalReport, "evaluation_report"]:
+def report(
+    evals: List[VariantResult], stage1_backbone: BackboneDir, data: PreparedData, candidate: str = "tap-per"
+) -> Annotated[EvalReport, "evaluation_report"]:
     """All variants side by side (HTML table + loss plot in the dashboard), with what promotion compares."""
     task = data.task
     by_name = {e.name: e for e in evals}
@@ -83,8 +107,12 @@ def report(evals: List[VariantResult], stage1_backbone: BackboneDir, data: Prepa
     from tapper.experiment import paired_comparisons
 
     rep = EvalReport(
-        task=task.name, primary_metric=task.primary_metric, higher_is_better=task.higher_is_better, candidate=candidate,
-        eval_data_hash=eval_data_hash(data), eval_queries=len(data.splits.eval),
+        task=task.name,
+        primary_metric=task.primary_metric,
+        higher_is_better=task.higher_is_better,
+        candidate=candidate,
+        eval_data_hash=eval_data_hash(data),
+        eval_queries=len(data.splits.eval),
         variants={e.name: {k: float(v) for k, v in e.metrics.items()} for e in evals},
         params={e.name: {"per_user": e.per_user_params, "shared": e.shared_params} for e in evals},
         losses=losses,
@@ -92,7 +120,14 @@ def report(evals: List[VariantResult], stage1_backbone: BackboneDir, data: Prepa
         paired=paired_comparisons(data, {e.name: e.predictions for e in evals}) if len(evals) > 1 else {},
         references=reference_scores(data),
     )
-    logger.info("%s on %d queries: %s %s = %.4f", task.name, rep.eval_queries, candidate, rep.primary_metric, rep.candidate_score)
+    logger.info(
+        "%s on %d queries: %s %s = %.4f",
+        task.name,
+        rep.eval_queries,
+        candidate,
+        rep.primary_metric,
+        rep.candidate_score,
+    )
     for pair, by_group in (rep.paired.get("pairs") or {}).items():
         logger.info("paired %s: %s", pair, describe(by_group["all"]))
     mlflow = active_mlflow()
@@ -100,8 +135,13 @@ def report(evals: List[VariantResult], stage1_backbone: BackboneDir, data: Prepa
         mlflow.log_metrics({f"reference/{k}": float(v["score"]) for k, v in rep.references.items()})
         for pair, by_group in (rep.paired.get("pairs") or {}).items():
             st, key = by_group["all"], pair.replace(" ", "")
-            mlflow.log_metrics({f"paired/{key}/mean": st["mean"], f"paired/{key}/ci95_low": st["ci95"][0],
-                                f"paired/{key}/ci95_high": st["ci95"][1]})
+            mlflow.log_metrics(
+                {
+                    f"paired/{key}/mean": st["mean"],
+                    f"paired/{key}/ci95_low": st["ci95"][0],
+                    f"paired/{key}/ci95_high": st["ci95"][1],
+                }
+            )
     return rep
 
 
@@ -128,21 +168,33 @@ def reference_scores(data: PreparedData) -> dict:
     }
 
 
-def comparison_metrics(evals: List[VariantResult], stage1_backbone: BackboneDir, data: PreparedData, backbone: str,
-                       run: Optional[dict]) -> dict:
+def comparison_metrics(
+    evals: List[VariantResult], stage1_backbone: BackboneDir, data: PreparedData, backbone: str, run: Optional[dict]
+) -> dict:
     """The evaluated variants as a metrics.json (tapper.eval.metrics_file: what write_report reads)."""
     from tapper.eval.metrics_file import experiment_metrics
 
     return experiment_metrics(
-        task=data.task.name, backbone=backbone, results={e.name: e for e in evals}, data=data,
-        stage1_losses=stage1_backbone.losses, stage1_examples=stage1_backbone.n_examples,
-        weights_hash=stage1_backbone.weights_hash, config=dict(run or {}), seconds=sum(e.seconds for e in evals),
+        task=data.task.name,
+        backbone=backbone,
+        results={e.name: e for e in evals},
+        data=data,
+        stage1_losses=stage1_backbone.losses,
+        stage1_examples=stage1_backbone.n_examples,
+        weights_hash=stage1_backbone.weights_hash,
+        config=dict(run or {}),
+        seconds=sum(e.seconds for e in evals),
     ).to_dict()
 
 
 @step
-def comparison_report(evals: List[VariantResult], stage1_backbone: BackboneDir, data: PreparedData, backbone: str = "",
-                      run: Optional[dict] = None) -> Annotated[ComparisonReport, "comparison_report"]:
+def comparison_report(
+    evals: List[VariantResult],
+    stage1_backbone: BackboneDir,
+    data: PreparedData,
+    backbone: str = "",
+    run: Optional[dict] = None,
+) -> Annotated[ComparisonReport, "comparison_report"]:
     """The paper-style comparison report (tapper.analysis.report.write_report: comparison / ablation /
     sensitivity tables, best per metric in bold, PNG plots) of every variant this run evaluated;
     logged to MLflow under comparison/ when the stack has an MLflow tracker."""

@@ -23,6 +23,7 @@ picks it up on POST /reload. `serving_dir` is the pipeline parameter of that nam
 else `$TAPPER_SERVING_DIR`, else `{TAPPER_HOME}/.tapper/serving`. The bundle path is
 recorded in the decision and in the model version's metadata.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,32 +47,56 @@ logger = get_logger(__name__)
 def serving_root(serving_dir: Optional[str] = None) -> Path:
     from tapper.paths import project_root
 
-    return Path(serving_dir or os.environ.get("TAPPER_SERVING_DIR") or project_root() / ".tapper" / "serving").expanduser()
+    return Path(
+        serving_dir or os.environ.get("TAPPER_SERVING_DIR") or project_root() / ".tapper" / "serving"
+    ).expanduser()
 
 
-def export_serving_bundle(model_name: str, version: str, tapper_state: TapPerState, stage1_backbone: BackboneDir,
-                          data: PreparedData, serving_dir: Optional[str] = None,
-                          source: Optional[dict] = None) -> tuple[Path, Path]:
-    """Write `<root>/<model>/v<version>` (the Stage-2 users' histories included) and point `<root>/<model>/current` at it."""
+def export_serving_bundle(
+    model_name: str,
+    version: str,
+    tapper_state: TapPerState,
+    stage1_backbone: BackboneDir,
+    data: PreparedData,
+    serving_dir: Optional[str] = None,
+    source: Optional[dict] = None,
+) -> tuple[Path, Path]:
+    """Write `<root>/<model>/v<version>` (the Stage-2 users' histories included) and point `<root>/<model>/current`
+    at it."""
     from tapper.bundle import export_bundle, publish_bundle
     from tapper.data import get_task
 
     root = serving_root(serving_dir) / model_name
     histories = stage2_histories(data)
     template = data.task.input_template if data.task.input_template != get_task(data.task.name).input_template else None
-    info = export_bundle(stage1_backbone.path, tapper_state.path, data.task.name, root / f"v{version}",
-                         version=f"{model_name}/{version}", histories=histories or None, input_template=template,
-                         source={"zenml_model": model_name, "zenml_model_version": str(version), **(source or {})},
-                         overwrite=True)
+    info = export_bundle(
+        stage1_backbone.path,
+        tapper_state.path,
+        data.task.name,
+        root / f"v{version}",
+        version=f"{model_name}/{version}",
+        histories=histories or None,
+        input_template=template,
+        source={"zenml_model": model_name, "zenml_model_version": str(version), **(source or {})},
+        overwrite=True,
+    )
     link = publish_bundle(info.path, root / "current")
     logger.info("serving bundle %s published as %s", info.path, link)
     return info.path, link
 
 
-def _export_into(decision: PromotionDecision, state: TapPerState, stage1: BackboneDir, data: PreparedData,
-                 serving_dir: Optional[str], source: dict) -> None:
+def _export_into(
+    decision: PromotionDecision,
+    state: TapPerState,
+    stage1: BackboneDir,
+    data: PreparedData,
+    serving_dir: Optional[str],
+    source: dict,
+) -> None:
     try:
-        path, link = export_serving_bundle(decision.model_name, decision.model_version, state, stage1, data, serving_dir, source)
+        path, link = export_serving_bundle(
+            decision.model_name, decision.model_version, state, stage1, data, serving_dir, source
+        )
         decision.bundle_path, decision.serving_link = str(path), str(link)
     except Exception as err:  # noqa: BLE001 - the promotion stands; the decision says why serving was not updated
         decision.bundle_error = f"{type(err).__name__}: {err}"
@@ -84,8 +109,9 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def production_score(prod, report: EvalReport, data: PreparedData,
-                     run: Optional[dict]) -> tuple[float | None, str, dict[str, float]]:
+def production_score(
+    prod, report: EvalReport, data: PreparedData, run: Optional[dict]
+) -> tuple[float | None, str, dict[str, float]]:
     """The production version's primary metric on this run's evaluation data (recorded, or re-measured), how it
     was obtained, and its per-query scores on those queries (empty when its recorded report has none)."""
     meta = prod.run_metadata or {}
@@ -103,8 +129,11 @@ def production_score(prod, report: EvalReport, data: PreparedData,
         s1: BackboneDir = prod.get_artifact("stage1_backbone").load()
         r = dict(run or {})
         ev = evaluate_state(state, s1.path, data, run_config(data, r.get("seed", 0), eval=r.get("eval")))
-        return (float(ev.metrics[report.primary_metric]), "re-evaluated on this run's evaluation data",
-                query_scores(data, ev.predictions))
+        return (
+            float(ev.metrics[report.primary_metric]),
+            "re-evaluated on this run's evaluation data",
+            query_scores(data, ev.predictions),
+        )
     except Exception as err:  # noqa: BLE001 - any failure means the two cannot be compared
         return None, f"production could not be evaluated on this run's data ({type(err).__name__}: {err})", {}
 
@@ -140,9 +169,16 @@ def set_production(model_name: str, version: str, registration: dict | None, for
 
 
 @step(enable_cache=False)
-def promote(report: EvalReport, registration: dict, data: PreparedData, tapper_state: TapPerState,
-            stage1_backbone: BackboneDir, run: Optional[dict] = None,
-            serving_dir: Optional[str] = None, promote_if: str = "better") -> Annotated[PromotionDecision, "promotion_decision"]:
+def promote(
+    report: EvalReport,
+    registration: dict,
+    data: PreparedData,
+    tapper_state: TapPerState,
+    stage1_backbone: BackboneDir,
+    run: Optional[dict] = None,
+    serving_dir: Optional[str] = None,
+    promote_if: str = "better",
+) -> Annotated[PromotionDecision, "promotion_decision"]:
     """Promote this run's model version only if its primary metric beats production's on the same data (and,
     with promote_if="significantly-better", its paired interval excludes no change); a promoted version is
     exported as a serving bundle and published as `<serving_dir>/<model>/current`."""
@@ -154,9 +190,15 @@ def promote(report: EvalReport, registration: dict, data: PreparedData, tapper_s
         prod = None
     new = report.candidate_score
     decision = PromotionDecision(
-        model_name=mv.name, model_version=str(mv.number), promoted=False, reason="", metric=report.primary_metric,
-        higher_is_better=report.higher_is_better, candidate_score=new,
-        mlflow_model=registration.get("mlflow_model"), mlflow_version=registration.get("mlflow_version"),
+        model_name=mv.name,
+        model_version=str(mv.number),
+        promoted=False,
+        reason="",
+        metric=report.primary_metric,
+        higher_is_better=report.higher_is_better,
+        candidate_score=new,
+        mlflow_model=registration.get("mlflow_model"),
+        mlflow_version=registration.get("mlflow_version"),
         promote_if=promote_if,
     )
     if prod is None:
@@ -176,15 +218,25 @@ def promote(report: EvalReport, registration: dict, data: PreparedData, tapper_s
             ok, why_not = passes_gate(new, old, report.higher_is_better, decision.paired, promote_if)
             if ok:
                 decision.promoted = True
-                decision.reason = f"{report.primary_metric} {new:.4f} beats production v{prod.number}'s {old:.4f} ({how})"
+                decision.reason = (
+                    f"{report.primary_metric} {new:.4f} beats production v{prod.number}'s {old:.4f} ({how})"
+                )
             else:
-                decision.reason = (f"not promoted: {report.primary_metric} {new:.4f} {why_not} "
-                                   f"production v{prod.number}'s {old:.4f} ({how})")
+                decision.reason = (
+                    f"not promoted: {report.primary_metric} {new:.4f} {why_not} "
+                    f"production v{prod.number}'s {old:.4f} ({how})"
+                )
     decision.decided_at = _now()
     if decision.promoted:
         decision.archived_version = set_production(mv.name, str(mv.number), registration, forced=False)
-        _export_into(decision, tapper_state, stage1_backbone, data, serving_dir,
-                     {k: str(v) for k, v in registration.items() if k.startswith("mlflow")})
+        _export_into(
+            decision,
+            tapper_state,
+            stage1_backbone,
+            data,
+            serving_dir,
+            {k: str(v) for k, v in registration.items() if k.startswith("mlflow")},
+        )
     logger.info("promotion: %s", decision.reason)
     log_metadata(metadata={"promotion": {k: v for k, v in asdict(decision).items() if v is not None}}, infer_model=True)
     return decision
@@ -201,13 +253,21 @@ def force_promote(model_name: str, version: str) -> PromotionDecision:
         prod = None
     archived = set_production(model_name, str(mv.number), None, forced=True)
     d = PromotionDecision(
-        model_name=model_name, model_version=str(mv.number), promoted=True, forced=True,
+        model_name=model_name,
+        model_version=str(mv.number),
+        promoted=True,
+        forced=True,
         reason=f"forced by hand (tapper promote {mv.number}) by {os.environ.get('USER', 'unknown user')}",
-        metric=str(meta.get("primary_metric", "")), higher_is_better=bool(meta.get("higher_is_better", True)),
+        metric=str(meta.get("primary_metric", "")),
+        higher_is_better=bool(meta.get("higher_is_better", True)),
         candidate_score=float(meta.get("candidate_score", float("nan"))),
         production_version=str(prod.number) if prod is not None else None,
-        production_score=float((prod.run_metadata or {}).get("candidate_score")) if prod is not None and (prod.run_metadata or {}).get("candidate_score") is not None else None,
-        archived_version=archived, mlflow_model=meta.get("mlflow_model"), decided_at=_now(),
+        production_score=float((prod.run_metadata or {}).get("candidate_score"))
+        if prod is not None and (prod.run_metadata or {}).get("candidate_score") is not None
+        else None,
+        archived_version=archived,
+        mlflow_model=meta.get("mlflow_model"),
+        decided_at=_now(),
         mlflow_version=None if meta.get("mlflow_version") is None else str(meta.get("mlflow_version")),
     )
     try:
@@ -217,6 +277,9 @@ def force_promote(model_name: str, version: str) -> PromotionDecision:
         _export_into(d, state, s1, data, None, {"promotion": "forced"})
     except Exception as err:  # noqa: BLE001 - e.g. a version whose artifacts are gone: promoted, no bundle
         d.bundle_error = f"{type(err).__name__}: {err}"
-    log_metadata(metadata={"promotion_forced": {k: v for k, v in asdict(d).items() if v is not None}},
-                 model_name=model_name, model_version=str(mv.number))
+    log_metadata(
+        metadata={"promotion_forced": {k: v for k, v in asdict(d).items() if v is not None}},
+        model_name=model_name,
+        model_version=str(mv.number),
+    )
     return d

@@ -2,6 +2,7 @@
 version; record the metrics on this run's ZenML model version. The model's text comes from the core
 (tapper.eval.model_card); the pyfunc model class is pipelines/mlflow_model.py (logged from its file, never imported).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,8 +47,13 @@ def _mlflow_tracker():
 
 @step(enable_cache=False)
 def register_model(
-    report: EvalReport, tapper_state: TapPerState, stage1_backbone: BackboneDir,
-    run: Optional[dict] = None, backbone: str = "", log_backbone: bool = False, data: Optional[PreparedData] = None,
+    report: EvalReport,
+    tapper_state: TapPerState,
+    stage1_backbone: BackboneDir,
+    run: Optional[dict] = None,
+    backbone: str = "",
+    log_backbone: bool = False,
+    data: Optional[PreparedData] = None,
 ) -> Annotated[dict, "registration"]:
     """Log the run to MLflow (params, per-epoch losses, metrics, plots, model) and register the model;
     record the metrics on this run's ZenML model version. Never cached: every run is a new version.
@@ -65,8 +71,16 @@ def register_model(
         from materializers.evaluation import loss_plot_png
 
         active = mlflow.active_run()
-        mlflow.log_params({**_flatten(cfg), "backbone": backbone, "task": report.task, "candidate": report.candidate,
-                           "eval_data_hash": report.eval_data_hash[:16], "zenml_model_version": str(mv.number)})
+        mlflow.log_params(
+            {
+                **_flatten(cfg),
+                "backbone": backbone,
+                "task": report.task,
+                "candidate": report.candidate,
+                "eval_data_hash": report.eval_data_hash[:16],
+                "zenml_model_version": str(mv.number),
+            }
+        )
         # The training and evaluation steps log their losses and metrics into this run as they finish; a step
         # served from the cache did not run, so what is missing is logged here from the report.
         logged = set(mlflow.get_run(active.info.run_id).data.metrics) if active else set()
@@ -74,8 +88,14 @@ def register_model(
             if f"loss/{stage}" not in logged:
                 for i, loss in enumerate(losses):
                     mlflow.log_metric(f"loss/{stage}", float(loss), step=i + 1)
-        mlflow.log_metrics({f"{variant}/{k}": float(v) for variant, ms in report.variants.items() for k, v in ms.items()
-                            if f"{variant}/{k}" not in logged})
+        mlflow.log_metrics(
+            {
+                f"{variant}/{k}": float(v)
+                for variant, ms in report.variants.items()
+                for k, v in ms.items()
+                if f"{variant}/{k}" not in logged
+            }
+        )
         mlflow.log_metric(f"candidate/{report.primary_metric}", report.candidate_score)
         mlflow.log_dict(asdict(report), "evaluation/report.json")
         table = evaluation_table(report)
@@ -86,8 +106,16 @@ def register_model(
                 Path(tmp, "losses.png").write_bytes(png)
                 mlflow.log_artifact(str(Path(tmp, "losses.png")), "plots")
             ref = Path(tmp, "backbone.json")
-            ref.write_text(json.dumps({"task": report.task, "uri": str(stage1_backbone.path), "spec": stage1_backbone.spec,
-                                       "weights_hash": stage1_backbone.weights_hash}))
+            ref.write_text(
+                json.dumps(
+                    {
+                        "task": report.task,
+                        "uri": str(stage1_backbone.path),
+                        "spec": stage1_backbone.spec,
+                        "weights_hash": stage1_backbone.weights_hash,
+                    }
+                )
+            )
             artifacts = {"tapper_state": str(tapper_state.path), "backbone_ref": str(ref)}
             histories = stage2_histories(data) if data is not None else {}
             if histories:
@@ -103,8 +131,12 @@ def register_model(
                 # predict once more here only to check what the signature already says.
                 warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
                 model_info = mlflow.pyfunc.log_model(
-                    name="tapper", python_model=str(MLFLOW_MODEL_FILE), artifacts=artifacts,
-                    registered_model_name=name, pip_requirements=["tapper"], signature=model_signature(report.task),
+                    name="tapper",
+                    python_model=str(MLFLOW_MODEL_FILE),
+                    artifacts=artifacts,
+                    registered_model_name=name,
+                    pip_requirements=["tapper"],
+                    signature=model_signature(report.task),
                     metadata={"task": report.task, "zenml_model_version": str(mv.number)},
                 )
             # MLflow prints "Successfully registered model ..." to stderr, which the dashboard shows as red ERROR rows.
@@ -115,22 +147,46 @@ def register_model(
         client = mlflow.MlflowClient()
         client.set_model_version_tag(name, version, "zenml_model_version", str(mv.number))
         client.set_model_version_tag(name, version, f"{report.primary_metric}", f"{report.candidate_score:.6f}")
-        client.update_model_version(name, version, description=model_description(report, backbone, str(mv.number), table))
+        client.update_model_version(
+            name, version, description=model_description(report, backbone, str(mv.number), table)
+        )
         if not (client.get_registered_model(name).description or ""):
-            client.update_registered_model(name, description=f"TAP-PER personalization model for {report.task} "
-                                           "(tapper). Each version's description holds its evaluation table.")
-        info.update({"mlflow_run_id": active.info.run_id if active else "", "mlflow_model": name, "mlflow_version": version,
-                     "mlflow_model_uri": model_info.model_uri, "tracking_uri": mlflow.get_tracking_uri()})
+            client.update_registered_model(
+                name,
+                description=f"TAP-PER personalization model for {report.task} "
+                "(tapper). Each version's description holds its evaluation table.",
+            )
+        info.update(
+            {
+                "mlflow_run_id": active.info.run_id if active else "",
+                "mlflow_model": name,
+                "mlflow_version": version,
+                "mlflow_model_uri": model_info.model_uri,
+                "tracking_uri": mlflow.get_tracking_uri(),
+            }
+        )
         logger.info("MLflow: registered %s version %s (run %s)", name, version, info["mlflow_run_id"])
     else:
-        logger.warning("the active stack has no MLflow experiment tracker: nothing logged to MLflow (run `tapper stack up local`)")
-    log_metadata(metadata={
-        "task": report.task, "primary_metric": report.primary_metric, "candidate_score": report.candidate_score,
-        "higher_is_better": report.higher_is_better, "eval_data_hash": report.eval_data_hash,
-        "eval_queries": report.eval_queries, "metrics": report.variants, "backbone": backbone,
-        "per_user_params": tapper_state.per_user_params, "shared_params": tapper_state.shared_params,
-        "backbone_hash": stage1_backbone.weights_hash, **{k: v for k, v in info.items() if k.startswith("mlflow")},
-    }, infer_model=True)
+        logger.warning(
+            "the active stack has no MLflow experiment tracker: nothing logged to MLflow (run `tapper stack up local`)"
+        )
+    log_metadata(
+        metadata={
+            "task": report.task,
+            "primary_metric": report.primary_metric,
+            "candidate_score": report.candidate_score,
+            "higher_is_better": report.higher_is_better,
+            "eval_data_hash": report.eval_data_hash,
+            "eval_queries": report.eval_queries,
+            "metrics": report.variants,
+            "backbone": backbone,
+            "per_user_params": tapper_state.per_user_params,
+            "shared_params": tapper_state.shared_params,
+            "backbone_hash": stage1_backbone.weights_hash,
+            **{k: v for k, v in info.items() if k.startswith("mlflow")},
+        },
+        infer_model=True,
+    )
     return info
 
 
@@ -144,8 +200,14 @@ def model_signature(task: str):
 
     fields = [Property(f, "string", required=False) for f in get_task(task).profile_fields]
     record = Object([Property("id", "string"), Property("date", "string", required=False), *fields])
-    inputs = Schema([ColSpec("string", "id"), ColSpec("string", "input"), ColSpec("string", "user_id", required=False),
-                     ColSpec(Array(record), "profile")])
+    inputs = Schema(
+        [
+            ColSpec("string", "id"),
+            ColSpec("string", "input"),
+            ColSpec("string", "user_id", required=False),
+            ColSpec(Array(record), "profile"),
+        ]
+    )
     return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("string")]))
 
 

@@ -1,4 +1,5 @@
 """Write-then-rename helpers (a crash never leaves a half-written file in place) and a cross-process file lock."""
+
 from __future__ import annotations
 
 import contextlib

@@ -28,6 +28,7 @@ The promotion step calls `export_bundle(stage1_dir, state_dir, task_name, <root>
 `deploy.bundle.bundle_from_mlflow("models:/<name>@production", out_dir)` builds the same bundle from the MLflow
 registry (the pyfunc model the registration step logs: artifacts tapper_state/, backbone.json, stage1_backbone/).
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -91,6 +92,7 @@ class BundleInfo:
 
 # --- export ----------------------------------------------------------------------------------------
 
+
 def export_bundle(
     stage1_dir: str | os.PathLike,
     state_dir: str | os.PathLike,
@@ -124,11 +126,15 @@ def export_bundle(
     state_meta = json.loads((state_dir / "tapper_config.json").read_text())
     backbone_hash = state_meta.get("backbone_hash", "")
     meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "task": spec.name,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "task": spec.name,
         "input_template": input_template if input_template and input_template != spec.input_template else None,
         "version": str(version) if version is not None else (backbone_hash[:12] or "unversioned"),
-        "backbone_hash": backbone_hash, "users": len(state_meta.get("user_ids", [])),
-        "prefix_len": state_meta.get("stage2", {}).get("prefix_len"), "d": state_meta.get("d"),
+        "backbone_hash": backbone_hash,
+        "users": len(state_meta.get("user_ids", [])),
+        "prefix_len": state_meta.get("stage2", {}).get("prefix_len"),
+        "d": state_meta.get("d"),
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "source": dict(source or {}),
     }
@@ -185,14 +191,18 @@ def read_bundle(path: str | os.PathLike) -> BundleInfo:
     path = Path(path)
     meta_file = path / META_FILE
     if not meta_file.is_file():
-        raise BundleError(f"{path}: not a tapper bundle (no {META_FILE}); expected {META_FILE}, {STAGE1_DIR}/, {STATE_DIR}/")
+        raise BundleError(
+            f"{path}: not a tapper bundle (no {META_FILE}); expected {META_FILE}, {STAGE1_DIR}/, {STATE_DIR}/"
+        )
     try:
         meta = json.loads(meta_file.read_text())
     except json.JSONDecodeError as err:
         raise BundleError(f"{meta_file}: not valid JSON: {err}") from None
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{meta_file}: format {meta.get('format')!r} v{meta.get('format_version')!r}, "
-                          f"this server reads {FORMAT!r} v{FORMAT_VERSION}")
+        raise BundleError(
+            f"{meta_file}: format {meta.get('format')!r} v{meta.get('format_version')!r}, "
+            f"this server reads {FORMAT!r} v{FORMAT_VERSION}"
+        )
     for key in ("task", "version"):
         if not isinstance(meta.get(key), str) or not meta[key]:
             raise BundleError(f"{meta_file}: field {key!r} missing or not a string")
@@ -201,7 +211,13 @@ def read_bundle(path: str | os.PathLike) -> BundleInfo:
     for name in STATE_FILES:
         if not (path / STATE_DIR / name).is_file():
             raise BundleError(f"{path / STATE_DIR}: missing {name}")
-    info = BundleInfo(path=path, task=meta["task"], version=meta["version"], backbone_hash=meta.get("backbone_hash", ""),
-                      input_template=meta.get("input_template"), meta=meta)
+    info = BundleInfo(
+        path=path,
+        task=meta["task"],
+        version=meta["version"],
+        backbone_hash=meta.get("backbone_hash", ""),
+        input_template=meta.get("input_template"),
+        meta=meta,
+    )
     info.task_spec()  # unknown task / wording fails here
     return info

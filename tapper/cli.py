@@ -12,6 +12,7 @@ Errors are one line, `tapper: error: <what, where> ...`; `--debug` (anywhere on 
 TAPPER_DEBUG=1) shows the traceback instead. Nothing heavy is imported to build the parser, so
 `tapper --help` answers at once.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,17 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     groups_file = args.user_groups or (Path(args.questions).parent / "users.json")
     groups = load_user_groups(groups_file) if Path(groups_file).exists() else None
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    report = run_experiment(args.task, args.questions, args.outputs, args.backbone, args.out, cfg, variants,
-                            user_groups=groups, progress=not args.no_progress)
+    report = run_experiment(
+        args.task,
+        args.questions,
+        args.outputs,
+        args.backbone,
+        args.out,
+        cfg,
+        variants,
+        user_groups=groups,
+        progress=not args.no_progress,
+    )
     print_report(report)
     print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'predictions'}/")
     return 0
@@ -113,33 +123,61 @@ def print_report(report: dict) -> None:
         from tapper.eval.paired import describe
 
         direction = "higher" if paired["higher_is_better"] else "lower"
-        console.print(f"paired differences in {paired['metric']} ({direction} is better), mean [95 % bootstrap interval]:")
+        console.print(
+            f"paired differences in {paired['metric']} ({direction} is better), mean [95 % bootstrap interval]:"
+        )
         for pair, by_group in paired["pairs"].items():
             console.print(f"  {pair}: " + ";  ".join(f"{g} {describe(st)}" for g, st in by_group.items()))
-    console.print(f"per-user parameters: {report['per_user_params']:,}   shared parameters: {report['shared_params']:,}")
+    console.print(
+        f"per-user parameters: {report['per_user_params']:,}   shared parameters: {report['shared_params']:,}"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tapper", description="TAP-PER personalization: experiments, pipelines, serving.",
-                                     epilog="--debug (anywhere on the command line): show the traceback of an error.")
+    parser = argparse.ArgumentParser(
+        prog="tapper",
+        description="TAP-PER personalization: experiments, pipelines, serving.",
+        epilog="--debug (anywhere on the command line): show the traceback of an error.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("experiment", help="run Stage 1, Stage 2 and evaluation directly on LaMP files",
-                       description="Train Stage 1 and the requested variants on the Stage-2 users and evaluate them on those users' queries. "
-                                   "Writes DIR/metrics.json and DIR/predictions/<variant>.json.")
+    p = sub.add_parser(
+        "experiment",
+        help="run Stage 1, Stage 2 and evaluation directly on LaMP files",
+        description="Train Stage 1 and the requested variants on the Stage-2 users and evaluate them on those "
+        "users' queries. "
+        "Writes DIR/metrics.json and DIR/predictions/<variant>.json.",
+    )
     add_data_args(p)
     add_backbone_arg(p)
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--stage2-users", type=int, default=None, help="N most active users trained in Stage 2 and evaluated (default 100)")
-    p.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma-separated methods (default: %(default)s); "
-                   "TAP-PER switches: tap-per, no-bridge, no-pq, no-pu, pq-only, lambda-t0, lambda-o0, lambda0, bm25-kN, L-N")
-    p.add_argument("--config", help="YAML with run settings (stage1/stage2/eval/stage2_users/seed); default: the backbone's "
-                                    "tested preset (configs/experiment-tiny.yaml, configs/experiment-smollm2-cpu.yaml) "
-                                    "if it has one, else the paper's settings")
-    p.add_argument("--user-groups", help="JSON of user groups for per-group metrics (default: users.json beside the questions, if any)")
+    p.add_argument(
+        "--stage2-users",
+        type=int,
+        default=None,
+        help="N most active users trained in Stage 2 and evaluated (default 100)",
+    )
+    p.add_argument(
+        "--variants",
+        default=DEFAULT_VARIANTS,
+        help="comma-separated methods (default: %(default)s); "
+        "TAP-PER switches: tap-per, no-bridge, no-pq, no-pu, pq-only, lambda-t0, lambda-o0, lambda0, bm25-kN, L-N",
+    )
+    p.add_argument(
+        "--config",
+        help="YAML with run settings (stage1/stage2/eval/stage2_users/seed); default: the backbone's "
+        "tested preset (configs/experiment-tiny.yaml, configs/experiment-smollm2-cpu.yaml) "
+        "if it has one, else the paper's settings",
+    )
+    p.add_argument(
+        "--user-groups",
+        help="JSON of user groups for per-group metrics (default: users.json beside the questions, if any)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_set_arg(p)
-    p.add_argument("--help-config", action=HelpConfig, help="list every --set key with its default and meaning, and exit")
+    p.add_argument(
+        "--help-config", action=HelpConfig, help="list every --set key with its default and meaning, and exit"
+    )
     p.set_defaults(func=cmd_experiment)
 
     from tapper.online.cli import register as register_online

@@ -3,6 +3,7 @@
 Every knob of both stages and of evaluation lives here, so a YAML file, the
 CLI's `--set stage2.epochs=6` and a ZenML step parameter all mean the same.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,12 +31,15 @@ def _check_schedule(obj: Any) -> None:
 
 
 def _check_memory(obj: Any) -> None:
-    """The precision and memory settings every trained stage shares (dtype, gradient_checkpointing, micro_batch_size)."""
+    """The precision and memory settings every trained stage shares (dtype, gradient_checkpointing,
+    micro_batch_size)."""
     if obj.dtype not in DTYPES:
         raise ConfigError(f"{type(obj).__name__}.dtype must be one of {list(DTYPES)}, got {obj.dtype!r}")
     mb = obj.micro_batch_size
     if mb is not None and (mb <= 0 or mb > obj.batch_size):
-        raise ConfigError(f"{type(obj).__name__}.micro_batch_size must be in [1, batch_size={obj.batch_size}], got {mb!r}")
+        raise ConfigError(
+            f"{type(obj).__name__}.micro_batch_size must be in [1, batch_size={obj.batch_size}], got {mb!r}"
+        )
 
 
 def _check_positive(obj: Any, *names: str) -> None:
@@ -59,11 +63,15 @@ def _qkvo() -> list[str]:
 
 
 # Shared by both trained stages (tapper.precision, tapper.train.loop).
-_DTYPE_HELP = ("precision of the frozen backbone: fp32, bf16, or fp16 (with loss scaling, for GPUs without bf16); "
-               "what trains keeps fp32 weights and optimizer state in every case")
+_DTYPE_HELP = (
+    "precision of the frozen backbone: fp32, bf16, or fp16 (with loss scaling, for GPUs without bf16); "
+    "what trains keeps fp32 weights and optimizer state in every case"
+)
 _CHECKPOINT_HELP = "recompute each transformer block in the backward pass instead of keeping its activations"
-_MICRO_HELP = ("examples per forward/backward; the gradients of batch_size / micro_batch_size micro-batches make "
-               "one optimizer step, the same step within rounding (null = the whole batch at once)")
+_MICRO_HELP = (
+    "examples per forward/backward; the gradients of batch_size / micro_batch_size micro-batches make "
+    "one optimizer step, the same step within rounding (null = the whole batch at once)"
+)
 _WARMUP_HELP = "linear warm-up over this share of the optimizer steps"
 _SCHEDULE_HELP = "learning rate after warm-up: constant, or linear decay to 0"
 
@@ -83,8 +91,11 @@ class Stage1Config:
     max_examples: int | None = knob(None, "cap on Stage-1 training examples (null = all); keeps CPU runs short")
     skip: bool = knob(False, "skip Stage 1 entirely and use the backbone as it is (ablations)")
     # Full mode exists because a LoRA on frozen *random* weights cannot learn the task format.
-    mode: str = knob("lora", "lora: the paper's task LoRA, merged; full: train every weight but the input "
-                             "embeddings (the cached vectors depend on them), for random-init test backbones only")
+    mode: str = knob(
+        "lora",
+        "lora: the paper's task LoRA, merged; full: train every weight but the input "
+        "embeddings (the cached vectors depend on them), for random-init test backbones only",
+    )
     warmup: float = knob(0.0, _WARMUP_HELP)
     schedule: str = knob("constant", _SCHEDULE_HELP)
     dtype: str = knob("fp32", _DTYPE_HELP)
@@ -99,7 +110,9 @@ class Stage1Config:
         _check_memory(self)
         if self.mode == "full" and self.dtype != "fp32":
             # Full mode trains the backbone's own weights: in bf16/fp16 their updates would be rounded away.
-            raise ConfigError(f"Stage1Config: mode 'full' trains the backbone's weights and needs dtype fp32, got {self.dtype!r}")
+            raise ConfigError(
+                f"Stage1Config: mode 'full' trains the backbone's weights and needs dtype fp32, got {self.dtype!r}"
+            )
 
 
 @dataclass
@@ -122,42 +135,74 @@ class Stage2Config:
     user_lr: float | None = knob(None, "learning rate of the user table E (null = lr)")
     # A row has L*d numbers for a few dozen examples and can memorize their answers; decay pulls it toward P_q.
     user_weight_decay: float = knob(0.0, "decoupled weight decay on the user table only")
-    user_init_std: float = knob(1.0, "std of the user table's initial rows, in units of the token-embedding std "
-                                     "(0.1 keeps the prefix close to P_q early on)")
+    user_init_std: float = knob(
+        1.0,
+        "std of the user table's initial rows, in units of the token-embedding std "
+        "(0.1 keeps the prefix close to P_q early on)",
+    )
     batch_size: int = knob(16, "examples per optimizer step")
     max_len: int = knob(256, "tokens per example after the prefix")
-    max_examples_per_user: int | None = knob(None, "train on at most this many of each user's most recent "
-                                                   "history items (null = all)")
+    max_examples_per_user: int | None = knob(
+        None, "train on at most this many of each user's most recent history items (null = all)"
+    )
     use_bridge: bool = knob(True, "ablation switch: the bridge LoRA")
     use_pq: bool = knob(True, "ablation switch: the query-conditioned prefix P_q")
     use_pu: bool = knob(True, "ablation switch: the per-user prefix P_u (false: P_q only, serves unseen users)")
     use_lambda_t: bool = knob(True, "ablation switch: time decay λ_t in the attention")
     use_lambda_o: bool = knob(True, "ablation switch: order decay λ_o in the attention")
-    bm25_k: int | None = knob(None, "BM25 pre-filter: keep only the k history records most similar to the query "
-                                    "(null = all)")
+    bm25_k: int | None = knob(
+        None, "BM25 pre-filter: keep only the k history records most similar to the query (null = all)"
+    )
     # Unbounded scores learn to put ~90 % of α on one record, leaving P_q a copy of one record (docs/results/core.md).
-    din_score_bound: float | None = knob(None, "bound b on the DIN content score before the temporal terms, "
-                                               "s = b·tanh(s/b) (null = unbounded, as in the paper)")
-    input_norm: str = knob("standardize", "how record, query and pooled vectors enter the MLPs: standardize "
-                                          "(centred on the training corpus) or unit_rms (each vector alone, the paper)")
+    din_score_bound: float | None = knob(
+        None,
+        "bound b on the DIN content score before the temporal terms, "
+        "s = b·tanh(s/b) (null = unbounded, as in the paper)",
+    )
+    input_norm: str = knob(
+        "standardize",
+        "how record, query and pooled vectors enter the MLPs: standardize "
+        "(centred on the training corpus) or unit_rms (each vector alone, the paper)",
+    )
     history_dropout: float = knob(0.0, "training only: each history record is hidden from P_q with this probability")
     warmup: float = knob(0.0, _WARMUP_HELP)
     schedule: str = knob("constant", _SCHEDULE_HELP)
-    bridge_scope: str = knob("all", "where the bridge LoRA acts: all positions (the paper) or only the prefix's "
-                                    "(it then changes how the prefix is read, not how the prompt is processed)")
-    validation_share: float = knob(0.0, "share of the Stage-2 examples held out (seeded) to choose the epoch kept; "
-                                        "0 = train on all and keep the last (the paper)")
-    aux_weight: float = knob(0.0, "weight of an auxiliary loss: a linear readout of the pooled history predicts "
-                                  "the answer (classification tasks); 0 = the paper's loss alone")
+    bridge_scope: str = knob(
+        "all",
+        "where the bridge LoRA acts: all positions (the paper) or only the prefix's "
+        "(it then changes how the prefix is read, not how the prompt is processed)",
+    )
+    validation_share: float = knob(
+        0.0,
+        "share of the Stage-2 examples held out (seeded) to choose the epoch kept; "
+        "0 = train on all and keep the last (the paper)",
+    )
+    aux_weight: float = knob(
+        0.0,
+        "weight of an auxiliary loss: a linear readout of the pooled history predicts "
+        "the answer (classification tasks); 0 = the paper's loss alone",
+    )
     dtype: str = knob("fp32", _DTYPE_HELP)
     gradient_checkpointing: bool = knob(False, _CHECKPOINT_HELP)
     micro_batch_size: int | None = knob(None, _MICRO_HELP)
+
     def __post_init__(self) -> None:
         if self.bridge_scope not in ("all", "prefix"):
             raise ConfigError(f"Stage2Config.bridge_scope must be 'all' or 'prefix', got {self.bridge_scope!r}")
         _check_positive(
-            self, "prefix_len", "bridge_r", "bridge_alpha", "din_hidden", "proj_hidden",
-            "epochs", "lr", "lambda_lr", "batch_size", "max_len", "max_examples_per_user", "bm25_k",
+            self,
+            "prefix_len",
+            "bridge_r",
+            "bridge_alpha",
+            "din_hidden",
+            "proj_hidden",
+            "epochs",
+            "lr",
+            "lambda_lr",
+            "batch_size",
+            "max_len",
+            "max_examples_per_user",
+            "bm25_k",
             "din_score_bound",
         )
         if self.user_init_std < 0:
@@ -179,8 +224,9 @@ class Stage2Config:
 @dataclass
 class EvalConfig:
     batch_size: int = knob(16, "queries per generation batch")
-    max_new_tokens: int | None = knob(None, "answer tokens generated (null = per task kind: a few for labels, more "
-                                            "for headlines)")
+    max_new_tokens: int | None = knob(
+        None, "answer tokens generated (null = per task kind: a few for labels, more for headlines)"
+    )
     dtype: str = knob("fp32", "precision the non-personalized base generates in (TAP-PER uses its Stage-2 dtype)")
 
     def __post_init__(self) -> None:

@@ -11,6 +11,7 @@ Output contract (DIR):
     stage1/                     the merged Stage-1 backbone (HF directory)
     tapper/<variant>/           each Stage-2 model's state (safetensors + JSON)
 """
+
 from __future__ import annotations
 
 import json
@@ -34,10 +35,28 @@ from tapper.model.shared_cache import cache_for, one_cache_per_run
 from tapper.train.stage1 import Stage1Result, train_stage1
 
 # Re-exported for callers of the orchestration API (steps, benchmarks): the pieces live with their method.
-__all__ = ["PreparedData", "prepare_data", "tokenizer_corpus", "open_backbone", "run_stage1", "embedding_cache",
-           "VariantResult", "score", "query_scores", "evaluate_base", "encoder_for_base", "stage2_config_for",
-           "train_tapper_variant", "predict_eval", "run_tapper_variant", "run_variant", "group_metrics",
-           "paired_comparisons", "run_experiment", "load_user_groups"]
+__all__ = [
+    "PreparedData",
+    "prepare_data",
+    "tokenizer_corpus",
+    "open_backbone",
+    "run_stage1",
+    "embedding_cache",
+    "VariantResult",
+    "score",
+    "query_scores",
+    "evaluate_base",
+    "encoder_for_base",
+    "stage2_config_for",
+    "train_tapper_variant",
+    "predict_eval",
+    "run_tapper_variant",
+    "run_variant",
+    "group_metrics",
+    "paired_comparisons",
+    "run_experiment",
+    "load_user_groups",
+]
 
 LossLogger = Callable[[str, int, float], None]  # (stage/variant, epoch, loss)
 
@@ -46,9 +65,20 @@ def open_backbone(spec: str, data: PreparedData, seed: int = 0, dtype: str = "fp
     return load_backbone(spec, texts=tokenizer_corpus(data) if spec == "tiny" else None, seed=seed, dtype=dtype)
 
 
-def run_stage1(backbone: Backbone, data: PreparedData, cfg: RunConfig, out_dir: Path, progress=True, log: LossLogger | None = None) -> Stage1Result:
-    on_epoch = (lambda e, l: log("stage1", e, l)) if log else None
-    return train_stage1(backbone, data.task, data.splits.stage1_train, cfg.stage1, out_dir, seed=cfg.seed, progress=progress, on_epoch=on_epoch)
+def run_stage1(
+    backbone: Backbone, data: PreparedData, cfg: RunConfig, out_dir: Path, progress=True, log: LossLogger | None = None
+) -> Stage1Result:
+    on_epoch = (lambda e, loss: log("stage1", e, loss)) if log else None
+    return train_stage1(
+        backbone,
+        data.task,
+        data.splits.stage1_train,
+        cfg.stage1,
+        out_dir,
+        seed=cfg.seed,
+        progress=progress,
+        on_epoch=on_epoch,
+    )
 
 
 def embedding_cache(backbone: Backbone, root: Path | None = None) -> EmbeddingCache:
@@ -59,20 +89,30 @@ def evaluate_base(stage1_dir: Path, data: PreparedData, cfg: RunConfig, progress
     return _run_base("base", stage1_dir, data, cfg, None, progress)
 
 
-def run_tapper_variant(variant: str, stage1_dir: Path, data: PreparedData, cfg: RunConfig, state_dir: Path | None = None,
-                       progress=True, log: LossLogger | None = None) -> VariantResult:
+def run_tapper_variant(
+    variant: str,
+    stage1_dir: Path,
+    data: PreparedData,
+    cfg: RunConfig,
+    state_dir: Path | None = None,
+    progress=True,
+    log: LossLogger | None = None,
+) -> VariantResult:
     """Train one Stage-2 variant on a fresh copy of the merged backbone and evaluate it (its state saved to
     state_dir when given)."""
     return train_and_evaluate(variant, stage1_dir, data, cfg, state_dir, progress, log)
 
 
-def run_variant(variant: str, stage1_dir: Path, data: PreparedData, cfg: RunConfig, out_dir: Path, progress=True,
-                log=None) -> VariantResult:
+def run_variant(
+    variant: str, stage1_dir: Path, data: PreparedData, cfg: RunConfig, out_dir: Path, progress=True, log=None
+) -> VariantResult:
     """Any registered method (tapper.methods) on the run's merged backbone and split."""
     return methods.get(variant).run(variant, stage1_dir, data, cfg, out_dir, progress, log)
 
 
-def group_metrics(data: PreparedData, preds: dict[str, str], groups: dict[str, list[str]]) -> dict[str, dict[str, float]]:
+def group_metrics(
+    data: PreparedData, preds: dict[str, str], groups: dict[str, list[str]]
+) -> dict[str, dict[str, float]]:
     out = {}
     for gname, users in groups.items():
         members = set(users)
@@ -82,8 +122,9 @@ def group_metrics(data: PreparedData, preds: dict[str, str], groups: dict[str, l
     return out
 
 
-def paired_comparisons(data: PreparedData, predictions: dict[str, dict[str, str]],
-                       groups: dict[str, list[str]] | None = None) -> dict:
+def paired_comparisons(
+    data: PreparedData, predictions: dict[str, dict[str, str]], groups: dict[str, list[str]] | None = None
+) -> dict:
     """Every variant against the base, and full TAP-PER against every other variant, on the same queries: the
     per-query difference of the task's primary metric, its mean and a 95 % paired-bootstrap interval
     (tapper.eval.paired), over all evaluation queries and within each user group."""
@@ -125,12 +166,21 @@ def run_experiment(
 
     def report_so_far() -> dict:
         return experiment_metrics(
-            task=data.task.name, backbone=backbone, results=results, data=data, stage1_losses=s1.losses,
-            stage1_examples=s1.n_examples, weights_hash=s1.weights_hash, config=cfg.to_dict(), seconds=time.time() - t0,
+            task=data.task.name,
+            backbone=backbone,
+            results=results,
+            data=data,
+            stage1_losses=s1.losses,
+            stage1_examples=s1.n_examples,
+            weights_hash=s1.weights_hash,
+            config=cfg.to_dict(),
+            seconds=time.time() - t0,
             # Which files this run scored, so a report over several runs can tell them apart.
             files={"questions": str(questions), "outputs": str(outputs)},
             pending=[v for v in variants if v not in results],
-            groups={k: group_metrics(data, r.predictions, user_groups) for k, r in results.items()} if user_groups else None,
+            groups={k: group_metrics(data, r.predictions, user_groups) for k, r in results.items()}
+            if user_groups
+            else None,
             paired=paired_comparisons(data, {k: r.predictions for k, r in results.items()}, user_groups),
         ).to_dict()
 

@@ -1,4 +1,5 @@
 """Where tapper keeps reusable state (converted backbones, embedding vectors)."""
+
 from __future__ import annotations
 
 import os

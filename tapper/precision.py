@@ -8,6 +8,7 @@ small updates are not rounded away. PEFT keeps adapter weights in fp32 on a bf16
 to the backbone's dtype where it joins the token embeddings (tapper.model.prefixed_lm); the loss is taken on
 fp32 logits. fp16 has a narrow exponent range, so its gradients are loss-scaled (tapper.train.loop).
 """
+
 from __future__ import annotations
 
 import torch

@@ -8,6 +8,7 @@ So `tapper experiment` without `--config` starts from the preset of its
 backbone when there is one; `--config` and `--set` apply on top. The presets
 are also in configs/ (experiment-tiny.yaml, experiment-smollm2-cpu.yaml).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -14,6 +14,7 @@ dashboard's step logs as one red ERROR row per redraw (they are written to stder
 terminal is not the user's terminal anyway. `TAPPER_PROGRESS=log|bar` forces either;
 `TAPPER_PROGRESS_INTERVAL` (seconds, default 15) spaces the lines.
 """
+
 from __future__ import annotations
 
 import logging
@@ -54,8 +55,15 @@ def _clock(seconds: float) -> str:
 class LogProgress:
     """The part of tqdm's interface tapper uses, reported as log lines at intervals."""
 
-    def __init__(self, iterable: Iterable | None = None, total: int | None = None, desc: str | None = None,
-                 interval: float | None = None, unit: str = "batches", **_: Any) -> None:
+    def __init__(
+        self,
+        iterable: Iterable | None = None,
+        total: int | None = None,
+        desc: str | None = None,
+        interval: float | None = None,
+        unit: str = "batches",
+        **_: Any,
+    ) -> None:
         self.iterable = iterable
         if total is None and iterable is not None:
             try:

@@ -3,6 +3,7 @@
 Each filter names one known message from a pinned dependency that we cannot fix at its source (it
 comes from their code calling their own deprecated API), so nothing else is hidden.
 """
+
 from __future__ import annotations
 
 import os

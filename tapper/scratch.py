@@ -6,6 +6,7 @@ local disk: on a network filesystem, page-cache writeback would become network t
 file or a shared mapping is not safe there (another client may clean the directory, the server may invalidate
 the file). Core module: no ZenML, no deploy.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,8 +41,9 @@ def filesystem_type(path: Path) -> str | None:
     return fstype
 
 
-def prepare_scratch_dir(directory: str | Path, what: str = "scratch dir",
-                        error: type[ScratchDirError] = ScratchDirError) -> Path:
+def prepare_scratch_dir(
+    directory: str | Path, what: str = "scratch dir", error: type[ScratchDirError] = ScratchDirError
+) -> Path:
     """Create `directory` if missing and check that it can hold scratch files; errors (`error`) start with
     "<what> <directory>:", so the caller's own name for the directory shows (e.g. "table dir")."""
     directory = Path(directory)
@@ -55,9 +57,13 @@ def prepare_scratch_dir(directory: str | Path, what: str = "scratch dir",
         raise error(f"{what} {directory}: not writable by uid {os.getuid()}")
     fstype = filesystem_type(directory)
     if fstype is not None and (fstype in NETWORK_FS or fstype.startswith("fuse.")):
-        raise error(f"{what} {directory}: on a {fstype} filesystem; scratch files need a local disk "
-                    "(page-cache writeback would go over the network, and unlinked or mapped files are not safe there)")
+        raise error(
+            f"{what} {directory}: on a {fstype} filesystem; scratch files need a local disk "
+            "(page-cache writeback would go over the network, and unlinked or mapped files are not safe there)"
+        )
     if fstype == "tmpfs":
         # Works, but tmpfs pages are memory (shmem), never written back to a disk: nothing is saved.
-        log.warning("%s %s is on tmpfs: its scratch files use memory as before, not evictable page cache", what, directory)
+        log.warning(
+            "%s %s is on tmpfs: its scratch files use memory as before, not evictable page cache", what, directory
+        )
     return directory

@@ -1,4 +1,5 @@
 """Test-wide settings: offline, quiet, and a private cache so tests never share state with a user's."""
+
 from __future__ import annotations
 
 import os

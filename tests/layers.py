@@ -14,6 +14,7 @@ The CLI's outer commands come in through entry points (pyproject's `tapper.comma
 An import is an edge whether it sits at module level or inside a function (a lazy import hides a dependency, it
 does not remove it); imports under `if TYPE_CHECKING:` are not edges.
 """
+
 from __future__ import annotations
 
 import ast
@@ -22,8 +23,19 @@ from pathlib import Path
 
 # package -> packages (and third-party roots) it must not import
 FORBIDDEN: dict[str, tuple[str, ...]] = {
-    "tapper": ("steps", "pipelines", "deploy", "materializers", "data_quality",
-               "zenml", "mlflow", "great_expectations", "fastapi", "uvicorn", "kubernetes"),
+    "tapper": (
+        "steps",
+        "pipelines",
+        "deploy",
+        "materializers",
+        "data_quality",
+        "zenml",
+        "mlflow",
+        "great_expectations",
+        "fastapi",
+        "uvicorn",
+        "kubernetes",
+    ),
     "data_quality": ("steps", "pipelines", "deploy", "zenml"),
     "deploy": ("steps", "pipelines", "materializers", "data_quality", "zenml"),
     "materializers": ("steps", "pipelines", "deploy"),
@@ -34,8 +46,8 @@ PACKAGES = ("tapper", "deploy", "data_quality", "materializers", "steps", "pipel
 
 @dataclass(frozen=True)
 class Edge:
-    source: str   # importing module, dotted
-    target: str   # imported module (a project module where it resolves to one, else the dotted name)
+    source: str  # importing module, dotted
+    target: str  # imported module (a project module where it resolves to one, else the dotted name)
     line: int
 
     def __str__(self) -> str:
@@ -111,21 +123,24 @@ def violations(graph: dict[str, list[Edge]], rules=FORBIDDEN) -> list[str]:
 def cycles(graph: dict[str, list[Edge]], prefix: str = "") -> list[list[str]]:
     """Strongly connected components of more than one module (or a module importing itself), Tarjan's algorithm."""
     nodes = [n for n in graph if n.startswith(prefix)]
-    adj = {n: sorted({e.target for e in graph[n] if e.target in graph and e.target.startswith(prefix)})
-           for n in nodes}
+    adj = {n: sorted({e.target for e in graph[n] if e.target in graph and e.target.startswith(prefix)}) for n in nodes}
     index, low, stack, on_stack, out = {}, {}, [], set(), []
     counter = [0]
 
     def visit(v):  # iterative version of Tarjan's recursion, deep packages overflow nothing
         work = [(v, iter(adj[v]))]
-        index[v] = low[v] = counter[0]; counter[0] += 1
-        stack.append(v); on_stack.add(v)
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
         while work:
             node, it = work[-1]
             for w in it:
                 if w not in index:
-                    index[w] = low[w] = counter[0]; counter[0] += 1
-                    stack.append(w); on_stack.add(w)
+                    index[w] = low[w] = counter[0]
+                    counter[0] += 1
+                    stack.append(w)
+                    on_stack.add(w)
                     work.append((w, iter(adj[w])))
                     break
                 if w in on_stack:
@@ -137,7 +152,9 @@ def cycles(graph: dict[str, list[Edge]], prefix: str = "") -> list[list[str]]:
                 if low[node] == index[node]:
                     comp = []
                     while True:
-                        w = stack.pop(); on_stack.discard(w); comp.append(w)
+                        w = stack.pop()
+                        on_stack.discard(w)
+                        comp.append(w)
                         if w == node:
                             break
                     if len(comp) > 1 or node in adj[node]:

@@ -1,4 +1,5 @@
 """Small, deterministic data + the tiny backbone for model tests (milliseconds to build)."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -18,14 +19,35 @@ def tiny_examples(n_users: int = 6, n_hist: int = 5, seed: int = 0):
         label = rng.choice(TASK.labels)
         uid = f"user{u}"
         hist = [
-            Record(id=f"{uid}-{j}", fields={"text": f"news item {j} of {uid}", "title": f"title {j}", "category": label},
-                   date=dt.date(2021, 1, 1) + dt.timedelta(days=7 * j))
+            Record(
+                id=f"{uid}-{j}",
+                fields={"text": f"news item {j} of {uid}", "title": f"title {j}", "category": label},
+                date=dt.date(2021, 1, 1) + dt.timedelta(days=7 * j),
+            )
             for j in range(n_hist)
         ]
         for j, r in enumerate(hist):
             inp, tgt = TASK.record_example(r)
-            train.append(Example(id=r.id, user_id=uid, input=inp, target=tgt, history=hist[:j], query_date=r.date, source_record_id=r.id))
-        evals.append(Example(id=f"q-{uid}", user_id=uid, input=TASK.make_input(text=f"a new item by {uid}"), target=label, history=hist))
+            train.append(
+                Example(
+                    id=r.id,
+                    user_id=uid,
+                    input=inp,
+                    target=tgt,
+                    history=hist[:j],
+                    query_date=r.date,
+                    source_record_id=r.id,
+                )
+            )
+        evals.append(
+            Example(
+                id=f"q-{uid}",
+                user_id=uid,
+                input=TASK.make_input(text=f"a new item by {uid}"),
+                target=label,
+                history=hist,
+            )
+        )
         users.append(uid)
     return train, evals, users
 

@@ -1,4 +1,5 @@
 """Shared by the serving tests: the tiny trained model, tokens, a real-HTTP client and an in-process uvicorn."""
+
 from __future__ import annotations
 
 import contextlib
@@ -58,8 +59,12 @@ class Client:
     def call(self, method: str, path: str, body=None, headers: dict | None = None) -> tuple[int, dict]:
         data = None if body is None else json.dumps(body).encode()
         auth = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        req = urllib.request.Request(self.base + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json", **auth, **(headers or {})})
+        req = urllib.request.Request(
+            self.base + path,
+            data=data,
+            method=method,
+            headers={"Content-Type": "application/json", **auth, **(headers or {})},
+        )
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
                 return r.status, json.loads(r.read())
@@ -103,11 +108,22 @@ def build_trained(root: Path, n_users: int = 4, n_hist: int = 4) -> dict:
     """A tiny Stage-1 backbone dir + Stage-2 state dir + the users' histories (seconds)."""
     train, evals, users = tiny_examples(n_users=n_users, n_hist=n_hist)
     bb = load_backbone("tiny", texts=corpus(train, evals))
-    s1 = train_stage1(load_backbone_dir(bb.path), TASK, train, Stage1Config(epochs=1, batch_size=16), root / "stage1", progress=False)
+    s1 = train_stage1(
+        load_backbone_dir(bb.path), TASK, train, Stage1Config(epochs=1, batch_size=16), root / "stage1", progress=False
+    )
     s1bb = load_backbone_dir(s1.path)
     cache = EmbeddingCache(root / "cache", s1bb.model, s1bb.tokenizer)
-    res = train_stage2(s1bb.model, s1bb.tokenizer, TASK, train, users, Stage2Config(epochs=1, batch_size=16, lr=1e-2), cache,
-                       backbone_hash=s1.weights_hash, progress=False)
+    res = train_stage2(
+        s1bb.model,
+        s1bb.tokenizer,
+        TASK,
+        train,
+        users,
+        Stage2Config(epochs=1, batch_size=16, lr=1e-2),
+        cache,
+        backbone_hash=s1.weights_hash,
+        progress=False,
+    )
     res.model.save(root / "state")
     histories = {e.user_id: e.history for e in evals}
     return {"stage1": s1.path, "state": root / "state", "users": users, "histories": histories, "evals": evals}
@@ -123,5 +139,9 @@ def svc_record(rid: str, date: str, category: str = "travel"):
     from tapper.data.chronology import parse_lamp_date
     from tapper.data.types import Record
 
-    return Record(id=rid, fields={"text": f"t {rid}", "title": f"ti {rid}", "category": category},
-                  date=parse_lamp_date(date), raw_date=date)
+    return Record(
+        id=rid,
+        fields={"text": f"t {rid}", "title": f"ti {rid}", "category": category},
+        date=parse_lamp_date(date),
+        raw_date=date,
+    )

@@ -1,4 +1,5 @@
 """Analyses (issue 4): footprint counted from the real modules, report with bold best, attention heatmap, CLI."""
+
 from __future__ import annotations
 
 import json
@@ -55,20 +56,36 @@ def test_footprint_scales_to_a_million_users_without_allocating(backbone):
 
 def _metrics(task="LaMP_2N"):
     return {
-        "task": task, "backbone": "tiny",
+        "task": task,
+        "backbone": "tiny",
         "variants": {
-            "base": {"accuracy": 0.40, "f1": 0.20}, "rag-k1": {"accuracy": 0.45, "f1": 0.22},
-            "oppu": {"accuracy": 0.50, "f1": 0.30}, "pq-only": {"accuracy": 0.55, "f1": 0.25},
-            "tap-per": {"accuracy": 0.60, "f1": 0.28}, "no-bridge": {"accuracy": 0.52, "f1": 0.21},
-            "bm25-k2": {"accuracy": 0.58, "f1": 0.27}, "L-4": {"accuracy": 0.57, "f1": 0.26},
+            "base": {"accuracy": 0.40, "f1": 0.20},
+            "rag-k1": {"accuracy": 0.45, "f1": 0.22},
+            "oppu": {"accuracy": 0.50, "f1": 0.30},
+            "pq-only": {"accuracy": 0.55, "f1": 0.25},
+            "tap-per": {"accuracy": 0.60, "f1": 0.28},
+            "no-bridge": {"accuracy": 0.52, "f1": 0.21},
+            "bm25-k2": {"accuracy": 0.58, "f1": 0.27},
+            "L-4": {"accuracy": 0.57, "f1": 0.26},
         },
         "params": {"oppu": {"per_user": 16384, "shared": 0}, "tap-per": {"per_user": 1024, "shared": 230000}},
         "details": {"tap-per": {"seconds": 12.0, "losses": [2.0, 1.5, 1.2], "lambda_t": 0.2, "lambda_o": 0.1}},
-        "groups": {"tap-per": {"drifting": {"accuracy": 0.5, "f1": 0.2, "n": 4}}, "base": {"drifting": {"accuracy": 0.3, "f1": 0.1, "n": 4}}},
+        "groups": {
+            "tap-per": {"drifting": {"accuracy": 0.5, "f1": 0.2, "n": 4}},
+            "base": {"drifting": {"accuracy": 0.3, "f1": 0.1, "n": 4}},
+        },
         "config": {"stage2": {"prefix_len": 8}},
-        "data": {"users": 10, "stage1_users": 7, "stage2_users": 3, "stage1_examples": 30, "stage2_examples": 20,
-                 "eval_queries": 6},
-        "per_user_params": 1024, "shared_params": 230000, "stage1": {"losses": [2.5, 2.0], "weights_hash": "ab12"},
+        "data": {
+            "users": 10,
+            "stage1_users": 7,
+            "stage2_users": 3,
+            "stage1_examples": 30,
+            "stage2_examples": 20,
+            "eval_queries": 6,
+        },
+        "per_user_params": 1024,
+        "shared_params": 230000,
+        "stage1": {"losses": [2.5, 2.0], "weights_hash": "ab12"},
         "seconds": 30.0,
     }
 
@@ -168,24 +185,53 @@ def test_report_names_two_runs_of_one_task_and_refuses_them_unnamed(tmp_path, ca
     assert main(["report", "--metrics", str(pa), "--metrics", str(pb), "--out", str(tmp_path / "bad")]) != 0
     assert "name each one" in capsys.readouterr().err
     assert not (tmp_path / "bad" / "report.md").exists()
-    assert main(["report", "--metrics", f"news={pa}", "--metrics", f"synthetic={pb}", "--out", str(tmp_path / "rep")]) == 0
+    assert (
+        main(["report", "--metrics", f"news={pa}", "--metrics", f"synthetic={pb}", "--out", str(tmp_path / "rep")]) == 0
+    )
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "## news: LaMP_2N" in md and "## synthetic: LaMP_2N" in md
     table = md.split("## All tasks")[1].split("##")[0]
     assert "| news | accuracy ↑ |" in table and "| synthetic | accuracy ↑ |" in table
-    assert (tmp_path / "rep" / "news_comparison.png").exists() and (tmp_path / "rep" / "synthetic_comparison.png").exists()
+    assert (tmp_path / "rep" / "news_comparison.png").exists() and (
+        tmp_path / "rep" / "synthetic_comparison.png"
+    ).exists()
 
 
 def test_attention_cli_on_a_real_experiment_run(tmp_path, capsys):
-    """`tapper attention` on a `tapper experiment` output dir: both variants' attention, the files, a summary line each."""
+    """`tapper attention` on a `tapper experiment` output dir: both variants' attention, the files, a summary line
+    each."""
     from tapper.cli import main
     from workflow_data import make_lamp_2n
 
     q, o = make_lamp_2n(tmp_path / "data", users=5, records=4, queries=1)
     run = tmp_path / "run"
-    assert main(["experiment", "--questions", str(q), "--outputs", str(o), "--out", str(run), "--stage2-users", "2",
-                 "--variants", "tap-per,lambda0", "--no-progress", "--set", "stage1.epochs=1", "--set", "stage1.max_examples=16",
-                 "--set", "stage2.epochs=1", "--set", "eval.max_new_tokens=3"]) == 0
+    assert (
+        main(
+            [
+                "experiment",
+                "--questions",
+                str(q),
+                "--outputs",
+                str(o),
+                "--out",
+                str(run),
+                "--stage2-users",
+                "2",
+                "--variants",
+                "tap-per,lambda0",
+                "--no-progress",
+                "--set",
+                "stage1.epochs=1",
+                "--set",
+                "stage1.max_examples=16",
+                "--set",
+                "stage2.epochs=1",
+                "--set",
+                "eval.max_new_tokens=3",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     # Full TAP-PER against the ablation on the same queries, with a paired-bootstrap interval, saved and printed.
     metrics = json.loads((run / "metrics.json").read_text())

@@ -5,6 +5,7 @@ PAG: the profile is generated once per user and cached.
 OPPU: one adapter per user, trained only on that user's examples, different across users.
 P_q-only: nothing stored per user.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -68,27 +69,41 @@ def test_rag_prompt_holds_exactly_k_records_of_the_users_own_history(data, backb
         for r in aug.records:
             assert f'is "{r.fields["category"]}"' in aug.text
         # No other user's record is written in (record texts read "news item j of <user>").
-        assert not any(f"of {v}\"" in aug.text for v in users if v != ex.user_id)
-        assert f"of {ex.user_id}\"" in aug.text
+        assert not any(f'of {v}"' in aug.text for v in users if v != ex.user_id)
+        assert f'of {ex.user_id}"' in aug.text
         assert aug.text.endswith(ex.input)
 
 
 def test_rag_never_retrieves_the_querys_own_record(backbone):
-    hist = [Record(id=f"r{j}", fields={"text": f"alpha beta {j}", "title": "t", "category": "sports"},
-                   date=dt.date(2020, 1, 1 + j)) for j in range(3)]
+    hist = [
+        Record(
+            id=f"r{j}",
+            fields={"text": f"alpha beta {j}", "title": "t", "category": "sports"},
+            date=dt.date(2020, 1, 1 + j),
+        )
+        for j in range(3)
+    ]
     own = hist[1]
     # A history that (wrongly) contains the record the example was made from: it must still be skipped,
     # even though it matches the query best.
-    ex = Example(id="x", user_id="u", input=TASK.make_input(text=own.fields["text"]), target="sports",
-                 history=hist, source_record_id=own.id)
+    ex = Example(
+        id="x",
+        user_id="u",
+        input=TASK.make_input(text=own.fields["text"]),
+        target="sports",
+        history=hist,
+        source_record_id=own.id,
+    )
     for k in (1, 2, 4):
         assert own.id not in [r.id for r in retrieve(TASK, ex, k)]
     assert len(retrieve(TASK, ex, 4)) == 2  # only what the history holds, minus the own record
 
 
 def test_rag_ranks_by_bm25_on_the_article_text():
-    hist = [Record(id=f"r{j}", fields={"text": w, "title": "", "category": "sports"}) for j, w in
-            enumerate(["gamma gamma", "alpha beta alpha", "delta"])]
+    hist = [
+        Record(id=f"r{j}", fields={"text": w, "title": "", "category": "sports"})
+        for j, w in enumerate(["gamma gamma", "alpha beta alpha", "delta"])
+    ]
     ex = Example(id="x", user_id="u", input=TASK.make_input(text="alpha beta"), target=None, history=hist)
     assert search_query(TASK, ex.input) == "alpha beta"  # the instruction and label list are not the query
     assert [r.id for r in retrieve(TASK, ex, 1)] == ["r1"]
@@ -153,8 +168,18 @@ def oppu_run(data, backbone, tmp_path_factory):
     train, evals, _ = data
     store = tmp_path_factory.mktemp("oppu")
     ocfg = OppuConfig(epochs=1, lr=1e-2, batch_size=4, max_len=128)
-    run = train_user_adapters(load_backbone_dir(backbone.path).model, backbone.tokenizer, TASK, train, evals,
-                              PromptSpec(k=1, profile=False), ocfg, seed=0, store=store, progress=False)
+    run = train_user_adapters(
+        load_backbone_dir(backbone.path).model,
+        backbone.tokenizer,
+        TASK,
+        train,
+        evals,
+        PromptSpec(k=1, profile=False),
+        ocfg,
+        seed=0,
+        store=store,
+        progress=False,
+    )
     return run, store, ocfg
 
 
@@ -179,7 +204,12 @@ def test_oppu_adapters_differ_per_user_and_are_stored(data, oppu_run, backbone):
     keys = next(iter(states.values())).keys()
     assert keys and all("lora_" in k for k in keys)
     # The paper's Appendix A.4: OPPU gets TAP-PER's own targets, q, k, v and o (OPPU's code had q, v only).
-    assert {t for t in ("q_proj", "k_proj", "v_proj", "o_proj") if any(t in k for k in keys)} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert {t for t in ("q_proj", "k_proj", "v_proj", "o_proj") if any(t in k for k in keys)} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+    }
     users = list(states)
     for a in range(len(users)):
         for b in range(a + 1, len(users)):
@@ -201,8 +231,9 @@ def test_oppu_pag_training_profiles_never_see_the_record_they_predict(data, back
     train, evals, _ = data
     query = evals[-1]
     last = [ex for ex in train if ex.user_id == query.user_id][-1]  # made from the user's latest record
-    profiles, writer = make_profiles(backbone.model, backbone.tokenizer, TASK, [last, query],
-                                     cfg=ProfileConfig(n_records=3, max_new_tokens=4))
+    profiles, writer = make_profiles(
+        backbone.model, backbone.tokenizer, TASK, [last, query], cfg=ProfileConfig(n_records=3, max_new_tokens=4)
+    )
     assert set(profiles) == {last.id, query.id}
     latest = query.history[-1].fields["text"]
     prompts = [json.loads(p.read_text())["prompt"] for p in writer.dir.glob("*.json")]
@@ -217,9 +248,18 @@ def test_oppu_user_adapter_does_not_depend_on_other_users(data, oppu_run, backbo
     run, store, ocfg = oppu_run
     last = evals[-1].user_id
     alone_store = store.parent / "alone"
-    alone = train_user_adapters(load_backbone_dir(backbone.path).model, backbone.tokenizer, TASK, train,
-                                [e for e in evals if e.user_id == last], PromptSpec(k=1, profile=False), ocfg,
-                                seed=0, store=alone_store, progress=False)
+    alone = train_user_adapters(
+        load_backbone_dir(backbone.path).model,
+        backbone.tokenizer,
+        TASK,
+        train,
+        [e for e in evals if e.user_id == last],
+        PromptSpec(k=1, profile=False),
+        ocfg,
+        seed=0,
+        store=alone_store,
+        progress=False,
+    )
     a = load_file(alone.users[last].path)
     b = load_file(run.users[last].path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -254,9 +294,30 @@ def test_experiment_cli_runs_baselines_into_metrics_and_predictions(tmp_path):
 
     q, o = make_lamp_2n(tmp_path / "data", users=5, records=4, queries=1)
     out = tmp_path / "run"
-    rc = main(["experiment", "--questions", str(q), "--outputs", str(o), "--out", str(out), "--stage2-users", "2",
-               "--variants", "rag-k1,pag-k0,oppu", "--no-progress", "--set", "stage1.epochs=1", "--set", "stage1.max_examples=16",
-               "--set", "stage2.epochs=1", "--set", "eval.max_new_tokens=3"])
+    rc = main(
+        [
+            "experiment",
+            "--questions",
+            str(q),
+            "--outputs",
+            str(o),
+            "--out",
+            str(out),
+            "--stage2-users",
+            "2",
+            "--variants",
+            "rag-k1,pag-k0,oppu",
+            "--no-progress",
+            "--set",
+            "stage1.epochs=1",
+            "--set",
+            "stage1.max_examples=16",
+            "--set",
+            "stage2.epochs=1",
+            "--set",
+            "eval.max_new_tokens=3",
+        ]
+    )
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics["variants"]) == ["rag-k1", "pag-k0", "oppu"]
@@ -287,7 +348,9 @@ def test_experiment_stopped_midway_keeps_the_metrics_of_finished_variants(tmp_pa
     monkeypatch.setattr(experiment, "run_variant", stop_at_second)
     cfg = load_run_config({"stage2_users": 2}, ["stage1.epochs=1", "stage1.max_examples=16", "eval.max_new_tokens=3"])
     with pytest.raises(KeyboardInterrupt):
-        experiment.run_experiment(None, q, o, "tiny", tmp_path / "run", cfg, ["rag-k1", "pag-k0", "oppu"], progress=False)
+        experiment.run_experiment(
+            None, q, o, "tiny", tmp_path / "run", cfg, ["rag-k1", "pag-k0", "oppu"], progress=False
+        )
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert list(metrics["variants"]) == ["rag-k1"] and metrics["pending"] == ["pag-k0", "oppu"]
     assert 0.0 <= metrics["variants"]["rag-k1"]["accuracy"] <= 1.0

@@ -1,6 +1,7 @@
 """bench/: the suite's registry covers every script, the results the docs cite exist, `python -m bench` lists it.
 
 Fast (no benchmark runs): the quick suite itself is `make bench`, not part of the default tests."""
+
 from __future__ import annotations
 
 import re
@@ -87,6 +88,7 @@ def test_python_m_bench_lists_the_suite():
     assert out.returncode == 0, out.stderr
     for name in BY_NAME:
         assert re.search(rf"^\s+{name}\s", out.stdout, re.M), name
-    bad = subprocess.run([sys.executable, "-m", "bench", "no-such-bench"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "bench", "no-such-bench"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert bad.returncode == 2 and "python -m bench list" in bad.stderr

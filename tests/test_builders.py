@@ -1,4 +1,5 @@
 """Builders on the real shared data, the synthetic generator, the CLI and the bundled default dataset."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,8 +12,14 @@ import pytest
 
 from tapper.builders.cli import register
 from tapper.builders.movielens import build_movielens, rating_label
-from tapper.builders.news import (CATEGORY_TO_LAMP_2N, build_news, build_news_dataset, is_single_author,
-                                  read_articles, source_files)
+from tapper.builders.news import (
+    CATEGORY_TO_LAMP_2N,
+    build_news,
+    build_news_dataset,
+    is_single_author,
+    read_articles,
+    source_files,
+)
 from tapper.builders.synthetic import build_synthetic, candidates_in, generate_synthetic
 from tapper.data.chronology import first_out_of_order
 from tapper.data.lamp_io import load_lamp
@@ -31,6 +38,7 @@ def load_build(out: Path):
 
 
 # --- news ------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def articles():
@@ -57,10 +65,13 @@ def test_real_news_author_counts(articles):
 
 
 @needs_news
-@pytest.mark.parametrize("task, users, records, top_user", [
-    ("LaMP_2N", 132, 7114, "Mary Papenfuss"),
-    ("LaMP_4", 160, 10080, "Lee Moran"),
-])
+@pytest.mark.parametrize(
+    "task, users, records, top_user",
+    [
+        ("LaMP_2N", 132, 7114, "Mary Papenfuss"),
+        ("LaMP_4", 160, 10080, "Lee Moran"),
+    ],
+)
 def test_real_news_build_loads_back_chronological(tmp_path, task, users, records, top_user):
     summary = build_news(NEWS, tmp_path, task=task, progress=False)
     assert (summary.users, summary.queries, summary.records) == (users, users, records)
@@ -94,7 +105,8 @@ def test_news_lamp2n_labels_and_caps(articles):
     assert len(source_categories) == 29
     # Every LaMP-2N label is reachable from the shared subset.
     assert {CATEGORY_TO_LAMP_2N[c] for c in source_categories if c in CATEGORY_TO_LAMP_2N} == set(
-        CATEGORY_TO_LAMP_2N.values())
+        CATEGORY_TO_LAMP_2N.values()
+    )
     ds = build_news_dataset(articles, "LaMP_2N", max_users=7, max_history=12)
     assert len(ds.queries) == 7 and all(len(q.profile) == 12 for q in ds.queries)
 
@@ -107,6 +119,7 @@ def test_failed_build_writes_nothing(tmp_path, articles):
 
 
 # --- movielens -------------------------------------------------------------------------
+
 
 def test_rating_rounds_half_up():
     assert [rating_label(x) for x in (0.5, 1.0, 1.5, 2.5, 3.5, 4.5, 5.0)] == ["1", "1", "2", "3", "4", "5", "5"]
@@ -139,6 +152,7 @@ def test_movielens_max_users_keeps_most_active(tmp_path):
 
 
 # --- synthetic -------------------------------------------------------------------------
+
 
 def test_synthetic_is_deterministic_and_fast(tmp_path):
     start = time.perf_counter()
@@ -175,8 +189,8 @@ def _oracle_accuracies(seed: int = 0):
     def accuracy(predict, queries):
         return sum(predict(q)(q) == q.output for q in queries) / len(queries)
 
-    global_guess = lambda q: (lambda query: max(candidates(query), key=lambda c: (everyone[c], c)))
-    recent = lambda q: by_counts(q.profile[len(q.profile) // 2:])
+    global_guess = lambda q: lambda query: max(candidates(query), key=lambda c: (everyone[c], c))
+    recent = lambda q: by_counts(q.profile[len(q.profile) // 2 :])
     full = lambda q: by_counts(q.profile)
     drifting = [q for q, p in zip(ds.queries, people) if p.drifts]
     return {
@@ -241,6 +255,7 @@ def test_synthetic_users_json_and_drift_dates(tmp_path):
 
 # --- CLI and the bundled default -------------------------------------------------------
 
+
 def cli_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tapper")
     register(parser.add_subparsers(dest="command", required=True))
@@ -248,8 +263,9 @@ def cli_parser() -> argparse.ArgumentParser:
 
 
 def test_cli_builds_synthetic(tmp_path, capsys):
-    args = cli_parser().parse_args(["build", "synthetic", "--out", str(tmp_path), "--users", "5",
-                                    "--history", "6", "9", "--seed", "2"])
+    args = cli_parser().parse_args(
+        ["build", "synthetic", "--out", str(tmp_path), "--users", "5", "--history", "6", "9", "--seed", "2"]
+    )
     assert args.func(args) == 0
     assert "5 users" in capsys.readouterr().out
     readme = (tmp_path / "README.md").read_text()

@@ -3,6 +3,7 @@ one-line errors that name the file or field (a traceback only with --debug), inp
 a run that fails validation leaving no model version, the training summary, `tapper models`, and `tapper ui`
 whose `--stop` leaves the other commands working (a CLI left logged in to a stopped server is mended).
 """
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,9 @@ def listening(port: int) -> bool:
 
 
 def test_help_is_fast_and_imports_nothing_heavy():
-    code = ("import sys, tapper.cli; tapper.cli.build_parser(); "
-            f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))")
+    code = (
+        f"import sys, tapper.cli; tapper.cli.build_parser(); print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert out.strip() == "", f"building the parser imported {out.strip()}"
     exe = Path(sys.executable).with_name("tapper")
@@ -95,7 +97,7 @@ def test_train_summary_has_paired_intervals_and_the_next_commands(trained):
     assert "paired on the same queries" in out and "tap-per - base: " in out and "over 6 queries" in out
     assert "labels alone (accuracy): always " in out and "each user's most frequent past label" in out
     assert "PROMOTED" in out and "pipeline time:" in out
-    nxt = out[out.index("next:"):]
+    nxt = out[out.index("next:") :]
     for command in ("models", "lineage", "ui"):
         assert f"tapper {command}" in nxt, nxt
 
@@ -112,7 +114,11 @@ def test_the_mlflow_run_covers_the_pipeline_and_the_model_version_is_described(t
     first, last = run.steps["load_data"], run.steps["promote"]
     assert mr.info.start_time / 1000 <= first.end_time.timestamp() + 1
     assert mr.info.end_time / 1000 >= last.start_time.timestamp() - 1
-    assert "loss/stage1" in mr.data.metrics and "base/accuracy" in mr.data.metrics and "reference/most_popular_label" in mr.data.metrics
+    assert (
+        "loss/stage1" in mr.data.metrics
+        and "base/accuracy" in mr.data.metrics
+        and "reference/most_popular_label" in mr.data.metrics
+    )
     mv = client.get_model_version(reg["mlflow_model"], reg["mlflow_version"])
     assert "| variant | accuracy | f1 | accuracy - base | 95% interval | queries |" in mv.description
     mlflow.set_tracking_uri(reg["tracking_uri"])
@@ -146,8 +152,20 @@ def test_models_lists_versions_stages_metric_and_promotion(trained, capfd):
     assert code == 0 and "production" in out and "promoted" in out
 
 
-@pytest.mark.parametrize("case", ["lineage-99", "promote-99", "models-unknown", "not-json", "missing-file",
-                                  "missing-config", "bad-set", "unknown-task", "build-missing-source"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "lineage-99",
+        "promote-99",
+        "models-unknown",
+        "not-json",
+        "missing-file",
+        "missing-config",
+        "bad-set",
+        "unknown-task",
+        "build-missing-source",
+    ],
+)
 def test_every_error_is_one_line_naming_what_to_fix(trained, capfd, tmp_path, case):
     from zenml.client import Client
 
@@ -158,18 +176,30 @@ def test_every_error_is_one_line_naming_what_to_fix(trained, capfd, tmp_path, ca
         "lineage-99": (["lineage", "99"], "model tapper-LaMP_2N has no version '99' (versions: "),
         "promote-99": (["promote", "99"], "model tapper-LaMP_2N has no version '99'"),
         "models-unknown": (["models", "tapper-nosuch"], "no model named 'tapper-nosuch'; models: tapper-LaMP_2N"),
-        "not-json": (["train", "--config", TINY, "--questions", not_json, "--outputs", o],
-                     f"{not_json}: not valid JSON: Expecting value: line 1 column 1 (char 0); fix the file and run again"),
-        "missing-file": (["train", "--config", TINY, "--questions", tmp_path / "nope.json", "--outputs", o],
-                         f"questions file not found: {tmp_path / 'nope.json'}"),
-        "missing-config": (["train", "--config", tmp_path / "nope.yaml", "--questions", q, "--outputs", o],
-                           f"config file not found: {tmp_path / 'nope.yaml'}"),
-        "bad-set": (["train", "--config", TINY, "--questions", q, "--outputs", o, "--set", "stage9.lr=1"],
-                    "--set 'stage9.lr=1': unknown key 'stage9'"),
-        "unknown-task": (["train", "--config", TINY, "--questions", q, "--outputs", o, "--task", "LaMP_9"],
-                         "task: unknown LaMP task 'LaMP_9'"),
-        "build-missing-source": (["build", "news", "--source", tmp_path / "none", "--out", tmp_path / "out"],
-                                 f"no News Category data at {tmp_path / 'none'}; pass --source"),
+        "not-json": (
+            ["train", "--config", TINY, "--questions", not_json, "--outputs", o],
+            f"{not_json}: not valid JSON: Expecting value: line 1 column 1 (char 0); fix the file and run again",
+        ),
+        "missing-file": (
+            ["train", "--config", TINY, "--questions", tmp_path / "nope.json", "--outputs", o],
+            f"questions file not found: {tmp_path / 'nope.json'}",
+        ),
+        "missing-config": (
+            ["train", "--config", tmp_path / "nope.yaml", "--questions", q, "--outputs", o],
+            f"config file not found: {tmp_path / 'nope.yaml'}",
+        ),
+        "bad-set": (
+            ["train", "--config", TINY, "--questions", q, "--outputs", o, "--set", "stage9.lr=1"],
+            "--set 'stage9.lr=1': unknown key 'stage9'",
+        ),
+        "unknown-task": (
+            ["train", "--config", TINY, "--questions", q, "--outputs", o, "--task", "LaMP_9"],
+            "task: unknown LaMP task 'LaMP_9'",
+        ),
+        "build-missing-source": (
+            ["build", "news", "--source", tmp_path / "none", "--out", tmp_path / "out"],
+            f"no News Category data at {tmp_path / 'none'}; pass --source",
+        ),
     }[case]
     runs_before = Client().list_pipeline_runs(size=1).total
     t0 = time.monotonic()
@@ -196,12 +226,27 @@ def test_a_run_that_fails_validation_creates_no_model_version(trained, capfd):
     from zenml.client import Client
 
     versions = Client().list_model_versions(model="tapper-LaMP_2N", size=1).total
-    code, out, err = cli(["train", "--config", TINY, "--questions", trained["questions"], "--outputs", trained["outputs"],
-                          "--set", "min_history=50"], capfd)
+    code, out, err = cli(
+        [
+            "train",
+            "--config",
+            TINY,
+            "--questions",
+            trained["questions"],
+            "--outputs",
+            trained["outputs"],
+            "--set",
+            "min_history=50",
+        ],
+        capfd,
+    )
     line = error_line(err)
     assert code == 1 and "questions.json / outputs.json failed data validation (1 problem(s) listed above" in line
     assert "no model version was created" in line
-    assert "  - questions.json: 16 question(s) have a history (profile) of fewer than 50 or more than 100000 records" in err
+    assert (
+        "  - questions.json: 16 question(s) have a history (profile) of fewer than 50 or more than 100000 records"
+        in err
+    )
     run = Client().get_pipeline_run(Client().list_pipeline_runs(sort_by="desc:created", size=1).items[0].id)
     assert str(run.status.value) == "failed" and str(run.steps["validate_data"].status.value) == "failed"
     assert set(run.steps) == {"load_data", "validate_data"}
@@ -218,7 +263,10 @@ def test_ui_stop_leaves_lineage_working(trained, capfd):
     try:
         code, out, err = cli(["ui", "--port", dash, "--mlflow-port", ml], capfd)
         assert code == 0, err
-        assert f"ZenML dashboard: http://127.0.0.1:{dash}" in out and f"MLflow UI: http://127.0.0.1:{ml}/#/experiments/" in out
+        assert (
+            f"ZenML dashboard: http://127.0.0.1:{dash}" in out
+            and f"MLflow UI: http://127.0.0.1:{ml}/#/experiments/" in out
+        )
         assert "tapper ui --stop" in out and "/runs/" in out
         for port in (dash, ml):
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
@@ -276,7 +324,9 @@ def test_screenshots_of_the_dag_the_data_quality_report_and_mlflow(trained, capf
         pytest.skip("no Chromium on this machine")
     out_dir = Path(os.environ.get("TAPPER_SCREENSHOTS") or tmp_path)
     try:
-        code, out, err = cli(["ui", "--port", free_port(), "--mlflow-port", free_port(), "--screenshots", out_dir], capfd)
+        code, out, err = cli(
+            ["ui", "--port", free_port(), "--mlflow-port", free_port(), "--screenshots", out_dir], capfd
+        )
     finally:
         cli(["ui", "--stop"], capfd)
     assert code == 0, err

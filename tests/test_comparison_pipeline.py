@@ -2,6 +2,7 @@
 isolated ZenML + MLflow store: every configured variant (TAP-PER, an ablation, baselines registered by
 tapper.methods) is evaluated on the same split, and the comparison report (tapper.analysis.report) is an
 artifact with a Markdown table, PNG plots and dashboard visualizations, also logged to MLflow."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -52,5 +53,10 @@ def test_comparison_report(zen):
     assert ev.variants == rep.metrics["variants"]
     # MLflow: the same files under comparison/ in the run's MLflow run.
     reg = run.steps["register_model"].outputs["registration"][0].load()
-    files = {a.path for a in mlflow.MlflowClient(tracking_uri=reg["tracking_uri"]).list_artifacts(reg["mlflow_run_id"], "comparison")}
+    files = {
+        a.path
+        for a in mlflow.MlflowClient(tracking_uri=reg["tracking_uri"]).list_artifacts(
+            reg["mlflow_run_id"], "comparison"
+        )
+    }
     assert {"comparison/report.md", "comparison/comparison.png", "comparison/metrics.json"} <= files

@@ -1,5 +1,6 @@
 """Every shipped config loads into tapper's dataclass configs (unknown keys are errors), so a renamed
 setting cannot leave a config under configs/ that fails only when someone runs it."""
+
 from pathlib import Path
 
 import pytest
@@ -46,10 +47,12 @@ def test_help_config_lists_every_set_key_with_its_default_and_meaning(capsys):
 
     keys = config_keys()
     assert all(meaning for _, _, meaning in keys)
+
     # every leaf of the config tree, nothing else
     def leaves(d, prefix=""):
         for k, v in d.items():
             yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+
     assert [k for k, _, _ in keys] == list(leaves(dataclasses.asdict(RunConfig())))
     with pytest.raises(SystemExit) as done:
         main(["experiment", "--help-config"])

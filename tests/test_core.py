@@ -1,7 +1,7 @@
 """The core's defects (issue 17), each pinned by a test that failed before the fix, plus regression numbers."""
+
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -15,7 +15,7 @@ from tapper.data.splits import Splits
 from tapper.model.embedding_cache import EmbeddingCache
 from tapper.model.prefix import PrefixEncoder
 from tapper.model.tapper import TapPer
-from tapper.train.features import FeatureEncoder, bm25_keep, lm_train_batch, prefix_inputs, time_gaps
+from tapper.train.features import FeatureEncoder, bm25_keep, time_gaps
 from tapper.train.row_adam import RowAdamW
 from tapper.train.stage2 import encoder_for, fit, param_groups
 
@@ -47,9 +47,19 @@ def test_query_vector_is_made_from_the_querys_content_not_the_template(backbone,
 
 
 def test_bm25_prefilter_keeps_what_rag_retrieves():
-    hist = [Record(id=f"r{j}", fields={"text": w, "title": "", "category": c}) for j, (w, c) in enumerate(
-        [("alpha beta", "sports"), ("gamma", "travel"), ("beta zeta", "religion"), ("delta travel", "crime"),
-         ("eta", "sports"), ("theta", "sports")])]
+    hist = [
+        Record(id=f"r{j}", fields={"text": w, "title": "", "category": c})
+        for j, (w, c) in enumerate(
+            [
+                ("alpha beta", "sports"),
+                ("gamma", "travel"),
+                ("beta zeta", "religion"),
+                ("delta travel", "crime"),
+                ("eta", "sports"),
+                ("theta", "sports"),
+            ]
+        )
+    ]
     ex = Example(id="x", user_id="u", input=TASK.make_input(text="alpha beta"), target=None, history=hist)
     keep = bm25_keep(ex, TASK, 2)
     assert keep == sorted(hist.index(r) for r in retrieve(TASK, ex, 2)) == [0, 2]
@@ -138,13 +148,21 @@ def test_tiny_tokenizer_never_sees_evaluation_golds():
 
 # --- regression numbers (fixed seeds) ----------------------------------------------------------
 
+
 def test_prefix_encoder_forward_is_pinned():
     torch.manual_seed(0)
     enc = PrefixEncoder(2, 4, Stage2Config(prefix_len=2, din_hidden=4, proj_hidden=4), emb_std=0.5)
     zq, zh = torch.randn(2, 4), torch.randn(2, 3, 4)
     mask = torch.tensor([[True, True, True], [True, True, False]])
     enc.fit_input_stats(torch.cat([zq, zh.reshape(-1, 4)]), [0, 1], [[2, 3, 4], [5, 6]])
-    P, alpha = enc(torch.tensor([1, 2]), zq, zh, mask, torch.tensor([[2.0, 1, 0], [1, 0, 0]]), torch.tensor([[3.0, 2, 1], [2, 1, 0]]))
+    P, alpha = enc(
+        torch.tensor([1, 2]),
+        zq,
+        zh,
+        mask,
+        torch.tensor([[2.0, 1, 0], [1, 0, 0]]),
+        torch.tensor([[3.0, 2, 1], [2, 1, 0]]),
+    )
     torch.testing.assert_close(alpha.sum(-1), torch.ones(2))
     expected = torch.tensor([-0.1293, 0.3975, 0.8568, 0.5413])
     torch.testing.assert_close(P[0, 0], expected, atol=1e-4, rtol=0)
@@ -159,7 +177,7 @@ def test_padded_loss_equals_the_token_weighted_per_example_loss(backbone, cache,
     with torch.no_grad():
         batched = model.loss(enc.items, enc.vectors, pad)
         per = [(model.loss([it], enc.vectors, pad), len(it.target_ids)) for it in enc.items]
-    weighted = sum(l * n for l, n in per) / sum(n for _, n in per)
+    weighted = sum(loss * n for loss, n in per) / sum(n for _, n in per)
     torch.testing.assert_close(batched, weighted, atol=1e-5, rtol=1e-5)
 
 

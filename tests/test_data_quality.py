@@ -1,4 +1,5 @@
 """The Great Expectations suite on raw LaMP files: what passes, and failures named in words."""
+
 from __future__ import annotations
 
 import hashlib
@@ -38,25 +39,27 @@ def test_each_broken_invariant_is_named(lamp, tmp_path):
 
     q, o = lamp
     data = json.loads(q.read_text())
-    data[0]["profile"][1]["category"] = "nonsense"      # label outside the task's set
-    data[1]["profile"][0]["date"] = "2020-13-45"         # date that does not parse
-    data[2]["id"] = data[3]["id"]                         # duplicate query id
-    del data[4]["profile"][0]["title"]                    # required field missing
+    data[0]["profile"][1]["category"] = "nonsense"  # label outside the task's set
+    data[1]["profile"][0]["date"] = "2020-13-45"  # date that does not parse
+    data[2]["id"] = data[3]["id"]  # duplicate query id
+    del data[4]["profile"][0]["title"]  # required field missing
     bad = tmp_path / "questions.json"
     bad.write_text(json.dumps(data))
     golds = json.loads(o.read_text())
-    golds["golds"] = golds["golds"][1:]                   # a query without a gold
+    golds["golds"] = golds["golds"][1:]  # a query without a gold
     bad_o = tmp_path / "outputs.json"
     bad_o.write_text(json.dumps(golds))
     r = validate_files(files(bad, bad_o))
     assert not r.success
     text = r.message()
     # Each problem in words, naming the file, how many rows, and an example with its record and question.
-    for needle in ("questions.json: 1 history record(s) have a 'category' that is not a LaMP_2N label (e.g. 'nonsense' in record",
-                   "questions.json: 1 history record(s) have a date that does not parse (e.g. '2020-13-45' in record",
-                   "questions.json: 2 question(s) share an id with another question",
-                   "questions.json: 1 history record(s) lack the field 'title'",
-                   "question(s) have no gold answer in the outputs file"):
+    for needle in (
+        "questions.json: 1 history record(s) have a 'category' that is not a LaMP_2N label (e.g. 'nonsense' in record",
+        "questions.json: 1 history record(s) have a date that does not parse (e.g. '2020-13-45' in record",
+        "questions.json: 2 question(s) share an id with another question",
+        "questions.json: 1 history record(s) lack the field 'title'",
+        "question(s) have no gold answer in the outputs file",
+    ):
         assert needle in text, (needle, text)
     assert "value_set" not in text and r.summary["failed_expectations"] == len(r.failures) == 6
     assert "FAILED" in r.html
@@ -68,8 +71,9 @@ def test_unparsable_file_is_a_failure_not_a_crash(lamp, tmp_path):
     bad = tmp_path / "questions.json"
     bad.write_text("[{")
     r = validate_files(files(bad, lamp[1]))
-    assert not r.success and r.failures == [f"questions.json: not valid JSON (Expecting property name enclosed in double quotes: "
-                                            "line 1 column 3 (char 2))"]
+    assert not r.success and r.failures == [
+        "questions.json: not valid JSON (Expecting property name enclosed in double quotes: line 1 column 3 (char 2))"
+    ]
     # One check ran (the files parse) and it failed: the summary counts it once.
     assert r.summary["expectations"] == 1 and r.summary["failed_expectations"] == 1
 
@@ -78,4 +82,6 @@ def test_history_length_bounds(lamp):
     from data_quality import validate_files
 
     r = validate_files(files(*lamp), min_history=1, max_history=3)
-    assert not r.success and any("have a history (profile) of fewer than 1 or more than 3 records" in f for f in r.failures)
+    assert not r.success and any(
+        "have a history (profile) of fewer than 1 or more than 3 records" in f for f in r.failures
+    )

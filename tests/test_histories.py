@@ -1,4 +1,5 @@
 """The serving history store: users converted when first read, unread ones written back untouched, merges."""
+
 from __future__ import annotations
 
 import gc
@@ -7,8 +8,17 @@ import os
 
 import pytest
 
-from deploy.histories import (HistoryError, HistorySpoolError, HistoryStore, histories_file, histories_from_json,
-                              histories_to_json, merge_histories, read_histories_dir, write_histories)
+from deploy.histories import (
+    HistoryError,
+    HistorySpoolError,
+    HistoryStore,
+    histories_file,
+    histories_from_json,
+    histories_to_json,
+    merge_histories,
+    read_histories_dir,
+    write_histories,
+)
 from tapper.data.chronology import parse_lamp_date
 from tapper.data.types import Record
 
@@ -21,7 +31,9 @@ def _item(rid: str, date: str | None, category: str = "travel") -> dict:
 
 
 def _rec(rid: str, date: str | None) -> Record:
-    return Record(id=rid, fields={"text": f"story {rid}", "category": "travel"}, date=parse_lamp_date(date), raw_date=date)
+    return Record(
+        id=rid, fields={"text": f"story {rid}", "category": "travel"}, date=parse_lamp_date(date), raw_date=date
+    )
 
 
 STORED = {"a": [_item("a1", "2021-01-01"), _item("a2", "2021-02-01")], "b": [_item("b1", "2020")], "c": []}
@@ -38,7 +50,9 @@ def test_users_are_converted_when_read_and_unread_ones_are_written_back_as_they_
     assert out["b"] is obj["b"]  # passed through, not converted and re-encoded
     assert out == STORED and histories_to_json(store) == STORED
     # The eager reader gives the same records.
-    assert {u: [r.id for r in rs] for u, rs in histories_from_json(obj, "h.json").items()} == {u: [r.id for r in store[u]] for u in store}
+    assert {u: [r.id for r in rs] for u, rs in histories_from_json(obj, "h.json").items()} == {
+        u: [r.id for r in store[u]] for u in store
+    }
 
 
 def test_copies_never_share_a_list_and_setdefault_extends_the_stored_one():
@@ -55,11 +69,16 @@ def test_copies_never_share_a_list_and_setdefault_extends_the_stored_one():
 
 
 def test_a_malformed_record_is_found_when_its_user_is_read_and_named():
-    obj = {"good": [_item("g1", "2021-01-01")], "bad": [_item("x1", "2021-01-01"), _item("x2", "yesterday")],
-           "noid": [{"text": "no id"}]}
+    obj = {
+        "good": [_item("g1", "2021-01-01")],
+        "bad": [_item("x1", "2021-01-01"), _item("x2", "yesterday")],
+        "noid": [{"text": "no id"}],
+    }
     store = HistoryStore.from_json(obj, "h.json")  # the top level is fine: loading does not look inside
     assert [r.id for r in store["good"]] == ["g1"]
-    with pytest.raises(HistoryError, match=r"^h\.json, user 'bad' record \[1\], field 'date': unparsable date 'yesterday'"):
+    with pytest.raises(
+        HistoryError, match=r"^h\.json, user 'bad' record \[1\], field 'date': unparsable date 'yesterday'"
+    ):
         store["bad"]
     with pytest.raises(HistoryError, match=r"^h\.json, user 'noid' record \[0\]: missing 'id'"):
         store["noid"]
@@ -70,20 +89,29 @@ def test_a_malformed_record_is_found_when_its_user_is_read_and_named():
 
 
 def test_merge_keeps_single_store_users_unread_sorts_them_and_unions_shared_users_by_id():
-    older = HistoryStore.from_json({"solo": [_item("s2", "2021-05-01"), _item("s0", None), _item("s1", "2021-01-01")],
-                                    "both": [_item("x1", "2021-01-01"), _item("x2", "2021-02-01", "sports")]}, "old.json")
+    older = HistoryStore.from_json(
+        {
+            "solo": [_item("s2", "2021-05-01"), _item("s0", None), _item("s1", "2021-01-01")],
+            "both": [_item("x1", "2021-01-01"), _item("x2", "2021-02-01", "sports")],
+        },
+        "old.json",
+    )
     newer = {"both": [_rec("x2", "2021-02-01"), _rec("x3", "2021-03-01")], "fresh": [_rec("f1", "2022-01-01")]}
     merged = merge_histories(older, newer)
     assert merged.unread() == 1  # only "solo", which one store holds and nobody read
     # Dated records sorted, the undated one kept in its slot (tapper.data.chronology.sort_chronologically).
     assert [r.id for r in merged["solo"]] == ["s1", "s0", "s2"]
-    assert [r.id for r in merged["both"]] == ["x1", "x2", "x3"] and merged["both"][1].fields["category"] == "travel"  # later wins
+    assert [r.id for r in merged["both"]] == ["x1", "x2", "x3"] and merged["both"][1].fields[
+        "category"
+    ] == "travel"  # later wins
     assert [r.id for r in merged["fresh"]] == ["f1"]
     assert [r.id for r in older["solo"]] == ["s2", "s0", "s1"]  # the source store is unchanged
 
 
 def _jsonl(path, users: dict) -> None:
-    path.write_text("".join(json.dumps({"user": u, "records": items}, separators=(",", ":")) + "\n" for u, items in users.items()))
+    path.write_text(
+        "".join(json.dumps({"user": u, "records": items}, separators=(",", ":")) + "\n" for u, items in users.items())
+    )
 
 
 def test_json_lines_are_read_lazily_and_unread_lines_are_written_back_byte_for_byte(tmp_path):
@@ -109,8 +137,11 @@ def test_json_lines_are_read_lazily_and_unread_lines_are_written_back_byte_for_b
 def test_a_hand_edited_line_loads_and_bad_lines_are_named_by_file_and_line(tmp_path):
     f = tmp_path / "histories.jsonl"
     # Spaces and another key order: not the shape tapper writes, so the line is parsed (and checked) at load.
-    f.write_text('{"records": [{"id": "e1", "date": "2021-01-01", "text": "x"}], "user": "edited"}\n\n'
-                 + json.dumps({"user": "bad", "records": [_item("x1", "someday")]}, separators=(",", ":")) + "\n")
+    f.write_text(
+        '{"records": [{"id": "e1", "date": "2021-01-01", "text": "x"}], "user": "edited"}\n\n'
+        + json.dumps({"user": "bad", "records": [_item("x1", "someday")]}, separators=(",", ":"))
+        + "\n"
+    )
     store = HistoryStore.read(f)
     assert store.unread() == 2 and [r.id for r in store["edited"]] == ["e1"]
     with pytest.raises(HistoryError, match=r"histories\.jsonl line 3, user 'bad' record \[0\], field 'date'"):
@@ -150,7 +181,10 @@ def _mixed_file(path) -> dict:
     for items in users.values():
         items[1]["text"] = "x" * 15000
     users["u250"][2]["text"] = "y" * (5 << 20)
-    lines = [json.dumps({"user": u, "records": items}, separators=(",", ":"), ensure_ascii=False) for u, items in users.items()]
+    lines = [
+        json.dumps({"user": u, "records": items}, separators=(",", ":"), ensure_ascii=False)
+        for u, items in users.items()
+    ]
     lines.insert(5, "")
     lines.insert(9, '{ "records": [{"id": "e1", "date": "2021-01-01", "text": "edited"}], "user": "edited" }')
     users["edited"] = [{"id": "e1", "date": "2021-01-01", "text": "edited"}]
@@ -167,7 +201,10 @@ def test_a_spooled_store_reads_and_writes_every_user_exactly_like_one_in_memory(
     assert list(plain)[8] == "edited" and plain._users["edited"].lineno == 10
     assert [spooled._users[u].lineno for u in spooled] == [plain._users[u].lineno for u in plain]
     # Written back unread: the same bytes (line ends normalised to "\n" both ways).
-    assert write_histories(tmp_path / "a.jsonl", plain).read_bytes() == write_histories(tmp_path / "b.jsonl", spooled).read_bytes()
+    assert (
+        write_histories(tmp_path / "a.jsonl", plain).read_bytes()
+        == write_histories(tmp_path / "b.jsonl", spooled).read_bytes()
+    )
     for user in users:
         assert spooled[user] == plain[user] and histories_to_json({user: spooled[user]})[user] == users[user]
     assert spooled.unread() == 0 and spooled.to_json() == plain.to_json() == users
@@ -175,13 +212,18 @@ def test_a_spooled_store_reads_and_writes_every_user_exactly_like_one_in_memory(
     for store in (plain, spooled):
         store["u007"].append(_rec("u7-new", "2022-01-01"))
         store["brand-new"] = [_rec("n1", "2022-01-01")]
-    assert write_histories(tmp_path / "a.jsonl", plain).read_bytes() == write_histories(tmp_path / "b.jsonl", spooled).read_bytes()
+    assert (
+        write_histories(tmp_path / "a.jsonl", plain).read_bytes()
+        == write_histories(tmp_path / "b.jsonl", spooled).read_bytes()
+    )
     # A legacy one-document file is parsed whole with or without a spool dir (nothing spooled).
     legacy = tmp_path / "old"
     legacy.mkdir()
     (legacy / "histories.json").write_text(json.dumps(STORED))
     assert HistoryStore.read(legacy / "histories.json", tmp_path / "spool2").to_json() == STORED
-    assert spool_files(tmp_path / "spool2") == [] and read_histories_dir(legacy, tmp_path / "spool2").to_json() == STORED
+    assert (
+        spool_files(tmp_path / "spool2") == [] and read_histories_dir(legacy, tmp_path / "spool2").to_json() == STORED
+    )
 
 
 def test_a_byte_that_is_not_utf8_is_named_by_file_and_line_with_or_without_a_spool(tmp_path):
@@ -195,8 +237,11 @@ def test_a_byte_that_is_not_utf8_is_named_by_file_and_line_with_or_without_a_spo
 def test_a_spooled_store_names_the_source_file_and_line_in_every_error(tmp_path):
     f = tmp_path / "histories.jsonl"
     spool = tmp_path / "spool"
-    f.write_text('{"records": [{"id": "e1", "date": "2021-01-01", "text": "x"}], "user": "edited"}\n\n'
-                 + json.dumps({"user": "bad", "records": [_item("x1", "someday")]}, separators=(",", ":")) + "\n")
+    f.write_text(
+        '{"records": [{"id": "e1", "date": "2021-01-01", "text": "x"}], "user": "edited"}\n\n'
+        + json.dumps({"user": "bad", "records": [_item("x1", "someday")]}, separators=(",", ":"))
+        + "\n"
+    )
     store = HistoryStore.read(f, spool)
     assert [r.id for r in store["edited"]] == ["e1"]
     with pytest.raises(HistoryError, match=f"^{f} line 3, user 'bad' record \\[0\\], field 'date'"):
@@ -204,7 +249,10 @@ def test_a_spooled_store_names_the_source_file_and_line_in_every_error(tmp_path)
     for text, message in [
         (b'{"user":"u","records":[]}\nnot json\n', r"line 2: not JSON"),
         (b'{"user":"u","records":[]}\r\n{"user":"u","records":[]}\n', r"line 2: user 'u' again \(first on line 1\)"),
-        (b'{"user":"v","records":[]}\r{"user":"u","records":[]}\r{"user":"u","records":[]}', r"line 3: user 'u' again \(first on line 2\)"),
+        (
+            b'{"user":"v","records":[]}\r{"user":"u","records":[]}\r{"user":"u","records":[]}',
+            r"line 3: user 'u' again \(first on line 2\)",
+        ),
         (b'{"records":[]}\n', r"line 1, field 'user'"),
         (b'{"user": "u", "records": {"id": "r"}}\n', r"line 1, user 'u', field 'records': expected a list"),
         (b'\n{"user":"u","records":[{"id":"r"}\n', r"line 2, user 'u': not JSON"),  # cut short: found when read
@@ -263,8 +311,12 @@ def test_the_history_store_bench_loads_each_format_and_mode_and_writes_back_the_
     out = tmp_path / "result.json"
     assert bench.main(["--users", "30,60", "--history", "3", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
-    assert [(r["users"], r["jsonl"]["users"], r["legacy_json"]["users"], r["jsonl_spooled"]["users"]) for r in rows] == [
-        (30, 30, 30, 30), (60, 60, 60, 60)]
-    assert all(r[k]["load_s"] >= 0 and r[k]["write_back_s"] >= 0 and "rss_anon_added_mb" in r[k]
-               for r in rows for k in ("jsonl", "legacy_json", "jsonl_spooled"))
+    assert [
+        (r["users"], r["jsonl"]["users"], r["legacy_json"]["users"], r["jsonl_spooled"]["users"]) for r in rows
+    ] == [(30, 30, 30, 30), (60, 60, 60, 60)]
+    assert all(
+        r[k]["load_s"] >= 0 and r[k]["write_back_s"] >= 0 and "rss_anon_added_mb" in r[k]
+        for r in rows
+        for k in ("jsonl", "legacy_json", "jsonl_spooled")
+    )
     assert all(r["jsonl_spooled"]["write_back_identical"] for r in rows)

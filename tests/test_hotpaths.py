@@ -3,6 +3,7 @@
 Backbone hash from the weight files, one embedding cache per run, embedding_bag pooling, BM25 built once per
 user, length-sorted generation, the DIN's split first layer, vectors resident on the model's device.
 """
+
 from __future__ import annotations
 
 import random
@@ -31,6 +32,7 @@ def data():
 
 
 # --- the backbone hash ----------------------------------------------------------------------------------------
+
 
 def test_backbone_hash_reads_the_weight_files_not_the_tensors(backbone, tmp_path):
     bb = load_backbone_dir(backbone.path)
@@ -69,6 +71,7 @@ def test_stage1_records_the_hash_of_the_directory_it_saved(backbone, data, tmp_p
 
 # --- one embedding cache per run ------------------------------------------------------------------------------
 
+
 def test_an_experiment_opens_one_embedding_cache_for_all_its_variants(tmp_path, monkeypatch):
     import tapper.experiment as experiment
     from tapper.config import load_run_config
@@ -83,10 +86,12 @@ def test_an_experiment_opens_one_embedding_cache_for_all_its_variants(tmp_path, 
         real_init(self, *args, **kwargs)
 
     monkeypatch.setattr(EmbeddingCache, "__init__", counting_init)
-    cfg = load_run_config({"stage2_users": 2}, ["stage1.epochs=1", "stage1.max_examples=16", "stage2.epochs=1",
-                                                "eval.max_new_tokens=2"])
-    report = experiment.run_experiment(None, q, o, "tiny", tmp_path / "run", cfg, ["base", "tap-per", "no-pu"],
-                                       progress=False)
+    cfg = load_run_config(
+        {"stage2_users": 2}, ["stage1.epochs=1", "stage1.max_examples=16", "stage2.epochs=1", "eval.max_new_tokens=2"]
+    )
+    report = experiment.run_experiment(
+        None, q, o, "tiny", tmp_path / "run", cfg, ["base", "tap-per", "no-pu"], progress=False
+    )
     assert set(report["variants"]) == {"base", "tap-per", "no-pu"}
     # Before: one for the base, two (training, evaluation) per TAP-PER variant: five.
     assert len(opened) == 1
@@ -97,14 +102,16 @@ def test_an_experiment_opens_one_embedding_cache_for_all_its_variants(tmp_path, 
 
 # --- embedding_bag pooling ------------------------------------------------------------------------------------
 
+
 def test_embedding_bag_vectors_equal_the_padded_mean(backbone, data, tmp_path):
     train, evals, _ = data
     texts = [TASK.record_text(r) for ex in evals for r in ex.history] + ["", "x"]
     cache = EmbeddingCache(tmp_path, backbone.model, backbone.tokenizer, max_tokens=16)
     got = cache._mean_embed(texts)
     # The padded form it replaced.
-    enc = backbone.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=16, padding=True,
-                             return_tensors="pt")
+    enc = backbone.tokenizer(
+        texts, add_special_tokens=False, truncation=True, max_length=16, padding=True, return_tensors="pt"
+    )
     mask = enc["attention_mask"].unsqueeze(-1).float()
     emb = backbone.model.get_input_embeddings().weight.detach().float()
     padded = (emb[enc["input_ids"]] * mask).sum(1) / mask.sum(1).clamp(min=1.0)
@@ -137,8 +144,10 @@ WORDS = "the a of news sport game team vote law court film music star rain storm
 
 def _corpus(rng: random.Random, n: int) -> list[str]:
     # Frequent words ("the", "a") get negative idfs, so the ε floor is exercised; some records are empty.
-    return ["" if rng.random() < 0.05 else " ".join(rng.choice(WORDS[:3] * 4 + WORDS) for _ in range(rng.randint(1, 12)))
-            for _ in range(n)]
+    return [
+        "" if rng.random() < 0.05 else " ".join(rng.choice(WORDS[:3] * 4 + WORDS) for _ in range(rng.randint(1, 12)))
+        for _ in range(n)
+    ]
 
 
 def test_bm25_index_scores_equal_rank_bm25_bit_for_bit():
@@ -157,16 +166,27 @@ def test_bm25_index_scores_equal_rank_bm25_bit_for_bit():
 def _user_examples(n: int) -> list[Example]:
     """One user's Stage-2-like examples: the i-th sees the records before it."""
     rng = random.Random(1)
-    records = [Record(id=f"r{j}", fields={"title": "", "text": t, "category": "sports"})
-               for j, t in enumerate(_corpus(rng, n))]
-    return [Example(id=f"e{i}", user_id="u", input=TASK.make_input(text=records[i].fields["text"] or "vote"),
-                    target="sports", history=records[:i]) for i in range(n)]
+    records = [
+        Record(id=f"r{j}", fields={"title": "", "text": t, "category": "sports"}) for j, t in enumerate(_corpus(rng, n))
+    ]
+    return [
+        Example(
+            id=f"e{i}",
+            user_id="u",
+            input=TASK.make_input(text=records[i].fields["text"] or "vote"),
+            target="sports",
+            history=records[:i],
+        )
+        for i in range(n)
+    ]
 
 
 def test_bm25_prefilter_tokenizes_each_record_once_per_user(backbone, cache, monkeypatch):
     examples = _user_examples(40)
-    want = [sorted(bm25.rank(TASK, ex.input, ex.history)[:3]) if len(ex.history) > 3 else list(range(len(ex.history)))
-            for ex in examples]
+    want = [
+        sorted(bm25.rank(TASK, ex.input, ex.history)[:3]) if len(ex.history) > 3 else list(range(len(ex.history)))
+        for ex in examples
+    ]
     calls = []
     real = bm25.bm25_tokens
 
@@ -199,6 +219,7 @@ def test_rag_retrieval_tokenizes_each_record_once_per_user(backbone, monkeypatch
 
 # --- length-sorted generation ---------------------------------------------------------------------------------
 
+
 def test_generation_batches_are_length_sorted_and_outputs_keep_the_input_order(backbone, cache, data):
     from tapper.eval.predict import generate_texts
 
@@ -206,8 +227,17 @@ def test_generation_batches_are_length_sorted_and_outputs_keep_the_input_order(b
     model = TapPer(load_backbone_dir(backbone.path).model, users, Stage2Config(prefix_len=4))
     # Prompts of very different lengths, shuffled.
     rng = random.Random(0)
-    varied = [Example(id=f"{ex.id}-{k}", user_id=ex.user_id, input=TASK.make_input(text=" ".join(["word"] * (3 + 7 * k))),
-                      target=None, history=ex.history) for ex in evals for k in range(3)]
+    varied = [
+        Example(
+            id=f"{ex.id}-{k}",
+            user_id=ex.user_id,
+            input=TASK.make_input(text=" ".join(["word"] * (3 + 7 * k))),
+            target=None,
+            history=ex.history,
+        )
+        for ex in evals
+        for k in range(3)
+    ]
     rng.shuffle(varied)
     enc = encoder_for(model, TASK, backbone.tokenizer, cache).encode(varied, model.user_rows, progress=False)
     batches = []
@@ -229,6 +259,7 @@ def test_generation_batches_are_length_sorted_and_outputs_keep_the_input_order(b
 
 # --- the DIN's first layer ------------------------------------------------------------------------------------
 
+
 def test_din_split_first_layer_equals_the_concatenated_form():
     from tapper.model.prefix import PrefixEncoder
 
@@ -249,6 +280,7 @@ def test_din_split_first_layer_equals_the_concatenated_form():
 
 
 # --- vectors resident on the device ---------------------------------------------------------------------------
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: on the CPU the vectors are always resident")
 def test_training_and_generation_gather_from_vectors_on_the_models_device(backbone, cache, data):

@@ -2,6 +2,7 @@
 `kubernetes-validate --strict` (bundled OpenAPI schemas, no cluster needed), and the pieces fit together
 (selectors, probes, Prometheus scrape annotations, resources, RBAC for the ZenML orchestrator, GPU scheduling,
 settings the server reads)."""
+
 from __future__ import annotations
 
 import re
@@ -12,7 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is a dev dependency (pip install -e '.[dev]')")
+kubernetes_validate = pytest.importorskip(
+    "kubernetes_validate", reason="kubernetes-validate is a dev dependency (pip install -e '.[dev]')"
+)
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
@@ -34,8 +37,9 @@ def _kubectl() -> str | None:
 KUBECTL = _kubectl()
 needs_kubectl = pytest.mark.skipif(
     KUBECTL is None,
-    reason="kubectl (with built-in kustomize) is not installed: install kubectl (Debian: apt-get install kubectl from the "
-           "Kubernetes apt repository) to render the overlays; the raw base files are still schema-validated below",
+    reason="kubectl (with built-in kustomize) is not installed: install kubectl (Debian: apt-get install kubectl "
+    "from the "
+    "Kubernetes apt repository) to render the overlays; the raw base files are still schema-validated below",
 )
 
 
@@ -62,7 +66,10 @@ def validate_strict(doc: dict, where: str) -> None:
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as err:
             path = ".".join(str(p) for p in err.path)
-            pytest.fail(f"{where}: {doc['kind']}/{doc['metadata'].get('name')} invalid for Kubernetes {version} at {path}: {err.message}")
+            pytest.fail(
+                f"{where}: {doc['kind']}/{doc['metadata'].get('name')} invalid for Kubernetes {version} at {path}: "
+                f"{err.message}"
+            )
 
 
 def test_base_files_validate_strict():
@@ -79,8 +86,18 @@ def test_base_files_validate_strict():
 def test_every_rendered_manifest_validates_strict(rendered):
     for name, docs in rendered.items():
         kinds = {d["kind"] for d in docs}
-        assert {"Namespace", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "PersistentVolumeClaim", "Deployment",
-                "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= kinds, name
+        assert {
+            "Namespace",
+            "ServiceAccount",
+            "Role",
+            "RoleBinding",
+            "ConfigMap",
+            "PersistentVolumeClaim",
+            "Deployment",
+            "Service",
+            "HorizontalPodAutoscaler",
+            "PodDisruptionBudget",
+        } <= kinds, name
         for doc in docs:
             assert doc["metadata"].get("namespace", "tapper") == "tapper" or doc["kind"] == "Namespace", doc["metadata"]
             validate_strict(doc, name)
@@ -112,7 +129,9 @@ def test_serving_pieces_fit_together(rendered):
         for key in ("requests", "limits"):
             assert {"cpu", "memory"} <= set(c["resources"][key]), (name, key)
         assert pod["securityContext"]["runAsNonRoot"] and c["securityContext"]["readOnlyRootFilesystem"]
-        assert not c["securityContext"]["allowPrivilegeEscalation"] and c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        assert not c["securityContext"]["allowPrivilegeEscalation"] and c["securityContext"]["capabilities"][
+            "drop"
+        ] == ["ALL"]
         assert pod["serviceAccountName"] == "tapper-serve" and pod["automountServiceAccountToken"] is False
         # The bundle and state directories live on the shared PVC.
         cm = by_kind(docs, "ConfigMap", "tapper-serve-config")["data"]
@@ -136,8 +155,12 @@ def test_configmap_settings_are_read_by_the_server(rendered):
 def test_the_opt_in_scratch_dir_is_the_pods_local_scratch_volume():
     """The commented-out TAPPER_SCRATCH_DIR in the ConfigMap, once uncommented, must name the pod's own disk-backed
     emptyDir (a RAM-backed one would save nothing; the shared PVC is a network filesystem the server refuses)."""
-    (scratch,) = re.findall(r"^\s*#\s*TAPPER_SCRATCH_DIR:\s*(\S+)\s*$", (K8S / "base" / "configmap.yaml").read_text(), re.M)
-    deployment = next(d for d in yaml.safe_load_all((K8S / "base" / "deployment.yaml").read_text()) if d and d["kind"] == "Deployment")
+    (scratch,) = re.findall(
+        r"^\s*#\s*TAPPER_SCRATCH_DIR:\s*(\S+)\s*$", (K8S / "base" / "configmap.yaml").read_text(), re.M
+    )
+    deployment = next(
+        d for d in yaml.safe_load_all((K8S / "base" / "deployment.yaml").read_text()) if d and d["kind"] == "Deployment"
+    )
     pod = deployment["spec"]["template"]["spec"]
     mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
     volume = {v["name"]: v for v in pod["volumes"]}[mounts[scratch]]
@@ -188,11 +211,22 @@ def test_tracking_services_render_and_validate_strict():
     svc = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
     mlflow = by_kind(docs, "Deployment", "tapper-mlflow")["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e for e in mlflow["env"]}
-    assert env["MLFLOW_S3_ENDPOINT_URL"]["value"] == f"http://tapper-object-store:{svc['tapper-object-store']['spec']['ports'][0]['port']}"
-    assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"] == {"name": "tapper-tracking", "key": "backend-store-uri"}
+    assert (
+        env["MLFLOW_S3_ENDPOINT_URL"]["value"]
+        == f"http://tapper-object-store:{svc['tapper-object-store']['spec']['ports'][0]['port']}"
+    )
+    assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"] == {
+        "name": "tapper-tracking",
+        "key": "backend-store-uri",
+    }
     # MLflow at the version the project pins (pyproject.toml), as its Dockerfile installs it.
     pin = re.search(r'"mlflow==([^"]+)"', (REPO / "pyproject.toml").read_text())[1]
-    assert mlflow["image"].endswith(f":{pin}") and f"mlflow=={pin}" in (K8S / "tracking" / "Dockerfile.mlflow").read_text()
+    assert (
+        mlflow["image"].endswith(f":{pin}") and f"mlflow=={pin}" in (K8S / "tracking" / "Dockerfile.mlflow").read_text()
+    )
     for name in ("tapper-postgres", "tapper-object-store"):
         sts = by_kind(docs, "StatefulSet", name)
-        assert sts["spec"]["serviceName"] == name and svc[name]["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+        assert (
+            sts["spec"]["serviceName"] == name
+            and svc[name]["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+        )

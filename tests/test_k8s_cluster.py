@@ -10,6 +10,7 @@ CronJob, ReplicaSet, Deployment, HPA and PV-binder controllers act on them.
 The tests run in file order and build on each other (apply the manifests, train, serve, fail a GPU step on
 purpose, schedule).
 """
+
 from __future__ import annotations
 
 import copy
@@ -42,10 +43,12 @@ def harness():
     return Path(STATE)
 
 
-def kubectl(*args: str, input: str | None = None, check: bool = True, context: str = "tapper-harness-direct",
-            timeout: int = 120) -> subprocess.CompletedProcess:
-    out = subprocess.run(["kubectl", "--context", context, *args], input=input, capture_output=True, text=True,
-                         timeout=timeout)
+def kubectl(
+    *args: str, input: str | None = None, check: bool = True, context: str = "tapper-harness-direct", timeout: int = 120
+) -> subprocess.CompletedProcess:
+    out = subprocess.run(
+        ["kubectl", "--context", context, *args], input=input, capture_output=True, text=True, timeout=timeout
+    )
     if check and out.returncode != 0:
         raise AssertionError(f"kubectl {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}")
     return out
@@ -91,12 +94,20 @@ def wait(what: str, fn, timeout: float, every: float = 2.0):
 
 
 def gpu_steps(cfg: dict) -> set[str]:
-    return {name for name, s in (cfg.get("steps") or {}).items()
-            if any(t.get("key") == "nvidia.com/gpu"
-                   for t in ((s.get("settings") or {}).get("orchestrator") or {}).get("pod_settings", {}).get("tolerations", []))}
+    return {
+        name
+        for name, s in (cfg.get("steps") or {}).items()
+        if any(
+            t.get("key") == "nvidia.com/gpu"
+            for t in ((s.get("settings") or {}).get("orchestrator") or {})
+            .get("pod_settings", {})
+            .get("tolerations", [])
+        )
+    }
 
 
 # --- 1. the node pools ---------------------------------------------------------------------------------------------
+
 
 def test_nodes_mirror_the_pools_the_manifests_and_configs_expect(core):
     nodes = {n.metadata.name: n for n in core.list_node().items}
@@ -133,26 +144,61 @@ def test_manifests_apply_to_the_control_plane(core):
 
         kubernetes_validate.validate(d, TARGET_VERSION, strict=True)
     out = apply(docs)
-    for kind, name in [("deployment.apps", "tapper-serve"), ("horizontalpodautoscaler.autoscaling", "tapper-serve"),
-                       ("poddisruptionbudget.policy", "tapper-serve"), ("role.rbac.authorization.k8s.io", "tapper-zenml-orchestrator"),
-                       ("statefulset.apps", "tapper-postgres"), ("deployment.apps", "tapper-mlflow"),
-                       ("statefulset.apps", "tapper-object-store")]:
+    for kind, name in [
+        ("deployment.apps", "tapper-serve"),
+        ("horizontalpodautoscaler.autoscaling", "tapper-serve"),
+        ("poddisruptionbudget.policy", "tapper-serve"),
+        ("role.rbac.authorization.k8s.io", "tapper-zenml-orchestrator"),
+        ("statefulset.apps", "tapper-postgres"),
+        ("deployment.apps", "tapper-mlflow"),
+        ("statefulset.apps", "tapper-object-store"),
+    ]:
         assert f"{kind}/{name}" in out, out
+
     # ... and read back through the API in their GA versions.
     def get(path: str) -> dict:  # through the translating endpoint, as ZenML and the tests' client reach it
         return json.loads(kubectl("get", "--raw", path, context="tapper-harness").stdout)
+
     pdb = get(f"/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/tapper-serve")
     assert pdb["apiVersion"] == "policy/v1" and pdb["spec"]["minAvailable"] == 1
     hpa = get(f"/apis/autoscaling/v2/namespaces/{NS}/horizontalpodautoscalers/tapper-serve")
-    assert hpa["apiVersion"] == "autoscaling/v2" and hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 600
+    assert (
+        hpa["apiVersion"] == "autoscaling/v2"
+        and hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 600
+    )
     # The claims bind to the harness's volumes (the real PV binder), so pods using them can be scheduled.
-    wait("PVCs bound", lambda: all(c.status.phase == "Bound" for c in core.list_namespaced_persistent_volume_claim(NS).items), 60)
+    wait(
+        "PVCs bound",
+        lambda: all(c.status.phase == "Bound" for c in core.list_namespaced_persistent_volume_claim(NS).items),
+        60,
+    )
     # The orchestrator's RBAC is what ZenML needs, enforced by the API server for its service account.
-    for verb, res in [("create", "pods"), ("create", "jobs.batch"), ("create", "cronjobs.batch"), ("get", "pods/log"),
-                      ("create", "secrets")]:
-        assert kubectl("auth", "can-i", verb, res, "-n", NS, f"--as=system:serviceaccount:{NS}:tapper-zenml").stdout.strip() == "yes"
-    assert kubectl("auth", "can-i", "create", "pods", "-n", "default", f"--as=system:serviceaccount:{NS}:tapper-zenml",
-                   check=False).stdout.strip() == "no"
+    for verb, res in [
+        ("create", "pods"),
+        ("create", "jobs.batch"),
+        ("create", "cronjobs.batch"),
+        ("get", "pods/log"),
+        ("create", "secrets"),
+    ]:
+        assert (
+            kubectl(
+                "auth", "can-i", verb, res, "-n", NS, f"--as=system:serviceaccount:{NS}:tapper-zenml"
+            ).stdout.strip()
+            == "yes"
+        )
+    assert (
+        kubectl(
+            "auth",
+            "can-i",
+            "create",
+            "pods",
+            "-n",
+            "default",
+            f"--as=system:serviceaccount:{NS}:tapper-zenml",
+            check=False,
+        ).stdout.strip()
+        == "no"
+    )
 
 
 @pytest.mark.parametrize("fixture", sorted(p.name for p in BAD.glob("*.yaml")))
@@ -187,12 +233,16 @@ TRACKING_ROLLOUT_S = 180
 def tracking_diagnostics(core) -> str:
     """Events, container states and the last log lines of the tracking pods, for a failure message."""
     out = []
-    for p in core.list_namespaced_pod(NS, label_selector="app.kubernetes.io/component in (tracking, tracking-db, object-store)").items:
+    for p in core.list_namespaced_pod(
+        NS, label_selector="app.kubernetes.io/component in (tracking, tracking-db, object-store)"
+    ).items:
         name = p.metadata.name
         out.append(f"--- pod {name} on {p.spec.node_name}: {p.status.phase}, IP {p.status.pod_ip}")
         for cs in p.status.container_statuses or []:
-            out.append(f"  {cs.name}: ready={cs.ready} restarts={cs.restart_count} state={cs.state.to_dict()} "
-                       f"last={cs.last_state.to_dict()}")
+            out.append(
+                f"  {cs.name}: ready={cs.ready} restarts={cs.restart_count} state={cs.state.to_dict()} "
+                f"last={cs.last_state.to_dict()}"
+            )
         ev = kubectl("-n", NS, "get", "events", "--field-selector", f"involvedObject.name={name}", check=False)
         out.append(ev.stdout.strip())
         logs = kubectl("-n", NS, "logs", name, "--tail", "40", check=False, context="tapper-harness")
@@ -215,34 +265,61 @@ def test_tracking_stack_rolls_out_and_mlflow_tracks_into_its_postgres_and_object
     # The two Secrets of docs/kubernetes.md, step 4 (kept if they exist: the database was initialised with them).
     pg_password, s3_key, s3_secret = secrets.token_hex(16), "tapper-" + secrets.token_hex(4), secrets.token_hex(16)
     for name, literals in [
-        ("tapper-tracking", {"postgres-password": pg_password,
-                             "backend-store-uri": f"postgresql://mlflow:{pg_password}@tapper-postgres:5432/mlflow"}),
+        (
+            "tapper-tracking",
+            {
+                "postgres-password": pg_password,
+                "backend-store-uri": f"postgresql://mlflow:{pg_password}@tapper-postgres:5432/mlflow",
+            },
+        ),
         ("tapper-object-store", {"aws_access_key_id": s3_key, "aws_secret_access_key": s3_secret}),
     ]:
-        doc = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NS}, "type": "Opaque",
-               "stringData": literals}
+        doc = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name, "namespace": NS},
+            "type": "Opaque",
+            "stringData": literals,
+        }
         kubectl("create", "-f", "-", input=json.dumps(doc), check=False)
     import base64
 
     def secret(name: str, key: str) -> str:
         return base64.b64decode(core.read_namespaced_secret(name, NS).data[key]).decode()
+
     pg_password = secret("tapper-tracking", "postgres-password")
-    s3_key, s3_secret = secret("tapper-object-store", "aws_access_key_id"), secret("tapper-object-store", "aws_secret_access_key")
+    s3_key, s3_secret = (
+        secret("tapper-object-store", "aws_access_key_id"),
+        secret("tapper-object-store", "aws_secret_access_key"),
+    )
     deadline = time.time() + TRACKING_ROLLOUT_S
     for kind, name in TRACKING:
         left = max(1, int(deadline - time.time()))
-        status = kubectl("-n", NS, "rollout", "status", f"{kind}/{name}", f"--timeout={left}s", check=False, timeout=left + 30)
-        assert status.returncode == 0, (f"{kind}/{name} did not roll out within {TRACKING_ROLLOUT_S}s:\n"
-                                        f"{status.stdout}{status.stderr}\n{tracking_diagnostics(core)}")
+        status = kubectl(
+            "-n", NS, "rollout", "status", f"{kind}/{name}", f"--timeout={left}s", check=False, timeout=left + 30
+        )
+        assert status.returncode == 0, (
+            f"{kind}/{name} did not roll out within {TRACKING_ROLLOUT_S}s:\n"
+            f"{status.stdout}{status.stderr}\n{tracking_diagnostics(core)}"
+        )
     svc = {name: core.read_namespaced_service(name, NS).spec.cluster_ip for _, name in TRACKING}
+
     # A finished rollout has ready pods; their Services' Endpoints (the endpoints controller) follow within moments.
     def endpoints_ready():
-        return all(any(s.addresses for s in core.read_namespaced_endpoints(name, NS).subsets or []) for _, name in TRACKING)
+        return all(
+            any(s.addresses for s in core.read_namespaced_endpoints(name, NS).subsets or []) for _, name in TRACKING
+        )
+
     wait("the tracking Services' endpoints", endpoints_ready, 30, every=1)
     try:
         # The object store, through its Service: the buckets (docs/kubernetes.md, step 4), with the Secret's keys.
-        s3 = boto3.client("s3", endpoint_url=f"http://{svc['tapper-object-store']}:9000", aws_access_key_id=s3_key,
-                          aws_secret_access_key=s3_secret, region_name="us-east-1")
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=f"http://{svc['tapper-object-store']}:9000",
+            aws_access_key_id=s3_key,
+            aws_secret_access_key=s3_secret,
+            region_name="us-east-1",
+        )
         for bucket in ("tapper-artifacts", "tapper-mlflow"):
             s3.create_bucket(Bucket=bucket)
         # MLflow, through its Service, addressed as in-cluster clients address it (the Host header of
@@ -254,21 +331,35 @@ def test_tracking_stack_rolls_out_and_mlflow_tracks_into_its_postgres_and_object
         def call(method: str, path: str, body=None, raw: bytes | None = None, host: str = "tapper-mlflow:5000"):
             data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
             headers = {"Host": host, **({"Content-Type": "application/json"} if raw is None else {})}
-            with opener.open(urllib.request.Request(base + path, data=data, method=method, headers=headers), timeout=30) as r:
+            with opener.open(
+                urllib.request.Request(base + path, data=data, method=method, headers=headers), timeout=30
+            ) as r:
                 text = r.read().decode()
                 return json.loads(text) if text.strip().startswith("{") else text
+
         assert call("GET", "/health").strip() == "OK"
         assert call("GET", "/health", host=f"tapper-mlflow.{NS}.svc.cluster.local:5000").strip() == "OK"
         experiment = f"k8s-tracking-{secrets.token_hex(4)}"
         exp_id = call("POST", "/api/2.0/mlflow/experiments/create", {"name": experiment})["experiment_id"]
-        run = call("POST", "/api/2.0/mlflow/runs/create", {"experiment_id": exp_id, "start_time": int(time.time() * 1000)})["run"]
+        run = call(
+            "POST", "/api/2.0/mlflow/runs/create", {"experiment_id": exp_id, "start_time": int(time.time() * 1000)}
+        )["run"]
         run_id = run["info"]["run_id"]
         assert run["info"]["artifact_uri"] == f"mlflow-artifacts:/{exp_id}/{run_id}/artifacts"
         payload = f"tapper k8s tracking {run_id}\n".encode()
         call("PUT", f"/api/2.0/mlflow-artifacts/artifacts/{exp_id}/{run_id}/artifacts/hello.txt", raw=payload)
         # The experiment and the run are rows in the PostgreSQL pod's database (not the harness's own PostgreSQL).
-        with psycopg2.connect(host=svc["tapper-postgres"], port=5432, user="mlflow", password=pg_password,
-                              dbname="mlflow", connect_timeout=10) as conn, conn.cursor() as cur:
+        with (
+            psycopg2.connect(
+                host=svc["tapper-postgres"],
+                port=5432,
+                user="mlflow",
+                password=pg_password,
+                dbname="mlflow",
+                connect_timeout=10,
+            ) as conn,
+            conn.cursor() as cur,
+        ):
             cur.execute("select name from experiments where experiment_id = %s", (int(exp_id),))
             assert cur.fetchone() == (experiment,)
             cur.execute("select experiment_id from runs where run_uuid = %s", (run_id,))
@@ -279,15 +370,26 @@ def test_tracking_stack_rolls_out_and_mlflow_tracks_into_its_postgres_and_object
     except Exception as err:  # noqa: BLE001 - the pods' side of the story
         raise AssertionError(f"{err!r}\n{tracking_diagnostics(core)}") from err
     # Every tracking pod has its own pod IP (their Services' endpoints) and passed its readiness probe.
-    pods = core.list_namespaced_pod(NS, label_selector="app.kubernetes.io/component in (tracking, tracking-db, object-store)").items
-    ready = [p for p in pods if p.metadata.deletion_timestamp is None and all(c.ready for c in p.status.container_statuses or [])]
-    assert len(ready) == 3 and len({p.status.pod_ip for p in ready}) == 3 and "127.0.0.1" not in {p.status.pod_ip for p in ready}
+    pods = core.list_namespaced_pod(
+        NS, label_selector="app.kubernetes.io/component in (tracking, tracking-db, object-store)"
+    ).items
+    ready = [
+        p
+        for p in pods
+        if p.metadata.deletion_timestamp is None and all(c.ready for c in p.status.container_statuses or [])
+    ]
+    assert (
+        len(ready) == 3
+        and len({p.status.pod_ip for p in ready}) == 3
+        and "127.0.0.1" not in {p.status.pod_ip for p in ready}
+    )
     for _, name in TRACKING:
         ep = core.read_namespaced_endpoints(name, NS)
         assert [a.ip for s in ep.subsets or [] for a in s.addresses or []], f"no ready endpoints for {name}"
 
 
 # --- 3. the training pipeline through ZenML's Kubernetes orchestrator ----------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def zenml_k8s(harness):
@@ -297,16 +399,25 @@ def zenml_k8s(harness):
     from zenml.utils import source_utils
     from zenml.zen_stores.rest_zen_store import RestZenStoreConfiguration
 
-    GlobalConfiguration().set_store(RestZenStoreConfiguration(
-        url=os.environ["TAPPER_ZENML_URL"], username=os.environ["TAPPER_ZENML_USER"],
-        password=os.environ["TAPPER_ZENML_PASSWORD"]))
+    GlobalConfiguration().set_store(
+        RestZenStoreConfiguration(
+            url=os.environ["TAPPER_ZENML_URL"],
+            username=os.environ["TAPPER_ZENML_USER"],
+            password=os.environ["TAPPER_ZENML_PASSWORD"],
+        )
+    )
     source_utils.set_custom_source_root(str(REPO))
     client = Client()
     try:
         client.get_secret("tapper-object-store")
     except KeyError:
-        client.create_secret("tapper-object-store", values={"aws_access_key_id": os.environ["AWS_ACCESS_KEY_ID"],
-                                                            "aws_secret_access_key": os.environ["AWS_SECRET_ACCESS_KEY"]})
+        client.create_secret(
+            "tapper-object-store",
+            values={
+                "aws_access_key_id": os.environ["AWS_ACCESS_KEY_ID"],
+                "aws_secret_access_key": os.environ["AWS_SECRET_ACCESS_KEY"],
+            },
+        )
     from pipelines.stacks import stack_up
 
     assert "registered and active" in stack_up("k8s")
@@ -318,8 +429,12 @@ def run_and_wait(cfg: dict, client):
 
     run = run_training(resolve_config(cfg))
     assert run is not None
-    return wait(f"run {run.name} to finish", lambda: (r := client.get_pipeline_run(run.id)).status.is_finished and r,
-                RUN_TIMEOUT_S, every=5)
+    return wait(
+        f"run {run.name} to finish",
+        lambda: (r := client.get_pipeline_run(run.id)).status.is_finished and r,
+        RUN_TIMEOUT_S,
+        every=5,
+    )
 
 
 def run_pods(core, run_id) -> list:
@@ -353,10 +468,12 @@ def test_training_pipeline_completes_on_the_k8s_stack(trained, core, zenml_k8s):
         pytest.fail(f"run {run.name}: {run.status.value}\n" + orchestrator_log(core, pods)[-6000:])
     steps = {name: s.status.value for name, s in run.steps.items()}
     assert all(v == "completed" for v in steps.values()), steps
+
     # One orchestrator pod and one pod per step, all created by ZenML, all finished with exit code 0.
     def finished():
         ps = run_pods(core, run.id)
         return ps if all(p.status.phase == "Succeeded" for p in ps) else None
+
     pods = wait("the run's pods to finish", finished, 120)
     by_step = {p.metadata.labels.get("step_name", "orchestrator"): p for p in pods}
     assert set(by_step) == set(steps) | {"orchestrator"}, sorted(by_step)
@@ -401,24 +518,61 @@ def test_serving_rolls_out_on_the_promoted_bundle(trained, core):
     # The bearer tokens the Deployment requires (deploy/README.md, "Auth"); without the Secret no pod starts.
     import secrets
 
-    kubectl("-n", NS, "apply", "-f", "-", input=kubectl(
-        "-n", NS, "create", "secret", "generic", "tapper-serve-tokens", "--dry-run=client", "-o", "json",
-        f"--from-literal=api-token={secrets.token_hex(32)}", f"--from-literal=admin-token={secrets.token_hex(32)}").stdout)
+    kubectl(
+        "-n",
+        NS,
+        "apply",
+        "-f",
+        "-",
+        input=kubectl(
+            "-n",
+            NS,
+            "create",
+            "secret",
+            "generic",
+            "tapper-serve-tokens",
+            "--dry-run=client",
+            "-o",
+            "json",
+            f"--from-literal=api-token={secrets.token_hex(32)}",
+            f"--from-literal=admin-token={secrets.token_hex(32)}",
+        ).stdout,
+    )
     model_dir = f"/models/bundles/{model_name(run)}/current"
-    kubectl("-n", NS, "patch", "configmap", "tapper-serve-config", "--type", "merge", "-p",
-            json.dumps({"data": {"TAPPER_MODEL_DIR": model_dir}}))
+    kubectl(
+        "-n",
+        NS,
+        "patch",
+        "configmap",
+        "tapper-serve-config",
+        "--type",
+        "merge",
+        "-p",
+        json.dumps({"data": {"TAPPER_MODEL_DIR": model_dir}}),
+    )
     kubectl("-n", NS, "rollout", "restart", "deployment/tapper-serve")
-    status = kubectl("-n", NS, "rollout", "status", "deployment/tapper-serve", "--timeout", "600s", check=False, timeout=660)
+    status = kubectl(
+        "-n", NS, "rollout", "status", "deployment/tapper-serve", "--timeout", "600s", check=False, timeout=660
+    )
     pods = core.list_namespaced_pod(NS, label_selector="app.kubernetes.io/name=tapper-serve").items
-    assert status.returncode == 0, status.stdout + status.stderr + "\n".join(
-        f"{p.metadata.name} {p.status.phase} {p.status.container_statuses}" for p in pods)
-    ready = [p for p in pods if p.metadata.deletion_timestamp is None and p.status.phase == "Running"
-             and all(c.ready for c in p.status.container_statuses)]
+    assert status.returncode == 0, (
+        status.stdout
+        + status.stderr
+        + "\n".join(f"{p.metadata.name} {p.status.phase} {p.status.container_statuses}" for p in pods)
+    )
+    ready = [
+        p
+        for p in pods
+        if p.metadata.deletion_timestamp is None
+        and p.status.phase == "Running"
+        and all(c.ready for c in p.status.container_statuses)
+    ]
     assert len(ready) >= 2  # the HPA's minReplicas
     assert all(p.spec.node_name.startswith("cpu-pool-") for p in ready)
 
 
 # --- 4. a GPU step without its toleration ------------------------------------------------------------------------
+
 
 def test_gpu_step_without_toleration_stays_pending_and_the_run_fails_clearly(trained, zenml_k8s, core):
     cfg = copy.deepcopy(trained[0])
@@ -439,19 +593,26 @@ def test_gpu_step_without_toleration_stays_pending_and_the_run_fails_clearly(tra
                     seen.update(phase=p.status.phase, reason=c.reason, message=c.message, node=p.spec.node_name)
                     return True
         return False
+
     wait("the train_stage1 pod to be reported unschedulable", pending_pod, 600)
     assert seen["phase"] == "Pending" and seen["reason"] == "Unschedulable" and seen["node"] is None
     assert "had taint {nvidia.com/gpu: present}, that the pod didn't tolerate" in seen["message"], seen
-    final = wait("the run to fail", lambda: (r := zenml_k8s.get_pipeline_run(run.id)).status.is_finished and r, 600, every=5)
+    final = wait(
+        "the run to fail", lambda: (r := zenml_k8s.get_pipeline_run(run.id)).status.is_finished and r, 600, every=5
+    )
     assert final.status.value == "failed"
     assert final.steps["train_stage1"].status.value == "failed"
     text = orchestrator_log(core, run_pods(core, run.id))
-    assert "Job for step train_stage1 is pending" in text and "had taint {nvidia.com/gpu: present}, that the pod didn't tolerate" in text, text[-4000:]
+    assert (
+        "Job for step train_stage1 is pending" in text
+        and "had taint {nvidia.com/gpu: present}, that the pod didn't tolerate" in text
+    ), text[-4000:]
     assert "Job for step train_stage1 failed: Job was active longer than specified deadline" in text, text[-4000:]
     assert "The following steps failed: train_stage1" in text
 
 
 # --- 5. a schedule -------------------------------------------------------------------------------------------------
+
 
 def test_cron_schedule_becomes_a_cronjob_that_fires_onto_the_gpu_pool(trained, zenml_k8s, core, batch):
     from zenml.integrations.kubernetes.constants import KUBERNETES_CRON_JOB_METADATA_KEY
@@ -471,11 +632,17 @@ def test_cron_schedule_becomes_a_cronjob_that_fires_onto_the_gpu_pool(trained, z
     assert cj.spec.successful_jobs_history_limit == stack["successful_jobs_history_limit"]
     assert cj.spec.failed_jobs_history_limit == stack["failed_jobs_history_limit"]
     assert cj.spec.starting_deadline_seconds == stack["starting_deadline_seconds"]
-    assert kubectl("get", "cronjobs.v1beta1.batch", name, "-n", NS, "-o", "name").stdout.strip() == f"cronjob.batch/{name}"
+    assert (
+        kubectl("get", "cronjobs.v1beta1.batch", name, "-n", NS, "-o", "name").stdout.strip() == f"cronjob.batch/{name}"
+    )
 
     def fired():
-        return [j for j in batch.list_namespaced_job(NS).items
-                if any(o.kind == "CronJob" and o.name == name for o in j.metadata.owner_references or [])]
+        return [
+            j
+            for j in batch.list_namespaced_job(NS).items
+            if any(o.kind == "CronJob" and o.name == name for o in j.metadata.owner_references or [])
+        ]
+
     (job,) = wait("the CronJob controller to create a Job", fired, 150)
     # One firing is enough: suspend the CronJob itself (a PATCH of batch/v1). Not through ZenML: deactivating the
     # ZenML schedule also revokes the API token its runs use, and would fail the run that just started.
@@ -489,21 +656,35 @@ def test_cron_schedule_becomes_a_cronjob_that_fires_onto_the_gpu_pool(trained, z
     scheduled = stamp if stamp > 10**9 else stamp * 60
     assert scheduled % 60 == 0, f"Job {job.metadata.name} is not for a minute boundary"
     assert 0 <= created.timestamp() - scheduled < 60, f"Job for {scheduled} created at {created}"
-    orch = wait("the scheduled orchestrator pod", lambda: core.list_namespaced_pod(NS, label_selector=f"job-name={job.metadata.name}").items, 60)
+    orch = wait(
+        "the scheduled orchestrator pod",
+        lambda: core.list_namespaced_pod(NS, label_selector=f"job-name={job.metadata.name}").items,
+        60,
+    )
     assert orch[0].spec.node_name is None or orch[0].spec.node_name.startswith("cpu-pool-")
 
     def scheduled_run():
-        runs = [r for r in zenml_k8s.list_pipeline_runs(size=50, sort_by="desc:created").items if r.schedule and r.schedule.id == schedule.id]
+        runs = [
+            r
+            for r in zenml_k8s.list_pipeline_runs(size=50, sort_by="desc:created").items
+            if r.schedule and r.schedule.id == schedule.id
+        ]
         return runs[0] if runs else None
+
     run = wait("the scheduled run to be created", scheduled_run, 300)
 
     def gpu_pod():
         pods = core.list_namespaced_pod(NS, label_selector=f"run_id={run.id},step_name=evaluate_tapper").items
         return pods if pods and pods[0].spec.node_name else None
+
     (pod,) = wait("the scheduled run's GPU step pod to be placed", gpu_pod, RUN_TIMEOUT_S, every=5)
     assert pod.spec.node_name == GPU_NODE
-    final = wait("the scheduled run to finish", lambda: (r := zenml_k8s.get_pipeline_run(run.id)).status.is_finished and r,
-                 RUN_TIMEOUT_S, every=5)
+    final = wait(
+        "the scheduled run to finish",
+        lambda: (r := zenml_k8s.get_pipeline_run(run.id)).status.is_finished and r,
+        RUN_TIMEOUT_S,
+        every=5,
+    )
     assert final.status.value == "completed", orchestrator_log(core, run_pods(core, run.id))[-4000:]
     assert len(fired()) == 1
     # ZenML's schedule updates reach the CronJob (a PATCH of batch/v1) ...
@@ -519,4 +700,5 @@ def test_cron_schedule_becomes_a_cronjob_that_fires_onto_the_gpu_pool(trained, z
         except ApiException as err:
             return err.status == 404
         return False
+
     wait("the CronJob to be deleted", gone, 120)

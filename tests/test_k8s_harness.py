@@ -1,18 +1,18 @@
 """The k8s harness's own pieces that need no cluster (tests/k8s_harness): the listed API translation, the node
 agent's image table, the known-bad fixtures' declarations. The harness itself runs under `make test-k8s`."""
+
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
 import pytest
+import translate
 import yaml
+from translate import TranslationError, from_served, to_served, translate_path
 
 HARNESS = Path(__file__).resolve().parent / "k8s_harness"
 REPO = HARNESS.parents[1]
-
-import translate
-from translate import TranslationError, from_served, to_served, translate_path
 
 
 def test_exactly_three_translations():
@@ -32,8 +32,11 @@ def test_the_manifests_translate_by_apiVersion_only(path):
 
 
 def test_other_kinds_and_versions_pass_untouched():
-    for doc in [{"apiVersion": "batch/v1", "kind": "Job", "spec": {}}, {"apiVersion": "apps/v1", "kind": "Deployment"},
-                {"apiVersion": "v1", "kind": "Pod"}]:
+    for doc in [
+        {"apiVersion": "batch/v1", "kind": "Job", "spec": {}},
+        {"apiVersion": "apps/v1", "kind": "Deployment"},
+        {"apiVersion": "v1", "kind": "Pod"},
+    ]:
         assert to_served(doc) is doc and from_served(doc) is doc
     served = {"apiVersion": "batch/v1beta1", "kind": "CronJob"}
     assert to_served(served) is served
@@ -44,8 +47,14 @@ def test_lists_and_watch_events_come_back_in_the_ga_version():
     assert from_served(listed)["apiVersion"] == "batch/v1"
     event = {"type": "ADDED", "object": {"apiVersion": "policy/v1beta1", "kind": "PodDisruptionBudget"}}
     assert from_served(event)["object"]["apiVersion"] == "policy/v1"
-    mixed = {"apiVersion": "v1", "kind": "List", "items": [{"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler"},
-                                                           {"apiVersion": "v1", "kind": "Service"}]}
+    mixed = {
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [
+            {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler"},
+            {"apiVersion": "v1", "kind": "Service"},
+        ],
+    }
     assert [i["apiVersion"] for i in to_served(mixed)["items"]] == ["autoscaling/v2beta2", "v1"]
 
 
@@ -53,25 +62,49 @@ def test_what_v1beta1_cannot_say_is_refused_not_dropped():
     with pytest.raises(TranslationError, match="timeZone"):
         to_served({"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "x"}, "spec": {"timeZone": "UTC"}})
     with pytest.raises(TranslationError, match="empty selector"):
-        to_served({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": {"name": "x"},
-                   "spec": {"selector": {}, "maxUnavailable": 1}})
+        to_served(
+            {
+                "apiVersion": "policy/v1",
+                "kind": "PodDisruptionBudget",
+                "metadata": {"name": "x"},
+                "spec": {"selector": {}, "maxUnavailable": 1},
+            }
+        )
     with pytest.raises(TranslationError, match="unhealthyPodEvictionPolicy"):
-        to_served({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": {"name": "x"},
-                   "spec": {"unhealthyPodEvictionPolicy": "AlwaysAllow"}})
+        to_served(
+            {
+                "apiVersion": "policy/v1",
+                "kind": "PodDisruptionBudget",
+                "metadata": {"name": "x"},
+                "spec": {"unhealthyPodEvictionPolicy": "AlwaysAllow"},
+            }
+        )
 
 
-@pytest.mark.parametrize("path,served", [
-    ("/apis/batch/v1/namespaces/tapper/cronjobs", "/apis/batch/v1beta1/namespaces/tapper/cronjobs"),
-    ("/apis/batch/v1/namespaces/tapper/cronjobs/x/status?pretty=true", "/apis/batch/v1beta1/namespaces/tapper/cronjobs/x/status?pretty=true"),
-    ("/apis/batch/v1/cronjobs?watch=true", "/apis/batch/v1beta1/cronjobs?watch=true"),
-    ("/apis/batch/v1/watch/namespaces/tapper/cronjobs", "/apis/batch/v1beta1/watch/namespaces/tapper/cronjobs"),
-    ("/apis/policy/v1/namespaces/tapper/poddisruptionbudgets/p", "/apis/policy/v1beta1/namespaces/tapper/poddisruptionbudgets/p"),
-    ("/apis/autoscaling/v2/namespaces/tapper/horizontalpodautoscalers", "/apis/autoscaling/v2beta2/namespaces/tapper/horizontalpodautoscalers"),
-    ("/apis/batch/v1/namespaces/tapper/jobs", None),
-    ("/apis/autoscaling/v1/namespaces/tapper/horizontalpodautoscalers", None),
-    ("/api/v1/namespaces/tapper/pods", None),
-    ("/apis/batch/v1", None),
-])
+@pytest.mark.parametrize(
+    "path,served",
+    [
+        ("/apis/batch/v1/namespaces/tapper/cronjobs", "/apis/batch/v1beta1/namespaces/tapper/cronjobs"),
+        (
+            "/apis/batch/v1/namespaces/tapper/cronjobs/x/status?pretty=true",
+            "/apis/batch/v1beta1/namespaces/tapper/cronjobs/x/status?pretty=true",
+        ),
+        ("/apis/batch/v1/cronjobs?watch=true", "/apis/batch/v1beta1/cronjobs?watch=true"),
+        ("/apis/batch/v1/watch/namespaces/tapper/cronjobs", "/apis/batch/v1beta1/watch/namespaces/tapper/cronjobs"),
+        (
+            "/apis/policy/v1/namespaces/tapper/poddisruptionbudgets/p",
+            "/apis/policy/v1beta1/namespaces/tapper/poddisruptionbudgets/p",
+        ),
+        (
+            "/apis/autoscaling/v2/namespaces/tapper/horizontalpodautoscalers",
+            "/apis/autoscaling/v2beta2/namespaces/tapper/horizontalpodautoscalers",
+        ),
+        ("/apis/batch/v1/namespaces/tapper/jobs", None),
+        ("/apis/autoscaling/v1/namespaces/tapper/horizontalpodautoscalers", None),
+        ("/api/v1/namespaces/tapper/pods", None),
+        ("/apis/batch/v1", None),
+    ],
+)
 def test_request_paths(path, served):
     assert translate_path(path) == served
 
@@ -101,5 +134,7 @@ def test_every_bad_fixture_declares_what_rejects_it():
     files = sorted((HARNESS / "fixtures" / "bad").glob("*.yaml"))
     assert len(files) >= 5
     for f in files:
-        head = dict(m.groups() for line in f.read_text().splitlines() if (m := re.match(r"# (rejected-by|expect): (.*)$", line)))
+        head = dict(
+            m.groups() for line in f.read_text().splitlines() if (m := re.match(r"# (rejected-by|expect): (.*)$", line))
+        )
         assert head.get("rejected-by") in ("apiserver", "schema") and head.get("expect"), f.name

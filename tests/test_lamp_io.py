@@ -1,4 +1,5 @@
 """LaMP file I/O: round trips, chronological order, and every bad-input case."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -46,7 +47,9 @@ def write_json(path: Path, obj) -> Path:
 
 @pytest.fixture
 def files(tmp_path: Path) -> tuple[Path, Path]:
-    return write_json(tmp_path / "questions.json", news_questions()), write_json(tmp_path / "outputs.json", news_outputs())
+    return write_json(tmp_path / "questions.json", news_questions()), write_json(
+        tmp_path / "outputs.json", news_outputs()
+    )
 
 
 def test_load_infers_task_and_attaches_golds(files):
@@ -79,9 +82,18 @@ def test_round_trip_is_identity(files, tmp_path):
 
 
 def test_in_memory_dataset_round_trips(tmp_path):
-    ds = LampDataset(task="LaMP_4", queries=[Query(
-        id="7", input="Generate a headline for the following article: x", user_id="u",
-        profile=[Record(id="r1", fields={"text": "t", "title": "T"}, date=dt.date(2020, 1, 2))], output="Head")])
+    ds = LampDataset(
+        task="LaMP_4",
+        queries=[
+            Query(
+                id="7",
+                input="Generate a headline for the following article: x",
+                user_id="u",
+                profile=[Record(id="r1", fields={"text": "t", "title": "T"}, date=dt.date(2020, 1, 2))],
+                output="Head",
+            )
+        ],
+    )
     write_questions(ds, tmp_path / "q.json")
     write_outputs("lamp-4", golds_of(ds), tmp_path / "o.json")
     again = load_lamp(tmp_path / "q.json", tmp_path / "o.json")
@@ -92,7 +104,9 @@ def test_in_memory_dataset_round_trips(tmp_path):
 def test_predictions_use_outputs_format(tmp_path):
     write_predictions("LaMP-3", {"a": "4", "b": "1"}, tmp_path / "p.json")
     assert json.loads((tmp_path / "p.json").read_text()) == {
-        "task": "LaMP_3", "golds": [{"id": "a", "output": "4"}, {"id": "b", "output": "1"}]}
+        "task": "LaMP_3",
+        "golds": [{"id": "a", "output": "4"}, {"id": "b", "output": "1"}],
+    }
     assert read_outputs(tmp_path / "p.json") == ("LaMP_3", {"a": "4", "b": "1"})
 
 
@@ -120,11 +134,20 @@ def test_writes_are_atomic_and_leave_no_temp_files(files, tmp_path):
 
 # --- bad input: each names file, record id and field ---------------------------------
 
+
 def expect_error(questions, outputs, tmp_path, file_name: str, record_id: str | None, field: str | None, task=None):
-    q = write_json(tmp_path / "questions.json", questions) if not isinstance(questions, str) else _raw(tmp_path / "questions.json", questions)
+    q = (
+        write_json(tmp_path / "questions.json", questions)
+        if not isinstance(questions, str)
+        else _raw(tmp_path / "questions.json", questions)
+    )
     o = None
     if outputs is not None:
-        o = write_json(tmp_path / "outputs.json", outputs) if not isinstance(outputs, str) else _raw(tmp_path / "outputs.json", outputs)
+        o = (
+            write_json(tmp_path / "outputs.json", outputs)
+            if not isinstance(outputs, str)
+            else _raw(tmp_path / "outputs.json", outputs)
+        )
     with pytest.raises(LampDataError) as info:
         load_lamp(q, o, task=task)
     error = info.value
@@ -170,18 +193,26 @@ def test_missing_question_id(tmp_path):
 
 
 def test_profile_item_missing_id(tmp_path):
-    expect_error(mutated(lambda qs: qs[0]["profile"][1].pop("id")), news_outputs(), tmp_path,
-                 "questions.json", "q1/profile[1]", "id")
+    expect_error(
+        mutated(lambda qs: qs[0]["profile"][1].pop("id")),
+        news_outputs(),
+        tmp_path,
+        "questions.json",
+        "q1/profile[1]",
+        "id",
+    )
 
 
 def test_profile_item_missing_task_field(tmp_path):
-    expect_error(mutated(lambda qs: qs[0]["profile"][0].pop("title")), news_outputs(), tmp_path,
-                 "questions.json", "p2", "title")
+    expect_error(
+        mutated(lambda qs: qs[0]["profile"][0].pop("title")), news_outputs(), tmp_path, "questions.json", "p2", "title"
+    )
 
 
 def test_profile_label_outside_label_set(tmp_path):
     def bad(qs):
         qs[0]["profile"][0]["category"] = "weird news"
+
     expect_error(mutated(bad), news_outputs(), tmp_path, "questions.json", "p2", "category")
 
 
@@ -195,18 +226,21 @@ def test_gold_label_outside_label_set(tmp_path):
 def test_unparsable_date(tmp_path, raw_date):
     def bad(qs):
         qs[0]["profile"][0]["date"] = raw_date
+
     expect_error(mutated(bad), news_outputs(), tmp_path, "questions.json", "p2", "date")
 
 
 def test_duplicate_query_ids(tmp_path):
     def bad(qs):
         qs[1]["id"] = "q1"
+
     expect_error(mutated(bad), news_outputs(), tmp_path, "questions.json", "q1", "id")
 
 
 def test_duplicate_profile_ids_within_a_profile(tmp_path):
     def bad(qs):
         qs[0]["profile"][1]["id"] = "p2"
+
     expect_error(mutated(bad), news_outputs(), tmp_path, "questions.json", "p2", "id")
 
 
@@ -214,6 +248,7 @@ def test_conflicting_profile_ids_within_a_user(tmp_path):
     def bad(qs):
         qs[1]["user_id"] = "alice"
         qs[1]["profile"][0]["id"] = "p1"  # same id as alice's other p1, different record
+
     expect_error(mutated(bad), news_outputs(), tmp_path, "questions.json", "p1", "id")
 
 
@@ -233,10 +268,20 @@ def test_outputs_unknown_task(tmp_path):
 
 
 def test_validation_catches_unsorted_in_memory_profile():
-    ds = LampDataset(task="LaMP_4", queries=[Query(id="q", input="x", user_id="u", profile=[
-        Record(id="late", fields={"text": "", "title": ""}, date=dt.date(2021, 1, 1)),
-        Record(id="early", fields={"text": "", "title": ""}, date=dt.date(2020, 1, 1)),
-    ])])
+    ds = LampDataset(
+        task="LaMP_4",
+        queries=[
+            Query(
+                id="q",
+                input="x",
+                user_id="u",
+                profile=[
+                    Record(id="late", fields={"text": "", "title": ""}, date=dt.date(2021, 1, 1)),
+                    Record(id="early", fields={"text": "", "title": ""}, date=dt.date(2020, 1, 1)),
+                ],
+            )
+        ],
+    )
     with pytest.raises(LampDataError) as info:
         validate_dataset(ds)
     assert info.value.record_id == "early" and info.value.field_name == "date"

@@ -1,6 +1,7 @@
 """Dependencies point inward (tests/layers.py says which way): the core imports no outer layer, steps never the
 server, and no module imports itself back through others. The rules are checked on this repository and shown to
 fail on a fixture tree that breaks each of them."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """LaMP evaluator semantics, checked against hand-computed cases."""
+
 from __future__ import annotations
 
 import math
@@ -63,6 +64,7 @@ def test_missing_prediction_names_the_id():
 
 def test_metric_names_follow_the_task_spec():
     from tapper.data.tasks import get_task
+
     for name, golds in [("LaMP_2N", {"a": "travel"}), ("LaMP_3", {"a": "3"}), ("LaMP_7", {"a": "hi"})]:
         assert tuple(compute_metrics(name, golds, golds)) == get_task(name).metrics
 
@@ -76,11 +78,27 @@ def test_per_query_scores_average_to_the_primary_metric_for_every_kind():
     from tapper.eval.metrics import per_query_scores
 
     cases = [
-        ("LaMP_2N", {"a": " politics\n", "b": "Politics", "c": "sports", "d": "politics"},
-         {"a": "politics", "b": "politics", "c": "sports", "d": "crime"}, "accuracy", {"a": 1, "b": 0, "c": 1, "d": 0}),
-        ("LaMP_3", {"a": "2", "b": "five", "c": "", "d": " 4 ", "e": "nan"},
-         {"a": "1", "b": "5", "c": "3", "d": "4", "e": "1"}, "mae", {"a": 1, "b": 4, "c": 2, "d": 0, "e": 4}),
-        ("LaMP_4", {"x": "The cat", "y": "d c b a"}, {"x": "the cat sat", "y": "a b c d"}, "rouge-1", {"x": 0.8, "y": 1.0}),
+        (
+            "LaMP_2N",
+            {"a": " politics\n", "b": "Politics", "c": "sports", "d": "politics"},
+            {"a": "politics", "b": "politics", "c": "sports", "d": "crime"},
+            "accuracy",
+            {"a": 1, "b": 0, "c": 1, "d": 0},
+        ),
+        (
+            "LaMP_3",
+            {"a": "2", "b": "five", "c": "", "d": " 4 ", "e": "nan"},
+            {"a": "1", "b": "5", "c": "3", "d": "4", "e": "1"},
+            "mae",
+            {"a": 1, "b": 4, "c": 2, "d": 0, "e": 4},
+        ),
+        (
+            "LaMP_4",
+            {"x": "The cat", "y": "d c b a"},
+            {"x": "the cat sat", "y": "a b c d"},
+            "rouge-1",
+            {"x": 0.8, "y": 1.0},
+        ),
     ]
     for task, preds, golds, metric, expected in cases:
         per_query = per_query_scores(task, preds, golds)

@@ -1,4 +1,5 @@
 """The TAP-PER model on the tiny backbone: LoRA targets and merge, trainable set, cache, checkpoints, switches."""
+
 from __future__ import annotations
 
 import math
@@ -28,7 +29,14 @@ def data():
 def stage1_dir(backbone, data, tmp_path_factory):
     train, _, _ = data
     fresh = load_backbone_dir(backbone.path)
-    res = train_stage1(fresh, TASK, train, Stage1Config(epochs=1, batch_size=8), tmp_path_factory.mktemp("s1") / "merged", progress=False)
+    res = train_stage1(
+        fresh,
+        TASK,
+        train,
+        Stage1Config(epochs=1, batch_size=8),
+        tmp_path_factory.mktemp("s1") / "merged",
+        progress=False,
+    )
     return res.path
 
 
@@ -62,7 +70,9 @@ def test_merged_and_unmerged_outputs_agree(backbone, data):
 
 
 def test_merge_refuses_non_finite_weights(backbone):
-    peft_model = attach_lora(load_backbone_dir(backbone.path).model, 8, 8, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    peft_model = attach_lora(
+        load_backbone_dir(backbone.path).model, 8, 8, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
     for n, p in peft_model.named_parameters():
         if "lora_B" in n:
             p.data.fill_(float("nan"))
@@ -191,7 +201,10 @@ def test_embedding_cache_compacts_and_reads_the_first_format(backbone, tmp_path,
     legacy = EmbeddingCache(legacy_dir, backbone.model, backbone.tokenizer)
     for f in legacy.dir.iterdir():
         f.unlink()
-    save_file({"vectors": torch.cat([expected[:3], torch.ones(1, expected.shape[1])]).contiguous()}, legacy.dir / "vectors.safetensors")
+    save_file(
+        {"vectors": torch.cat([expected[:3], torch.ones(1, expected.shape[1])]).contiguous()},
+        legacy.dir / "vectors.safetensors",
+    )
     (legacy.dir / "index.json").write_text(json.dumps({ec.text_hash(t): i for i, t in enumerate(texts[:3])}))
     old = EmbeddingCache(legacy_dir, backbone.model, backbone.tokenizer)
     assert len(old) == 3 and torch.equal(old.encode(texts[:3], progress=False), expected[:3])
@@ -216,7 +229,9 @@ def test_checkpoint_reload_reproduces_predictions(stage1_dir, data, tmp_path):
     train, evals, users = data
     bb = load_backbone_dir(stage1_dir)
     cache = EmbeddingCache(tmp_path / "cache", bb.model, bb.tokenizer)
-    res = train_stage2(bb.model, bb.tokenizer, TASK, train, users, Stage2Config(epochs=2, lr=1e-3, batch_size=8), cache, progress=False)
+    res = train_stage2(
+        bb.model, bb.tokenizer, TASK, train, users, Stage2Config(epochs=2, lr=1e-3, batch_size=8), cache, progress=False
+    )
     enc = encoder_for(res.model, TASK, bb.tokenizer, cache).encode(evals, res.model.user_rows, progress=False)
     preds = generate_texts(res.model, enc, bb.tokenizer, TASK, progress=False)
     res.model.save(tmp_path / "state")

@@ -1,4 +1,5 @@
 """Online adaptation: what each update touches, the streaming split, and the simulation's trajectories."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,14 @@ from tapper.experiment import prepare_data
 from tapper.model.backbone import load_backbone_dir
 from tapper.model.tapper import TapPer
 from tapper.online import (
-    OnlineConfig, add_users, feedback_examples, load_online_config, simulate, split_chunks, stream_split, update_users,
+    OnlineConfig,
+    add_users,
+    feedback_examples,
+    load_online_config,
+    simulate,
+    split_chunks,
+    stream_split,
+    update_users,
 )
 
 # --- update_users: exactly the parameters each mode may change -----------------------------------
@@ -56,7 +64,9 @@ def test_online_emb_changes_only_the_affected_rows(backbone, cache, data):
     before = snapshot(model)
     grads_before = {n: p.requires_grad for n, p in model.named_parameters()}
     affected = ["user1", "user3"]
-    rep = update_users(model, TASK, backbone.tokenizer, cache, [ex for ex in train if ex.user_id in affected], "emb", epochs=2, seed=0)
+    rep = update_users(
+        model, TASK, backbone.tokenizer, cache, [ex for ex in train if ex.user_id in affected], "emb", epochs=2, seed=0
+    )
     assert changed(before, model) == {TABLE}  # nothing but the user table: no DIN, projection, λ, bridge, backbone
     rows = {model.user_rows[u] for u in affected}
     assert changed_rows(before[TABLE], model.prefix.user_table.weight) == rows  # other rows (and row 0) bit-identical
@@ -69,7 +79,9 @@ def test_online_full_changes_rows_shared_and_bridge_never_the_backbone(backbone,
     train, _, users = data
     model = fresh_model(backbone, users)
     before = snapshot(model)
-    rep = update_users(model, TASK, backbone.tokenizer, cache, [ex for ex in train if ex.user_id == "user2"], "full", steps=3, seed=0)
+    rep = update_users(
+        model, TASK, backbone.tokenizer, cache, [ex for ex in train if ex.user_id == "user2"], "full", steps=3, seed=0
+    )
     diff = changed(before, model)
     assert all(k.startswith("prefix.") or "lora_" in k for k in diff), diff  # the backbone never moves
     assert any(k.startswith("prefix.din") for k in diff) and any(k.startswith("prefix.proj") for k in diff)
@@ -89,7 +101,7 @@ def test_new_user_gets_a_new_row_and_row0_stays_unknown(backbone, cache, data, t
     rep = update_users(model, TASK, backbone.tokenizer, cache, newcomer, "emb", epochs=1, seed=0)
     table = model.prefix.user_table.weight
     assert rep.new_users == ["user5"] and model.user_rows["user5"] == 5 == model.rows_in_use - 1
-    assert not table[5 + 1:].any()  # the room the table grew by is spare: zero
+    assert not table[5 + 1 :].any()  # the room the table grew by is spare: zero
     assert torch.equal(table[:5], before[TABLE]) and not (table[0] != 0).any()  # old rows and the zero row 0 unchanged
     assert (table[5] != 0).any()  # started at zero (= unknown user), moved by the update
     assert add_users(model, ["user5", "user0"]) == []
@@ -179,7 +191,9 @@ def test_stream_chunks_are_chronological_and_disjoint(synth):
 
 
 def test_online_config_rejects_unknown_keys_and_splits_sections():
-    cfg, ocfg = load_online_config({"stage2": {"epochs": 2}}, ["online.chunks=3", "online.methods=[static, online-emb]", "seed=4"])
+    cfg, ocfg = load_online_config(
+        {"stage2": {"epochs": 2}}, ["online.chunks=3", "online.methods=[static, online-emb]", "seed=4"]
+    )
     assert isinstance(cfg, RunConfig) and cfg.stage2.epochs == 2 and cfg.seed == 4
     assert ocfg.chunks == 3 and ocfg.methods == ["static", "online-emb"]
     with pytest.raises(ConfigError, match="unknown key"):
@@ -196,10 +210,30 @@ def test_online_config_rejects_unknown_keys_and_splits_sections():
 def test_simulation_trajectories_flat_static_and_repeatable(synth, tmp_path, capsys):
     from tapper.cli import main
 
-    args = ["online", "--questions", str(synth / "questions.json"), "--outputs", str(synth / "outputs.json"),
-            "--backbone", "tiny", "--stage2-users", "3", "--no-progress",
-            "--set", "stage1.skip=true", "--set", "stage2.epochs=1", "--set", "stage2.lr=0.01", "--set", "stage2.batch_size=8",
-            "--set", "online.chunks=2", "--set", "online.lr_emb=0.05"]
+    args = [
+        "online",
+        "--questions",
+        str(synth / "questions.json"),
+        "--outputs",
+        str(synth / "outputs.json"),
+        "--backbone",
+        "tiny",
+        "--stage2-users",
+        "3",
+        "--no-progress",
+        "--set",
+        "stage1.skip=true",
+        "--set",
+        "stage2.epochs=1",
+        "--set",
+        "stage2.lr=0.01",
+        "--set",
+        "stage2.batch_size=8",
+        "--set",
+        "online.chunks=2",
+        "--set",
+        "online.lr_emb=0.05",
+    ]
     assert main(args + ["--out", str(tmp_path / "a")]) == 0
     report = json.loads((tmp_path / "a" / "trajectories.json").read_text())
     # Even under --no-progress, each method and chunk is announced as it is scored.
@@ -214,24 +248,45 @@ def test_simulation_trajectories_flat_static_and_repeatable(synth, tmp_path, cap
     assert len(set(methods["static"])) == 1 and report["cost"]["static"]["params_touched_per_chunk"] == 0
     cost = report["cost"]
     assert 0 < cost["online-emb"]["params_touched_per_chunk"] < cost["online-full"]["params_touched_per_chunk"]
-    assert [c["steps"] for c in cost["online-emb"]["per_chunk"]] == [c["steps"] for c in cost["online-full"]["per_chunk"]]
+    assert [c["steps"] for c in cost["online-emb"]["per_chunk"]] == [
+        c["steps"] for c in cost["online-full"]["per_chunk"]
+    ]
     # The end points paired on the same queries: the mean difference is the difference of the final scores.
     paired = report["final_paired"]
-    assert list(paired) == ["online-emb - static", "online-full - static", "full-retrain - static", "full-retrain - online-full"]
+    assert list(paired) == [
+        "online-emb - static",
+        "online-full - static",
+        "full-retrain - static",
+        "full-retrain - online-full",
+    ]
     for pair, st in paired.items():
         a, b = pair.split(" - ")
-        assert st["mean"] == pytest.approx(methods[a][-1] - methods[b][-1]) and st["queries"] == report["split"]["eval_queries"]
+        assert (
+            st["mean"] == pytest.approx(methods[a][-1] - methods[b][-1])
+            and st["queries"] == report["split"]["eval_queries"]
+        )
         assert st["ci95"][0] <= st["mean"] <= st["ci95"][1]
 
     # Same seed, same trajectory (the Stage-1 directory of the first run is reused: Stage 1 is skipped anyway).
     cfg, ocfg = load_online_config(
-        {"stage2_users": 3, "stage1": {"skip": True}, "stage2": {"epochs": 1, "lr": 1e-2, "batch_size": 8},
-         "online": {"chunks": 2, "lr_emb": 0.05, "methods": ["online-emb", "online-full"]}})
+        {
+            "stage2_users": 3,
+            "stage1": {"skip": True},
+            "stage2": {"epochs": 1, "lr": 1e-2, "batch_size": 8},
+            "online": {"chunks": 2, "lr_emb": 0.05, "methods": ["online-emb", "online-full"]},
+        }
+    )
     data = prepare_data(None, synth / "questions.json", synth / "outputs.json", 3)
     again = simulate(tmp_path / "a" / "stage1", data, cfg, ocfg, tmp_path / "b", progress=False)
     for m in ("online-emb", "online-full"):
         assert again["all_metrics"][m] == report["all_metrics"][m]
-        assert [c["losses"] for c in again["cost"][m]["per_chunk"]] == [c["losses"] for c in report["cost"][m]["per_chunk"]]
-        a = TapPer.load(tmp_path / "a" / "final" / m, load_backbone_dir(tmp_path / "a" / "stage1").model).state_tensors()
-        b = TapPer.load(tmp_path / "b" / "final" / m, load_backbone_dir(tmp_path / "a" / "stage1").model).state_tensors()
+        assert [c["losses"] for c in again["cost"][m]["per_chunk"]] == [
+            c["losses"] for c in report["cost"][m]["per_chunk"]
+        ]
+        a = TapPer.load(
+            tmp_path / "a" / "final" / m, load_backbone_dir(tmp_path / "a" / "stage1").model
+        ).state_tensors()
+        b = TapPer.load(
+            tmp_path / "b" / "final" / m, load_backbone_dir(tmp_path / "a" / "stage1").model
+        ).state_tensors()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), m

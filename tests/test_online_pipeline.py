@@ -5,6 +5,7 @@ settings (configs/online-tiny.yaml): its data, embedding and Stage-1 steps come 
 cache; the trajectories artifact has the `tapper online` contract's shape; Static is flat; MLflow
 has online/<method>/<metric> at step t = 0..T; a rerun through the CLI is served from the cache.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -40,19 +41,29 @@ def test_online_pipeline_after_training_reuses_upstream_steps(zen):
     train = resolve_config(ROOT / "configs" / "tiny.yaml", questions=zen["questions"], outputs=zen["outputs"])
     training_run = Client().get_pipeline_run(run_training(train).id)
     assert str(training_run.status.value) == "completed"
-    cfg = resolve_online_config(ROOT / "configs" / "online-tiny.yaml", questions=zen["questions"], outputs=zen["outputs"])
+    cfg = resolve_online_config(
+        ROOT / "configs" / "online-tiny.yaml", questions=zen["questions"], outputs=zen["outputs"]
+    )
     assert cfg["parameters"]["run"] == train["parameters"]["run"]
     run = Client().get_pipeline_run(run_online_pipeline(cfg).id)
     zen["runs"]["online"] = run
     s = statuses(run)
     assert str(run.status.value) == "completed", s
     assert all(s[n] == "cached" for n in UPSTREAM), s
-    for n in ["online_bootstrap", "simulate_static", "simulate_online_emb", "simulate_online_full",
-              "simulate_full_retrain", "online_report"]:
+    for n in [
+        "online_bootstrap",
+        "simulate_static",
+        "simulate_online_emb",
+        "simulate_online_full",
+        "simulate_full_retrain",
+        "online_report",
+    ]:
         assert s[n] == "completed", (n, s)
     # The cached steps are the training run's own step runs' outputs.
-    assert (run.steps["train_stage1"].outputs["stage1_backbone"][0].id
-            == training_run.steps["train_stage1"].outputs["stage1_backbone"][0].id)
+    assert (
+        run.steps["train_stage1"].outputs["stage1_backbone"][0].id
+        == training_run.steps["train_stage1"].outputs["stage1_backbone"][0].id
+    )
 
 
 def test_trajectories_artifact_has_the_contract_shape(zen):
@@ -102,8 +113,20 @@ def test_cli_rerun_is_served_from_cache(zen, capsys):
 
     from tapper.cli import main
 
-    assert main(["online-pipeline", "--config", str(ROOT / "configs" / "online-tiny.yaml"),
-                 "--questions", zen["questions"], "--outputs", zen["outputs"]]) == 0
+    assert (
+        main(
+            [
+                "online-pipeline",
+                "--config",
+                str(ROOT / "configs" / "online-tiny.yaml"),
+                "--questions",
+                zen["questions"],
+                "--outputs",
+                zen["outputs"],
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "online adaptation" in out and "full-retrain" in out and "online_trajectories" in out
     run = Client().get_pipeline_run(Client().list_pipeline_runs(sort_by="desc:created", size=1)[0].id)

@@ -1,4 +1,5 @@
 """bench/online_seeds.py: real `tapper online` runs over seeds, their summary, adopting and merging runs."""
+
 from __future__ import annotations
 
 import json
@@ -10,10 +11,19 @@ from test_synthetic_sweep import bench_script
 seeds = bench_script("online_seeds")
 
 # Small enough for a test: 10 users, 3 of them streamed in 2 chunks, Stage 1 skipped.
-SPEC = {"data": {"d": "--users 10 --history 8 11 --seed 1"}, "users": 3,
-        "common": ["stage1.skip=true", "stage2.epochs=1", "stage2.lr=0.01", "stage2.batch_size=8",
-                   "online.chunks=2", "online.lr_emb=0.05"],
-        "runs": [{"name": f"O-s{i}", "data": "d", "set": [f"seed={i}"]} for i in range(2)]}
+SPEC = {
+    "data": {"d": "--users 10 --history 8 11 --seed 1"},
+    "users": 3,
+    "common": [
+        "stage1.skip=true",
+        "stage2.epochs=1",
+        "stage2.lr=0.01",
+        "stage2.batch_size=8",
+        "online.chunks=2",
+        "online.lr_emb=0.05",
+    ],
+    "runs": [{"name": f"O-s{i}", "data": "d", "set": [f"seed={i}"]} for i in range(2)],
+}
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +43,15 @@ def test_seeds_run_and_summarise(swept):
     assert summary["seeds"] == 2 and summary["fractions"] == [0.5, 0.75, 1.0]
     runs = [report["results"][n]["methods"] for n in ("O-s0", "O-s1")]
     for method, points in summary["methods"].items():
-        assert [p["mean"] for p in points] == pytest.approx([(a + b) / 2 for a, b in zip(runs[0][method], runs[1][method])], abs=1e-4)
+        assert [p["mean"] for p in points] == pytest.approx(
+            [(a + b) / 2 for a, b in zip(runs[0][method], runs[1][method])], abs=1e-4
+        )
     # Static never moves, so its sd over seeds is the same at every step.
     assert len({p["sd"] for p in summary["methods"]["static"]}) == 1
     gap = summary["differences"]["full-retrain_minus_online-full"]
-    assert [g["per_seed"] for g in gap] == [[round(r["full-retrain"][t] - r["online-full"][t], 4) for r in runs] for t in range(3)]
+    assert [g["per_seed"] for g in gap] == [
+        [round(r["full-retrain"][t] - r["online-full"][t], 4) for r in runs] for t in range(3)
+    ]
     assert gap[0]["per_seed"] == [0.0, 0.0] and gap[0]["seeds_a_not_worse"] == 2  # one bootstrap, one R_0
     assert summary["cost"]["static"]["params_touched_per_chunk"] == 0
     assert (root / "all.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -47,8 +61,22 @@ def test_adopted_run_counts_as_its_seed_and_reruns_repeat(swept):
     root, spec_file, report = swept
     out = root / "again.json"
     first = root / "work" / "runs" / "O-s0" / "trajectories.json"
-    assert seeds.main([str(spec_file), "--adopt", f"O-s0={first}", "--runs", "O-s1", "--out", str(out),
-                       "--work", str(root / "work2")]) == 0
+    assert (
+        seeds.main(
+            [
+                str(spec_file),
+                "--adopt",
+                f"O-s0={first}",
+                "--runs",
+                "O-s1",
+                "--out",
+                str(out),
+                "--work",
+                str(root / "work2"),
+            ]
+        )
+        == 0
+    )
     again = json.loads(out.read_text())
     # O-s1 ran again in a new process: the same seed gives the same trajectory.
     for name in ("O-s0", "O-s1"):

@@ -4,6 +4,7 @@ Real tensors, real files, real /proc/self/maps: the table holds the same values 
 a model, loaded from safetensors), predictions and Online-Emb updates are bit-identical, growth keeps it paged,
 and a bad table dir is an error naming the path.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,7 +19,13 @@ from tapper.config import Stage2Config
 from tapper.eval.predict import generate_texts
 from tapper.model.backbone import load_backbone_dir
 from tapper.model.paged_table import (
-    TableDirError, is_paged, load_paged_table, page_user_table, paged_tensor, prepare_table_dir, release_resident,
+    TableDirError,
+    is_paged,
+    load_paged_table,
+    page_user_table,
+    paged_tensor,
+    prepare_table_dir,
+    release_resident,
 )
 from tapper.model.tapper import STATE_FILE, TapPer
 from tapper.online import add_users, update_users
@@ -109,7 +116,10 @@ def test_paged_tables_hold_the_same_values_and_predict_the_same(backbone, saved,
     for m, d in ((loaded, tmp_path / "loaded"), (paged, tmp_path / "paged")):
         w = m.prefix.user_table.weight
         assert is_paged(w) and m.table_dir == d and len(mapped_files(d)) == 1
-        assert torch.equal(w, plain.prefix.user_table.weight) and w.requires_grad == plain.prefix.user_table.weight.requires_grad
+        assert (
+            torch.equal(w, plain.prefix.user_table.weight)
+            and w.requires_grad == plain.prefix.user_table.weight.requires_grad
+        )
         assert plain.prefix.user_table.weight[1:].any()  # not trivially equal zeros
         assert all(torch.equal(v, plain.state_dict()[k]) for k, v in m.state_dict().items())
     # A table's chunked load across several chunks (CHUNK_ROWS is 4096; force small ones).
@@ -125,7 +135,9 @@ def test_paged_tables_hold_the_same_values_and_predict_the_same(backbone, saved,
     examples = evals + [dataclasses.replace(ex, id="q-unknown", user_id="stranger") for ex in evals[:1]]
     preds, prefixes = [], []
     for m in (plain, loaded, paged):
-        enc = encoder_for(m, TASK, backbone.tokenizer, cache).encode(examples, m.user_rows, progress=False, unknown_users="pq_only")
+        enc = encoder_for(m, TASK, backbone.tokenizer, cache).encode(
+            examples, m.user_rows, progress=False, unknown_users="pq_only"
+        )
         with torch.no_grad():
             prefixes.append(m.prefix_for(enc.items, enc.vectors)[0])
         preds.append(generate_texts(m, enc, backbone.tokenizer, TASK, batch_size=4, progress=False))
@@ -148,8 +160,12 @@ def test_online_emb_updates_are_bit_identical_and_growth_stays_paged(backbone, s
     reports = [update_users(m, TASK, backbone.tokenizer, cache, batch, "emb", epochs=2, seed=7) for m in (plain, paged)]
     assert reports[0].losses == reports[1].losses and reports[1].new_users == ["newbie"]
     changed = [paged.user_rows[u] for u in ("user1", "user4", "newbie")]
-    assert all(paged.prefix.user_table.weight[r].any() for r in changed)  # the update did write (newbie started at zero)
-    assert not torch.equal(paged.user_table_in_use()[changed[:2]], load(backbone, saved).user_table_in_use()[changed[:2]])
+    assert all(
+        paged.prefix.user_table.weight[r].any() for r in changed
+    )  # the update did write (newbie started at zero)
+    assert not torch.equal(
+        paged.user_table_in_use()[changed[:2]], load(backbone, saved).user_table_in_use()[changed[:2]]
+    )
     w = paged.prefix.user_table.weight
     assert is_paged(w) and torch.equal(w, plain.prefix.user_table.weight)  # spare rows included
     assert paged.prefix.user_table.num_embeddings > len(users) + 2  # it grew (with spare rows), still paged
@@ -164,7 +180,7 @@ def test_online_emb_updates_are_bit_identical_and_growth_stays_paged(backbone, s
     w = paged.prefix.user_table.weight
     assert len(new) == capacity + MIN_GROWTH_ROWS and paged.prefix.user_table.num_embeddings > capacity
     assert is_paged(w) and w.requires_grad and len(mapped_files(tmp_path)) == 1
-    assert torch.equal(w[: before.shape[0]], before) and not w[before.shape[0]:].any()
+    assert torch.equal(w[: before.shape[0]], before) and not w[before.shape[0] :].any()
     # Updates after growth still write into the paged table.
     grown_user = new[-1]
     extra = [dataclasses.replace(ex, user_id=grown_user) for ex in train if ex.user_id == "user0"]

@@ -7,6 +7,7 @@ embeddings and Stage 1 reused), the bad model again (not promoted), a
 corrupted file (stopped before a run starts), then the CLI's lineage and
 forced promotion. A run that fails validation inside the pipeline: tests/test_cli.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,14 +23,25 @@ from workflow_data import isolated_workflow  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = []  # configs/tiny.yaml as it is
 BAD = ["stage1.skip=true", "stage2.lr=0.000000001", "stage2.epochs=1", "stage2.max_examples_per_user=1"]
-COMPUTE_STEPS = ["load_data", "validate_data", "build_splits", "cache_embeddings", "train_stage1", "train_stage2",
-                 "evaluate_base", "evaluate_tapper", "report"]
+COMPUTE_STEPS = [
+    "load_data",
+    "validate_data",
+    "build_splits",
+    "cache_embeddings",
+    "train_stage1",
+    "train_stage2",
+    "evaluate_base",
+    "evaluate_tapper",
+    "report",
+]
 
 
 @pytest.fixture(scope="module")
 def zen(tmp_path_factory):
     """An isolated ZenML + MLflow + tapper cache, set up before zenml is first imported."""
-    assert "zenml.client" not in sys.modules or os.environ.get("ZENML_CONFIG_PATH"), "zenml was imported before the store was isolated"
+    assert "zenml.client" not in sys.modules or os.environ.get("ZENML_CONFIG_PATH"), (
+        "zenml was imported before the store was isolated"
+    )
     yield from isolated_workflow(tmp_path_factory.mktemp("zen"))
 
 
@@ -38,8 +50,12 @@ def train(zen, overrides, name, questions=None):
 
     from pipelines.run import resolve_config, run_training
 
-    cfg = resolve_config(ROOT / "configs" / "tiny.yaml", questions=questions or zen["questions"],
-                         outputs=zen["outputs"], overrides=overrides)
+    cfg = resolve_config(
+        ROOT / "configs" / "tiny.yaml",
+        questions=questions or zen["questions"],
+        outputs=zen["outputs"],
+        overrides=overrides,
+    )
     run = Client().get_pipeline_run(run_training(cfg).id)
     zen["runs"][name] = run
     return run
@@ -98,11 +114,16 @@ def test_better_model_is_promoted(zen):
     assert d.archived_version == bad.model_version
     # Both models paired on the same evaluation queries (production's per-query scores from its recorded report).
     report = run.steps["report"].outputs["evaluation_report"][0].load()
-    assert d.paired["queries"] == report.eval_queries == 6 and d.paired["mean"] == pytest.approx(d.candidate_score - d.production_score)
+    assert d.paired["queries"] == report.eval_queries == 6 and d.paired["mean"] == pytest.approx(
+        d.candidate_score - d.production_score
+    )
     assert d.paired["ci95"][0] <= d.paired["mean"] <= d.paired["ci95"][1] and "paired on the same queries" in d.reason
     from zenml.client import Client
 
-    assert str(Client().get_model_version("tapper-LaMP_2N", bad.model_version).stage) in ("archived", "ModelStages.ARCHIVED")
+    assert str(Client().get_model_version("tapper-LaMP_2N", bad.model_version).stage) in (
+        "archived",
+        "ModelStages.ARCHIVED",
+    )
     assert str(production(zen).number) == d.model_version
     reg = run.steps["register_model"].outputs["registration"][0].load()
     assert str(mlflow_production_version()) == str(reg["mlflow_version"])
@@ -198,7 +219,9 @@ def test_corrupted_file_stops_before_the_run(zen):
     prod_before = production(zen).number
     runs_before = Client().list_pipeline_runs(size=1).total
     versions_before = Client().list_model_versions(model="tapper-LaMP_2N", size=1).total
-    with pytest.raises(RunSetupError, match=r"corrupt/questions.json, record '\w+', field '(date|category)': .*; fix the file"):
+    with pytest.raises(
+        RunSetupError, match=r"corrupt/questions.json, record '\w+', field '(date|category)': .*; fix the file"
+    ):
         train(zen, GOOD, "corrupt", questions=str(bad))
     assert Client().list_pipeline_runs(size=1).total == runs_before
     assert Client().list_model_versions(model="tapper-LaMP_2N", size=1).total == versions_before
@@ -212,9 +235,15 @@ def test_schedule_refused_on_local_stack(zen):
     cfg["schedule"] = {"cron_expression": "0 3 * * 1"}
     with pytest.raises(RunSetupError, match="local runs cannot be scheduled"):
         run_training(cfg)
-    with pytest.raises(RunSetupError, match=r"promote_if must be one of \['better', 'significantly-better'\], got 'best'"):
-        resolve_config(ROOT / "configs" / "tiny.yaml", questions=zen["questions"], outputs=zen["outputs"],
-                       overrides=["promote_if=best"])
+    with pytest.raises(
+        RunSetupError, match=r"promote_if must be one of \['better', 'significantly-better'\], got 'best'"
+    ):
+        resolve_config(
+            ROOT / "configs" / "tiny.yaml",
+            questions=zen["questions"],
+            outputs=zen["outputs"],
+            overrides=["promote_if=best"],
+        )
 
 
 def test_a_wiped_local_artifact_store_gets_a_new_component(zen, tmp_path, monkeypatch):
@@ -261,17 +290,27 @@ def test_k8s_stack_registers_with_its_flavors(zen, monkeypatch):
     previous = client.active_stack_model.name
     with pytest.raises(StackConfigError, match="TAPPER_K8S_CONTEXT"):
         stack_up("k8s")
-    for key, value in {"TAPPER_K8S_CONTEXT": "prod-cluster", "TAPPER_REGISTRY": "registry.example.com/tapper",
-                       "TAPPER_S3_BUCKET": "tapper-artifacts", "MLFLOW_TRACKING_URI": "https://mlflow.example.com",
-                       "MLFLOW_TRACKING_TOKEN": "token"}.items():
+    for key, value in {
+        "TAPPER_K8S_CONTEXT": "prod-cluster",
+        "TAPPER_REGISTRY": "registry.example.com/tapper",
+        "TAPPER_S3_BUCKET": "tapper-artifacts",
+        "MLFLOW_TRACKING_URI": "https://mlflow.example.com",
+        "MLFLOW_TRACKING_TOKEN": "token",
+    }.items():
         monkeypatch.setenv(key, value)
     try:
         assert "registered and active" in stack_up("k8s")
         stack = client.active_stack_model
         assert stack.name == "tapper-k8s"
         flavors = {t: stack.components[t][0].flavor_name for t in stack.components}
-        assert flavors == {T.ORCHESTRATOR: "kubernetes", T.ARTIFACT_STORE: "s3", T.CONTAINER_REGISTRY: "default",
-                           T.IMAGE_BUILDER: "kaniko", T.EXPERIMENT_TRACKER: "mlflow", T.MODEL_REGISTRY: "mlflow"}
+        assert flavors == {
+            T.ORCHESTRATOR: "kubernetes",
+            T.ARTIFACT_STORE: "s3",
+            T.CONTAINER_REGISTRY: "default",
+            T.IMAGE_BUILDER: "kaniko",
+            T.EXPERIMENT_TRACKER: "mlflow",
+            T.MODEL_REGISTRY: "mlflow",
+        }
         orchestrator = stack.components[T.ORCHESTRATOR][0].configuration
         assert orchestrator["kubernetes_context"] == "prod-cluster" and orchestrator["kubernetes_namespace"] == "tapper"
         assert stack.components[T.ARTIFACT_STORE][0].configuration["path"] == "s3://tapper-artifacts/zenml"
@@ -287,7 +326,13 @@ def test_cli_lineage_and_forced_promotion(zen, capsys):
     assert main(["lineage", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["stage"] == "production" and info["data_quality"]["verdict"] == "passed"
-    assert [s["step"] for s in info["steps"]][:5] == ["load_data", "validate_data", "build_splits", "cache_embeddings", "train_stage1"]
+    assert [s["step"] for s in info["steps"]][:5] == [
+        "load_data",
+        "validate_data",
+        "build_splits",
+        "cache_embeddings",
+        "train_stage1",
+    ]
     assert info["inputs"]["questions"] == zen["questions"]
     assert main(["promote", bad_version]) == 0
     assert "forced" in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """`tapper plan`: every shipped GPU config fits an 80 GB H100; the plan agrees with the peak memory measured on the
 CPU (tapper.plan.measure: peak RSS of a training step in a subprocess); bf16 + checkpointing lowers that peak."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -61,14 +62,20 @@ def test_parse_bytes():
 # trace of the allocator), and peak RSS rounds to pages and keeps small blocks glibc does not unmap; a plan may err
 # on the safe side more than on the other.
 CASES = [
-    dict(stage=1), dict(stage=1, checkpointing=True, dtype="bf16"),
-    dict(stage=2), dict(stage=2, checkpointing=True), dict(stage=2, checkpointing=True, dtype="bf16"), dict(stage=2, micro=4),
+    dict(stage=1),
+    dict(stage=1, checkpointing=True, dtype="bf16"),
+    dict(stage=2),
+    dict(stage=2, checkpointing=True),
+    dict(stage=2, checkpointing=True, dtype="bf16"),
+    dict(stage=2, micro=4),
 ]
 
 
 @pytest.fixture(scope="module")
 def measured():
-    return {i: measure_in_subprocess(backbone="tiny", batch=16, seq=256, history=32, **case) for i, case in enumerate(CASES)}
+    return {
+        i: measure_in_subprocess(backbone="tiny", batch=16, seq=256, history=32, **case) for i, case in enumerate(CASES)
+    }
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=[",".join(f"{k}={v}" for k, v in c.items()) for c in CASES])
@@ -88,7 +95,9 @@ def test_bf16_with_checkpointing_lowers_the_measured_peak(measured):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", [dict(stage=2), dict(stage=2, checkpointing=True, dtype="bf16")], ids=["fp32", "bf16-ckpt"])
+@pytest.mark.parametrize(
+    "case", [dict(stage=2), dict(stage=2, checkpointing=True, dtype="bf16")], ids=["fp32", "bf16-ckpt"]
+)
 def test_plan_matches_measured_peak_on_smollm2(case):
     # Measured: fp32 585.0 MiB / plan 600.8; bf16 + ckpt 138.4 / 154.8 (batch 4 x 128 tokens).
     r = measure_in_subprocess(backbone="smollm2", batch=4, seq=128, history=32, **case)

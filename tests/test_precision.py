@@ -1,5 +1,6 @@
 """Precision and memory settings on the tiny backbone (CPU): bf16 + checkpointing track fp32, micro-batches equal
 the full batch, checkpointing alone changes nothing, fp16 trains with loss scaling."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,8 +29,18 @@ def stage2_curve(backbone, data, cache, **changes) -> tuple[list[float], dict[st
     cfg = dataclasses.replace(S2, **changes)
     bb = load_backbone_dir(backbone.path, dtype=cfg.dtype)
     steps: list[float] = []
-    res = train_stage2(bb.model, bb.tokenizer, TASK, train, users, cfg, cache, seed=0, progress=False,
-                       on_step=lambda s, loss: steps.append(loss))
+    res = train_stage2(
+        bb.model,
+        bb.tokenizer,
+        TASK,
+        train,
+        users,
+        cfg,
+        cache,
+        seed=0,
+        progress=False,
+        on_step=lambda s, loss: steps.append(loss),
+    )
     state = {k: v.float() for k, v in res.model.state_tensors().items()}
     return steps, state
 

@@ -7,6 +7,7 @@ snapshot generations (in the background), carrying histories over to a new bundl
 and /metrics counting what was done. tests/test_serving_production.py covers batching, limits, auth, durability,
 privacy and the OpenAI API.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,20 @@ from safetensors.torch import load_file
 from deploy.bundle import BundleError, export_bundle, read_bundle, read_histories
 from deploy.journal import LiveState, StateError
 from deploy.service import CURRENT_FILE, ServeConfig, TapperService
-from serving_helpers import (ADMIN, Client, build_trained, record, running, serve_config, svc_record,  # noqa: F401
-                             wait_for)
+from serving_helpers import (
+    ADMIN,
+    Client,
+    build_trained,
+    record,
+    running,
+    serve_config,
+    svc_record,  # noqa: F401
+    wait_for,
+)
 
 TABLE = "prefix.user_table.weight"
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny Stage-1 backbone dir + Stage-2 state dir + the users' histories (seconds)."""
@@ -34,8 +45,15 @@ def trained(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bundle(trained, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "b1"
-    return export_bundle(trained["stage1"], trained["state"], "LaMP_2N", out, version="test-1",
-                         histories=trained["histories"], source={"zenml_model_version": "1"})
+    return export_bundle(
+        trained["stage1"],
+        trained["state"],
+        "LaMP_2N",
+        out,
+        version="test-1",
+        histories=trained["histories"],
+        source={"zenml_model_version": "1"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +70,9 @@ def server(bundle, tmp_path_factory):
 def test_bundle_layout_and_checks(bundle, trained, tmp_path):
     info = read_bundle(bundle.path)
     assert info.task == "LaMP_2N" and info.version == "test-1"
-    assert (bundle.path / "stage1" / "config.json").is_file() and (bundle.path / "tapper" / "prefix.safetensors").is_file()
+    assert (bundle.path / "stage1" / "config.json").is_file() and (
+        bundle.path / "tapper" / "prefix.safetensors"
+    ).is_file()
     meta = json.loads((bundle.path / "model.json").read_text())
     assert meta["format"] == "tapper-bundle" and meta["users"] == 4 and meta["source"] == {"zenml_model_version": "1"}
     assert meta["backbone_hash"] == json.loads((trained["state"] / "tapper_config.json").read_text())["backbone_hash"]
@@ -82,7 +102,13 @@ def test_health_and_info(server, trained):
     assert info["feedback"]["mode"] == "emb"
     # Without the admin token: no user ids, no server paths.
     code, public = c.call("GET", "/info")
-    assert code == 200 and public["n_users"] >= 4 and "users" not in public and "bundle" not in public and "state_dir" not in public
+    assert (
+        code == 200
+        and public["n_users"] >= 4
+        and "users" not in public
+        and "bundle" not in public
+        and "state_dir" not in public
+    )
 
 
 def test_predict_known_and_unknown_user(server, trained):
@@ -97,7 +123,9 @@ def test_predict_known_and_unknown_user(server, trained):
     hist = [record("h1", "2021-01-01"), record("h2", "2021-02-01")]
     code, body = c.call("POST", "/predict", {"user_id": "stranger", "fields": {"text": "a story"}, "history": hist})
     assert code == 200, body
-    assert not body["known_user"] and body["user_row"] == 0 and body["history_used"] == 2 and body["history_stored"] == 0
+    assert (
+        not body["known_user"] and body["user_row"] == 0 and body["history_used"] == 2 and body["history_stored"] == 0
+    )
     # Deterministic: same request, same answer.
     again = c.call("POST", "/predict", {"user_id": "stranger", "fields": {"text": "a story"}, "history": hist})[1]
     assert again["prediction"] == body["prediction"]
@@ -117,7 +145,11 @@ def test_feedback_changes_only_that_users_row_and_writes_one_delta(server, bundl
     user = trained["users"][1]
     before = load_file(bundle.path / "tapper" / "prefix.safetensors")
     last = max(r.date for r in trained["histories"][user]).isoformat()
-    code, body = c.call("POST", "/feedback", {"user_id": user, "records": [record("fb1", last, "sports"), record("fb2", "2026-01-01", "sports")]})
+    code, body = c.call(
+        "POST",
+        "/feedback",
+        {"user_id": user, "records": [record("fb1", last, "sports"), record("fb2", "2026-01-01", "sports")]},
+    )
     assert code == 200, body
     assert body["updated"] and body["report"]["users"] == [user] and body["report"]["steps"] == 3
     assert body["history_stored"] == len(trained["histories"][user]) + 2
@@ -142,14 +174,18 @@ def test_feedback_changes_only_that_users_row_and_writes_one_delta(server, bundl
 
 def test_feedback_for_a_new_user_adds_a_row(server, trained):
     c, state = server["client"], server["state"]
-    code, body = c.call("POST", "/feedback", {"user_id": "newbie", "records": [record("n1", "2022-01-01"), record("n2", "2022-02-01")]})
+    code, body = c.call(
+        "POST", "/feedback", {"user_id": "newbie", "records": [record("n1", "2022-01-01"), record("n2", "2022-02-01")]}
+    )
     assert code == 200, body
     assert body["report"]["new_users"] == ["newbie"] and body["user_row"] == len(trained["users"]) + 1
     rows, meta = _delta(state, body["generation"], body["sequence"])
-    assert meta["new_users"] == meta["users"] == ["newbie"] and rows[0].abs().sum() > 0  # zero-initialised, then trained
+    assert (
+        meta["new_users"] == meta["users"] == ["newbie"] and rows[0].abs().sum() > 0
+    )  # zero-initialised, then trained
     model = server["app"].state.service.loaded.model
     assert model.rows_in_use == len(trained["users"]) + 2 and model.user_ids[-1] == "newbie"
-    assert not model.prefix.user_table.weight[model.rows_in_use:].any()  # spare rows stay zero
+    assert not model.prefix.user_table.weight[model.rows_in_use :].any()  # spare rows stay zero
     code, pred = c.call("POST", "/predict", {"user_id": "newbie", "fields": {"text": "x"}})
     assert pred["known_user"] and pred["history_used"] == 2
 
@@ -162,12 +198,23 @@ def test_bad_input_is_422_naming_the_field(server):
         ("/predict", {"user_id": "u", "input": "x", "temperature": 2}, ["body", "temperature"]),
         ("/predict", {"user_id": "u"}, ["body", "input"]),
         ("/predict", {"user_id": "u", "fields": {"title": "t"}}, ["body", "fields", "text"]),
-        ("/predict", {"user_id": "u", "input": "x", "history": [{"id": "h", "text": "t", "title": "t", "date": "2021-13-01"}]},
-         ["body", "history", 0, "date"]),
+        (
+            "/predict",
+            {"user_id": "u", "input": "x", "history": [{"id": "h", "text": "t", "title": "t", "date": "2021-13-01"}]},
+            ["body", "history", 0, "date"],
+        ),
         ("/predict", {"user_id": "u", "input": "x", "max_new_tokens": 0}, ["body", "max_new_tokens"]),
         ("/feedback", {"user_id": "u", "records": []}, ["body", "records"]),
-        ("/feedback", {"user_id": "u", "records": [{"id": "r", "text": "t", "title": "t"}]}, ["body", "records", 0, "category"]),
-        ("/feedback", {"user_id": "u", "records": [{"text": "t", "title": "t", "category": "c"}]}, ["body", "records", 0, "id"]),
+        (
+            "/feedback",
+            {"user_id": "u", "records": [{"id": "r", "text": "t", "title": "t"}]},
+            ["body", "records", 0, "category"],
+        ),
+        (
+            "/feedback",
+            {"user_id": "u", "records": [{"text": "t", "title": "t", "category": "c"}]},
+            ["body", "records", 0, "id"],
+        ),
     ]
     for path, body, loc in cases:
         code, resp = c.call("POST", path, body)
@@ -210,13 +257,19 @@ def test_restart_replica_sync_undo_and_reload(server, bundle, monkeypatch):
     assert (ld.generation, ld.sequence) == (live.generation, live.sequence) and "newbie" in ld.model.user_rows
     assert ld.model.user_ids == live.model.user_ids
     assert torch.equal(ld.model.user_table_in_use().detach(), live.model.user_table_in_use().detach())
-    assert {u: [r.id for r in h] for u, h in ld.histories.items()} == {u: [r.id for r in h] for u, h in live.histories.items()}
+    assert {u: [r.id for r in h] for u, h in ld.histories.items()} == {
+        u: [r.id for r in h] for u, h in live.histories.items()
+    }
 
     # This replica takes a feedback; the HTTP server (the other replica) picks the delta up in the background.
     out = svc.feedback("replica-user", [svc_record("r1", "2023-01-01")])
     assert out["sequence"] == ld.sequence and out["generation"] == live.generation
-    pred = wait_for(lambda: (lambda r: r if r["sequence"] == out["sequence"] else None)(
-        c.call("POST", "/predict", {"user_id": "replica-user", "fields": {"text": "x"}})[1]), what="the replica's delta")
+    pred = wait_for(
+        lambda: (lambda r: r if r["sequence"] == out["sequence"] else None)(
+            c.call("POST", "/predict", {"user_id": "replica-user", "fields": {"text": "x"}})[1]
+        ),
+        what="the replica's delta",
+    )
     assert pred["known_user"] and (pred["generation"], pred["sequence"]) == (out["generation"], out["sequence"])
     row = live.model.user_rows["replica-user"]
     assert torch.equal(live.model.prefix.user_table.weight[row], ld.model.prefix.user_table.weight[row])
@@ -237,7 +290,9 @@ def test_restart_replica_sync_undo_and_reload(server, bundle, monkeypatch):
     assert sorted(p.name for p in (state / ld.generation / "journal").iterdir()) == journal
     assert len(ld.model.user_ids) == n_users and "doomed-user" not in ld.model.user_rows and ld.sequence == seq
     assert torch.equal(ld.model.user_table_in_use().detach(), table)
-    assert not ld.model.prefix.user_table.weight[ld.model.rows_in_use:].any()  # the doomed user's row is spare (zero) again
+    assert not ld.model.prefix.user_table.weight[
+        ld.model.rows_in_use :
+    ].any()  # the doomed user's row is spare (zero) again
     assert "doomed-user" not in ld.histories and [r.id for r in ld.histories["replica-user"]] == ["r1"]
 
     code, body = c.call("POST", "/reload", headers=ADMIN)
@@ -251,7 +306,9 @@ def test_compaction_pruning_and_a_new_bundle_carrying_histories(trained, bundle,
     then adopts it; a journal with a gap is refused; a new bundle starts with the users' histories but not the
     old rows."""
     state = tmp_path / "state"
-    cfg = dict(model_dir=bundle.path, state_dir=state, feedback_steps=1, sync_seconds=0, compact_every=2, keep_generations=2)
+    cfg = dict(
+        model_dir=bundle.path, state_dir=state, feedback_steps=1, sync_seconds=0, compact_every=2, keep_generations=2
+    )
     writer, reader = TapperService(serve_config(**cfg)), TapperService(serve_config(**cfg))
     writer.load(), reader.load()
     outs = []
@@ -259,10 +316,17 @@ def test_compaction_pruning_and_a_new_bundle_carrying_histories(trained, bundle,
         outs.append(writer.feedback(f"c{i}", [svc_record(f"c{i}-1", "2023-03-01")]))
         assert writer.compactor.wait_idle(60)
     assert [(o["generation"], o["sequence"], o["compaction"]) for o in outs] == [
-        ("gen-000001", 1, None), ("gen-000001", 2, "scheduled"), ("gen-000002", 1, None),
-        ("gen-000002", 2, "scheduled"), ("gen-000003", 1, None)]
+        ("gen-000001", 1, None),
+        ("gen-000001", 2, "scheduled"),
+        ("gen-000002", 1, None),
+        ("gen-000002", 2, "scheduled"),
+        ("gen-000003", 1, None),
+    ]
     assert writer.compactor.stats.history == ["gen-000002", "gen-000003"]
-    assert sorted(p.name for p in state.iterdir() if p.name.startswith("gen-")) == ["gen-000002", "gen-000003"]  # pruned
+    assert sorted(p.name for p in state.iterdir() if p.name.startswith("gen-")) == [
+        "gen-000002",
+        "gen-000003",
+    ]  # pruned
     snap = state / "gen-000003"
     assert {p.name for p in snap.iterdir()} == {"meta.json", "journal", "tapper", "histories.jsonl", "updates.json"}
     assert json.loads((snap / "meta.json").read_text())["parent"] == "gen-000002"
@@ -277,7 +341,9 @@ def test_compaction_pruning_and_a_new_bundle_carrying_histories(trained, bundle,
     # only as they are read (here, only the delta's user).
     resumed = TapperService(serve_config(**cfg)).load()
     assert resumed._bundle_histories is None and resumed.generation == "gen-000003"
-    assert [r.id for r in resumed.histories["c4"]] == ["c4-1"] and resumed.histories.unread() == len(resumed.histories) - 1
+    assert [r.id for r in resumed.histories["c4"]] == ["c4-1"] and resumed.histories.unread() == len(
+        resumed.histories
+    ) - 1
 
     # A journal with a hole (a delta file gone) is an error naming the file, not a silent skip.
     (snap / "journal" / "00000001.safetensors").rename(snap / "journal" / "00000002.safetensors")
@@ -286,11 +352,19 @@ def test_compaction_pruning_and_a_new_bundle_carrying_histories(trained, bundle,
     (snap / "journal" / "00000002.safetensors").rename(snap / "journal" / "00000001.safetensors")
 
     # A new bundle: the old rows do not apply, the histories do; its first feedback snapshots them.
-    b2 = export_bundle(trained["stage1"], trained["state"], "LaMP_2N", tmp_path / "b2", version="test-2",
-                       histories=trained["histories"])
+    b2 = export_bundle(
+        trained["stage1"],
+        trained["state"],
+        "LaMP_2N",
+        tmp_path / "b2",
+        version="test-2",
+        histories=trained["histories"],
+    )
     fresh = TapperService(serve_config(**{**cfg, "model_dir": b2.path}))
     ld2 = fresh.load()
-    assert ld2.generation is None and "c4" not in ld2.model.user_rows and [r.id for r in ld2.histories["c4"]] == ["c4-1"]
+    assert (
+        ld2.generation is None and "c4" not in ld2.model.user_rows and [r.id for r in ld2.histories["c4"]] == ["c4-1"]
+    )
     out = fresh.feedback("c4", [svc_record("c4-2", "2023-04-01")])
     meta = json.loads((state / out["generation"] / "meta.json").read_text())
     assert meta["base"] == "snapshot" and meta["bundle_version"] == "test-2"
@@ -323,14 +397,23 @@ def test_per_user_state_on_scratch_serves_feedback_compaction_and_reload_like_in
         assert pc.call("GET", "/info", headers=ADMIN)[1]["scratch_dir"] == str(scratch)
         assert mc.call("GET", "/info", headers=ADMIN)[1]["scratch_dir"] is None
         known = trained["users"][0]
-        feedbacks = [(known, "2026-01-01"), ("pnew1", "2026-01-02"), (known, "2026-01-03"), ("pnew2", "2026-01-04"),
-                     ("pnew1", "2026-01-05")]
+        feedbacks = [
+            (known, "2026-01-01"),
+            ("pnew1", "2026-01-02"),
+            (known, "2026-01-03"),
+            ("pnew2", "2026-01-04"),
+            ("pnew1", "2026-01-05"),
+        ]
         for i, (user, date) in enumerate(feedbacks):
             body = {"user_id": user, "records": [record(f"p{i}", date, "sports")]}
             (pcode, pout), (mcode, mout) = pc.call("POST", "/feedback", body), mc.call("POST", "/feedback", body)
             assert pcode == mcode == 200, (pout, mout)
             assert papp.state.service.compactor.wait_idle(60) and mapp.state.service.compactor.wait_idle(60)
-            assert (pout["generation"], pout["sequence"], pout["compaction"]) == (mout["generation"], mout["sequence"], mout["compaction"])
+            assert (pout["generation"], pout["sequence"], pout["compaction"]) == (
+                mout["generation"],
+                mout["sequence"],
+                mout["compaction"],
+            )
             assert pout["history_stored"] == mout["history_stored"]
         assert pout["generation"] == "gen-000003"  # two compactions happened
         pld, mld = papp.state.service.loaded, mapp.state.service.loaded
@@ -341,16 +424,28 @@ def test_per_user_state_on_scratch_serves_feedback_compaction_and_reload_like_in
         assert spooled_users(pld.histories) == len(set(trained["histories"]) - {known}) > 0
         assert spooled_users(mld.histories) == 0 and pld.histories.to_json() == mld.histories.to_json()
         for gen in ("gen-000002", "gen-000003"):  # snapshots: unread users' lines copied back from the spool
-            assert (tmp_path / "paged-state" / gen / "histories.jsonl").read_bytes() == (tmp_path / "plain-state" / gen / "histories.jsonl").read_bytes()
-        for gen in ("gen-000001", "gen-000003"):  # a bundle-based and a snapshot generation, as a new bundle carries them over
+            assert (tmp_path / "paged-state" / gen / "histories.jsonl").read_bytes() == (
+                tmp_path / "plain-state" / gen / "histories.jsonl"
+            ).read_bytes()
+        for gen in (
+            "gen-000001",
+            "gen-000003",
+        ):  # a bundle-based and a snapshot generation, as a new bundle carries them over
             carried = LiveState(tmp_path / "paged-state", spool_dir=scratch).histories(gen)
-            assert spooled_users(carried) > 0 and carried.to_json() == LiveState(tmp_path / "plain-state").histories(gen).to_json()
+            assert (
+                spooled_users(carried) > 0
+                and carried.to_json() == LiveState(tmp_path / "plain-state").histories(gen).to_json()
+            )
         for user in (known, "pnew1", "pnew2", "stranger"):
             req = {"user_id": user, "fields": {"text": "a story about the match"}}
-            assert pc.call("POST", "/predict", req)[1]["prediction"] == mc.call("POST", "/predict", req)[1]["prediction"]
+            assert (
+                pc.call("POST", "/predict", req)[1]["prediction"] == mc.call("POST", "/predict", req)[1]["prediction"]
+            )
 
         # A restarted replica on the paged server's state: adopts the snapshot generation onto its own scratch dir.
-        replica_svc = TapperService(serve_config(state_dir=tmp_path / "paged-state", scratch_dir=tmp_path / "replica-scratch", **common))
+        replica_svc = TapperService(
+            serve_config(state_dir=tmp_path / "paged-state", scratch_dir=tmp_path / "replica-scratch", **common)
+        )
         replica = replica_svc.load()
         assert (replica.generation, replica.sequence) == ("gen-000003", 1)
         assert is_paged(replica.model.prefix.user_table.weight) and mapped(tmp_path / "replica-scratch") == 1
@@ -379,42 +474,62 @@ def test_per_user_state_on_scratch_serves_feedback_compaction_and_reload_like_in
         (pcode, pout), (mcode, mout) = pc.call("POST", "/feedback", body), mc.call("POST", "/feedback", body)
         assert pcode == mcode == 200 and pout["compaction"] == mout["compaction"] == "scheduled"
         assert papp.state.service.compactor.wait_idle(60) and mapp.state.service.compactor.wait_idle(60)
-        assert papp.state.service.compactor.stats.last_generation == mapp.state.service.compactor.stats.last_generation == "gen-000004"
+        assert (
+            papp.state.service.compactor.stats.last_generation
+            == mapp.state.service.compactor.stats.last_generation
+            == "gen-000004"
+        )
         assert pout["history_stored"] == mout["history_stored"]
-        assert (tmp_path / "paged-state" / "gen-000004" / "histories.jsonl").read_bytes() == (tmp_path / "plain-state" / "gen-000004" / "histories.jsonl").read_bytes()
+        assert (tmp_path / "paged-state" / "gen-000004" / "histories.jsonl").read_bytes() == (
+            tmp_path / "plain-state" / "gen-000004" / "histories.jsonl"
+        ).read_bytes()
 
 
 def test_a_malformed_stored_record_fails_only_its_users_requests(trained, tmp_path):
     """Histories are converted per user when first read: a hand-edited bundle with one bad record still loads,
     serves every other user, and answers that user's requests with a 500 naming the file, user, record and field."""
-    b = export_bundle(trained["stage1"], trained["state"], "LaMP_2N", tmp_path / "b", version="bad-1",
-                      histories=trained["histories"])
+    b = export_bundle(
+        trained["stage1"], trained["state"], "LaMP_2N", tmp_path / "b", version="bad-1", histories=trained["histories"]
+    )
     lines = [json.loads(x) for x in b.histories_file.read_text().splitlines()]
     items = {line["user"]: line["records"] for line in lines}
     bad_user, good_user = sorted(items)[:2]
     bad_line = next(n for n, line in enumerate(lines, 1) if line["user"] == bad_user)
     items[bad_user][1]["date"] = "the day before yesterday"
-    b.histories_file.write_text("".join(json.dumps({"user": u, "records": r}, separators=(",", ":")) + "\n"
-                                        for u, r in items.items()))
+    b.histories_file.write_text(
+        "".join(json.dumps({"user": u, "records": r}, separators=(",", ":")) + "\n" for u, r in items.items())
+    )
     cfg = serve_config(model_dir=b.path, state_dir=tmp_path / "live", feedback_steps=1, sync_seconds=0)
     with running(cfg) as (c, app):
         code, body = c.call("POST", "/predict", {"user_id": good_user, "fields": {"text": "a story"}})
         assert code == 200 and body["history_stored"] == len(items[good_user])
-        for path, req in (("/predict", {"user_id": bad_user, "fields": {"text": "a story"}}),
-                          ("/feedback", {"user_id": bad_user, "records": [record("late-1", "2026-01-01")]})):
+        for path, req in (
+            ("/predict", {"user_id": bad_user, "fields": {"text": "a story"}}),
+            ("/feedback", {"user_id": bad_user, "records": [record("late-1", "2026-01-01")]}),
+        ):
             code, body = c.call("POST", path, req)
             assert code == 500, body
-            assert body["error"].startswith(f"{b.histories_file} line {bad_line}, user {bad_user!r} record [1], field 'date'")
+            assert body["error"].startswith(
+                f"{b.histories_file} line {bad_line}, user {bad_user!r} record [1], field 'date'"
+            )
         # Only the good user was converted; the bad one stays unread (and fails again on the next request).
         assert app.state.service.loaded.histories.unread() == len(items) - 1
-        assert not (tmp_path / "live").exists() or not list((tmp_path / "live").rglob("*.safetensors"))  # nothing written
+        assert not (tmp_path / "live").exists() or not list(
+            (tmp_path / "live").rglob("*.safetensors")
+        )  # nothing written
 
 
 def test_a_bundle_written_before_json_lines_still_serves_and_compacts_into_json_lines(trained, tmp_path):
     """Bundles and snapshots from before held one `histories.json` document; they load, and the next snapshot
     is written as `histories.jsonl` with the same histories."""
-    b = export_bundle(trained["stage1"], trained["state"], "LaMP_2N", tmp_path / "old", version="old-1",
-                      histories=trained["histories"])
+    b = export_bundle(
+        trained["stage1"],
+        trained["state"],
+        "LaMP_2N",
+        tmp_path / "old",
+        version="old-1",
+        histories=trained["histories"],
+    )
     items = {line["user"]: line["records"] for line in map(json.loads, b.histories_file.read_text().splitlines())}
     (b.path / "histories.json").write_text(json.dumps(items))
     b.histories_file.unlink()
@@ -445,7 +560,11 @@ def _scrape(client: Client, timeout: float = 10) -> dict[tuple[str, frozenset], 
     with urllib.request.urlopen(client.base + "/metrics", timeout=timeout) as r:
         assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
         text = r.read().decode()
-    return {(s.name, frozenset(s.labels.items())): s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
 
 
 def _sample(scraped: dict, name: str, **labels) -> float | None:
@@ -469,7 +588,10 @@ def test_metrics_count_what_was_done(bundle, trained, tmp_path, monkeypatch):
         assert _sample(before, "tapper_users_with_history") == len(trained["histories"])
         assert _sample(before, "tapper_live_sequence") == 0 and _sample(before, "tapper_scratch_dir_enabled") == 0
         assert _sample(before, "tapper_model_age_seconds") >= 0
-        assert _sample(before, "tapper_process_anonymous_memory_bytes") > 0 and _sample(before, "tapper_process_file_memory_bytes") > 0
+        assert (
+            _sample(before, "tapper_process_anonymous_memory_bytes") > 0
+            and _sample(before, "tapper_process_file_memory_bytes") > 0
+        )
         assert _sample(before, "process_resident_memory_bytes") > 0  # the standard process collector, on this registry
         assert _sample(before, "tapper_requests_total", endpoint="/predict", status="200") is None
         assert _sample(before, "tapper_feedback_records_total") == 0 == _sample(before, "tapper_new_users_total")
@@ -481,7 +603,10 @@ def test_metrics_count_what_was_done(bundle, trained, tmp_path, monkeypatch):
         fb = {"user_id": "metrics-newbie", "records": [record("mn1", "2022-01-01"), record("mn2", "2022-02-01")]}
         code, body = c.call("POST", "/feedback", fb)
         assert code == 200 and body["report"]["new_users"] == ["metrics-newbie"]
-        assert c.call("POST", "/feedback", {"user_id": "metrics-newbie", "records": [record("mn1", "2022-03-01")]})[0] == 409
+        assert (
+            c.call("POST", "/feedback", {"user_id": "metrics-newbie", "records": [record("mn1", "2022-03-01")]})[0]
+            == 409
+        )
         assert Client(c.base, token=None).call("POST", "/reload")[0] == 401
         assert c.call("POST", "/reload")[0] == 403  # the API token is not the admin token
         assert _sample(_scrape(c), "tapper_model_loaded") == 1  # /metrics needs no token
@@ -510,7 +635,11 @@ def test_metrics_count_what_was_done(bundle, trained, tmp_path, monkeypatch):
     assert _sample(after, "tapper_batch_size_count") == 3 and _sample(after, "tapper_batch_size_sum") == 3
     assert _sample(after, "tapper_queue_wait_seconds_count") == 3 and _sample(after, "tapper_queue_depth") == 0
     assert _sample(after, "tapper_predictions_dropped_total") == 0
-    assert _sample(after, "tapper_compactions_total", result="done") == 0 == _sample(after, "tapper_compactions_total", result="failed")
+    assert (
+        _sample(after, "tapper_compactions_total", result="done")
+        == 0
+        == _sample(after, "tapper_compactions_total", result="failed")
+    )
     assert _sample(after, "tapper_users") == _sample(before, "tapper_users") + 1
     assert _sample(after, "tapper_users_with_history") == _sample(before, "tapper_users_with_history") + 1
     assert _sample(after, "tapper_live_sequence") == 1
@@ -534,8 +663,14 @@ def test_metrics_answer_without_a_loaded_model(tmp_path):
     assert _sample(scraped, "tapper_requests_total", endpoint="/health", status="503") >= 1
     assert _sample(scraped, "tapper_process_anonymous_memory_bytes") > 0
     names = {name for name, _ in scraped}
-    assert not names & {"tapper_users", "tapper_users_with_history", "tapper_live_sequence", "tapper_model_info",
-                        "tapper_model_age_seconds", "tapper_scratch_dir_enabled"}
+    assert not names & {
+        "tapper_users",
+        "tapper_users_with_history",
+        "tapper_live_sequence",
+        "tapper_model_info",
+        "tapper_model_age_seconds",
+        "tapper_scratch_dir_enabled",
+    }
 
 
 def test_cli_registers_serve_and_bundle(bundle, tmp_path, monkeypatch):
@@ -550,8 +685,21 @@ def test_cli_registers_serve_and_bundle(bundle, tmp_path, monkeypatch):
     assert ServeConfig.from_env(model_dir=bundle.path, scratch_dir=tmp_path / "flag").scratch_dir == tmp_path / "flag"
     monkeypatch.delenv("TAPPER_SCRATCH_DIR")
     assert ServeConfig.from_env(model_dir=bundle.path).scratch_dir is None
-    args = build_parser().parse_args(["bundle", "--stage1", str(bundle.stage1_dir), "--state", str(bundle.state_dir),
-                                      "--task", "LaMP_2N", "--out", str(tmp_path / "b2"), "--version", "7"])
+    args = build_parser().parse_args(
+        [
+            "bundle",
+            "--stage1",
+            str(bundle.stage1_dir),
+            "--state",
+            str(bundle.state_dir),
+            "--task",
+            "LaMP_2N",
+            "--out",
+            str(tmp_path / "b2"),
+            "--version",
+            "7",
+        ]
+    )
     assert args.func(args) == 0 and read_bundle(tmp_path / "b2").version == "7"
 
 
@@ -582,12 +730,18 @@ def test_bundle_from_an_mlflow_pyfunc_model(trained, tmp_path):
 
     from deploy.bundle import bundle_from_mlflow_dir
 
-    mlflow.pyfunc.save_model(str(tmp_path / "model"), python_model=str(Path(__file__).parents[1] / "pipelines" / "mlflow_model.py"),
-                             artifacts=_mlflow_artifacts(trained, tmp_path, True), pip_requirements=["tapper"],
-                             metadata={"task": "LaMP_2N", "zenml_model_version": "5"})
+    mlflow.pyfunc.save_model(
+        str(tmp_path / "model"),
+        python_model=str(Path(__file__).parents[1] / "pipelines" / "mlflow_model.py"),
+        artifacts=_mlflow_artifacts(trained, tmp_path, True),
+        pip_requirements=["tapper"],
+        metadata={"task": "LaMP_2N", "zenml_model_version": "5"},
+    )
     info = bundle_from_mlflow_dir(tmp_path / "model", tmp_path / "bundle")
     assert info.task == "LaMP_2N" and info.version == "5"
-    assert (info.state_dir / "prefix.safetensors").read_bytes() == (trained["state"] / "prefix.safetensors").read_bytes()
+    assert (info.state_dir / "prefix.safetensors").read_bytes() == (
+        trained["state"] / "prefix.safetensors"
+    ).read_bytes()
 
 
 @pytest.mark.slow
@@ -602,9 +756,14 @@ def test_bundle_from_the_mlflow_registry_alias(trained, tmp_path):
     try:
         mlflow.set_experiment("serving-test")
         with mlflow.start_run():
-            mi = mlflow.pyfunc.log_model(name="tapper", python_model=str(Path(__file__).parents[1] / "pipelines" / "mlflow_model.py"),
-                                         artifacts=_mlflow_artifacts(trained, tmp_path, False), registered_model_name="tapper-test",
-                                         pip_requirements=["tapper"], metadata={"task": "LaMP_2N"})
+            mi = mlflow.pyfunc.log_model(
+                name="tapper",
+                python_model=str(Path(__file__).parents[1] / "pipelines" / "mlflow_model.py"),
+                artifacts=_mlflow_artifacts(trained, tmp_path, False),
+                registered_model_name="tapper-test",
+                pip_requirements=["tapper"],
+                metadata={"task": "LaMP_2N"},
+            )
         mlflow.MlflowClient().set_registered_model_alias("tapper-test", "production", mi.registered_model_version)
         info = bundle_from_mlflow("models:/tapper-test@production", tmp_path / "bundle")
     finally:

@@ -16,6 +16,7 @@ real (tmpfs) filesystem that fills up.
     privacy                                        test_privacy_endpoints_through_restart_compaction_and_replicas
     OpenAI API                                     test_openai_completions_personalize_by_the_user_field
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,12 +37,17 @@ import yaml
 from deploy.bundle import export_bundle
 from deploy.config import ConfigError
 from deploy.service import TapperService
-from serving_helpers import (ADMIN, API_TOKEN, Client, build_trained, record, running, serve_config, svc_record,
-                             wait_for)
+from serving_helpers import ADMIN, API_TOKEN, Client, build_trained, record, running, serve_config, svc_record, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
-LIMITS = {"max_body_bytes": 64 * 1024, "max_text_chars": 2000, "max_request_history": 8, "max_feedback_records": 4,
-          "max_stored_history": 50, "max_new_tokens": 64}
+LIMITS = {
+    "max_body_bytes": 64 * 1024,
+    "max_text_chars": 2000,
+    "max_request_history": 8,
+    "max_feedback_records": 4,
+    "max_stored_history": 50,
+    "max_new_tokens": 64,
+}
 TODAY = time.strftime("%Y-%m-%d", time.gmtime())
 
 
@@ -52,17 +58,36 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bundle(trained, tmp_path_factory):
-    return export_bundle(trained["stage1"], trained["state"], "LaMP_2N", tmp_path_factory.mktemp("bundles") / "b1",
-                         version="prod-1", histories=trained["histories"])
+    return export_bundle(
+        trained["stage1"],
+        trained["state"],
+        "LaMP_2N",
+        tmp_path_factory.mktemp("bundles") / "b1",
+        version="prod-1",
+        histories=trained["histories"],
+    )
 
 
 @pytest.fixture(scope="module")
 def server(bundle, tmp_path_factory):
     state = tmp_path_factory.mktemp("live")
-    cfg = serve_config(model_dir=bundle.path, state_dir=state, feedback_steps=2, feedback_lr=0.05, sync_seconds=0,
-                       limits=LIMITS, batching={"max_batch": 8, "max_wait_ms": 20, "max_queue": 16})
+    cfg = serve_config(
+        model_dir=bundle.path,
+        state_dir=state,
+        feedback_steps=2,
+        feedback_lr=0.05,
+        sync_seconds=0,
+        limits=LIMITS,
+        batching={"max_batch": 8, "max_wait_ms": 20, "max_queue": 16},
+    )
     with running(cfg) as (client, app):
-        yield {"client": client, "app": app, "svc": app.state.service, "state": state, "port": int(client.base.rsplit(":", 1)[1])}
+        yield {
+            "client": client,
+            "app": app,
+            "svc": app.state.service,
+            "state": state,
+            "port": int(client.base.rsplit(":", 1)[1]),
+        }
 
 
 # --- raw HTTP, for clients that misbehave ------------------------------------------------------------------
@@ -95,7 +120,9 @@ def read_response(s: socket.socket) -> tuple[int, dict, dict]:
     return status, headers, json.loads(rest) if rest else {}
 
 
-def post_head(path: str, length: int | None = None, token: bytes | None = API_TOKEN.encode(), extra: bytes = b"") -> bytes:
+def post_head(
+    path: str, length: int | None = None, token: bytes | None = API_TOKEN.encode(), extra: bytes = b""
+) -> bytes:
     head = b"POST " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
     if length is not None:
         head += b"\r\nContent-Length: " + str(length).encode()
@@ -149,11 +176,22 @@ def test_field_limits_are_422s_naming_the_field_and_store_nothing(server, traine
         ("/predict", {"user_id": user, "fields": {"text": long_text}}, ["body", "fields", "text"]),
         ("/predict", {"user_id": "u" * 300, "input": "x"}, ["body", "user_id"]),
         ("/predict", {"user_id": user, "input": "x", "max_new_tokens": 65}, ["body", "max_new_tokens"]),
-        ("/predict", {"user_id": user, "input": "x", "history": [record(f"h{i}", "2021-01-01") for i in range(9)]},
-         ["body", "history"]),
+        (
+            "/predict",
+            {"user_id": user, "input": "x", "history": [record(f"h{i}", "2021-01-01") for i in range(9)]},
+            ["body", "history"],
+        ),
         ("/feedback", {"user_id": user, "records": [record(f"f{i}", TODAY) for i in range(5)]}, ["body", "records"]),
-        ("/feedback", {"user_id": user, "records": [{**record("f1", TODAY), "text": long_text}]}, ["body", "records", 0, "text"]),
-        ("/feedback", {"user_id": user, "records": [{**record("f1", TODAY), "id": "i" * 300}]}, ["body", "records", 0, "id"]),
+        (
+            "/feedback",
+            {"user_id": user, "records": [{**record("f1", TODAY), "text": long_text}]},
+            ["body", "records", 0, "text"],
+        ),
+        (
+            "/feedback",
+            {"user_id": user, "records": [{**record("f1", TODAY), "id": "i" * 300}]},
+            ["body", "records", 0, "id"],
+        ),
     ]
     for path, body, loc in cases:
         code, resp = c.call("POST", path, body)
@@ -179,8 +217,12 @@ def test_prompt_is_cut_to_what_fits_before_it_is_tokenized(server):
 def test_a_full_queue_is_503_with_retry_after_and_a_gone_client_is_dropped(bundle, tmp_path):
     """While a batch runs (held here by holding the state lock it needs), predictions queue up to max_queue; the
     next is answered 503 + Retry-After at once; a queued request whose client disconnects is never computed."""
-    cfg = serve_config(model_dir=bundle.path, state_dir=tmp_path / "live", sync_seconds=0,
-                       batching={"max_batch": 1, "max_wait_ms": 0, "max_queue": 2, "retry_after_s": 3})
+    cfg = serve_config(
+        model_dir=bundle.path,
+        state_dir=tmp_path / "live",
+        sync_seconds=0,
+        batching={"max_batch": 1, "max_wait_ms": 0, "max_queue": 2, "retry_after_s": 3},
+    )
     with running(cfg) as (c, app):
         svc, port = app.state.service, int(c.base.rsplit(":", 1)[1])
         body = json.dumps({"user_id": "q", "fields": {"text": "queued"}}).encode()
@@ -212,8 +254,10 @@ def test_concurrent_predictions_are_batched_and_answer_as_alone(server, trained)
     c, svc = server["client"], server["svc"]
     q = trained["evals"]
     reqs = [{"user_id": u, "input": e.input} for u, e in zip(trained["users"], q)]
-    reqs += [{"user_id": "stranger", "fields": {"text": "a story"}, "history": [record("s1", "2021-01-01", "sports")]},
-             {"user_id": trained["users"][1], "fields": {"text": "another story"}, "max_new_tokens": 3}]
+    reqs += [
+        {"user_id": "stranger", "fields": {"text": "a story"}, "history": [record("s1", "2021-01-01", "sports")]},
+        {"user_id": trained["users"][1], "fields": {"text": "another story"}, "max_new_tokens": 3},
+    ]
     alone = [c.call("POST", "/predict", r)[1] for r in reqs]
     assert all(a["batch_size"] == 1 for a in alone)
     with ThreadPoolExecutor(len(reqs) + 1) as pool:
@@ -227,7 +271,11 @@ def test_concurrent_predictions_are_batched_and_answer_as_alone(server, trained)
     assert all(code == 200 for code, _ in together)
     assert [b["batch_size"] for _, b in together] == [len(reqs)] * len(reqs)
     for (_, b), a in zip(together, alone):
-        assert (b["prediction"], b["history_used"], b["user_row"]) == (a["prediction"], a["history_used"], a["user_row"])
+        assert (b["prediction"], b["history_used"], b["user_row"]) == (
+            a["prediction"],
+            a["history_used"],
+            a["user_row"],
+        )
 
 
 def test_feedback_training_never_blocks_predictions(bundle, trained, tmp_path):
@@ -249,8 +297,11 @@ def test_feedback_training_never_blocks_predictions(bundle, trained, tmp_path):
         assert len(during) >= 3 and all(d == (200, 0) for d in during), during  # answered meanwhile, old state
         assert c.call("POST", "/predict", pred)[1]["sequence"] == 1
         # The training ran on the trainer's own thread, at a lower CPU priority than the predictions (nice +10).
-        (trainer,) = [t for t in threading.enumerate() if t.name.startswith("tapper-trainer")
-                      and t in app.state.service._trainer._pool._threads]
+        (trainer,) = [
+            t
+            for t in threading.enumerate()
+            if t.name.startswith("tapper-trainer") and t in app.state.service._trainer._pool._threads
+        ]
         assert os.getpriority(os.PRIO_PROCESS, trainer.native_id) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
 
 
@@ -282,7 +333,9 @@ def test_the_twin_trains_the_row_update_users_would(bundle, trained, tmp_path):
         examples = feedback_examples(ld.task, user, history, [svc_record(f"{user}-eq", "2025-01-01")])
         row = m.user_rows.get(user)
         current = table[row].clone() if row is not None else None
-        got = svc._trainer.update(ld.task, user, examples, current, table[0].clone(), epochs=1.0, steps=3, lr=0.05, seed=7)
+        got = svc._trainer.update(
+            ld.task, user, examples, current, table[0].clone(), epochs=1.0, steps=3, lr=0.05, seed=7
+        )
         vectors = ServingVectors(ld.backbone.model, copy.deepcopy(ld.backbone.tokenizer))
         update_users(m, ld.task, vectors.tokenizer, vectors, examples, "emb", steps=3, lr=0.05, seed=7)
         assert torch.equal(m.prefix.user_table.weight.detach()[m.user_rows[user]], got.row)
@@ -295,8 +348,14 @@ def test_the_twin_trains_the_row_update_users_would(bundle, trained, tmp_path):
 
 def _serve(args: list[str], env: dict) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("TAPPER_") or k in ("TAPPER_HOME", "TAPPER_CACHE")}
-    return subprocess.run([sys.executable, "-m", "deploy.serve", "serve", *args], capture_output=True, text=True,
-                          env={**clean, **env}, cwd=REPO, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "deploy.serve", "serve", *args],
+        capture_output=True,
+        text=True,
+        env={**clean, **env},
+        cwd=REPO,
+        timeout=120,
+    )
 
 
 def test_the_server_refuses_to_start_without_tokens(bundle, tmp_path, monkeypatch, capsys):
@@ -310,9 +369,11 @@ def test_the_server_refuses_to_start_without_tokens(bundle, tmp_path, monkeypatc
 
     for name in [k for k in os.environ if k.startswith("TAPPER_") and k not in ("TAPPER_HOME", "TAPPER_CACHE")]:
         monkeypatch.delenv(name)
-    for env, args, expected in (({"TAPPER_API_TOKEN": API_TOKEN}, [], "TAPPER_ADMIN_TOKEN"),
-                                ({}, ["--insecure-local", "--host", "0.0.0.0"], "loopback"),
-                                ({"TAPPER_API_TOKEN": "short", "TAPPER_ADMIN_TOKEN": "x" * 20}, [], "at least 16")):
+    for env, args, expected in (
+        ({"TAPPER_API_TOKEN": API_TOKEN}, [], "TAPPER_ADMIN_TOKEN"),
+        ({}, ["--insecure-local", "--host", "0.0.0.0"], "loopback"),
+        ({"TAPPER_API_TOKEN": "short", "TAPPER_ADMIN_TOKEN": "x" * 20}, [], "at least 16"),
+    ):
         with monkeypatch.context() as m:
             for k, v in env.items():
                 m.setenv(k, v)
@@ -329,11 +390,15 @@ def test_every_endpoint_that_changes_state_or_reveals_a_user_needs_a_token(serve
     wrong = Client(c.base, token="not-the-token-0123456789")
     user = trained["users"][0]
     before = journal_files(state)
-    calls = [("POST", "/feedback", {"user_id": user, "records": [record("auth-1", TODAY)]}),
-             ("POST", "/predict", {"user_id": user, "input": "x"}),
-             ("POST", "/v1/completions", {"model": "tapper", "prompt": "x", "user": user}),
-             ("GET", f"/users/{user}", None), ("GET", f"/users/{user}/export", None), ("DELETE", f"/users/{user}", None),
-             ("POST", "/reload", None)]
+    calls = [
+        ("POST", "/feedback", {"user_id": user, "records": [record("auth-1", TODAY)]}),
+        ("POST", "/predict", {"user_id": user, "input": "x"}),
+        ("POST", "/v1/completions", {"model": "tapper", "prompt": "x", "user": user}),
+        ("GET", f"/users/{user}", None),
+        ("GET", f"/users/{user}/export", None),
+        ("DELETE", f"/users/{user}", None),
+        ("POST", "/reload", None),
+    ]
     for client in (anonymous, wrong):
         for method, path, body in calls:
             code, resp = client.call(method, path, body)
@@ -358,8 +423,11 @@ def test_every_endpoint_that_changes_state_or_reveals_a_user_needs_a_token(serve
 
 
 def test_the_kubernetes_secret_with_the_tokens_is_required():
-    deployment = next(d for d in yaml.safe_load_all((REPO / "k8s" / "base" / "deployment.yaml").read_text())
-                      if d and d["kind"] == "Deployment")
+    deployment = next(
+        d
+        for d in yaml.safe_load_all((REPO / "k8s" / "base" / "deployment.yaml").read_text())
+        if d and d["kind"] == "Deployment"
+    )
     env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     for name, key in (("TAPPER_API_TOKEN", "api-token"), ("TAPPER_ADMIN_TOKEN", "admin-token")):
         ref = env[name]["valueFrom"]["secretKeyRef"]
@@ -371,18 +439,27 @@ def test_the_kubernetes_secret_with_the_tokens_is_required():
 
 
 def test_lone_surrogates_are_422_naming_the_field(server, trained):
-    """"\\ud800" is valid JSON but no UTF-8 can store it; it was a 500 when a user id or record reached a file."""
+    """ "\\ud800" is valid JSON but no UTF-8 can store it; it was a 500 when a user id or record reached a file."""
     c, state = server["client"], server["state"]
     before = journal_files(state)
     bad = "a\ud800b"
-    cases = [("/predict", {"user_id": bad, "input": "x"}, ["body", "user_id"]),
-             ("/predict", {"user_id": "u", "input": bad}, ["body", "input"]),
-             ("/predict", {"user_id": "u", "input": "x", "history": [{**record("h", "2021-01-01"), "text": bad}]},
-              ["body", "history", 0, "text"]),
-             ("/feedback", {"user_id": bad, "records": [record("s1", TODAY)]}, ["body", "user_id"]),
-             ("/feedback", {"user_id": "u", "records": [{**record("s1", TODAY), "text": bad}]}, ["body", "records", 0, "text"]),
-             ("/feedback", {"user_id": "u", "records": [{**record("s1", TODAY), "id": bad}]}, ["body", "records", 0, "id"]),
-             ("/v1/completions", {"model": "m", "prompt": "x", "user": bad}, ["body", "user"])]
+    cases = [
+        ("/predict", {"user_id": bad, "input": "x"}, ["body", "user_id"]),
+        ("/predict", {"user_id": "u", "input": bad}, ["body", "input"]),
+        (
+            "/predict",
+            {"user_id": "u", "input": "x", "history": [{**record("h", "2021-01-01"), "text": bad}]},
+            ["body", "history", 0, "text"],
+        ),
+        ("/feedback", {"user_id": bad, "records": [record("s1", TODAY)]}, ["body", "user_id"]),
+        (
+            "/feedback",
+            {"user_id": "u", "records": [{**record("s1", TODAY), "text": bad}]},
+            ["body", "records", 0, "text"],
+        ),
+        ("/feedback", {"user_id": "u", "records": [{**record("s1", TODAY), "id": bad}]}, ["body", "records", 0, "id"]),
+        ("/v1/completions", {"model": "m", "prompt": "x", "user": bad}, ["body", "user"]),
+    ]
     for path, body, loc in cases:
         code, resp = c.call("POST", path, body)
         assert code == 422, (path, loc, resp)
@@ -399,16 +476,25 @@ def test_feedback_answers_and_dates_are_validated_and_nothing_is_stored(server, 
     c, state, port = server["client"], server["state"], server["port"]
     user = trained["users"][3]
     before = journal_files(state), c.call("GET", f"/users/{user}/export")[1]
-    cases = [({**record("v1", TODAY), "category": ""}, ["body", "records", 0, "category"]),
-             ({**record("v1", TODAY), "category": "not-a-category"}, ["body", "records", 0, "category"]),
-             ({**record("v1", "9999-12-31")}, ["body", "records", 0, "date"])]
+    cases = [
+        ({**record("v1", TODAY), "category": ""}, ["body", "records", 0, "category"]),
+        ({**record("v1", TODAY), "category": "not-a-category"}, ["body", "records", 0, "category"]),
+        ({**record("v1", "9999-12-31")}, ["body", "records", 0, "date"]),
+    ]
     for rec, loc in cases:
         code, resp = c.call("POST", "/feedback", {"user_id": user, "records": [rec]})
         assert code == 422, resp
         assert_error_shape(resp, loc)
     for literal in (b"NaN", b"Infinity", b"-Infinity"):
-        body = (b'{"user_id": "' + user.encode() + b'", "records": [{"id": "v2", "date": "' + TODAY.encode()
-                + b'", "text": "t", "title": ' + literal + b', "category": "sports"}]}')
+        body = (
+            b'{"user_id": "'
+            + user.encode()
+            + b'", "records": [{"id": "v2", "date": "'
+            + TODAY.encode()
+            + b'", "text": "t", "title": '
+            + literal
+            + b', "category": "sports"}]}'
+        )
         status, _, resp = raw_request(port, post_head("/feedback", len(body)), body)
         assert status == 422, resp
         assert_error_shape(resp, ["body", "records", 0, "title"])
@@ -471,8 +557,14 @@ def test_a_failed_compaction_backs_off(bundle, trained, tmp_path):
     (before, every later feedback retried it under the lock), leaves no temporary directory, and succeeds after
     the back-off once there is room."""
     with small_filesystem(tmp_path / "disk", 4096) as disk:
-        cfg = serve_config(model_dir=bundle.path, state_dir=disk / "live", feedback_steps=1, sync_seconds=0,
-                           compact_every=1, compact_backoff_s=1.0)
+        cfg = serve_config(
+            model_dir=bundle.path,
+            state_dir=disk / "live",
+            feedback_steps=1,
+            sync_seconds=0,
+            compact_every=1,
+            compact_backoff_s=1.0,
+        )
         with running(cfg) as (c, app):
             svc, user = app.state.service, trained["users"][1]
             assert c.call("POST", "/feedback", {"user_id": user, "records": [record("k0", "2026-01-01")]})[0] == 200
@@ -507,8 +599,11 @@ def test_journal_entries_and_snapshots_are_fsynced(bundle, tmp_path, monkeypatch
         synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
         return real(fd)
 
-    svc = TapperService(serve_config(model_dir=bundle.path, state_dir=tmp_path / "live", feedback_steps=1,
-                                     sync_seconds=60, compact_every=10 ** 6))
+    svc = TapperService(
+        serve_config(
+            model_dir=bundle.path, state_dir=tmp_path / "live", feedback_steps=1, sync_seconds=60, compact_every=10**6
+        )
+    )
     svc.load()
     monkeypatch.setattr(os, "fsync", counting)
     svc.feedback("durable", [svc_record("du1", "2025-01-01")])  # a new generation (meta) + its first delta
@@ -556,11 +651,13 @@ def test_openapi_declares_every_error_answer(server):
     def answers(path: str, method: str) -> dict:
         return paths[path][method]["responses"]
 
-    for path, method, codes in (("/predict", "post", {"400", "401", "413", "422", "503"}),
-                                ("/feedback", "post", {"400", "401", "409", "413", "422", "503", "507"}),
-                                ("/v1/completions", "post", {"401", "413", "422", "503"}),
-                                ("/users/{user_id}", "delete", {"401", "404", "507"}),
-                                ("/reload", "post", {"401", "403"})):
+    for path, method, codes in (
+        ("/predict", "post", {"400", "401", "413", "422", "503"}),
+        ("/feedback", "post", {"400", "401", "409", "413", "422", "503", "507"}),
+        ("/v1/completions", "post", {"401", "413", "422", "503"}),
+        ("/users/{user_id}", "delete", {"401", "404", "507"}),
+        ("/reload", "post", {"401", "403"}),
+    ):
         got = answers(path, method)
         assert codes <= set(got), (path, set(got))
         for c in codes:
@@ -616,14 +713,22 @@ def test_privacy_endpoints_through_restart_compaction_and_replicas(bundle, train
         assert len(gens) == 1  # the erasing compaction removed every older generation
         for needle in (b"alice", b'"' + bundle_user.encode() + b'"', b"alice-r1"):
             assert _files_containing(live, needle) == [], needle
-        wait_for(lambda: "alice" not in replica.loaded.model.user_rows and "alice" not in replica.loaded.histories
-                 and bundle_user not in replica.loaded.histories, what="the replica forgetting them")
+        wait_for(
+            lambda: (
+                "alice" not in replica.loaded.model.user_rows
+                and "alice" not in replica.loaded.histories
+                and bundle_user not in replica.loaded.histories
+            ),
+            what="the replica forgetting them",
+        )
 
         # The user is new afterwards: a new row, only the new record.
         code, out = c.call("POST", "/feedback", {"user_id": "alice", "records": [record("alice-r3", "2025-04-01")]})
         assert code == 200 and out["history_stored"] == 1 and out["user_row"] != row
     restarted = TapperService(cfg).load()
-    assert restarted.model.user_rows["alice"] == out["user_row"] and [r.id for r in restarted.histories["alice"]] == ["alice-r3"]
+    assert restarted.model.user_rows["alice"] == out["user_row"] and [r.id for r in restarted.histories["alice"]] == [
+        "alice-r3"
+    ]
     assert bundle_user not in restarted.model.user_rows and bundle_user not in restarted.histories
     replica.close()
 
@@ -634,22 +739,32 @@ def test_privacy_endpoints_through_restart_compaction_and_replicas(bundle, train
 def test_openai_completions_personalize_by_the_user_field(server, trained):
     c = server["client"]
     user, q = trained["users"][1], trained["evals"][1]
-    code, out = c.call("POST", "/v1/completions", {"model": "tapper", "prompt": q.input, "user": user, "max_tokens": 8,
-                                                   "temperature": 0})
+    code, out = c.call(
+        "POST",
+        "/v1/completions",
+        {"model": "tapper", "prompt": q.input, "user": user, "max_tokens": 8, "temperature": 0},
+    )
     assert code == 200, out
     assert out["object"] == "text_completion" and out["model"] == "prod-1" and out["id"].startswith("cmpl-")
     pred = c.call("POST", "/predict", {"user_id": user, "input": q.input, "max_new_tokens": 8})[1]
-    assert out["choices"][0]["text"].strip() == pred["prediction"] and out["choices"][0]["finish_reason"] in ("stop", "length")
+    assert out["choices"][0]["text"].strip() == pred["prediction"] and out["choices"][0]["finish_reason"] in (
+        "stop",
+        "length",
+    )
     assert out["usage"]["total_tokens"] == out["usage"]["prompt_tokens"] + out["usage"]["completion_tokens"]
     # The user field is what personalizes: another user, another prefix (row), the same prompt.
-    code, many = c.call("POST", "/v1/completions", {"model": "tapper", "prompt": [q.input, "another story"], "user": user})
+    code, many = c.call(
+        "POST", "/v1/completions", {"model": "tapper", "prompt": [q.input, "another story"], "user": user}
+    )
     assert code == 200 and [ch["index"] for ch in many["choices"]] == [0, 1]
     assert many["choices"][0]["text"] == out["choices"][0]["text"]
-    for body, loc in (({"model": "m", "prompt": "x"}, ["body", "user"]),
-                      ({"model": "m", "prompt": "x", "user": "u", "stream": True}, ["body", "stream"]),
-                      ({"model": "m", "prompt": "x", "user": "u", "n": 2}, ["body", "n"]),
-                      ({"model": "m", "prompt": "x", "user": "u", "logprobs": 2}, ["body", "logprobs"]),
-                      ({"model": "m", "prompt": "x", "user": "u", "frequency_penalty": 0.5}, ["body", "frequency_penalty"])):
+    for body, loc in (
+        ({"model": "m", "prompt": "x"}, ["body", "user"]),
+        ({"model": "m", "prompt": "x", "user": "u", "stream": True}, ["body", "stream"]),
+        ({"model": "m", "prompt": "x", "user": "u", "n": 2}, ["body", "n"]),
+        ({"model": "m", "prompt": "x", "user": "u", "logprobs": 2}, ["body", "logprobs"]),
+        ({"model": "m", "prompt": "x", "user": "u", "frequency_penalty": 0.5}, ["body", "frequency_penalty"]),
+    ):
         code, resp = c.call("POST", "/v1/completions", body)
         assert code == 422, (body, resp)
         assert_error_shape(resp, loc)
@@ -689,8 +804,9 @@ def test_a_bridge_scoped_to_the_prefix_is_served_unmerged(trained):
 def test_a_user_whose_stored_history_is_malformed_can_still_be_deleted(trained, tmp_path):
     """Erasure must not depend on the stored data being readable: a hand-edited bundle line that fails that user's
     requests (500 naming the file) is deleted all the same, and stays deleted after a restart."""
-    b = export_bundle(trained["stage1"], trained["state"], "LaMP_2N", tmp_path / "b", version="bad-1",
-                      histories=trained["histories"])
+    b = export_bundle(
+        trained["stage1"], trained["state"], "LaMP_2N", tmp_path / "b", version="bad-1", histories=trained["histories"]
+    )
     lines = [json.loads(x) for x in b.histories_file.read_text().splitlines()]
     bad = lines[0]["user"]
     lines[0]["records"][0]["date"] = "not a date"

@@ -1,4 +1,5 @@
 """tapper.analysis.signal: the measurements behind issue 17's diagnostics."""
+
 import math
 
 import torch

@@ -2,6 +2,7 @@
 
 Slow (the conversion and a 135M model on CPU): `make test-slow`.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -25,7 +26,9 @@ def test_smollm2_stage1_merge_save_and_prefixed_generation(tmp_path):
     # The converted directory must not carry the GGUF quantization_config: saving the merged
     # Stage-1 model would refuse to serialize.
     assert getattr(load_backbone_dir(bb.path).model.config, "quantization_config", None) is None
-    res = train_stage1(bb, TASK, train, Stage1Config(epochs=1, batch_size=2, max_len=96), tmp_path / "s1", progress=False)
+    res = train_stage1(
+        bb, TASK, train, Stage1Config(epochs=1, batch_size=2, max_len=96), tmp_path / "s1", progress=False
+    )
     merged = load_backbone_dir(res.path)
     model = TapPer(merged.model, users, Stage2Config(max_len=96))
     assert model.per_user_params() == 8 * 576

@@ -1,4 +1,5 @@
 """Stage-1 / Stage-2 / eval splits (paper Table 6)."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -13,19 +14,30 @@ SPEC = get_task("LaMP_2N")
 
 
 def records(user: str, n: int, start: int = 1) -> list[Record]:
-    return [Record(id=f"{user}-{i}", fields={"text": f"t{i}", "title": f"h{i}", "category": SPEC.labels[i % 15]},
-                   date=dt.date(2020, 1, start + i), raw_date=None) for i in range(n)]
+    return [
+        Record(
+            id=f"{user}-{i}",
+            fields={"text": f"t{i}", "title": f"h{i}", "category": SPEC.labels[i % 15]},
+            date=dt.date(2020, 1, start + i),
+            raw_date=None,
+        )
+        for i in range(n)
+    ]
 
 
 def dataset() -> LampDataset:
     queries = []
     # u_big: 6 records, u_mid and u_tie: 4 each (tie broken by id), u_small: 2.
     for user, n in [("u_small", 2), ("u_tie", 4), ("u_big", 6), ("u_mid", 4)]:
-        queries.append(Query(id=f"{user}-q", input=SPEC.make_input(text="x"), profile=records(user, n),
-                             user_id=user, output="travel"))
+        queries.append(
+            Query(
+                id=f"{user}-q", input=SPEC.make_input(text="x"), profile=records(user, n), user_id=user, output="travel"
+            )
+        )
     # A second query of u_big sharing the profile adds no new records.
-    queries.append(Query(id="u_big-q2", input=SPEC.make_input(text="y"), profile=records("u_big", 6),
-                         user_id="u_big", output=None))
+    queries.append(
+        Query(id="u_big-q2", input=SPEC.make_input(text="y"), profile=records("u_big", 6), user_id="u_big", output=None)
+    )
     return LampDataset(task="LaMP_2N", queries=queries)
 
 
@@ -74,10 +86,23 @@ def lamp1_dataset(n_users: int = 3, n_papers: int = 4) -> LampDataset:
     spec = get_task("LaMP_1")
     queries = []
     for u in range(n_users):
-        papers = [Record(id=f"u{u}-p{i}", fields={"title": f"paper {i} of u{u}", "abstract": f"abstract {i} of u{u}"},
-                         date=dt.date(2015 + i, 1, 1)) for i in range(n_papers)]
-        queries.append(Query(id=f"u{u}-q", input=spec.make_input(title="new", ref1="a", ref2="b"), user_id=f"u{u}",
-                             output="[1]", profile=papers))
+        papers = [
+            Record(
+                id=f"u{u}-p{i}",
+                fields={"title": f"paper {i} of u{u}", "abstract": f"abstract {i} of u{u}"},
+                date=dt.date(2015 + i, 1, 1),
+            )
+            for i in range(n_papers)
+        ]
+        queries.append(
+            Query(
+                id=f"u{u}-q",
+                input=spec.make_input(title="new", ref1="a", ref2="b"),
+                user_id=f"u{u}",
+                output="[1]",
+                profile=papers,
+            )
+        )
     return LampDataset(task="LaMP_1", queries=queries)
 
 
@@ -97,12 +122,16 @@ def test_lamp1_papers_become_self_citation_questions():
         assert all(r.date < ex.query_date for r in ex.history)
     assert {ex.target for ex in splits.stage2_train} == {"[1]", "[2]"}
     # Deterministic: the same questions on every run.
-    assert [e.input for e in make_splits(ds, spec, stage2_users=2).stage2_train] == [e.input for e in splits.stage2_train]
+    assert [e.input for e in make_splits(ds, spec, stage2_users=2).stage2_train] == [
+        e.input for e in splits.stage2_train
+    ]
 
 
 def test_an_empty_stage2_training_split_is_an_error():
-    ds = LampDataset(task="LaMP_2N", queries=[Query(id="q", input=SPEC.make_input(text="x"), user_id="u", output="travel",
-                                                    profile=[])])
+    ds = LampDataset(
+        task="LaMP_2N",
+        queries=[Query(id="q", input=SPEC.make_input(text="x"), user_id="u", output="travel", profile=[])],
+    )
     with pytest.raises(ValueError, match="LaMP_2N: the Stage-2 training split is empty"):
         make_splits(ds, SPEC, stage2_users=1)
 
@@ -110,10 +139,14 @@ def test_an_empty_stage2_training_split_is_an_error():
 def test_a_record_after_one_of_the_users_queries_is_refused():
     early = records("u", 3)
     later = records("u", 5)  # a second query whose profile runs two days past the first query
-    ds = LampDataset(task="LaMP_2N", source="q.json", queries=[
-        Query(id="q1", input=SPEC.make_input(text="x"), profile=early, user_id="u", output="travel"),
-        Query(id="q2", input=SPEC.make_input(text="y"), profile=later, user_id="u", output="travel"),
-    ])
+    ds = LampDataset(
+        task="LaMP_2N",
+        source="q.json",
+        queries=[
+            Query(id="q1", input=SPEC.make_input(text="x"), profile=early, user_id="u", output="travel"),
+            Query(id="q2", input=SPEC.make_input(text="y"), profile=later, user_id="u", output="travel"),
+        ],
+    )
     with pytest.raises(LampDataError, match=r"q\.json, record 'u-3', field 'date'.*user 'u'.*after query 'q1'"):
         make_splits(ds, SPEC, stage2_users=1)
 

@@ -1,4 +1,5 @@
 """bench/synthetic_sweep.py: seeds aggregate into mean, sd and paired differences; partial reports merge."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -20,13 +21,22 @@ def bench_script(name: str):
 
 sweep = bench_script("synthetic_sweep")
 
-SPEC = {"data": {"d": "--users 10"}, "common": ["stage2.epochs=5"],
-        "runs": [{"name": f"A-s{i}", "data": "d", "set": [f"seed={i}"]} for i in range(3)]}
+SPEC = {
+    "data": {"d": "--users 10"},
+    "common": ["stage2.epochs=5"],
+    "runs": [{"name": f"A-s{i}", "data": "d", "set": [f"seed={i}"]} for i in range(3)],
+}
 
 
 def row(base, tapper, lam0, tapper_drift, lam0_drift):
-    return {"base": base, "tap-per": tapper, "lambda0": lam0, "tap-per@drifting": tapper_drift,
-            "lambda0@drifting": lam0_drift, "seconds": 60}
+    return {
+        "base": base,
+        "tap-per": tapper,
+        "lambda0": lam0,
+        "tap-per@drifting": tapper_drift,
+        "lambda0@drifting": lam0_drift,
+        "seconds": 60,
+    }
 
 
 def part(tmp_path: Path, name: str, results: dict, common=None) -> Path:
@@ -75,13 +85,21 @@ def test_merge_command_writes_the_combined_report(tmp_path):
 def test_collect_reports_the_finished_runs_of_a_stopped_sweep(tmp_path):
     """What `tapper experiment` leaves in a sweep's work dir: a finished run, one stopped mid-way
     (metrics.json still lists pending variants) and one never started."""
+
     def metrics(name: str, accuracies: dict, pending: list[str]) -> None:
         run = tmp_path / "runs" / name
         run.mkdir(parents=True)
-        (run / "metrics.json").write_text(json.dumps({
-            "variants": {v: {"accuracy": a} for v, a in accuracies.items()}, "pending": pending, "seconds": 700.4,
-            "groups": {v: {"drifting": {"accuracy": a - 0.1, "n": 40}} for v, a in accuracies.items()},
-            "details": {"tap-per": {"lambda_t": 0.5, "lambda_o": 0.5}}}))
+        (run / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "variants": {v: {"accuracy": a} for v, a in accuracies.items()},
+                    "pending": pending,
+                    "seconds": 700.4,
+                    "groups": {v: {"drifting": {"accuracy": a - 0.1, "n": 40}} for v, a in accuracies.items()},
+                    "details": {"tap-per": {"lambda_t": 0.5, "lambda_o": 0.5}},
+                }
+            )
+        )
 
     metrics("A-s0", {"base": 0.4, "tap-per": 0.62, "lambda0": 0.6}, [])
     metrics("A-s1", {"base": 0.41}, ["tap-per", "lambda0"])
@@ -91,7 +109,10 @@ def test_collect_reports_the_finished_runs_of_a_stopped_sweep(tmp_path):
     assert sweep.main([str(spec_file), "--collect", "--work", str(tmp_path), "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert list(report["results"]) == ["A-s0"] and report["not_finished"] == ["A-s1", "A-s2"]
-    assert report["results"]["A-s0"]["tap-per@drifting"] == pytest.approx(0.52) and report["results"]["A-s0"]["seconds"] == 700
+    assert (
+        report["results"]["A-s0"]["tap-per@drifting"] == pytest.approx(0.52)
+        and report["results"]["A-s0"]["seconds"] == 700
+    )
     assert [r["name"] for r in report["spec"]["runs"]] == ["A-s0"]  # merges with a later report of the rest
     assert report["by_group"]["A"]["tap-per_minus_base"]["per_seed"] == pytest.approx([0.22])
     with pytest.raises(SystemExit):

@@ -1,4 +1,5 @@
 """Task specs: names, labels, LaMP templates, and the text every method sees."""
+
 from __future__ import annotations
 
 import pytest
@@ -31,13 +32,16 @@ def test_lamp_templates_verbatim():
         "Which category does this article relate to among the following categories? Just answer with the "
         "category name without further explanation. categories: [travel, education, parents, style & beauty, "
         "entertainment, food & drink, science & technology, business, sports, healthy living, women, politics, "
-        "crime, culture & arts, religion] article: X")
+        "crime, culture & arts, religion] article: X"
+    )
     assert get_task("LaMP_3").make_input(text="ok") == (
         "What is the score of the following review on a scale of 1 to 5? just answer with 1, 2, 3, 4, or 5 "
-        "without further explanation. review: ok")
+        "without further explanation. review: ok"
+    )
     assert get_task("LaMP_1").make_input(title="T", ref1="A", ref2="B") == (
         'For an author who has written the paper with the title "T", which reference is related? Just answer '
-        'with "[1]" or "[2]" without explanation. [1]: "A" [2]: "B"')
+        'with "[1]" or "[2]" without explanation. [1]: "A" [2]: "B"'
+    )
     assert get_task("LaMP_5").make_input(abstract="Ab") == "Generate a title for the following abstract of a paper: Ab"
 
 

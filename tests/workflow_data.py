@@ -1,4 +1,5 @@
 """A tiny synthetic LaMP_2N dataset for the workflow tests (written with tapper.data's own writers)."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -12,8 +13,9 @@ from tapper.data.types import LampDataset, Query, Record
 WORDS = ["market", "team", "recipe", "vote", "school", "flight", "court", "film", "church", "gene", "diet", "style"]
 
 
-def make_lamp_2n(directory: Path, users: int = 8, records: int = 6, queries: int = 2, seed: int = 0,
-                 n_favorites: int = 4) -> tuple[Path, Path]:
+def make_lamp_2n(
+    directory: Path, users: int = 8, records: int = 6, queries: int = 2, seed: int = 0, n_favorites: int = 4
+) -> tuple[Path, Path]:
     """Users favour one of `n_favorites` categories (80% of their records); queries ask for the favourite."""
     rng = random.Random(seed)
     labels = list(LAMP_2N_LABELS)
@@ -26,14 +28,27 @@ def make_lamp_2n(directory: Path, users: int = 8, records: int = 6, queries: int
             cat = fav if rng.random() < 0.8 else rng.choice(labels)
             words = " ".join(rng.choice(WORDS) for _ in range(6))
             day += dt.timedelta(days=rng.randint(1, 20))
-            profile.append(Record(id=f"u{u}r{r}", fields={"text": f"{cat} {words}", "title": words[:20], "category": cat},
-                                  date=day, raw_date=day.isoformat()))
+            profile.append(
+                Record(
+                    id=f"u{u}r{r}",
+                    fields={"text": f"{cat} {words}", "title": words[:20], "category": cat},
+                    date=day,
+                    raw_date=day.isoformat(),
+                )
+            )
         for k in range(queries):
             text = " ".join(rng.choice(WORDS) for _ in range(6))
             from tapper.data import get_task
 
-            ds.queries.append(Query(id=f"q{u}-{k}", input=get_task("LaMP_2N").make_input(text=text), profile=profile,
-                                    user_id=f"user{u}", output=fav))
+            ds.queries.append(
+                Query(
+                    id=f"q{u}-{k}",
+                    input=get_task("LaMP_2N").make_input(text=text),
+                    profile=profile,
+                    user_id=f"user{u}",
+                    output=fav,
+                )
+            )
     directory.mkdir(parents=True, exist_ok=True)
     q = write_questions(ds, directory / "questions.json")
     o = write_outputs("LaMP_2N", {x.id: x.output for x in ds.queries}, directory / "outputs.json")
@@ -58,10 +73,16 @@ def isolated_workflow(tmp: Path):
     import os
 
     env = {
-        "ZENML_CONFIG_PATH": str(tmp / "zenml-config"), "ZENML_LOCAL_STORES_PATH": str(tmp / "zenml-stores"),
-        "TAPPER_HOME": str(tmp / "project"), "TAPPER_CACHE": str(tmp / "tapper-cache"),
-        "ZENML_ANALYTICS_OPT_IN": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "ZENML_AUTO_OPEN_DASHBOARD": "false",
-        "HF_HUB_OFFLINE": "1", "ZENML_ENABLE_RICH_TRACEBACK": "false", "ZENML_LOGGING_VERBOSITY": "WARN",
+        "ZENML_CONFIG_PATH": str(tmp / "zenml-config"),
+        "ZENML_LOCAL_STORES_PATH": str(tmp / "zenml-stores"),
+        "TAPPER_HOME": str(tmp / "project"),
+        "TAPPER_CACHE": str(tmp / "tapper-cache"),
+        "ZENML_ANALYTICS_OPT_IN": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "ZENML_AUTO_OPEN_DASHBOARD": "false",
+        "HF_HUB_OFFLINE": "1",
+        "ZENML_ENABLE_RICH_TRACEBACK": "false",
+        "ZENML_LOGGING_VERBOSITY": "WARN",
     }
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

@@ -27,12 +27,29 @@ open, like the paged user table's (tapper.model.paged_table): a crash leaves not
 is freed when the last store that shares its unread users is gone. Its pages are page cache, which the kernel
 writes back and reclaims under pressure, not anonymous memory.
 """
-from deploy.histories.files import (HISTORIES_FILE, LEGACY_HISTORIES_FILE, histories_file, read_histories_dir,
-                                    write_histories)
+
+from deploy.histories.files import (
+    HISTORIES_FILE,
+    LEGACY_HISTORIES_FILE,
+    histories_file,
+    read_histories_dir,
+    write_histories,
+)
 from deploy.histories.records import HistoryError, histories_from_json, record_from_json
 from deploy.histories.spool import HistorySpoolError
 from deploy.histories.store import HistoryStore, histories_to_json, merge_histories
 
-__all__ = ["HISTORIES_FILE", "LEGACY_HISTORIES_FILE", "HistoryError", "HistorySpoolError", "HistoryStore",
-           "histories_file", "histories_from_json", "histories_to_json", "merge_histories", "read_histories_dir",
-           "record_from_json", "write_histories"]
+__all__ = [
+    "HISTORIES_FILE",
+    "LEGACY_HISTORIES_FILE",
+    "HistoryError",
+    "HistorySpoolError",
+    "HistoryStore",
+    "histories_file",
+    "histories_from_json",
+    "histories_to_json",
+    "merge_histories",
+    "read_histories_dir",
+    "record_from_json",
+    "write_histories",
+]

@@ -1,4 +1,5 @@
 """One user's line of a history file (JSON lines), kept unread until the user is first read."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,18 @@ class _Unread:
 
     __slots__ = ("user", "source", "_lineno", "line", "parsed", "spool", "index", "chronological")
 
-    def __init__(self, user: str, source: str, lineno: int | None = None, *, line: str | None = None,
-                 parsed: list | None = None, spool: _Spool | None = None, index: int = -1, chronological: bool = False):
+    def __init__(
+        self,
+        user: str,
+        source: str,
+        lineno: int | None = None,
+        *,
+        line: str | None = None,
+        parsed: list | None = None,
+        spool: _Spool | None = None,
+        index: int = -1,
+        chronological: bool = False,
+    ):
         self.user, self.source, self._lineno, self.chronological = user, source, lineno, chronological
         self.line, self.parsed, self.spool, self.index = line, parsed, spool, index
 
@@ -67,8 +78,16 @@ class _Unread:
         return _user_line(self.user, self.parsed)
 
     def sorted_on_read(self) -> "_Unread":
-        return _Unread(self.user, self.source, self._lineno, line=self.line, parsed=self.parsed, spool=self.spool,
-                       index=self.index, chronological=True)
+        return _Unread(
+            self.user,
+            self.source,
+            self._lineno,
+            line=self.line,
+            parsed=self.parsed,
+            spool=self.spool,
+            index=self.index,
+            chronological=True,
+        )
 
 
 _user_line = user_line  # the core's line format (tapper.data.history_file)
@@ -77,12 +96,14 @@ _user_line = user_line  # the core's line format (tapper.data.history_file)
 def _line_records(obj: Any, where: str) -> tuple[str, list]:
     """(user, items) of one parsed line, checked."""
     if not isinstance(obj, dict):
-        raise HistoryError(f"{where}: expected an object {{\"user\": ..., \"records\": [...]}}, got {type(obj).__name__}")
+        raise HistoryError(f'{where}: expected an object {{"user": ..., "records": [...]}}, got {type(obj).__name__}')
     user, items = obj.get("user"), obj.get("records")
     if not isinstance(user, str) or not user:
         raise HistoryError(f"{where}, field 'user': expected the user id (a non-empty string), got {user!r}")
     if not isinstance(items, list):
-        raise HistoryError(f"{where}, user {user!r}, field 'records': expected a list of records, got {type(items).__name__}")
+        raise HistoryError(
+            f"{where}, user {user!r}, field 'records': expected a list of records, got {type(items).__name__}"
+        )
     return user, items
 
 

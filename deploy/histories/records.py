@@ -1,4 +1,5 @@
 """A stored history record as JSON (a LaMP profile item) and back; the error every malformed stored history raises."""
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -27,7 +28,6 @@ def record_from_json(item: Mapping[str, Any], where: str = "record") -> Record:
 
 def _records_from_json(user: str, items: list, where: str) -> list[Record]:
     return [record_from_json(r, f"{where}, user {user!r} record [{i}]") for i, r in enumerate(items)]
-
 
 
 def _checked_top_level(obj: Any, where: str) -> dict[str, list]:

@@ -3,6 +3,7 @@
 Kept as text, unread users' lines cost about the file's size in anonymous memory; a spool keeps per line only
 where it is (16 bytes) and reads it back with os.pread when the user is first read or the store is written.
 """
+
 from __future__ import annotations
 
 import errno
@@ -39,8 +40,9 @@ class _Spool:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
         except OSError as err:
-            raise HistorySpoolError(f"history spool dir {directory}: cannot create a spool file for {source} "
-                                    f"({err.strerror or err})") from err
+            raise HistorySpoolError(
+                f"history spool dir {directory}: cannot create a spool file for {source} ({err.strerror or err})"
+            ) from err
         try:
             # The name is not needed any more: the descriptor keeps the file, and a crash leaves nothing behind.
             os.unlink(path)
@@ -79,8 +81,10 @@ class _Spool:
 
     def _write_error(self, err: OSError) -> HistorySpoolError:
         hint = " (disk full)" if err.errno == errno.ENOSPC else ""
-        return HistorySpoolError(f"history spool dir {self.directory}: cannot copy {self.source} into a spool file "
-                                 f"({err.strerror or err}){hint}")
+        return HistorySpoolError(
+            f"history spool dir {self.directory}: cannot copy {self.source} into a spool file "
+            f"({err.strerror or err}){hint}"
+        )
 
     def line(self, index: int) -> str:
         return self.read(self.ends[index], self.ends[index + 1], index).decode("utf-8")
@@ -115,4 +119,4 @@ class _BlockReader:
             # A block from this line on (the line whole, even when it is longer than a block).
             block_end = max(end, min(spool.ends[-1], start + _SPOOL_READ_BLOCK))
             self.spool, self.start, self.data = spool, start, spool.read(start, block_end, index)
-        return self.data[start - self.start: end - self.start].decode("utf-8")
+        return self.data[start - self.start : end - self.start].decode("utf-8")

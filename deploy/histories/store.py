@@ -1,12 +1,20 @@
 """HistoryStore: {user_id: [Record]} read from a history file, each user converted the first time it is read."""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any, Iterator, Mapping, MutableMapping, Sequence
 
-from deploy.histories.lines import (_BlockReader, _Unread, _check_first, _decoded, _text_mode_lines, _user_line,
-                                    _user_of_line)
+from deploy.histories.lines import (
+    _BlockReader,
+    _Unread,
+    _check_first,
+    _decoded,
+    _text_mode_lines,
+    _user_line,
+    _user_of_line,
+)
 from deploy.histories.records import HistoryError, _checked_top_level
 from deploy.histories.spool import HistorySpoolError, _Spool
 from tapper.data.chronology import sort_chronologically
@@ -19,7 +27,6 @@ def histories_to_json(histories: Mapping[str, Sequence[Record]]) -> dict[str, li
     if isinstance(histories, HistoryStore):
         return histories.to_json()
     return {str(u): [record_to_json(r) for r in recs] for u, recs in histories.items()}
-
 
 
 class HistoryStore(MutableMapping[str, list[Record]]):
@@ -104,13 +111,19 @@ class HistoryStore(MutableMapping[str, list[Record]]):
         return out
 
     def to_json(self) -> dict[str, list[dict]]:
-        return {u: v.items() if isinstance(v, _Unread) else [record_to_json(r) for r in v] for u, v in self._users.items()}
+        return {
+            u: v.items() if isinstance(v, _Unread) else [record_to_json(r) for r in v] for u, v in self._users.items()
+        }
 
     def lines(self) -> Iterator[str]:
         """The store as JSON lines, one user each; unread users' lines pass through as they were read."""
         reader = _BlockReader()  # spooled lines are read a block at a time
         for user, value in self._users.items():
-            yield value.as_line(reader) if isinstance(value, _Unread) else _user_line(user, [record_to_json(r) for r in value])
+            yield (
+                value.as_line(reader)
+                if isinstance(value, _Unread)
+                else _user_line(user, [record_to_json(r) for r in value])
+            )
 
     def unread(self) -> int:
         """Users whose items have not been converted yet."""

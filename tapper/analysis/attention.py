@@ -8,6 +8,7 @@ the same weights), plus any other trained models passed in (e.g. the
 column per history record in chronological order, labelled with the record's
 answer field and its age.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,7 +58,11 @@ def attention_summary(model, encoder, examples: list[Example], last: int = 5, ba
                 top += float(alpha[j, :k].max())
                 recent += float(alpha[j, max(0, k - last) : k].sum())
                 n += 1
-    return {"queries": n, "mean_max_alpha": round(top / max(n, 1), 4), f"mean_alpha_last{last}": round(recent / max(n, 1), 4)}
+    return {
+        "queries": n,
+        "mean_max_alpha": round(top / max(n, 1), 4),
+        f"mean_alpha_last{last}": round(recent / max(n, 1), 4),
+    }
 
 
 def summaries(model, encoder, examples: list[Example], others: dict[str, object] | None = None) -> dict[str, dict]:
@@ -72,7 +77,10 @@ def summaries(model, encoder, examples: list[Example], others: dict[str, object]
 
 def case_study(model, encoder, task, example: Example, others: dict[str, object] | None = None) -> dict:
     """Rows of α: 'with temporal bias', 'bias off (same weights)', and one per model in `others`."""
-    rows = {f"TAP-PER (λ_t={float(model.prefix.lambda_t.detach()):.2f}, λ_o={float(model.prefix.lambda_o.detach()):.2f})": attention_weights(model, encoder, example)}
+    rows = {
+        f"TAP-PER (λ_t={float(model.prefix.lambda_t.detach()):.2f}, "
+        f"λ_o={float(model.prefix.lambda_o.detach()):.2f})": attention_weights(model, encoder, example)
+    }
     with temporal_bias_off(model):
         rows["same weights, λ_t=λ_o=0"] = attention_weights(model, encoder, example)
     for name, other in (others or {}).items():
@@ -82,8 +90,16 @@ def case_study(model, encoder, task, example: Example, others: dict[str, object]
     records = [hist[i] for i in keep.history_ids]
     answer = task.target_field
     labels = [f"{(r.fields.get(answer) or r.id)[:18]} (-{int(d)}d)" for r, d in zip(records, keep.dt)]
-    return {"query_id": example.id, "user_id": example.user_id, "gold": example.target, "input": example.input[-200:],
-            "records": [r.id for r in records], "labels": labels, "dt_days": keep.dt, "rows": rows}
+    return {
+        "query_id": example.id,
+        "user_id": example.user_id,
+        "gold": example.target,
+        "input": example.input[-200:],
+        "records": [r.id for r in records],
+        "labels": labels,
+        "dt_days": keep.dt,
+        "rows": rows,
+    }
 
 
 def plot_case_study(study: dict, path: str | Path, max_records: int = 40) -> Path:
@@ -123,8 +139,15 @@ def pick_query(examples: list[Example], predictions: dict[str, dict[str, str]] |
     return max(examples, key=lambda e: len(e.history))
 
 
-def case_study_from_run(run_dir: str | Path, questions, outputs, task_name: str | None = None, variant: str = "tap-per",
-                        query_id: str | None = None, out_dir: str | Path | None = None) -> tuple[dict, list[Path]]:
+def case_study_from_run(
+    run_dir: str | Path,
+    questions,
+    outputs,
+    task_name: str | None = None,
+    variant: str = "tap-per",
+    query_id: str | None = None,
+    out_dir: str | Path | None = None,
+) -> tuple[dict, list[Path]]:
     """Load a `tapper experiment` output directory and write attention.png + attention.json.
 
     Returns the study (what attention.json holds) and the two files."""
@@ -141,7 +164,9 @@ def case_study_from_run(run_dir: str | Path, questions, outputs, task_name: str 
     encoder = encoder_for(model, data.task, bb.tokenizer, embedding_cache(bb))
     others = {}
     if variant == "tap-per" and (run_dir / "tapper" / "lambda0").exists():
-        others["trained without bias (lambda0)"] = TapPer.load(run_dir / "tapper" / "lambda0", load_backbone_dir(run_dir / "stage1").model)
+        others["trained without bias (lambda0)"] = TapPer.load(
+            run_dir / "tapper" / "lambda0", load_backbone_dir(run_dir / "stage1").model
+        )
     preds = {}
     for v in ("tap-per", "lambda0"):
         p = run_dir / "predictions" / f"{v}.json"

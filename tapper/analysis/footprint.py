@@ -12,6 +12,7 @@ n+1 and n users; the shared cost is what is left. Totals for 100 ...
 building the modules for a few populations (on meta, no allocation).
 Backbone weights are shared by every method and reported separately.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,8 +31,16 @@ USER_COUNTS = (100, 1_000, 10_000, 100_000, 1_000_000)
 CHECK_USERS = (1, 2, 100, 1000)  # populations actually built (meta) to measure and check linearity
 
 # Published configuration of Llama-3.1-8B (the paper's backbone), for comparing with its 4.4 numbers.
-LLAMA31_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, tie_word_embeddings=False)
+LLAMA31_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=131072,
+    tie_word_embeddings=False,
+)
 
 
 def backbone_config(spec: str) -> PretrainedConfig:
@@ -91,7 +100,9 @@ def tapper_state_numel(config: PretrainedConfig, cfg: Stage2Config, n_users: int
     return n
 
 
-def oppu_state_numel(config: PretrainedConfig, r: int = 8, alpha: int = 8, targets=("q_proj", "v_proj"), n_users: int = 1) -> int:
+def oppu_state_numel(
+    config: PretrainedConfig, r: int = 8, alpha: int = 8, targets=("q_proj", "v_proj"), n_users: int = 1
+) -> int:
     """Numel of OPPU's stored adapters for n users: one LoRA (r on targets) per user."""
     return n_users * lora_numel(config, r, alpha, targets)
 
@@ -120,8 +131,13 @@ def _measure(count, users=CHECK_USERS) -> MethodFootprint:
     return MethodFootprint(per_user=per_user, shared=shared, measured=measured)
 
 
-def footprint(spec: str = "smollm2", stage2: Stage2Config | None = None, oppu_r: int = 8,
-              oppu_targets=("q_proj", "v_proj"), user_counts=USER_COUNTS) -> dict:
+def footprint(
+    spec: str = "smollm2",
+    stage2: Stage2Config | None = None,
+    oppu_r: int = 8,
+    oppu_targets=("q_proj", "v_proj"),
+    user_counts=USER_COUNTS,
+) -> dict:
     """Per-user, shared and total stored parameters of each method for each population size."""
     config = backbone_config(spec)
     s2 = stage2 or Stage2Config()
@@ -139,15 +155,26 @@ def footprint(spec: str = "smollm2", stage2: Stage2Config | None = None, oppu_r:
         "bridge": {"r": s2.bridge_r, "targets": list(s2.target_modules)},
         "oppu_lora": {"r": oppu_r, "targets": list(oppu_targets)},
         "users": list(user_counts),
-        "methods": {k: {"per_user": m.per_user, "shared": m.shared, "measured": {str(n): v for n, v in m.measured.items()},
-                        "total": [m.total(n) for n in user_counts]} for k, m in methods.items()},
-        "note": "stored personalization parameters (checkpoint numel), backbone excluded; per-user = state(n+1) - state(n) "
-                "of modules built on the meta device; totals = shared + N * per_user",
+        "methods": {
+            k: {
+                "per_user": m.per_user,
+                "shared": m.shared,
+                "measured": {str(n): v for n, v in m.measured.items()},
+                "total": [m.total(n) for n in user_counts],
+            }
+            for k, m in methods.items()
+        },
+        "note": "stored personalization parameters (checkpoint numel), backbone excluded; per-user = state(n+1) - "
+        "state(n) "
+        "of modules built on the meta device; totals = shared + N * per_user",
     }
     tp, op = methods["tap-per"].per_user, methods["oppu"].per_user
     out["oppu_over_tapper_per_user"] = round(op / tp, 2) if tp else None
     i = list(user_counts).index(1000) if 1000 in user_counts else 0
-    out["tapper_over_oppu_total_at"] = {"users": user_counts[i], "ratio": round(methods["tap-per"].total(user_counts[i]) / methods["oppu"].total(user_counts[i]), 4)}
+    out["tapper_over_oppu_total_at"] = {
+        "users": user_counts[i],
+        "ratio": round(methods["tap-per"].total(user_counts[i]) / methods["oppu"].total(user_counts[i]), 4),
+    }
     return out
 
 
@@ -164,8 +191,14 @@ def plot_footprint(result: dict | list[dict], path: str | Path) -> Path:
     for ax, res in zip(axes[0], results):
         for name, m in res["methods"].items():
             color, ls = styles.get(name, (None, "-"))
-            ax.plot(res["users"], [max(t, 1) for t in m["total"]], ls, color=color, marker="o",
-                    label=f"{name} ({m['per_user']:,}/user)")
+            ax.plot(
+                res["users"],
+                [max(t, 1) for t in m["total"]],
+                ls,
+                color=color,
+                marker="o",
+                label=f"{name} ({m['per_user']:,}/user)",
+            )
         ax.axhline(res["backbone_params"], color="gray", lw=0.8, ls=":", label=f"backbone ({res['backbone_params']:,})")
         ax.set_xscale("log")
         ax.set_yscale("log")

@@ -13,6 +13,7 @@ by method columns, is added). Sections, each only when its variants ran:
 - user groups (e.g. drifting vs stable users of the synthetic data);
 - footprint / timing plots, when those JSON results are passed.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,12 +21,33 @@ import re
 from pathlib import Path
 
 LOWER_IS_BETTER = {"mae", "rmse"}
-COMPARISON_ORDER = ["base", "rag-k1", "rag-k2", "rag-k4", "pag-k0", "pag-k1", "oppu", "oppu-rag", "oppu-pag", "pq-only", "tap-per"]
+COMPARISON_ORDER = [
+    "base",
+    "rag-k1",
+    "rag-k2",
+    "rag-k4",
+    "pag-k0",
+    "pag-k1",
+    "oppu",
+    "oppu-rag",
+    "oppu-pag",
+    "pq-only",
+    "tap-per",
+]
 ABLATION_ORDER = ["tap-per", "no-bridge", "no-pq", "no-pu", "lambda-t0", "lambda-o0", "lambda0", "base"]
 LABELS = {
-    "base": "Base (Stage 1)", "pq-only": "TAP-PER P_q-only", "tap-per": "TAP-PER (full)", "no-bridge": "-bridge",
-    "no-pq": "-P_q", "no-pu": "-P_u", "lambda-t0": "λ_t=0", "lambda-o0": "λ_o=0", "lambda0": "λ_t=λ_o=0",
-    "oppu": "OPPU", "oppu-rag": "OPPU +rag", "oppu-pag": "OPPU +pag",
+    "base": "Base (Stage 1)",
+    "pq-only": "TAP-PER P_q-only",
+    "tap-per": "TAP-PER (full)",
+    "no-bridge": "-bridge",
+    "no-pq": "-P_q",
+    "no-pu": "-P_u",
+    "lambda-t0": "λ_t=0",
+    "lambda-o0": "λ_o=0",
+    "lambda0": "λ_t=λ_o=0",
+    "oppu": "OPPU",
+    "oppu-rag": "OPPU +rag",
+    "oppu-pag": "OPPU +pag",
 }
 
 
@@ -80,8 +102,9 @@ def _ordered(names, order) -> list[str]:
     return [n for n in order if n in names]
 
 
-def markdown_table(rows: list[str], metrics: dict, columns: list[str], extra: dict[str, list[str]] | None = None,
-                   mark: bool = True) -> str:
+def markdown_table(
+    rows: list[str], metrics: dict, columns: list[str], extra: dict[str, list[str]] | None = None, mark: bool = True
+) -> str:
     """Variants as rows, metrics as columns; best per metric in bold, second underlined."""
     variants = metrics["variants"]
     head = ["method"] + [f"{m} {arrow(m)}" for m in columns] + list((extra or {}).keys())
@@ -123,6 +146,7 @@ def sensitivity(metrics: dict, kind: str) -> list[tuple[str, str]]:
 
 # --- plots --------------------------------------------------------------------------------
 
+
 def _plt():
     import matplotlib
 
@@ -139,7 +163,9 @@ def plot_bars(metrics: dict, names: list[str], path: Path, title: str) -> Path:
     for ax, m in zip(axes[0], cols):
         vals = [metrics["variants"][n].get(m) or 0.0 for n in names]
         best = (max if higher_is_better(m) else min)(vals) if vals else None
-        colors = ["tab:red" if n in ("tap-per", "pq-only") else "tab:gray" if n == "base" else "tab:blue" for n in names]
+        colors = [
+            "tab:red" if n in ("tap-per", "pq-only") else "tab:gray" if n == "base" else "tab:blue" for n in names
+        ]
         bars = ax.bar(range(len(names)), vals, color=colors)
         for b, v in zip(bars, vals):
             if v == best:
@@ -199,39 +225,65 @@ def plot_losses(metrics: dict, path: Path) -> Path | None:
 
 # --- the report ---------------------------------------------------------------------------
 
+
 def task_section(metrics: dict, out_dir: Path, stem: str) -> tuple[list[str], list[Path]]:
     names = list(metrics["variants"])
     cols = metric_names(metrics)
     md, files = [], []
     d = metrics.get("data", {})
-    head = metrics["task"] if section_name(metrics) == metrics["task"] else f"{section_name(metrics)}: {metrics['task']}"
+    head = (
+        metrics["task"] if section_name(metrics) == metrics["task"] else f"{section_name(metrics)}: {metrics['task']}"
+    )
     md.append(f"## {head} ({metrics.get('backbone', '?')} backbone)\n")
     if d:
-        md.append(f"Users: {d.get('users')} ({d.get('stage1_users')} Stage 1, {d.get('stage2_users')} Stage 2 / evaluated); "
-                  f"Stage-2 examples: {d.get('stage2_examples')}; evaluation queries: {d.get('eval_queries')}. "
-                  f"Run time: {metrics.get('seconds', '?')} s.\n")
+        md.append(
+            f"Users: {d.get('users')} ({d.get('stage1_users')} Stage 1, {d.get('stage2_users')} Stage 2 / evaluated); "
+            f"Stage-2 examples: {d.get('stage2_examples')}; evaluation queries: {d.get('eval_queries')}. "
+            f"Run time: {metrics.get('seconds', '?')} s.\n"
+        )
     if metrics.get("pending"):
         # A run stopped midway keeps the metrics of what it finished (tapper experiment rewrites
         # metrics.json after each variant); say so rather than present a partial table as complete.
-        md.append(f"**Incomplete run:** stopped before {', '.join(metrics['pending'])}; only the finished variants are shown.\n")
-    comp = _ordered(names, COMPARISON_ORDER) + [n for n in names if n not in COMPARISON_ORDER and n not in ABLATION_ORDER
-                                                   and not re.fullmatch(r"bm25-k\d+|L-?\d+|rag-k\d+|pag-k\d+", n)]
+        md.append(
+            f"**Incomplete run:** stopped before {', '.join(metrics['pending'])}; only the finished variants are "
+            "shown.\n"
+        )
+    comp = _ordered(names, COMPARISON_ORDER) + [
+        n
+        for n in names
+        if n not in COMPARISON_ORDER
+        and n not in ABLATION_ORDER
+        and not re.fullmatch(r"bm25-k\d+|L-?\d+|rag-k\d+|pag-k\d+", n)
+    ]
     comp += sorted((n for n in names if re.fullmatch(r"(rag|pag)-k\d+", n) and n not in COMPARISON_ORDER))
     if comp:
         md.append("### Comparison (same backbone, same split)\n")
-        md.append(markdown_table(comp, metrics, cols, {"per-user params": _params(metrics, comp), "seconds": _seconds(metrics, comp)}))
-        md.append("\n**Bold**: best per metric; <u>underlined</u>: second best. Per-user params: parameters stored per user "
-                  "(0 for prompt-based methods, which store text).\n")
-        files.append(plot_bars(metrics, comp, out_dir / f"{stem}comparison.png", f"{section_name(metrics)}: comparison"))
+        md.append(
+            markdown_table(
+                comp, metrics, cols, {"per-user params": _params(metrics, comp), "seconds": _seconds(metrics, comp)}
+            )
+        )
+        md.append(
+            "\n**Bold**: best per metric; <u>underlined</u>: second best. Per-user params: parameters stored per user "
+            "(0 for prompt-based methods, which store text).\n"
+        )
+        files.append(
+            plot_bars(metrics, comp, out_dir / f"{stem}comparison.png", f"{section_name(metrics)}: comparison")
+        )
         md.append(f"![comparison]({files[-1].name})\n")
     abl = _ordered(names, ABLATION_ORDER)
     if len([a for a in abl if a not in ("tap-per", "base")]) >= 1:
         md.append("### Ablation\n")
         md.append(markdown_table(abl, metrics, cols, {"per-user params": _params(metrics, abl)}))
-        lam = {k: (v.get("lambda_t"), v.get("lambda_o")) for k, v in metrics.get("details", {}).items() if "lambda_t" in v}
+        lam = {
+            k: (v.get("lambda_t"), v.get("lambda_o")) for k, v in metrics.get("details", {}).items() if "lambda_t" in v
+        }
         if lam:
-            md.append("\nLearned temporal coefficients: " + "; ".join(
-                f"{label(k)} λ_t={t:.3f}, λ_o={o:.3f}" for k, (t, o) in lam.items() if t is not None) + "\n")
+            md.append(
+                "\nLearned temporal coefficients: "
+                + "; ".join(f"{label(k)} λ_t={t:.3f}, λ_o={o:.3f}" for k, (t, o) in lam.items() if t is not None)
+                + "\n"
+            )
         files.append(plot_bars(metrics, abl, out_dir / f"{stem}ablation.png", f"{section_name(metrics)}: ablation"))
         md.append(f"![ablation]({files[-1].name})\n")
     for kind, heading in (("bm25", "BM25 pre-filter k"), ("L", "Prefix length L")):
@@ -269,12 +321,23 @@ def combined_table(all_metrics: list[dict]) -> str:
         for metric in metric_names(mt):
             vals = {m: mt["variants"].get(m, {}).get(metric) for m in methods}
             rk = ranks(vals, metric)
-            lines.append("| " + " | ".join([section_name(mt), f"{metric} {arrow(metric)}"] + [fmt(vals[m], rk.get(m)) for m in methods]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [section_name(mt), f"{metric} {arrow(metric)}"] + [fmt(vals[m], rk.get(m)) for m in methods]
+                )
+                + " |"
+            )
     return "\n".join(lines)
 
 
-def write_report(metrics: dict | list[dict], out_dir: str | Path, footprint: dict | list | None = None,
-                 timing: dict | list | None = None, title: str = "TAP-PER: comparison report") -> list[Path]:
+def write_report(
+    metrics: dict | list[dict],
+    out_dir: str | Path,
+    footprint: dict | list | None = None,
+    timing: dict | list | None = None,
+    title: str = "TAP-PER: comparison report",
+) -> list[Path]:
     """Write `report.md` and its PNGs into `out_dir`; returns [report.md, *pngs]."""
     from tapper.atomic import atomic_write_text
 
@@ -287,12 +350,17 @@ def write_report(metrics: dict | list[dict], out_dir: str | Path, footprint: dic
         md.append("## All tasks (Table-1 layout)\n")
         md.append(combined_table(all_metrics))
         md.append("\n**Bold**: best per row; <u>underlined</u>: second best.\n")
-    stems = ["" if len(all_metrics) == 1 else re.sub(r"[^A-Za-z0-9]+", "_", section_name(mt)).strip("_") + "_" for mt in all_metrics]
+    stems = [
+        "" if len(all_metrics) == 1 else re.sub(r"[^A-Za-z0-9]+", "_", section_name(mt)).strip("_") + "_"
+        for mt in all_metrics
+    ]
     if len(set(stems)) < len(stems):
         # Two runs of one task (e.g. News LaMP-2N and the synthetic data, both LaMP_2N) would overwrite
         # each other's plots and share a heading.
-        raise ValueError(f"report: several metrics files are called {[section_name(m) for m in all_metrics]}; "
-                         "name each one, e.g. `--metrics news=runs/a/metrics.json --metrics synthetic=runs/b/metrics.json`")
+        raise ValueError(
+            f"report: several metrics files are called {[section_name(m) for m in all_metrics]}; "
+            "name each one, e.g. `--metrics news=runs/a/metrics.json --metrics synthetic=runs/b/metrics.json`"
+        )
     for mt, stem in zip(all_metrics, stems):
         sec, f = task_section(mt, out_dir, stem)
         md += sec
@@ -302,11 +370,17 @@ def write_report(metrics: dict | list[dict], out_dir: str | Path, footprint: dic
 
         fps = footprint if isinstance(footprint, list) else [footprint]
         md.append("## Parameter footprint\n")
-        md.append("| backbone | method | per user | shared | total @1k users | total @1M users |\n|---|---|---:|---:|---:|---:|")
+        md.append(
+            "| backbone | method | per user | shared | total @1k users | total @1M users "
+            "|\n|---|---|---:|---:|---:|---:|"
+        )
         for fp in fps:
             for name, m in fp["methods"].items():
                 at = dict(zip(fp["users"], m["total"]))
-                md.append(f"| {fp['backbone']} | {name} | {m['per_user']:,} | {m['shared']:,} | {at.get(1000, 0):,} | {at.get(1_000_000, 0):,} |")
+                md.append(
+                    f"| {fp['backbone']} | {name} | {m['per_user']:,} | {m['shared']:,} | {at.get(1000, 0):,} | "
+                    f"{at.get(1_000_000, 0):,} |"
+                )
         files.append(plot_footprint(fps, out_dir / "footprint.png"))
         md.append(f"\n![footprint]({files[-1].name})\n")
     if timing:
@@ -317,7 +391,10 @@ def write_report(metrics: dict | list[dict], out_dir: str | Path, footprint: dic
         md.append("| backbone | history | OPPU s | TAP-PER (P_u) s | P_q-only s |\n|---|---:|---:|---:|---:|")
         for tm in tms:
             for r in tm["rows"]:
-                md.append(f"| {tm['backbone']} | {r['history']} | {r['oppu_s']:.3f} | {r['tapper_s']:.3f} | {r['pq_only_s']:.1f} |")
+                md.append(
+                    f"| {tm['backbone']} | {r['history']} | {r['oppu_s']:.3f} | {r['tapper_s']:.3f} | "
+                    f"{r['pq_only_s']:.1f} |"
+                )
         files.append(plot_timing(tms, out_dir / "train_time.png"))
         md.append(f"\n![train time]({files[-1].name})\n")
     report = atomic_write_text(out_dir / "report.md", "\n".join(md) + "\n")

@@ -14,6 +14,7 @@ that readout. These measurements say at which stage the difference arises, from 
 
 The measurements are descriptive; bench/core_diagnostics.py writes them as JSON beside the run.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,9 +52,9 @@ def input_report(task, cache, queries: list[Example], max_users: int = 60, seed:
     firsts = [by_user[u] for u in users[:max_users] if by_user[u].history]
     templated = cache.encode([ex.input for ex in queries], progress=False)
     content = cache.encode([task.query_content(ex.input) for ex in queries], progress=False)
-    pooled = torch.stack([
-        _unit_rms(cache.encode([task.record_text(r) for r in ex.history], progress=False)).mean(0) for ex in firsts
-    ])
+    pooled = torch.stack(
+        [_unit_rms(cache.encode([task.record_text(r) for r in ex.history], progress=False)).mean(0) for ex in firsts]
+    )
     centered = pooled - pooled.mean(0)
     return {
         "queries": len(queries),

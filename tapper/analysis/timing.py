@@ -13,6 +13,7 @@ of the optimisation loop only (tokenization and vector caching excluded,
 they are shared by all methods). The data is a synthetic LaMP-2N user so the
 benchmark needs no files.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -28,8 +29,10 @@ from tapper.data.tasks import get_task
 from tapper.data.types import Record
 
 TASK = get_task("LaMP_2N")
-WORDS = ("market team recipe vote school flight court film church gene diet style election storm museum "
-         "startup league vaccine festival budget").split()
+WORDS = (
+    "market team recipe vote school flight court film church gene diet style election storm museum "
+    "startup league vaccine festival budget"
+).split()
 
 
 def synthetic_history(n: int, user: str = "u0", seed: int = 0) -> list[Record]:
@@ -65,9 +68,17 @@ def _best_of(repeats: int, run) -> float:
     return min(times)
 
 
-def time_user_training(backbone_spec: str = "tiny", lengths=(8, 16, 32, 64), epochs: float = 1, batch_size: int = 8,
-                       max_len: int = 128, lr: float = 1e-3, seed: int = 0, threads: int | None = None,
-                       repeats: int = 2) -> dict:
+def time_user_training(
+    backbone_spec: str = "tiny",
+    lengths=(8, 16, 32, 64),
+    epochs: float = 1,
+    batch_size: int = 8,
+    max_len: int = 128,
+    lr: float = 1e-3,
+    seed: int = 0,
+    threads: int | None = None,
+    repeats: int = 2,
+) -> dict:
     from tapper.methods.oppu import lora_parameters
     from tapper.experiment import embedding_cache
     from tapper.model.backbone import load_backbone, load_backbone_dir
@@ -101,32 +112,59 @@ def time_user_training(backbone_spec: str = "tiny", lengths=(8, 16, 32, 64), epo
         params = list(lora_parameters(peft).values())
         pad = fresh.tokenizer.pad_token_id
         peft.train()
-        oppu_s = _best_of(repeats, lambda: train_epochs(
-            items, lambda b: plm.loss(lm_train_batch(b, pad)), [{"params": params, "lr": lr}], epochs, batch_size,
-            seed=seed, progress=False))
-        del peft, plm, fresh
+        oppu_s = _best_of(
+            repeats,
+            lambda: train_epochs(
+                items,
+                lambda b: plm.loss(lm_train_batch(b, pad)),
+                [{"params": params, "lr": lr}],
+                epochs,
+                batch_size,
+                seed=seed,
+                progress=False,
+            ),
+        )
+        peft = plm = fresh = None  # frees the models before the next one loads (the lambdas above have run)
 
         # TAP-PER: the user's row of E only; shared prefix network + bridge frozen (already trained).
         fresh = load_backbone_dir(bb.path)
         cfg = Stage2Config(max_len=max_len, batch_size=batch_size, lr=lr)
         set_seed(seed)
         model = TapPer(fresh.model, ["u0"], cfg)
-        encoded = encoder_for(model, TASK, fresh.tokenizer, embedding_cache(fresh)).encode(examples, model.user_rows, progress=False)
+        encoded = encoder_for(model, TASK, fresh.tokenizer, embedding_cache(fresh)).encode(
+            examples, model.user_rows, progress=False
+        )
         # Only E gets gradients: the shared P_q network and bridge are frozen for a per-user update.
         for name, p in model.named_parameters():
             p.requires_grad_(name == "prefix.user_table.weight")
-        tapper_s = _best_of(repeats, lambda: fit(model, encoded, fresh.tokenizer.pad_token_id, cfg, epochs, seed,
-                                                 which=("user_table",), progress=False))
-        del model, fresh
+        tapper_s = _best_of(
+            repeats,
+            lambda: fit(
+                model, encoded, fresh.tokenizer.pad_token_id, cfg, epochs, seed, which=("user_table",), progress=False
+            ),
+        )
+        model = fresh = None
         if i == 0:
             continue  # the warm-up pass
-        rows.append({"history": n, "examples": len(examples), "oppu_s": round(oppu_s, 4), "tapper_s": round(tapper_s, 4), "pq_only_s": 0.0})
+        rows.append(
+            {
+                "history": n,
+                "examples": len(examples),
+                "oppu_s": round(oppu_s, 4),
+                "tapper_s": round(tapper_s, 4),
+                "pq_only_s": 0.0,
+            }
+        )
     return {
         "backbone": backbone_spec,
-        "epochs": epochs, "batch_size": batch_size, "max_len": max_len, "threads": torch.get_num_threads(),
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "max_len": max_len,
+        "threads": torch.get_num_threads(),
         "rows": rows,
-        "note": "seconds of the per-user optimisation loop; TAP-PER trains only the user's row of E (shared parts fixed); "
-                "P_q-only has no per-user parameters, so no per-user training",
+        "note": "seconds of the per-user optimisation loop; TAP-PER trains only the user's row of E (shared parts "
+        "fixed); "
+        "P_q-only has no per-user parameters, so no per-user training",
     }
 
 
@@ -142,7 +180,9 @@ def plot_timing(results: dict | list[dict], path: str | Path) -> Path:
         xs = [r["history"] for r in res["rows"]]
         ax.plot(xs, [r["oppu_s"] for r in res["rows"]], "o-", color="tab:blue", label="OPPU (LoRA per user)")
         ax.plot(xs, [r["tapper_s"] for r in res["rows"]], "o-", color="tab:red", label="TAP-PER (P_u row only)")
-        ax.plot(xs, [r["pq_only_s"] for r in res["rows"]], "--", color="tab:green", label="P_q-only (no per-user training)")
+        ax.plot(
+            xs, [r["pq_only_s"] for r in res["rows"]], "--", color="tab:green", label="P_q-only (no per-user training)"
+        )
         ax.set_xlabel("history length (records = training examples)")
         ax.set_ylabel(f"seconds per user ({res['epochs']} epoch(s), CPU x{res['threads']})")
         ax.set_title(f"per-user training time, {res['backbone']}")

@@ -6,6 +6,7 @@ that rebuilds it, and what is inside. Each file is written atomically, and
 the dataset is validated before anything is written, so a failed build never
 leaves a partial or invalid directory behind.
 """
+
 from __future__ import annotations
 
 import shlex
@@ -34,8 +35,9 @@ class BuildSummary:
     records: int  # distinct history records over all users
 
     def describe(self) -> str:
-        return (f"{self.task}: {self.users} users, {self.queries} queries, "
-                f"{self.records} history records -> {self.out_dir}")
+        return (
+            f"{self.task}: {self.users} users, {self.queries} queries, {self.records} history records -> {self.out_dir}"
+        )
 
 
 def command_line(kind: str, options: dict[str, Any]) -> str:

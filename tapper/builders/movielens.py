@@ -11,6 +11,7 @@ history records become examples with the same wording.
 Ratings with the same timestamp are ordered by movie id, so builds are
 deterministic. Dates are the UTC calendar date of the Unix timestamp.
 """
+
 from __future__ import annotations
 
 import csv
@@ -113,13 +114,15 @@ def build_movielens_dataset(
             profile = profile[-max_history:]
         records = [_record(r, movies) for r in profile]
         for rating in queries:
-            questions.append(Query(
-                id=f"u{user}-m{rating.movie}",
-                input=MOVIE_RATING_TEMPLATE.format(text=_movie(rating.movie, movies)),
-                profile=records,
-                user_id=f"u{user}",
-                output=rating_label(rating.rating),
-            ))
+            questions.append(
+                Query(
+                    id=f"u{user}-m{rating.movie}",
+                    input=MOVIE_RATING_TEMPLATE.format(text=_movie(rating.movie, movies)),
+                    profile=records,
+                    user_id=f"u{user}",
+                    output=rating_label(rating.rating),
+                )
+            )
     return LampDataset(task="LaMP_3", queries=questions)
 
 
@@ -154,10 +157,17 @@ def build_movielens(
     ratings = read_ratings(source / "ratings.csv", progress=progress)
     movies = read_movies(source / "movies.csv")
     ds = build_movielens_dataset(ratings, movies, queries_per_user, min_history, max_users, max_history)
-    command = command_line("movielens", {
-        "source": source, "out": out, "queries_per_user": queries_per_user, "min_history": min_history,
-        "max_users": max_users, "max_history": max_history,
-    })
+    command = command_line(
+        "movielens",
+        {
+            "source": source,
+            "out": out,
+            "queries_per_user": queries_per_user,
+            "min_history": min_history,
+            "max_users": max_users,
+            "max_history": max_history,
+        },
+    )
     summary = write_build(ds, out, _readme(ds, command, len(ratings)))
     licence_file = source / "README.txt"
     if licence_file.exists():
@@ -180,7 +190,7 @@ In LaMP's file format (questions.json, outputs.json), task LaMP_3.
 ```
 {command}
 ```
-The query is a user's latest rating(s): "{MOVIE_RATING_TEMPLATE.format(text='<title> (<year>) genres: <genres>')}".
+The query is a user's latest rating(s): "{MOVIE_RATING_TEMPLATE.format(text="<title> (<year>) genres: <genres>")}".
 The gold is the rating rounded half up to 1..5 (0.5 -> 1). The profile is the user's earlier
 ratings (most recent `--max-history` kept), each with `text` (the movie), `score` and the UTC `date`.
 

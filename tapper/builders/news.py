@@ -21,6 +21,7 @@ Decisions (the LaMP paper does not spell them out):
 - Record ids are "n" + the first 12 hex digits of the SHA-1 of the article
   link: stable across builds and across the subset and the full file.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -104,11 +105,15 @@ def source_files(source: str | Path) -> list[Path]:
     if source.is_dir():
         files = sorted(p for p in source.iterdir() if p.suffix in (".jsonl", ".json"))
         if not files:
-            raise FileNotFoundError(f"no .jsonl or .json files in {source}; pass --source with the News Category file or its directory")
+            raise FileNotFoundError(
+                f"no .jsonl or .json files in {source}; pass --source with the News Category file or its directory"
+            )
         return files
     if not source.exists():
-        raise FileNotFoundError(f"no News Category data at {source}; pass --source with the file or its directory "
-                                "(the project's copy is ../shared/data/news_category)")
+        raise FileNotFoundError(
+            f"no News Category data at {source}; pass --source with the file or its directory "
+            "(the project's copy is ../shared/data/news_category)"
+        )
     return [source]
 
 
@@ -189,8 +194,15 @@ def build_news_dataset(
         records = [_record(a, task) for a in profile]
         for article in queries:
             gold = CATEGORY_TO_LAMP_2N[article.category] if task == "LaMP_2N" else article.headline
-            questions.append(Query(id=article.record_id, input=spec.make_input(text=article.description),
-                                   profile=records, user_id=author, output=gold))
+            questions.append(
+                Query(
+                    id=article.record_id,
+                    input=spec.make_input(text=article.description),
+                    profile=records,
+                    user_id=author,
+                    output=gold,
+                )
+            )
     return LampDataset(task=task, queries=questions)
 
 
@@ -209,10 +221,18 @@ def build_news(
     files = source_files(source)
     articles = read_articles(files, progress=progress)
     ds = build_news_dataset(articles, task, queries_per_user, min_history, max_users, max_history)
-    command = command_line("news", {
-        "task": task, "source": source, "out": out, "queries_per_user": queries_per_user,
-        "min_history": min_history, "max_users": max_users, "max_history": max_history,
-    })
+    command = command_line(
+        "news",
+        {
+            "task": task,
+            "source": source,
+            "out": out,
+            "queries_per_user": queries_per_user,
+            "min_history": min_history,
+            "max_users": max_users,
+            "max_history": max_history,
+        },
+    )
     return write_build(ds, out, _readme(ds, files, command, len(articles)))
 
 

@@ -25,6 +25,7 @@ What a model can reach: a non-personalized model can at best guess the
 candidate that is most popular over all users (about 0.4-0.5 accuracy here),
 while one that knows the user's current ranking scores 1.0.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -114,8 +115,9 @@ def preferred(ranking: tuple[str, ...], candidates: list[str]) -> str:
     return min(candidates, key=ranking.index)
 
 
-def _article(rng: random.Random, ranking: tuple[str, ...], keywords: dict[str, tuple[str, ...]] = KEYWORDS
-             ) -> tuple[list[str], str, str]:
+def _article(
+    rng: random.Random, ranking: tuple[str, ...], keywords: dict[str, tuple[str, ...]] = KEYWORDS
+) -> tuple[list[str], str, str]:
     """(candidate categories, text, title) of an article the user with `ranking` meets.
 
     With probability _INTEREST_RATE one candidate comes from the user's current
@@ -149,7 +151,7 @@ DRIFT_KINDS = ("swap", "reverse")
 def _drifted(rng: random.Random, before: tuple[str, ...], kind: str = "swap") -> tuple[str, ...]:
     if kind == "reverse":
         return tuple(reversed(before))
-    new_top = rng.sample(before[2 * _DRIFT_SIZE:], _DRIFT_SIZE)
+    new_top = rng.sample(before[2 * _DRIFT_SIZE :], _DRIFT_SIZE)
     old_top = before[:_DRIFT_SIZE]
     middle = [c for c in before if c not in new_top and c not in old_top]
     return tuple(new_top) + tuple(middle) + old_top
@@ -211,15 +213,27 @@ def generate_synthetic(
         for i in range(n):
             candidates, text, title = _article(rng, person.ranking_on(days[i]), keywords)
             answer = preferred(person.ranking_on(days[i]), candidates)
-            fields = ({"text": text, "title": title, "category": answer} if task == "LaMP_2N"
-                      else {"description": f"{title}. {text}", "tag": answer})
+            fields = (
+                {"text": text, "title": title, "category": answer}
+                if task == "LaMP_2N"
+                else {"description": f"{title}. {text}", "tag": answer}
+            )
             records.append(Record(id=f"{user_id}-r{i:03d}", fields=fields, date=days[i], raw_date=days[i].isoformat()))
         for k in range(queries_per_user):
             day = days[n + k]
             candidates, text, title = _article(rng, person.ranking_on(day), keywords)
-            model_input = spec.make_input(text=text) if task == "LaMP_2N" else spec.make_input(description=f"{title}. {text}")
-            questions.append(Query(id=f"{user_id}-q{k}", input=model_input, profile=records,
-                                   user_id=user_id, output=preferred(person.ranking_on(day), candidates)))
+            model_input = (
+                spec.make_input(text=text) if task == "LaMP_2N" else spec.make_input(description=f"{title}. {text}")
+            )
+            questions.append(
+                Query(
+                    id=f"{user_id}-q{k}",
+                    input=model_input,
+                    profile=records,
+                    user_id=user_id,
+                    output=preferred(person.ranking_on(day), candidates),
+                )
+            )
     return LampDataset(task=task, queries=questions), people
 
 
@@ -241,15 +255,24 @@ def build_synthetic(
     drift_kind: str = "swap",
     task: str = "LaMP_2N",
 ) -> BuildSummary:
-    ds, people = generate_synthetic(users, history, queries_per_user, seed, drift_fraction, drift_at, gap_days, drift_kind, task)
+    ds, people = generate_synthetic(
+        users, history, queries_per_user, seed, drift_fraction, drift_at, gap_days, drift_kind, task
+    )
     pairs = {"history": history, "drift_at": drift_at, "gap_days": gap_days}
-    command = command_line("synthetic", {
-        "out": out, "users": users, **{k: f"{v[0]} {v[1]}" for k, v in pairs.items()},
-        "queries_per_user": queries_per_user, "seed": seed, "drift_fraction": drift_fraction,
-        # Written only when not the default, so the command lines of earlier builds read as before.
-        **({"drift_kind": drift_kind} if drift_kind != "swap" else {}),
-        **({"task": task} if task != "LaMP_2N" else {}),
-    })
+    command = command_line(
+        "synthetic",
+        {
+            "out": out,
+            "users": users,
+            **{k: f"{v[0]} {v[1]}" for k, v in pairs.items()},
+            "queries_per_user": queries_per_user,
+            "seed": seed,
+            "drift_fraction": drift_fraction,
+            # Written only when not the default, so the command lines of earlier builds read as before.
+            **({"drift_kind": drift_kind} if drift_kind != "swap" else {}),
+            **({"task": task} if task != "LaMP_2N" else {}),
+        },
+    )
     # Pairs are two numbers on the command line, not one quoted string.
     for v in pairs.values():
         command = command.replace(f"'{v[0]} {v[1]}'", f"{v[0]} {v[1]}")
@@ -259,11 +282,15 @@ def build_synthetic(
     return summary
 
 
-def _readme(ds: LampDataset, people: list[SyntheticUser], command: str, drift_kind: str = "swap",
-            task: str = "LaMP_2N") -> str:
+def _readme(
+    ds: LampDataset, people: list[SyntheticUser], command: str, drift_kind: str = "swap", task: str = "LaMP_2N"
+) -> str:
     drifting = sum(p.drifts for p in people)
-    change = ("reverse their whole ranking" if drift_kind == "reverse"
-              else "swap their top\nthree categories for three of their bottom nine")
+    change = (
+        "reverse their whole ranking"
+        if drift_kind == "reverse"
+        else "swap their top\nthree categories for three of their bottom nine"
+    )
     if task == "LaMP_2M":
         change = change.replace("categories", "tags")
     text = f"""# Synthetic {task} with a drifting personalization signal

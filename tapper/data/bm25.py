@@ -7,6 +7,7 @@ the whole templated input would add the instruction and, for LaMP-2, all
 fifteen label names to every query, and BM25's IDF would then favour the
 records whose label is rare in the user's history.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,7 +47,7 @@ def search_query(task, text: str) -> str:
             return f"{quoted[-2]} {quoted[-1]}"
         return text
     head = task.template_prefix()
-    return text[len(head):] if head and text.startswith(head) else text
+    return text[len(head) :] if head and text.startswith(head) else text
 
 
 def corpus_text(task, record: Record) -> str:

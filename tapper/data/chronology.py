@@ -4,6 +4,7 @@ LaMP dates come as `YYYY-MM-DD`, as a bare year `YYYY` (LaMP-5 papers), or
 not at all (LaMP-3, LaMP-7). A bare year is read as 1 January of that year so
 that it still orders against full dates.
 """
+
 from __future__ import annotations
 
 import datetime as dt

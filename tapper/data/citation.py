@@ -20,6 +20,7 @@ example's history is the records before paper i, without the positive, so the
 answer is never one of the records the prefix reads (at evaluation the cited
 paper is not in the profile either).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,8 +37,10 @@ def _rng(*parts: str) -> random.Random:
 def citation_examples(task, user_id: str, history: list[Record], distractors: Sequence[str] | None) -> list[Example]:
     """One LaMP-1 question per paper of `history` (chronological); `distractors` are other users' titles."""
     if not distractors:
-        raise ValueError(f"{task.name}: user {user_id!r}: self-citation examples need titles of other users' papers "
-                         "as negatives, and none were given")
+        raise ValueError(
+            f"{task.name}: user {user_id!r}: self-citation examples need titles of other users' papers "
+            "as negatives, and none were given"
+        )
     own = {r.fields.get("title", "") for r in history}
     pool = [t for t in dict.fromkeys(distractors) if t and t not in own]
     if not pool:
@@ -52,13 +55,15 @@ def citation_examples(task, user_id: str, history: list[Record], distractors: Se
         negative = pool[rng.randrange(len(pool))]
         first = rng.random() < 0.5
         ref1, ref2 = (positive, negative) if first else (negative, positive)
-        examples.append(Example(
-            id=f"{user_id}/{record.id}",
-            user_id=user_id,
-            input=task.make_input(title=record.fields["title"], ref1=ref1, ref2=ref2),
-            target="[1]" if first else "[2]",
-            history=[r for r in history[:i] if r is not history[j]],
-            query_date=record.date,
-            source_record_id=record.id,
-        ))
+        examples.append(
+            Example(
+                id=f"{user_id}/{record.id}",
+                user_id=user_id,
+                input=task.make_input(title=record.fields["title"], ref1=ref1, ref2=ref2),
+                target="[1]" if first else "[2]",
+                history=[r for r in history[:i] if r is not history[j]],
+                query_date=record.date,
+                source_record_id=record.id,
+            )
+        )
     return examples

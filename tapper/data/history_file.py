@@ -8,6 +8,7 @@ Bundles written before JSON lines hold `histories.json` ({user_id: [items]}); re
 (deploy.histories reads both, lazily), writers only write JSON lines. The core writes the file (a promotion
 exports a bundle); the server reads and rewrites it (deploy.histories.HistoryStore), with the same line format.
 """
+
 from __future__ import annotations
 
 import json

@@ -14,6 +14,7 @@ Conventions decided here:
 - Profile fields beyond the task's are kept when they are strings or numbers
   (as strings), so files round-trip; other extra values are dropped.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,7 +54,9 @@ def load_lamp(questions_path: PathLike, outputs_path: PathLike | None = None, ta
 
     raw = _read_json(questions_path)
     if not isinstance(raw, list):
-        raise LampDataError(questions_path, None, None, f"top level must be a JSON list of questions, got {type(raw).__name__}")
+        raise LampDataError(
+            questions_path, None, None, f"top level must be a JSON list of questions, got {type(raw).__name__}"
+        )
     queries = [_parse_query(item, index, spec, questions_path) for index, item in enumerate(raw)]
 
     if golds is not None:
@@ -63,7 +66,9 @@ def load_lamp(questions_path: PathLike, outputs_path: PathLike | None = None, ta
             gold = golds[query.id]
             if spec.labels is not None and gold not in spec.labels:
                 raise LampDataError(
-                    outputs_path, query.id, "output",
+                    outputs_path,
+                    query.id,
+                    "output",
                     f"gold {gold!r} is not one of the {spec.name} labels {list(spec.labels)}",
                 )
             query.output = gold
@@ -78,7 +83,9 @@ def read_outputs(path: PathLike) -> tuple[str, dict[str, str]]:
     path = str(path)
     raw = _read_json(path)
     if not isinstance(raw, dict):
-        raise LampDataError(path, None, None, f'top level must be an object {{"task", "golds"}}, got {type(raw).__name__}')
+        raise LampDataError(
+            path, None, None, f'top level must be an object {{"task", "golds"}}, got {type(raw).__name__}'
+        )
     task = raw.get("task")
     if not isinstance(task, str):
         raise LampDataError(path, None, "task", "missing or not a string")
@@ -102,21 +109,26 @@ def read_outputs(path: PathLike) -> tuple[str, dict[str, str]]:
 def write_questions(ds: LampDataset, path: PathLike) -> Path:
     items = []
     for query in ds.queries:
-        items.append({
-            "id": query.id,
-            "input": query.input,
-            "profile": [record_to_json(record) for record in query.profile],
-            "user_id": query.user_id,
-        })
+        items.append(
+            {
+                "id": query.id,
+                "input": query.input,
+                "profile": [record_to_json(record) for record in query.profile],
+                "user_id": query.user_id,
+            }
+        )
     return _write_json(path, items)
 
 
 def write_outputs(task_name: str, golds: dict[str, str], path: PathLike) -> Path:
     """LaMP's outputs format, ids in the given order."""
-    return _write_json(path, {
-        "task": canonical_task_name(task_name),
-        "golds": [{"id": gold_id, "output": output} for gold_id, output in golds.items()],
-    })
+    return _write_json(
+        path,
+        {
+            "task": canonical_task_name(task_name),
+            "golds": [{"id": gold_id, "output": output} for gold_id, output in golds.items()],
+        },
+    )
 
 
 def write_predictions(task_name: str, preds: dict[str, str], path: PathLike) -> Path:
@@ -149,7 +161,9 @@ def _reconcile_task(given: str | None, in_file: str, outputs_path: str) -> str:
         if given in _AMBIGUOUS_TASK_NAMES[in_file]:
             return given
         raise LampDataError(
-            outputs_path, None, "task",
+            outputs_path,
+            None,
+            "task",
             f"{in_file!r} could be {' or '.join(_AMBIGUOUS_TASK_NAMES[in_file])}; pass task= to say which",
         )
     try:
@@ -214,7 +228,9 @@ def _parse_record(entry: Any, query_id: str, index: int, spec: TaskSpec, path: s
     fields: dict[str, str] = {}
     for name in spec.profile_fields:
         if name not in entry or entry[name] is None:
-            raise LampDataError(path, record_id, name, f"profile item of question {query_id!r} lacks this {spec.name} field")
+            raise LampDataError(
+                path, record_id, name, f"profile item of question {query_id!r} lacks this {spec.name} field"
+            )
         fields[name] = _as_field_text(entry[name], path, record_id, name)
     for name, value in entry.items():
         if name in ("id", "date") or name in fields:

@@ -1,4 +1,5 @@
 """A LaMP dataset read, validated and split once: what every stage and method of one run works on."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

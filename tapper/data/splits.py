@@ -19,6 +19,7 @@
 - An empty Stage-1 or Stage-2 training set is an error naming the task and
   the split, never an untrained model scored as if trained.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -54,8 +55,9 @@ def users_by_activity(ds: LampDataset) -> list[str]:
     return sorted(counts, key=lambda user: (-counts[user], user))
 
 
-def record_examples(user_id: str, history: list[Record], task: TaskSpec,
-                    distractors: Sequence[str] | None = None) -> list[Example]:
+def record_examples(
+    user_id: str, history: list[Record], task: TaskSpec, distractors: Sequence[str] | None = None
+) -> list[Example]:
     """One example per history record, seeing only the records before it (LaMP_1: `distractors` are the
     titles of other users' papers, the negatives of its self-citation questions)."""
     if task.name == "LaMP_1":
@@ -66,22 +68,30 @@ def record_examples(user_id: str, history: list[Record], task: TaskSpec,
         if pair is None:
             continue
         model_input, target = pair
-        examples.append(Example(
-            id=f"{user_id}/{record.id}",
-            user_id=user_id,
-            input=model_input,
-            target=target,
-            history=history[:i],
-            query_date=record.date,
-            source_record_id=record.id,
-        ))
+        examples.append(
+            Example(
+                id=f"{user_id}/{record.id}",
+                user_id=user_id,
+                input=model_input,
+                target=target,
+                history=history[:i],
+                query_date=record.date,
+                source_record_id=record.id,
+            )
+        )
     return examples
 
 
 def query_example(query: Query) -> Example:
     # LaMP queries carry no date; the model falls back to the latest history date.
-    return Example(id=query.id, user_id=query.user_id, input=query.input, target=query.output,
-                   history=list(query.profile), query_date=None)
+    return Example(
+        id=query.id,
+        user_id=query.user_id,
+        input=query.input,
+        target=query.output,
+        history=list(query.profile),
+        query_date=None,
+    )
 
 
 def check_no_future_records(user_id: str, queries: list[Query], history: list[Record], source: str) -> None:
@@ -97,7 +107,9 @@ def check_no_future_records(user_id: str, queries: list[Query], history: list[Re
         for record in history:
             if record.id not in own and record.date is not None and record.date > asked:
                 raise LampDataError(
-                    source, record.id, "date",
+                    source,
+                    record.id,
+                    "date",
                     f"user {user_id!r}: this record ({record.date}) comes after query {query.id!r} (whose profile ends "
                     f"{asked}); training on it would show P_u that query's future. Give each user's queries the same "
                     "profile, or drop the later records from the other queries' profiles",
@@ -139,8 +151,11 @@ def make_splits(ds: LampDataset, task: TaskSpec | str | None, stage2_users: int,
         stage2_train.extend(record_examples(user, history, spec, distractors.get(user)))
         evaluation.extend(query_example(q) for q in by_user[user])
     if stage2 and not stage2_train:
-        raise ValueError(f"{spec.name}: the Stage-2 training split is empty: the {len(stage2)} Stage-2 users' "
-                         "histories make no training example")
+        raise ValueError(
+            f"{spec.name}: the Stage-2 training split is empty: the {len(stage2)} Stage-2 users' "
+            "histories make no training example"
+        )
 
-    return Splits(stage1_users=stage1, stage2_users=stage2, stage1_train=stage1_train,
-                  stage2_train=stage2_train, eval=evaluation)
+    return Splits(
+        stage1_users=stage1, stage2_users=stage2, stage1_train=stage1_train, stage2_train=stage2_train, eval=evaluation
+    )

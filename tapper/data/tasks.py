@@ -5,6 +5,7 @@ the model (`make_input`, `record_text`, `prompt`, `format_target`), so every
 method — TAP-PER, the baselines, Stage 1 — sees exactly the same strings.
 Templates are LaMP's own (LaMP/data/datasets.py), copied verbatim.
 """
+
 from __future__ import annotations
 
 import functools
@@ -17,14 +18,38 @@ from tapper.data.types import Record
 Kind = Literal["classification", "regression", "generation"]
 
 LAMP_2N_LABELS = (
-    "travel", "education", "parents", "style & beauty", "entertainment",
-    "food & drink", "science & technology", "business", "sports",
-    "healthy living", "women", "politics", "crime", "culture & arts", "religion",
+    "travel",
+    "education",
+    "parents",
+    "style & beauty",
+    "entertainment",
+    "food & drink",
+    "science & technology",
+    "business",
+    "sports",
+    "healthy living",
+    "women",
+    "politics",
+    "crime",
+    "culture & arts",
+    "religion",
 )
 LAMP_2M_LABELS = (
-    "sci-fi", "based on a book", "comedy", "action", "twist ending", "dystopia",
-    "dark comedy", "classic", "psychology", "fantasy", "romance",
-    "thought-provoking", "social commentary", "violence", "true story",
+    "sci-fi",
+    "based on a book",
+    "comedy",
+    "action",
+    "twist ending",
+    "dystopia",
+    "dark comedy",
+    "classic",
+    "psychology",
+    "fantasy",
+    "romance",
+    "thought-provoking",
+    "social commentary",
+    "violence",
+    "true story",
 )
 LAMP_3_LABELS = ("1", "2", "3", "4", "5")
 LAMP_1_LABELS = ("[1]", "[2]")

@@ -3,6 +3,7 @@
 Everything downstream (splits, embedding cache, both training stages,
 evaluation, baselines) reads these types only, never raw JSON.
 """
+
 from __future__ import annotations
 
 import datetime as dt

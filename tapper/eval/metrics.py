@@ -13,6 +13,7 @@
 - Generation: rouge-score's ROUGE-1 and ROUGE-L F-measure without stemming,
   averaged over examples.
 """
+
 from __future__ import annotations
 
 import math

@@ -5,7 +5,8 @@
     per_user_params, shared_params   of the run's main TAP-PER model (tap-per, else the first with per-user state)
     params                      {variant: {"per_user", "shared"}}
     details                     {variant: {"seconds", "losses", ...what the method recorded}}
-    data                        counts: users, stage1_users, stage2_users, stage1_examples, stage2_examples, eval_queries
+    data                        counts: users, stage1_users, stage2_users, stage1_examples, stage2_examples,
+                                eval_queries
     stage1                      {"losses", "weights_hash"} of the merged Stage-1 backbone
     config                      the RunConfig as a dict
     seconds                     wall time so far
@@ -17,6 +18,7 @@
 Both writers build it here, so `tapper report`, the dashboard's comparison report and the sweeps read one shape;
 `read_metrics` names the file and the field that does not fit.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -67,24 +69,48 @@ class ExperimentMetrics:
         return out
 
 
-def experiment_metrics(*, task: str, backbone: str, results: Mapping[str, Any], data, stage1_losses: list[float],
-                       stage1_examples: int, weights_hash: str, config: dict, seconds: float,
-                       files: dict | None = None, pending: list[str] | None = None, groups: dict | None = None,
-                       paired: dict | None = None) -> ExperimentMetrics:
+def experiment_metrics(
+    *,
+    task: str,
+    backbone: str,
+    results: Mapping[str, Any],
+    data,
+    stage1_losses: list[float],
+    stage1_examples: int,
+    weights_hash: str,
+    config: dict,
+    seconds: float,
+    files: dict | None = None,
+    pending: list[str] | None = None,
+    groups: dict | None = None,
+    paired: dict | None = None,
+) -> ExperimentMetrics:
     """The record of `results` ({variant: tapper.methods.result.VariantResult}) on `data` (PreparedData)."""
     main = results.get("tap-per") or next((r for r in results.values() if r.per_user_params), None)
     s = data.splits
     return ExperimentMetrics(
-        task=task, backbone=backbone,
+        task=task,
+        backbone=backbone,
         variants={k: {m: float(v) for m, v in r.metrics.items()} for k, r in results.items()},
-        per_user_params=main.per_user_params if main else 0, shared_params=main.shared_params if main else 0,
+        per_user_params=main.per_user_params if main else 0,
+        shared_params=main.shared_params if main else 0,
         params={k: {"per_user": r.per_user_params, "shared": r.shared_params} for k, r in results.items()},
         details={k: {"seconds": round(r.seconds, 2), "losses": list(r.losses), **r.extra} for k, r in results.items()},
-        data={"users": data.n_users, "stage1_users": len(s.stage1_users), "stage2_users": len(s.stage2_users),
-              "stage1_examples": stage1_examples, "stage2_examples": len(s.stage2_train), "eval_queries": len(s.eval)},
+        data={
+            "users": data.n_users,
+            "stage1_users": len(s.stage1_users),
+            "stage2_users": len(s.stage2_users),
+            "stage1_examples": stage1_examples,
+            "stage2_examples": len(s.stage2_train),
+            "eval_queries": len(s.eval),
+        },
         stage1={"losses": list(stage1_losses), "weights_hash": weights_hash},
-        config=dict(config), seconds=round(seconds, 2), files=dict(files or {}), pending=list(pending or []),
-        groups=dict(groups or {}), paired=dict(paired or {}),
+        config=dict(config),
+        seconds=round(seconds, 2),
+        files=dict(files or {}),
+        pending=list(pending or []),
+        groups=dict(groups or {}),
+        paired=dict(paired or {}),
     )
 
 
@@ -92,13 +118,19 @@ def metrics_from_dict(obj: Any, where: str = "metrics.json") -> ExperimentMetric
     if not isinstance(obj, dict):
         raise MetricsFileError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     fields = {f.name: f for f in dataclasses.fields(ExperimentMetrics)}
-    required = [n for n, f in fields.items()
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    required = [
+        n for n, f in fields.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     missing = [k for k in required if k not in obj]
     unknown = sorted(set(obj) - set(fields))
     if missing or unknown:
-        raise MetricsFileError(f"{where}: " + "; ".join(
-            ([f"missing field(s) {missing}"] if missing else []) + ([f"unknown field(s) {unknown}"] if unknown else [])))
+        raise MetricsFileError(
+            f"{where}: "
+            + "; ".join(
+                ([f"missing field(s) {missing}"] if missing else [])
+                + ([f"unknown field(s) {unknown}"] if unknown else [])
+            )
+        )
     try:
         return ExperimentMetrics(**obj)
     except MetricsFileError as err:

@@ -3,6 +3,7 @@
 Read from the run's evaluation report (materializers.types.EvalReport, by its fields: task, candidate,
 candidate_score, primary_metric, variants, paired, references, eval_queries, eval_data_hash).
 """
+
 from __future__ import annotations
 
 
@@ -29,13 +30,18 @@ def model_description(report, backbone: str, zenml_version: str, table: dict[str
         f"TAP-PER ({report.candidate}) for {report.task} on the {backbone or 'configured'} backbone; ZenML model "
         f"version {zenml_version}. Primary metric {report.primary_metric} = {report.candidate_score:.4f} on "
         f"{report.eval_queries} evaluation queries (data hash {report.eval_data_hash[:12]}).",
-        "", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols),
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + " --- |" * len(cols),
     ]
     for i in range(len(table["variant"])):
         lines.append("| " + " | ".join("" if table[c][i] is None else str(table[c][i]) for c in cols) + " |")
     refs = "; ".join(f"{v['what']}: {v['score']:.4f}" for v in (report.references or {}).values())
     if refs:
         lines += ["", f"Reference (labels alone): {refs}."]
-    lines += ["", "Input: LaMP questions (id, input, user_id, profile records); output: the answer text. "
-              "Artifacts: tapper_state/ (prefix table, DIN, bridge), backbone.json (where the merged Stage-1 backbone is)."]
+    lines += [
+        "",
+        "Input: LaMP questions (id, input, user_id, profile records); output: the answer text. "
+        "Artifacts: tapper_state/ (prefix table, DIN, bridge), backbone.json (where the merged Stage-1 backbone is).",
+    ]
     return "\n".join(lines)

@@ -5,6 +5,7 @@ it is set against how much it moves when the queries are resampled. Both models 
 so the queries are resampled in pairs (the difference per query), which removes what the queries have in
 common (easy and hard ones) from the spread.
 """
+
 from __future__ import annotations
 
 from typing import Mapping
@@ -22,8 +23,13 @@ def paired_difference(a: Mapping[str, float], b: Mapping[str, float], n_boot: in
     n = len(diffs)
     means = diffs[np.random.default_rng(seed).integers(0, n, size=(n_boot, n))].mean(axis=1)
     lo, hi = np.quantile(means, [0.025, 0.975])
-    return {"mean": float(diffs.mean()), "ci95": [float(lo), float(hi)], "queries": n,
-            "a_higher": int((diffs > 0).sum()), "b_higher": int((diffs < 0).sum())}
+    return {
+        "mean": float(diffs.mean()),
+        "ci95": [float(lo), float(hi)],
+        "queries": n,
+        "a_higher": int((diffs > 0).sum()),
+        "b_higher": int((diffs < 0).sum()),
+    }
 
 
 def describe(stats: dict, digits: int = 3) -> str:

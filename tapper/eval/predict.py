@@ -1,4 +1,5 @@
 """Batched greedy generation for every variant, and the LaMP-format predictions it yields."""
+
 from __future__ import annotations
 
 from tapper.progress import tqdm  # a bar on a terminal, log lines elsewhere (pipeline steps)
@@ -12,8 +13,16 @@ def default_max_new_tokens(task) -> int:
     return 32 if task.kind == "generation" else 8
 
 
-def generate_texts(model: TapPer | PrefixedLM, encoded: EncodedSet, tokenizer, task, batch_size: int = 16,
-                   max_new_tokens: int | None = None, progress: bool = True, desc: str = "generating") -> dict[str, str]:
+def generate_texts(
+    model: TapPer | PrefixedLM,
+    encoded: EncodedSet,
+    tokenizer,
+    task,
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    progress: bool = True,
+    desc: str = "generating",
+) -> dict[str, str]:
     """{example id: parsed prediction}, in the order of `encoded.items`. A PrefixedLM gets no prefix (the
     non-personalized base).
 

@@ -3,6 +3,7 @@
 Pure functions over two scores and their paired comparison (tapper.eval.paired); the workflow's `promote` step
 (steps/promote.py) asks them, records the decision and moves the stage and aliases.
 """
+
 from __future__ import annotations
 
 
@@ -15,7 +16,9 @@ def is_better(new: float, old: float, higher_is_better: bool) -> bool:
 PROMOTE_IF = ("better", "significantly-better")
 
 
-def passes_gate(new: float, old: float, higher_is_better: bool, paired: dict | None, promote_if: str) -> tuple[bool, str]:
+def passes_gate(
+    new: float, old: float, higher_is_better: bool, paired: dict | None, promote_if: str
+) -> tuple[bool, str]:
     """(promote?, why not) for a candidate scoring `new` against production's `old`."""
     if promote_if not in PROMOTE_IF:
         raise ValueError(f"promote_if must be one of {list(PROMOTE_IF)}, got {promote_if!r}")
@@ -24,7 +27,10 @@ def passes_gate(new: float, old: float, higher_is_better: bool, paired: dict | N
     if promote_if == "better":
         return True, ""
     if paired is None:
-        return False, "beats, but cannot be paired with (no per-query scores for both), so is not significantly better than"
+        return (
+            False,
+            "beats, but cannot be paired with (no per-query scores for both), so is not significantly better than",
+        )
     lo, hi = paired["ci95"]
     if (lo > 0) if higher_is_better else (hi < 0):
         return True, ""

@@ -10,6 +10,7 @@ One module per family, each listing its `METHODS`; they are collected here, expl
     oppu, oppu-rag/-pag  one LoRA per user (tapper.methods.oppu)
     ref-*                reference readouts of the history: yardsticks, not methods (tapper.methods.readout)
 """
+
 from __future__ import annotations
 
 from tapper.methods import base, oppu, pag, rag, readout, tap_per

@@ -2,7 +2,8 @@
 
 Each user gets a LoRA (r=8 on q_proj, k_proj, v_proj, o_proj: the paper's
 Appendix A.4 gives OPPU "the same target modules as our method"; OPPU's own
-code used q_proj, v_proj, kept as `OppuConfig.target_modules`) trained only on that user's Stage-2 training examples (one per history
+code used q_proj, v_proj, kept as `OppuConfig.target_modules`) trained only on that user's Stage-2
+training examples (one per history
 record, each seeing the records before it). Every user starts from the same
 initial adapter, so two users' adapters differ only through their data.
 Variants: `oppu` (plain prompt), `oppu-rag` (+ BM25 top-1 record in the
@@ -15,6 +16,7 @@ max_examples_per_user), so `--set stage2.lr=...` moves both alike.
 Stored: `<out>/oppu/<variant>/users/<n>.safetensors` (PEFT adapter tensors,
 one file per user) and `index.json` (user id -> file, example count, params).
 """
+
 from __future__ import annotations
 
 import re
@@ -55,8 +57,14 @@ class OppuConfig:
     @classmethod
     def from_run(cls, cfg) -> "OppuConfig":
         s2 = cfg.stage2
-        return cls(epochs=s2.epochs, lr=s2.lr, batch_size=s2.batch_size, max_len=baseline_max_len(cfg),
-                   max_examples_per_user=s2.max_examples_per_user, target_modules=list(cfg.oppu_targets))
+        return cls(
+            epochs=s2.epochs,
+            lr=s2.lr,
+            batch_size=s2.batch_size,
+            max_len=baseline_max_len(cfg),
+            max_examples_per_user=s2.max_examples_per_user,
+            target_modules=list(cfg.oppu_targets),
+        )
 
 
 @dataclass
@@ -132,8 +140,16 @@ def train_user_adapters(
 
         set_seed(seed)
         peft_model.train()
-        losses = train_epochs(items, loss_fn, [{"params": list(params.values()), "lr": ocfg.lr}], ocfg.epochs, ocfg.batch_size,
-                              seed=seed, desc=f"oppu user {n + 1}/{len(users)}", progress=False)
+        losses = train_epochs(
+            items,
+            loss_fn,
+            [{"params": list(params.values()), "lr": ocfg.lr}],
+            ocfg.epochs,
+            ocfg.batch_size,
+            seed=seed,
+            desc=f"oppu user {n + 1}/{len(users)}",
+            progress=False,
+        )
         peft_model.eval()
         adapter = UserAdapter(user, len(items), losses, seen)
         if store is not None:
@@ -142,16 +158,26 @@ def train_user_adapters(
             atomic_write(path, lambda tmp, s=state: save_file(s, tmp))
             adapter.path = path
         user_items = [it for it in ev_set.items if it.user_id == user]
-        preds.update(generate_texts(plm, EncodedSet(user_items, ev_set.vectors), tokenizer, task, eval_batch_size,
-                                    max_new_tokens, False))
+        preds.update(
+            generate_texts(
+                plm, EncodedSet(user_items, ev_set.vectors), tokenizer, task, eval_batch_size, max_new_tokens, False
+            )
+        )
         adapters[user] = adapter
         if on_user:
             on_user(user, adapter)
     if store is not None:
-        atomic_write_json(Path(store) / "index.json", {
-            "per_user_params": per_user, "lora": {"r": ocfg.r, "alpha": ocfg.alpha, "targets": ocfg.target_modules},
-            "users": {u: {"file": a.path.name if a.path else None, "n_examples": a.n_examples} for u, a in adapters.items()},
-        })
+        atomic_write_json(
+            Path(store) / "index.json",
+            {
+                "per_user_params": per_user,
+                "lora": {"r": ocfg.r, "alpha": ocfg.alpha, "targets": ocfg.target_modules},
+                "users": {
+                    u: {"file": a.path.name if a.path else None, "n_examples": a.n_examples}
+                    for u, a in adapters.items()
+                },
+            },
+        )
     return OppuRun(preds, adapters, per_user, {i: [r.id for r in a.records] for i, a in ev_aug.items()})
 
 
@@ -167,8 +193,9 @@ def run_oppu(variant: str, spec: PromptSpec, stage1_dir, data, cfg, out_dir, pro
         # Profiles come from the merged backbone before any adapter is attached (same text as PAG's), each from
         # its example's own history: a training example never sees the record it predicts.
         train = limit_per_user(data.splits.stage2_train, cfg.stage2.max_examples_per_user)
-        profiles, _ = make_profiles(bb.model, bb.tokenizer, task, train + data.splits.eval, progress,
-                                    model_hash=bb.weights_hash)
+        profiles, _ = make_profiles(
+            bb.model, bb.tokenizer, task, train + data.splits.eval, progress, model_hash=bb.weights_hash
+        )
     ocfg = OppuConfig.from_run(cfg)
     done = []
 
@@ -178,22 +205,49 @@ def run_oppu(variant: str, spec: PromptSpec, stage1_dir, data, cfg, out_dir, pro
             log(f"{variant}/{user}", len(adapter.losses) - 1, adapter.losses[-1])
 
     run = train_user_adapters(
-        bb.model, bb.tokenizer, task, data.splits.stage2_train, data.splits.eval, spec, ocfg, seed=cfg.seed,
-        store=Path(out_dir) / "oppu" / variant, profiles=profiles, eval_batch_size=cfg.eval.batch_size,
-        max_new_tokens=cfg.eval.max_new_tokens, progress=progress, on_user=on_user,
+        bb.model,
+        bb.tokenizer,
+        task,
+        data.splits.stage2_train,
+        data.splits.eval,
+        spec,
+        ocfg,
+        seed=cfg.seed,
+        store=Path(out_dir) / "oppu" / variant,
+        profiles=profiles,
+        eval_batch_size=cfg.eval.batch_size,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        progress=progress,
+        on_user=on_user,
     )
-    mean_loss = [sum(a.losses[-1] for a in run.users.values() if a.losses) / max(sum(1 for a in run.users.values() if a.losses), 1)]
+    mean_loss = [
+        sum(a.losses[-1] for a in run.users.values() if a.losses)
+        / max(sum(1 for a in run.users.values() if a.losses), 1)
+    ]
     return VariantResult(
-        variant, run.predictions, score(data, run.predictions), per_user_params=run.per_user_params, shared_params=0,
-        losses=mean_loss, seconds=time.time() - t0,
-        extra={"users": len(run.users), "n_train": sum(a.n_examples for a in run.users.values()), "k": spec.k,
-               "lora_r": ocfg.r, "lora_targets": ocfg.target_modules},
+        variant,
+        run.predictions,
+        score(data, run.predictions),
+        per_user_params=run.per_user_params,
+        shared_params=0,
+        losses=mean_loss,
+        seconds=time.time() - t0,
+        extra={
+            "users": len(run.users),
+            "n_train": sum(a.n_examples for a in run.users.values()),
+            "k": spec.k,
+            "lora_r": ocfg.r,
+            "lora_targets": ocfg.target_modules,
+        },
     )
 
 
 # OPPU (Tan et al., 2024) and its retrieval/profile-augmented forms: one LoRA per user.
-SPECS = {"oppu": PromptSpec(k=0, profile=False), "oppu-rag": PromptSpec(k=1, profile=False),
-         "oppu-pag": PromptSpec(k=1, profile=True)}
+SPECS = {
+    "oppu": PromptSpec(k=0, profile=False),
+    "oppu-rag": PromptSpec(k=1, profile=False),
+    "oppu-pag": PromptSpec(k=1, profile=True),
+}
 
 
 def run(variant, stage1_dir, data, cfg, out_dir, progress=True, log=None):

@@ -17,6 +17,7 @@ before it. (OPPU makes one profile per user from the full history and trains
 on it too, so a training example's profile has seen the record it predicts.)
 Profiles are cached by prompt, so examples with the same recent history share one.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,12 +45,14 @@ class ProfileConfig:
 
 def profile_prompt(task, history: list[Record], tokenizer, cfg: ProfileConfig) -> str:
     lines = []
-    for r in history[-cfg.n_records:]:
+    for r in history[-cfg.n_records :]:
         ids = tokenizer(task.record_text(r), add_special_tokens=False)["input_ids"][: cfg.record_tokens]
         lines.append("- " + tokenizer.decode(ids, skip_special_tokens=True).strip())
     body = "User history (most recent last):\n" + "\n".join(lines) + "\n\n" + INSTRUCTION
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": body}], tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": body}], tokenize=False, add_generation_prompt=True
+        )
     return body + "\nProfile:"
 
 
@@ -60,8 +63,14 @@ def _cache_key(weights_key: str, prompt: str, cfg: ProfileConfig) -> str:
 class ProfileWriter:
     """Generates (and caches) PAG profiles with one backbone."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, weights_key: str, cfg: ProfileConfig | None = None,
-                 root: Path | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        weights_key: str,
+        cfg: ProfileConfig | None = None,
+        root: Path | None = None,
+    ):
         self.plm = PrefixedLM(model)
         self.tok = tokenizer
         self.weights_key = weights_key
@@ -80,8 +89,8 @@ class ProfileWriter:
             ids = torch.full((len(chunk), T), pad, dtype=torch.long)
             mask = torch.zeros((len(chunk), T), dtype=torch.long)
             for i, c in enumerate(chunk):
-                ids[i, T - len(c):] = torch.tensor(c)
-                mask[i, T - len(c):] = 1
+                ids[i, T - len(c) :] = torch.tensor(c)
+                mask[i, T - len(c) :] = 1
             gen = self.plm.generate(LMBatch(ids, mask), None, self.cfg.max_new_tokens, eos)
             out.extend(" ".join(self.tok.decode(g, skip_special_tokens=True).split()) for g in gen)
         return out

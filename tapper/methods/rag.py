@@ -1,5 +1,6 @@
 """RAG (LaMP's retrieval baseline): the BM25 top-N records of the user's own history in the prompt, read by
 the Stage-1 merged backbone. Nothing is trained and nothing is stored per user."""
+
 from __future__ import annotations
 
 import re
@@ -21,5 +22,8 @@ def run(variant, stage1_dir, data, cfg, out_dir, progress=True, log=None):
     return run_prompted(variant, spec(variant), stage1_dir, data, cfg, out_dir, progress, log)
 
 
-METHODS = (Method("rag-kN", "rag", "BM25 top-N of the user's own history in the prompt (rag-k1, rag-k4)", run,
-                  pattern=PATTERN),)
+METHODS = (
+    Method(
+        "rag-kN", "rag", "BM25 top-N of the user's own history in the prompt (rag-k1, rag-k4)", run, pattern=PATTERN
+    ),
+)

@@ -23,6 +23,7 @@ TAP-PER; a learned prefix that falls below them loses signal on the way from
 the history to the answer. Defined for tasks with a label list (LaMP-1, 2N,
 2M, 3); a generation task has none.
 """
+
 from __future__ import annotations
 
 import random
@@ -72,7 +73,7 @@ def label_logprobs(model, tokenizer, task, examples: list[Example], max_len: int
 def count_scores(task, examples: list[Example], last: int | None) -> np.ndarray:
     """log smoothed share of each label among the (last `last`) history records' answers."""
     labels = list(task.labels)
-    index = {l: i for i, l in enumerate(labels)}
+    index = {label: i for i, label in enumerate(labels)}
     out = np.zeros((len(examples), len(labels)))
     for n, ex in enumerate(examples):
         hist = ex.history[-last:] if last else ex.history
@@ -130,14 +131,16 @@ def fit_weight(task, lm: np.ndarray, user: np.ndarray, golds: list[str]) -> floa
     return best_w
 
 
-def readout_predictions(variant: str, model, tokenizer, cache, task, train: list[Example], evals: list[Example],
-                        max_len: int, seed: int = 0) -> tuple[dict[str, str], dict]:
+def readout_predictions(
+    variant: str, model, tokenizer, cache, task, train: list[Example], evals: list[Example], max_len: int, seed: int = 0
+) -> tuple[dict[str, str], dict]:
     m = PATTERN.fullmatch(variant)
     if m is None:
         raise ValueError(f"{variant!r} is not a reference row (ref-count, ref-count-lastK, ref-ridge)")
     if not task.labels or not task.target_field:
-        raise ValueError(f"{variant}: reference rows need a task with a label list and answers in the history; "
-                         f"{task.name} has none")
+        raise ValueError(
+            f"{variant}: reference rows need a task with a label list and answers in the history; {task.name} has none"
+        )
     fit = [ex for ex in train if ex.history and ex.target is not None]
     fit = random.Random(seed).sample(fit, min(FIT_EXAMPLES, len(fit)))
     if not fit:
@@ -150,7 +153,7 @@ def readout_predictions(variant: str, model, tokenizer, cache, task, train: list
         n = len(everything)
         Y = np.eye(len(task.labels))[[list(task.labels).index(ex.target) for ex in everything]]
         W = fit_ridge(X[:n], Y)
-        user_fit, user_eval = apply_ridge(W, X[n : n + len(fit)]), apply_ridge(W, X[n + len(fit):])
+        user_fit, user_eval = apply_ridge(W, X[n : n + len(fit)]), apply_ridge(W, X[n + len(fit) :])
     else:
         last = int(m.group(2)) if m.group(2) else None
         user_fit, user_eval = count_scores(task, fit, last), count_scores(task, evals, last)
@@ -166,16 +169,33 @@ def run_readout(variant, stage1_dir, data, cfg, out_dir, progress=True, log=None
 
     t0 = time.time()
     bb = load_backbone_dir(stage1_dir)
-    preds, extra = readout_predictions(variant, bb.model, bb.tokenizer, cache_for(bb), data.task,
-                                       data.splits.stage2_train, data.splits.eval, cfg.stage1.max_len, cfg.seed)
-    return VariantResult(variant, preds, score(data, preds), seconds=time.time() - t0, extra={**extra, "reference": True})
+    preds, extra = readout_predictions(
+        variant,
+        bb.model,
+        bb.tokenizer,
+        cache_for(bb),
+        data.task,
+        data.splits.stage2_train,
+        data.splits.eval,
+        cfg.stage1.max_len,
+        cfg.seed,
+    )
+    return VariantResult(
+        variant, preds, score(data, preds), seconds=time.time() - t0, extra={**extra, "reference": True}
+    )
 
 
 # Registered as three rows of one family: the patterns share run_readout, which parses the variant name.
 METHODS = (
-    Method("ref-count", "reference", "label share of the whole history + the backbone's label probabilities",
-           run_readout),
-    Method("ref-count-lastK", "reference", "the same over the K most recent records", run_readout,
-           pattern=r"ref-count-last(\d+)"),
+    Method(
+        "ref-count", "reference", "label share of the whole history + the backbone's label probabilities", run_readout
+    ),
+    Method(
+        "ref-count-lastK",
+        "reference",
+        "the same over the K most recent records",
+        run_readout,
+        pattern=r"ref-count-last(\d+)",
+    ),
     Method("ref-ridge", "reference", "a ridge readout of the pooled history vector + the backbone", run_readout),
 )

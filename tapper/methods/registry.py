@@ -4,6 +4,7 @@ Every method runs as `run(variant, stage1_dir, data, cfg, out_dir, progress, log
 backbone and split, and returns a `VariantResult` (tapper.methods.result). The list of methods is written out
 in tapper/methods/__init__.py, one module per family; nothing registers itself at import time.
 """
+
 from __future__ import annotations
 
 import re
@@ -15,9 +16,9 @@ Runner = Callable[..., "object"]  # (variant, stage1_dir, data, cfg, out_dir, pr
 
 @dataclass(frozen=True)
 class Method:
-    name: str      # an exact name ("oppu"), or the display form of a pattern ("rag-kN")
-    family: str    # base | tap-per | rag | pag | oppu | reference
-    summary: str   # one line for --help and error messages
+    name: str  # an exact name ("oppu"), or the display form of a pattern ("rag-kN")
+    family: str  # base | tap-per | rag | pag | oppu | reference
+    summary: str  # one line for --help and error messages
     run: Runner
     pattern: str | None = None  # a regular expression over variant names, for parametrized families
 

@@ -1,4 +1,5 @@
 """The one result type every method returns, and how predictions are scored against the evaluation golds."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

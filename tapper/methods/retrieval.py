@@ -19,6 +19,7 @@ abstract, ...) is truncated so that the retrieval block fits in what
 `max_len` leaves after the input (the input may take at most 60% of it, as in
 LaMP); unused budget of a short record passes to the next one.
 """
+
 from __future__ import annotations
 
 import re
@@ -112,7 +113,7 @@ def insert_records(task, text: str, sentences: list[str]) -> str:
         # LaMP-1: `... the title "X", and "r1", and "r2", which reference ...`
         m = re.search(r'title "[^"]*"', text)
         if m:
-            return text[: m.end()] + JOINER + block + text[m.end():]
+            return text[: m.end()] + JOINER + block + text[m.end() :]
     fmt = record_format(task)
     return f"{block}. {fmt.suffix}{text}"
 
@@ -130,8 +131,16 @@ def retrieval_budget(task, tokenizer, text: str, max_len: int, reserve: int) -> 
     return max(max_len - reserve - min(input_tokens, int(INPUT_SHARE * max_len)), 0)
 
 
-def augment(task, example: Example, k: int, tokenizer, max_len: int, reserve: int = 8, profile: str | None = None,
-            index: Bm25Index | None = None) -> Augmented:
+def augment(
+    task,
+    example: Example,
+    k: int,
+    tokenizer,
+    max_len: int,
+    reserve: int = 8,
+    profile: str | None = None,
+    index: Bm25Index | None = None,
+) -> Augmented:
     """The example's input with its top-k records (and a PAG profile, if given) written in.
 
     `reserve` keeps room for the target tokens (and soft tokens, if any); `index`: the user's BM25 index.

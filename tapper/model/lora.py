@@ -4,6 +4,7 @@ PEFT silently drops target names that match nothing (the authors' `out_proj`
 never touched Llama's `o_proj`), so every attach checks that each configured
 target became a LoRA layer in every transformer block.
 """
+
 from __future__ import annotations
 
 import re
@@ -20,7 +21,9 @@ class LoraTargetError(RuntimeError):
 
 
 def attach_lora(model: torch.nn.Module, r: int, alpha: int, dropout: float, targets: list[str]):
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none", task_type="CAUSAL_LM")
+    cfg = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none", task_type="CAUSAL_LM"
+    )
     peft_model = get_peft_model(model, cfg)
     assert_targets_matched(peft_model, targets)
     return peft_model
@@ -40,7 +43,9 @@ def assert_targets_matched(model: torch.nn.Module, targets: list[str]) -> None:
     for idx in sorted(blocks):
         missing = sorted(set(targets) - blocks[idx])
         if missing:
-            raise LoraTargetError(f"LoRA target(s) {missing} matched no module in block {idx}; got {sorted(blocks[idx])}")
+            raise LoraTargetError(
+                f"LoRA target(s) {missing} matched no module in block {idx}; got {sorted(blocks[idx])}"
+            )
 
 
 def merge_lora(peft_model) -> torch.nn.Module:

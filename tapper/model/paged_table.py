@@ -12,6 +12,7 @@ space with the old tensor. The directory must be on a local disk: on a network v
 would become network traffic and the mapping could be invalidated by the server (e.g. other replicas cleaning
 the directory); tapper.scratch checks that. Core module: no ZenML, no deploy.
 """
+
 from __future__ import annotations
 
 import errno
@@ -43,7 +44,8 @@ def prepare_table_dir(directory: str | Path) -> Path:
 
 
 def paged_tensor(directory: str | Path, rows: int, width: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A zero-filled [rows, width] CPU tensor backed by a shared mapping of an (already unlinked) file in `directory`."""
+    """A zero-filled [rows, width] CPU tensor backed by a shared mapping of an (already unlinked) file in
+    `directory`."""
     directory = Path(directory)
     numel = rows * width
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
@@ -61,15 +63,19 @@ def paged_tensor(directory: str | Path, rows: int, width: int, dtype: torch.dtyp
         finally:
             os.close(fd)
         # size=0 would not map; an empty table is never paged anyway (row 0 always exists), but keep it correct.
-        flat = torch.from_file(str(path), shared=True, size=numel, dtype=dtype) if numel else torch.zeros(0, dtype=dtype)
+        flat = (
+            torch.from_file(str(path), shared=True, size=numel, dtype=dtype) if numel else torch.zeros(0, dtype=dtype)
+        )
         # Rows are looked up at random: without MADV_RANDOM a fault maps (and after eviction reads back) the whole
         # large folio or readahead window around it, up to MBs for one 18 KB row; measured on Linux 6.18/ext4,
         # 200 random row reads then mapped 197 MB instead of 16 MB.
         _madvise(flat, MADV_RANDOM)
     except OSError as err:
         hint = " (disk full)" if err.errno == errno.ENOSPC else ""
-        raise TableDirError(f"table dir {directory}: cannot create a {nbytes / 2**20:.1f} MiB paged user table "
-                            f"({err.strerror or err}){hint}") from err
+        raise TableDirError(
+            f"table dir {directory}: cannot create a {nbytes / 2**20:.1f} MiB paged user table "
+            f"({err.strerror or err}){hint}"
+        ) from err
     finally:
         # The mapping (if made) keeps the inode alive; the name is not needed any more.
         try:
@@ -116,7 +122,8 @@ def release_resident(view: torch.Tensor) -> None:
 def fill_in_chunks(table: torch.Tensor, source, rows: int) -> None:
     """Copy rows [0, rows) of `source` (a tensor, or a safetensors slice: anything sliced by rows) into the paged
     `table`, CHUNK_ROWS at a time, releasing each chunk's mappings as it goes: a fill never holds a second full copy
-    of the table in memory, nor the whole table mapped into the process. Every fill (paging, loading, growth) uses it."""
+    of the table in memory, nor the whole table mapped into the process. Every fill (paging, loading, growth) uses
+    it."""
     with torch.no_grad():
         for a in range(0, rows, CHUNK_ROWS):
             b = min(a + CHUNK_ROWS, rows)
@@ -154,8 +161,9 @@ def page_user_table(model, directory: str | Path) -> nn.Module:
     return model
 
 
-def load_paged_table(path: str | Path, directory: str | Path, dtype: torch.dtype = torch.float32,
-                     key: str = TABLE_KEY) -> torch.Tensor:
+def load_paged_table(
+    path: str | Path, directory: str | Path, dtype: torch.dtype = torch.float32, key: str = TABLE_KEY
+) -> torch.Tensor:
     """Read the [rows, width] tensor `key` of the safetensors file `path` into a paged tensor in `directory`.
 
     Reads CHUNK_ROWS rows at a time, so the load never holds a second full copy of the table in anonymous memory."""
@@ -190,7 +198,9 @@ def load_user_table_paged(model, state_file: str | Path, directory: str | Path) 
     old = model.prefix.user_table
     table = load_paged_table(state_file, directory, old.weight.dtype)
     if table.shape[1] != old.embedding_dim:
-        raise ValueError(f"{state_file}: {TABLE_KEY} rows hold {table.shape[1]} numbers, the model's {old.embedding_dim}")
+        raise ValueError(
+            f"{state_file}: {TABLE_KEY} rows hold {table.shape[1]} numbers, the model's {old.embedding_dim}"
+        )
     model.prefix.user_table = _embedding(table, old.weight.requires_grad)
     model.table_dir = Path(directory)
 
@@ -202,7 +212,7 @@ def load_prefix_paged(model, state_file: str | Path, directory: str | Path) -> d
     strict load_state_dict. Returns the file's tensors other than the table (the caller loads the bridge's)."""
     load_user_table_paged(model, state_file, directory)
     tensors = read_tensors_except(state_file, TABLE_KEY)
-    prefix_sd = {k[len("prefix."):]: v for k, v in tensors.items() if k.startswith("prefix.")}
+    prefix_sd = {k[len("prefix.") :]: v for k, v in tensors.items() if k.startswith("prefix.")}
     result = model.prefix.load_state_dict(prefix_sd, strict=False)
     from tapper.model.prefix import INPUT_STATS
 
@@ -210,5 +220,7 @@ def load_prefix_paged(model, state_file: str | Path, directory: str | Path) -> d
     old = model.prefix.cfg.input_norm == "unit_rms"
     missing = [k for k in result.missing_keys if k != "user_table.weight" and not (old and k in INPUT_STATS)]
     if missing or result.unexpected_keys:
-        raise ValueError(f"{state_file}: missing prefix tensors {missing[:5]}, unexpected {list(result.unexpected_keys)[:5]}")
+        raise ValueError(
+            f"{state_file}: missing prefix tensors {missing[:5]}, unexpected {list(result.unexpected_keys)[:5]}"
+        )
     return tensors

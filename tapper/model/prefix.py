@@ -35,6 +35,7 @@ standardization, zero in "unit_rms" mode), and P_q = MLP(that) whether or not
 other rows of the batch have histories, so a cold-start user gets the same
 prefix alone or batched.
 """
+
 from __future__ import annotations
 
 import math
@@ -116,8 +117,14 @@ class PrefixEncoder(nn.Module):
         return self._unit_rms(zq - self.query_mean if self.standardized else zq)
 
     @torch.no_grad()
-    def fit_input_stats(self, vectors: torch.Tensor, q_rows: list[int], hist_rows: list[list[int]],
-                        dt: list[list[float]] | None = None, dpi: list[list[float]] | None = None) -> None:
+    def fit_input_stats(
+        self,
+        vectors: torch.Tensor,
+        q_rows: list[int],
+        hist_rows: list[list[int]],
+        dt: list[list[float]] | None = None,
+        dpi: list[list[float]] | None = None,
+    ) -> None:
         """Set the standardization statistics from the training examples: `vectors` [n, d] holds every text's
         vector, `q_rows` each example's query row, `hist_rows` each example's history rows, `dt`/`dpi` their
         time and order gaps. The pooled statistics are those of the pooling P_q starts with: the DIN scores
@@ -138,8 +145,10 @@ class PrefixEncoder(nn.Module):
                 continue
             prior = torch.zeros(len(rows))
             if dt is not None and dpi is not None:
-                prior = -(self.lambda_t.detach().cpu() * torch.log1p(torch.tensor(dt[k]))
-                          + self.lambda_o.detach().cpu() * torch.log1p(torch.tensor(dpi[k])))
+                prior = -(
+                    self.lambda_t.detach().cpu() * torch.log1p(torch.tensor(dt[k]))
+                    + self.lambda_o.detach().cpu() * torch.log1p(torch.tensor(dpi[k]))
+                )
             alpha = torch.softmax(prior.double(), 0).to(normed.device)
             v = (alpha.unsqueeze(1) * normed[rows].double()).sum(0)
             total += v

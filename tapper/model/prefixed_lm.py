@@ -10,6 +10,7 @@ The sequence layout is `[pad…] [P_1..P_L] [prompt] [target] [pad…]` with
 explicit position ids that start at the first real (non-pad) slot, so left
 padding (generation) and right padding (training) see the same positions.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -60,7 +61,9 @@ class PrefixedLM(nn.Module):
 
     def loss(self, batch: LMBatch, prefix: torch.Tensor | None = None) -> torch.Tensor:
         embeds, mask, positions = self._inputs(batch, prefix)
-        hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
+        hidden = self.decoder(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
+        ).last_hidden_state
         labels = batch.labels.to(self.device)
         if prefix is not None:
             labels = torch.cat([labels.new_full((labels.shape[0], prefix.shape[1]), -100), labels], dim=1)
@@ -71,7 +74,9 @@ class PrefixedLM(nn.Module):
         return F.cross_entropy(logits.float(), y[keep])
 
     @torch.no_grad()
-    def generate(self, batch: LMBatch, prefix: torch.Tensor | None, max_new_tokens: int, eos_id: int) -> list[list[int]]:
+    def generate(
+        self, batch: LMBatch, prefix: torch.Tensor | None, max_new_tokens: int, eos_id: int
+    ) -> list[list[int]]:
         """Greedy decoding with a KV cache; `batch` must be left-padded."""
         embeds, mask, positions = self._inputs(batch, prefix)
         out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
@@ -94,8 +99,11 @@ class PrefixedLM(nn.Module):
             if self.scope is not None:
                 self.scope.positions = None
             out = self.decoder(
-                inputs_embeds=self.embed(tok[:, None]), attention_mask=mask, position_ids=next_pos,
-                past_key_values=past, use_cache=True,
+                inputs_embeds=self.embed(tok[:, None]),
+                attention_mask=mask,
+                position_ids=next_pos,
+                past_key_values=past,
+                use_cache=True,
             )
             past = out.past_key_values
             next_pos = next_pos + 1

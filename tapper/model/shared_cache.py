@@ -11,6 +11,7 @@ weights hash (tapper.model.backbone.weights_hash, memoized per file), the dtype 
 (a bf16 backbone's vectors are those of its bf16-rounded embedding, cached apart from the fp32 ones), the
 tokenizer and the cache root.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager

@@ -8,6 +8,7 @@ Saved state is the personalization part only: `prefix.safetensors` (prefix
 encoder + bridge LoRA tensors), `tapper_config.json` (Stage-2 config, d,
 user ids, backbone hash). The backbone lives in its own directory.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,14 @@ CONFIG_FILE = "tapper_config.json"
 
 
 class TapPer(nn.Module):
-    def __init__(self, backbone: nn.Module, user_ids: list[str], cfg: Stage2Config, backbone_hash: str = "",
-                 init_user_table: bool = True):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        user_ids: list[str],
+        cfg: Stage2Config,
+        backbone_hash: str = "",
+        init_user_table: bool = True,
+    ):
         super().__init__()
         self.cfg = cfg
         self.user_ids = list(user_ids)
@@ -53,7 +60,11 @@ class TapPer(nn.Module):
         self.d = int(emb.shape[1])
         # On the meta device (tapper.plan builds this model to count bytes) there are no values to measure.
         emb_std = 1.0 if emb.is_meta else float(emb.detach().float().std())
-        lm = attach_lora(backbone, cfg.bridge_r, cfg.bridge_alpha, cfg.bridge_dropout, cfg.target_modules) if cfg.use_bridge else backbone
+        lm = (
+            attach_lora(backbone, cfg.bridge_r, cfg.bridge_alpha, cfg.bridge_dropout, cfg.target_modules)
+            if cfg.use_bridge
+            else backbone
+        )
         scope = PositionScope(lm) if cfg.use_bridge and cfg.bridge_scope == "prefix" else None
         self.plm = PrefixedLM(lm, scope)
         self.prefix = PrefixEncoder(len(self.user_ids), self.d, cfg, emb_std, init_user_table).to(emb.device)
@@ -70,8 +81,13 @@ class TapPer(nn.Module):
         """Groups that Stage 2 trains: user table, shared prefix network, λ's, bridge."""
         lambdas = [self.prefix.lambda_t_raw, self.prefix.lambda_o_raw]
         shared = [p for p in self.shared_prefix_parameters() if all(p is not q for q in lambdas)]
-        groups = {"user_table": [self.prefix.user_table.weight] if self.cfg.use_pu else [], "shared": shared if self.cfg.use_pq else []}
-        groups["lambdas"] = [p for p, on in zip(lambdas, [self.cfg.use_lambda_t, self.cfg.use_lambda_o]) if on and self.cfg.use_pq]
+        groups = {
+            "user_table": [self.prefix.user_table.weight] if self.cfg.use_pu else [],
+            "shared": shared if self.cfg.use_pq else [],
+        }
+        groups["lambdas"] = [
+            p for p, on in zip(lambdas, [self.cfg.use_lambda_t, self.cfg.use_lambda_o]) if on and self.cfg.use_pq
+        ]
         groups["bridge"] = self.bridge_parameters()
         return groups
 
@@ -116,7 +132,11 @@ class TapPer(nn.Module):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         # Spare rows are not state: the saved table has exactly one row per user (+ row 0), and only
         # those rows are copied off the device.
-        out = {f"prefix.{k}": v.detach().cpu().contiguous() for k, v in self.prefix.state_dict().items() if k != "user_table.weight"}
+        out = {
+            f"prefix.{k}": v.detach().cpu().contiguous()
+            for k, v in self.prefix.state_dict().items()
+            if k != "user_table.weight"
+        }
         out["prefix.user_table.weight"] = self.user_table_in_use().detach().cpu().contiguous()
         if self.cfg.use_bridge:
             for k, v in get_peft_model_state_dict(self.plm.lm).items():
@@ -152,14 +172,16 @@ class TapPer(nn.Module):
         model = cls(backbone, meta["user_ids"], cfg, meta.get("backbone_hash", ""), init_user_table=False)
         if table_dir is None:
             tensors = load_file(directory / STATE_FILE)
-            prefix_sd = {k[len("prefix."):]: v for k, v in tensors.items() if k.startswith("prefix.")}
+            prefix_sd = {k[len("prefix.") :]: v for k, v in tensors.items() if k.startswith("prefix.")}
             missing, unexpected = model.prefix.load_state_dict(prefix_sd, strict=False)
             if unexpected or (missing and (cfg.input_norm != "unit_rms" or set(missing) - set(INPUT_STATS))):
-                raise ValueError(f"{directory / STATE_FILE}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
+                raise ValueError(
+                    f"{directory / STATE_FILE}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}"
+                )
         else:
             tensors = _load_paged(model, directory / STATE_FILE, table_dir)
         if cfg.use_bridge:
-            bridge_sd = {k[len("bridge."):]: v for k, v in tensors.items() if k.startswith("bridge.")}
+            bridge_sd = {k[len("bridge.") :]: v for k, v in tensors.items() if k.startswith("bridge.")}
             result = set_peft_model_state_dict(model.plm.lm, bridge_sd)
             unexpected = getattr(result, "unexpected_keys", [])
             if unexpected:

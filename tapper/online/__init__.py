@@ -7,6 +7,7 @@ feedback, and the simulation that compares Static / Online-Emb / Online-Full / F
 The names below are imported on first use (PEP 562), so `tapper.online.cli` (and with it
 `tapper --help`) does not pull in torch and transformers.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -14,12 +15,24 @@ import sys
 import types
 
 _WHERE = {
-    "METHODS": "config", "OnlineConfig": "config", "load_online_config": "config",
+    "METHODS": "config",
+    "OnlineConfig": "config",
+    "load_online_config": "config",
     "plot_trajectories": "plot",
-    "OnlineSplit": "simulate", "Trajectory": "simulate", "UserStream": "simulate", "run_online": "simulate",
-    "simulate": "simulate", "simulate_method": "simulate", "split_chunks": "simulate", "stream_split": "simulate",
-    "train_bootstrap": "simulate", "trajectories_report": "simulate",
-    "UpdateReport": "update", "add_users": "update", "feedback_examples": "update", "update_users": "update",
+    "OnlineSplit": "simulate",
+    "Trajectory": "simulate",
+    "UserStream": "simulate",
+    "run_online": "simulate",
+    "simulate": "simulate",
+    "simulate_method": "simulate",
+    "split_chunks": "simulate",
+    "stream_split": "simulate",
+    "train_bootstrap": "simulate",
+    "trajectories_report": "simulate",
+    "UpdateReport": "update",
+    "add_users": "update",
+    "feedback_examples": "update",
+    "update_users": "update",
 }
 __all__ = list(_WHERE)
 

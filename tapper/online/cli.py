@@ -5,6 +5,7 @@
 
 Writes DIR/trajectories.json and DIR/online.png (plus DIR/stage1/ and DIR/bootstrap/).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,17 +16,27 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from tapper.cli_args import add_backbone_arg, add_data_args, add_set_arg
 
     p = subparsers.add_parser(
-        "online", help="simulate streaming feedback: Static, Online-Emb, Online-Full, Full-Retrain (paper 4.6)",
-        description="Split each evaluation user's history in half, bootstrap Stage 2 on the earlier half, feed the later "
-                    "half in T chunks and score every method on the unchanged test queries after each chunk. "
-                    "Writes DIR/trajectories.json and DIR/online.png.",
+        "online",
+        help="simulate streaming feedback: Static, Online-Emb, Online-Full, Full-Retrain (paper 4.6)",
+        description="Split each evaluation user's history in half, bootstrap Stage 2 on the earlier half, "
+        "feed the later "
+        "half in T chunks and score every method on the unchanged test queries after each chunk. "
+        "Writes DIR/trajectories.json and DIR/online.png.",
     )
     add_data_args(p)
     add_backbone_arg(p)
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--stage2-users", type=int, default=None, help="N most active users: bootstrapped, streamed and evaluated (default 100)")
-    p.add_argument("--config", help="YAML with run settings (stage1/stage2/eval/stage2_users/seed) and an `online:` section "
-                                    "(chunks, epochs, steps, lr_emb, lr_full, lambda_lr, batch_size, methods, eval_history, seed)")
+    p.add_argument(
+        "--stage2-users",
+        type=int,
+        default=None,
+        help="N most active users: bootstrapped, streamed and evaluated (default 100)",
+    )
+    p.add_argument(
+        "--config",
+        help="YAML with run settings (stage1/stage2/eval/stage2_users/seed) and an `online:` section "
+        "(chunks, epochs, steps, lr_emb, lr_full, lambda_lr, batch_size, methods, eval_history, seed)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_set_arg(p)
     p.set_defaults(func=cmd_online)
@@ -44,8 +55,17 @@ def cmd_online(args: argparse.Namespace) -> int:
     if args.stage2_users is not None:
         base["stage2_users"] = args.stage2_users
     cfg, ocfg = load_online_config(base, args.overrides)
-    report = run_online(args.task, args.questions, args.outputs, args.backbone, args.out, cfg, ocfg,
-                        progress=not args.no_progress, on_step=print_step)
+    report = run_online(
+        args.task,
+        args.questions,
+        args.outputs,
+        args.backbone,
+        args.out,
+        cfg,
+        ocfg,
+        progress=not args.no_progress,
+        on_step=print_step,
+    )
     print_trajectories(report)
     print(f"wrote {Path(args.out) / 'trajectories.json'} and {Path(args.out) / 'online.png'}")
     return 0
@@ -72,13 +92,17 @@ def print_trajectories(report: dict) -> None:
     table.add_column("s/chunk", justify="right")
     for m, ys in report["methods"].items():
         c = report["cost"][m]
-        table.add_row(m, *(f"{y:.4f}" for y in ys), f"{c['params_touched_per_chunk']:,}", f"{c['seconds_per_chunk']:.2f}")
+        table.add_row(
+            m, *(f"{y:.4f}" for y in ys), f"{c['params_touched_per_chunk']:,}", f"{c['seconds_per_chunk']:.2f}"
+        )
     import shutil
 
     console = Console(width=max(shutil.get_terminal_size((120, 24)).columns, 120))
     console.print(table)
     if "final_gap_full_retrain_minus_online_full" in report:
-        console.print(f"final gap Full-Retrain - Online-Full: {report['final_gap_full_retrain_minus_online_full']:+.4f}")
+        console.print(
+            f"final gap Full-Retrain - Online-Full: {report['final_gap_full_retrain_minus_online_full']:+.4f}"
+        )
     if report.get("final_paired"):
         from tapper.eval.paired import describe
 

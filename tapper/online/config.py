@@ -5,6 +5,7 @@
 
 Unknown keys are errors, as everywhere in tapper.config.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,12 +49,17 @@ class OnlineConfig:
         _check_positive(self, "chunks", "epochs", "steps", "lr_emb", "lr_full", "lambda_lr", "batch_size")
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
-            raise ConfigError(f"OnlineConfig.methods: unknown {bad} (valid: {list(METHODS)})" if bad
-                              else "OnlineConfig.methods: empty")
+            raise ConfigError(
+                f"OnlineConfig.methods: unknown {bad} (valid: {list(METHODS)})"
+                if bad
+                else "OnlineConfig.methods: empty"
+            )
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"OnlineConfig.methods: duplicates in {self.methods}")
         if self.eval_history not in EVAL_HISTORIES:
-            raise ConfigError(f"OnlineConfig.eval_history must be one of {list(EVAL_HISTORIES)}, got {self.eval_history!r}")
+            raise ConfigError(
+                f"OnlineConfig.eval_history must be one of {list(EVAL_HISTORIES)}, got {self.eval_history!r}"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

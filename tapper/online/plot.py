@@ -1,4 +1,5 @@
 """Figure-6-style plot: x = fraction of history absorbed, y = the task's metric, one line per method."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -30,6 +30,7 @@ Design decision — which history the test queries' P_q sees at step t (OnlineCo
 Stage 1 is trained once on the Stage-1 users only, so no method sees a later-half record
 before its chunk.
 """
+
 from __future__ import annotations
 
 import time
@@ -44,7 +45,15 @@ from tapper.data.splits import record_examples
 from tapper.data.types import Example, Record
 from tapper.eval.paired import paired_difference
 from tapper.eval.predict import generate_texts
-from tapper.experiment import PreparedData, embedding_cache, open_backbone, prepare_data, query_scores, run_stage1, score
+from tapper.experiment import (
+    PreparedData,
+    embedding_cache,
+    open_backbone,
+    prepare_data,
+    query_scores,
+    run_stage1,
+    score,
+)
 from tapper.model.backbone import load_backbone_dir
 from tapper.model.tapper import TapPer
 from tapper.online.config import OnlineConfig
@@ -55,6 +64,7 @@ StepLogger = Callable[[str, int, float, dict], None]  # (method, t, fraction abs
 
 
 # --- the stream ----------------------------------------------------------------------------
+
 
 @dataclass
 class UserStream:
@@ -94,10 +104,18 @@ class OnlineSplit:
         if t is None:
             return self.eval
         keep = {u: {r.id for r in s.absorbed(t)} for u, s in self.streams.items()}
-        return [Example(id=ex.id, user_id=ex.user_id, input=ex.input, target=ex.target,
-                        history=[r for r in ex.history if r.id in keep.get(ex.user_id, ())],
-                        query_date=ex.query_date, source_record_id=ex.source_record_id)
-                for ex in self.eval]
+        return [
+            Example(
+                id=ex.id,
+                user_id=ex.user_id,
+                input=ex.input,
+                target=ex.target,
+                history=[r for r in ex.history if r.id in keep.get(ex.user_id, ())],
+                query_date=ex.query_date,
+                source_record_id=ex.source_record_id,
+            )
+            for ex in self.eval
+        ]
 
     def describe(self) -> dict:
         sizes = [[len(c) for c in s.chunks] for s in self.streams.values()]
@@ -145,6 +163,7 @@ def stream_split(data: PreparedData, n_chunks: int = 5) -> OnlineSplit:
 
 # --- one method ----------------------------------------------------------------------------
 
+
 @dataclass
 class Trajectory:
     method: str
@@ -162,30 +181,67 @@ class Trajectory:
         return cls(d["method"], list(d["metrics"]), list(d.get("cost", [])), dict(d.get("final_scores", {})))
 
 
-def predict(model: TapPer, bb, split: OnlineSplit, data: PreparedData, cfg: RunConfig, cache, t: int | None,
-            progress=False, desc="eval") -> tuple[dict[str, str], list[Example]]:
+def predict(
+    model: TapPer,
+    bb,
+    split: OnlineSplit,
+    data: PreparedData,
+    cfg: RunConfig,
+    cache,
+    t: int | None,
+    progress=False,
+    desc="eval",
+) -> tuple[dict[str, str], list[Example]]:
     """Predictions for the test queries with the history absorbed after step t, and those queries."""
     examples = split.eval_examples(t)
     rows = model.user_rows if model.cfg.use_pu else None
     encoded = encoder_for(model, data.task, bb.tokenizer, cache).encode(examples, rows, progress=progress)
-    preds = generate_texts(model, encoded, bb.tokenizer, data.task, cfg.eval.batch_size, cfg.eval.max_new_tokens, progress, desc)
+    preds = generate_texts(
+        model, encoded, bb.tokenizer, data.task, cfg.eval.batch_size, cfg.eval.max_new_tokens, progress, desc
+    )
     return preds, examples
 
 
-def evaluate(model: TapPer, bb, split: OnlineSplit, data: PreparedData, cfg: RunConfig, cache, t: int | None,
-             progress=False, desc="eval") -> dict[str, float]:
+def evaluate(
+    model: TapPer,
+    bb,
+    split: OnlineSplit,
+    data: PreparedData,
+    cfg: RunConfig,
+    cache,
+    t: int | None,
+    progress=False,
+    desc="eval",
+) -> dict[str, float]:
     preds, examples = predict(model, bb, split, data, cfg, cache, t, progress, desc)
     return score(data, preds, examples)
 
 
-def train_bootstrap(stage1_dir: Path, split: OnlineSplit, data: PreparedData, cfg: RunConfig, ocfg: OnlineConfig,
-                    state_dir: Path, progress=True) -> tuple[Path, dict[str, float], float]:
+def train_bootstrap(
+    stage1_dir: Path,
+    split: OnlineSplit,
+    data: PreparedData,
+    cfg: RunConfig,
+    ocfg: OnlineConfig,
+    state_dir: Path,
+    progress=True,
+) -> tuple[Path, dict[str, float], float]:
     """Stage 2 on the bootstrap halves, saved to `state_dir`; returns (dir, R_0, training seconds)."""
     t0 = time.perf_counter()
     bb = load_backbone_dir(stage1_dir)
     cache = embedding_cache(bb)
-    res = train_stage2(bb.model, bb.tokenizer, data.task, split.seen_examples(0), split.users, cfg.stage2, cache,
-                       seed=cfg.seed, backbone_hash=bb.weights_hash, progress=progress)
+    res = train_stage2(
+        bb.model,
+        bb.tokenizer,
+        data.task,
+        split.seen_examples(0),
+        split.users,
+        cfg.stage2,
+        cache,
+        seed=cfg.seed,
+        backbone_hash=bb.weights_hash,
+        progress=progress,
+    )
     seconds = time.perf_counter() - t0
     res.model.save(state_dir)
     r0 = evaluate(res.model, bb, split, data, cfg, cache, eval_step(ocfg, "static", 0), progress, "eval R_0")
@@ -199,9 +255,19 @@ def eval_step(ocfg: OnlineConfig, method: str, t: int) -> int | None:
     return 0 if method == "static" else t
 
 
-def simulate_method(method: str, stage1_dir: Path, bootstrap_dir: Path, r0: dict[str, float], split: OnlineSplit,
-                    data: PreparedData, cfg: RunConfig, ocfg: OnlineConfig, progress=False,
-                    on_step: StepLogger | None = None, final_dir: Path | None = None) -> Trajectory:
+def simulate_method(
+    method: str,
+    stage1_dir: Path,
+    bootstrap_dir: Path,
+    r0: dict[str, float],
+    split: OnlineSplit,
+    data: PreparedData,
+    cfg: RunConfig,
+    ocfg: OnlineConfig,
+    progress=False,
+    on_step: StepLogger | None = None,
+    final_dir: Path | None = None,
+) -> Trajectory:
     """One method's trajectory R_0..R_T from the bootstrap checkpoint (R_0 is shared).
 
     With `final_dir`, the method's model after the last chunk is saved there (TapPer.save)."""
@@ -219,27 +285,59 @@ def simulate_method(method: str, stage1_dir: Path, bootstrap_dir: Path, r0: dict
         elif method in ("online-emb", "online-full"):
             mode = method.split("-")[1]
             rep = update_users(
-                model, data.task, bb.tokenizer, cache, split.examples[t], mode,
-                epochs=ocfg.epochs, steps=ocfg.steps, lr=ocfg.lr_emb if mode == "emb" else ocfg.lr_full,
-                lambda_lr=ocfg.lambda_lr, batch_size=ocfg.batch_size, seed=seed * 1000 + t, progress=progress,
+                model,
+                data.task,
+                bb.tokenizer,
+                cache,
+                split.examples[t],
+                mode,
+                epochs=ocfg.epochs,
+                steps=ocfg.steps,
+                lr=ocfg.lr_emb if mode == "emb" else ocfg.lr_full,
+                lambda_lr=ocfg.lambda_lr,
+                batch_size=ocfg.batch_size,
+                seed=seed * 1000 + t,
+                progress=progress,
             )
-            cost = {"params_touched": rep.params_touched, "seconds": rep.seconds, "n_examples": rep.n_examples,
-                    "steps": rep.steps, "users": len(rep.users), "losses": rep.losses}
+            cost = {
+                "params_touched": rep.params_touched,
+                "seconds": rep.seconds,
+                "n_examples": rep.n_examples,
+                "steps": rep.steps,
+                "users": len(rep.users),
+                "losses": rep.losses,
+            }
         elif method == "full-retrain":
             fresh = load_backbone_dir(stage1_dir)
-            res = train_stage2(fresh.model, fresh.tokenizer, data.task, split.seen_examples(t), split.users, cfg.stage2, cache,
-                               seed=cfg.seed, backbone_hash=fresh.weights_hash, progress=progress)
+            res = train_stage2(
+                fresh.model,
+                fresh.tokenizer,
+                data.task,
+                split.seen_examples(t),
+                split.users,
+                cfg.stage2,
+                cache,
+                seed=cfg.seed,
+                backbone_hash=fresh.weights_hash,
+                progress=progress,
+            )
             model, bb = res.model, fresh
             groups = model.trainable_parameters()
-            cost = {"params_touched": sum(p.numel() for ps in groups.values() for p in ps),
-                    "seconds": time.perf_counter() - t0, "n_examples": res.n_examples,
-                    "steps": steps_for(res.n_examples, cfg.stage2.batch_size, cfg.stage2.epochs), "losses": res.losses}
+            cost = {
+                "params_touched": sum(p.numel() for ps in groups.values() for p in ps),
+                "seconds": time.perf_counter() - t0,
+                "n_examples": res.n_examples,
+                "steps": steps_for(res.n_examples, cfg.stage2.batch_size, cfg.stage2.epochs),
+                "losses": res.losses,
+            }
         else:
             raise ValueError(f"unknown method {method!r}")
         cost["seconds"] = round(cost["seconds"], 4)
         traj.cost.append(cost)
         target = model if model is not None else TapPer.load(bootstrap_dir, bb.model)
-        preds, examples = predict(target, bb, split, data, cfg, cache, eval_step(ocfg, method, t), progress, f"eval {method} t={t}")
+        preds, examples = predict(
+            target, bb, split, data, cfg, cache, eval_step(ocfg, method, t), progress, f"eval {method} t={t}"
+        )
         metrics = score(data, preds, examples)
         traj.metrics.append(metrics)
         if t == split.n_chunks:
@@ -253,7 +351,10 @@ def simulate_method(method: str, stage1_dir: Path, bootstrap_dir: Path, r0: dict
 
 # --- the whole simulation ------------------------------------------------------------------
 
-def trajectories_report(split: OnlineSplit, trajectories: dict[str, Trajectory], task, extra: dict | None = None) -> dict:
+
+def trajectories_report(
+    split: OnlineSplit, trajectories: dict[str, Trajectory], task, extra: dict | None = None
+) -> dict:
     """The `trajectories.json` object: primary metric per method and step, plus costs."""
     metric = task.primary_metric
     report = {
@@ -268,11 +369,16 @@ def trajectories_report(split: OnlineSplit, trajectories: dict[str, Trajectory],
     if "online-full" in methods and "full-retrain" in methods:
         report["final_gap_full_retrain_minus_online_full"] = methods["full-retrain"][-1] - methods["online-full"][-1]
     # The end points on the same test queries: mean difference and a 95 % paired-bootstrap interval.
-    pairs = [("online-emb", "static"), ("online-full", "static"), ("full-retrain", "static"), ("full-retrain", "online-full")]
+    pairs = [
+        ("online-emb", "static"),
+        ("online-full", "static"),
+        ("full-retrain", "static"),
+        ("full-retrain", "online-full"),
+    ]
     report["final_paired"] = {
         f"{a} - {b}": paired_difference(trajectories[a].final_scores, trajectories[b].final_scores)
-        for a, b in pairs if a in trajectories and b in trajectories
-        and trajectories[a].final_scores and trajectories[b].final_scores
+        for a, b in pairs
+        if a in trajectories and b in trajectories and trajectories[a].final_scores and trajectories[b].final_scores
     }
     report["split"] = split.describe()
     report.update(extra or {})
@@ -310,25 +416,52 @@ def run_online(
     data = prepare_data(task_name, questions, outputs, cfg.stage2_users)
     bb = open_backbone(backbone, data, cfg.seed, cfg.stage1.dtype)
     s1 = run_stage1(bb, data, cfg, out_dir / "stage1", progress)
-    report = simulate(s1.path, data, cfg, ocfg, out_dir, progress, on_step,
-                      extra={"task": data.task.name, "backbone": backbone, "stage1": {"weights_hash": s1.weights_hash}})
+    report = simulate(
+        s1.path,
+        data,
+        cfg,
+        ocfg,
+        out_dir,
+        progress,
+        on_step,
+        extra={"task": data.task.name, "backbone": backbone, "stage1": {"weights_hash": s1.weights_hash}},
+    )
     report["seconds"] = round(time.time() - t0, 2)
     atomic_write_json(out_dir / "trajectories.json", report)
     plot_trajectories(report, out_dir / "online.png")
     return report
 
 
-def simulate(stage1_dir: Path, data: PreparedData, cfg: RunConfig, ocfg: OnlineConfig, out_dir: Path,
-             progress: bool = True, on_step: StepLogger | None = None, extra: dict | None = None) -> dict:
+def simulate(
+    stage1_dir: Path,
+    data: PreparedData,
+    cfg: RunConfig,
+    ocfg: OnlineConfig,
+    out_dir: Path,
+    progress: bool = True,
+    on_step: StepLogger | None = None,
+    extra: dict | None = None,
+) -> dict:
     """Everything after Stage 1 (what a pipeline step with a cached Stage-1 backbone calls):
     the stream split, the bootstrap checkpoint in out_dir/bootstrap, each method's trajectory and
     its model after the last chunk in out_dir/final/<method>."""
     split = stream_split(data, ocfg.chunks)
-    boot_dir, r0, boot_seconds = train_bootstrap(stage1_dir, split, data, cfg, ocfg, Path(out_dir) / "bootstrap", progress)
-    trajectories = {m: simulate_method(m, stage1_dir, boot_dir, r0, split, data, cfg, ocfg, progress, on_step,
-                                       Path(out_dir) / "final" / m) for m in ocfg.methods}
-    return trajectories_report(split, trajectories, data.task, {
-        **(extra or {}),
-        "bootstrap": {"metrics": r0, "seconds": round(boot_seconds, 4)},
-        "config": {**cfg.to_dict(), "online": ocfg.to_dict()},
-    })
+    boot_dir, r0, boot_seconds = train_bootstrap(
+        stage1_dir, split, data, cfg, ocfg, Path(out_dir) / "bootstrap", progress
+    )
+    trajectories = {
+        m: simulate_method(
+            m, stage1_dir, boot_dir, r0, split, data, cfg, ocfg, progress, on_step, Path(out_dir) / "final" / m
+        )
+        for m in ocfg.methods
+    }
+    return trajectories_report(
+        split,
+        trajectories,
+        data.task,
+        {
+            **(extra or {}),
+            "bootstrap": {"metrics": r0, "seconds": round(boot_seconds, 4)},
+            "config": {**cfg.to_dict(), "online": ocfg.to_dict()},
+        },
+    )

@@ -25,6 +25,7 @@ Guarantees, whatever the mode:
 Training reuses `tapper.train.stage2.fit` (the Stage-2 loop, AdamW, clipping), with the
 budget given as epochs over the new examples or as an exact number of optimizer steps.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -89,8 +90,11 @@ def add_users(model: TapPer, user_ids: Sequence[str]) -> list[str]:
         if table_dir is not None:
             # A paged table stays paged: the grown one is a new scratch file in the same directory (zero-filled
             # already, so only the copied rows are written); the old file goes with the old tensor.
-            grown = nn.Embedding(capacity, old.embedding_dim,
-                                 _weight=paged_tensor(table_dir, capacity, old.embedding_dim, old.weight.dtype))
+            grown = nn.Embedding(
+                capacity,
+                old.embedding_dim,
+                _weight=paged_tensor(table_dir, capacity, old.embedding_dim, old.weight.dtype),
+            )
             fill_in_chunks(grown.weight, old.weight, old.num_embeddings)
         else:
             grown = nn.Embedding(capacity, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
@@ -153,7 +157,11 @@ def update_users(
     # The model's micro-batch (a memory bound) still applies to an update's own batch size, capped by it.
     micro = min(model.cfg.micro_batch_size, bs) if model.cfg.micro_batch_size else None
     cfg = dataclasses.replace(
-        model.cfg, lr=lr or model.cfg.lr, lambda_lr=lambda_lr or model.cfg.lambda_lr, batch_size=bs, micro_batch_size=micro,
+        model.cfg,
+        lr=lr or model.cfg.lr,
+        lambda_lr=lambda_lr or model.cfg.lambda_lr,
+        batch_size=bs,
+        micro_batch_size=micro,
     )
     if not new_examples:
         return UpdateReport(mode, users, new_users, 0, 0, 0, time.perf_counter() - t0)
@@ -171,8 +179,17 @@ def update_users(
         touched = sum(p.numel() for k in which for p in groups[k])
         with _only_trainable([p for k in which for p in groups[k]], model):
             set_seed(seed)
-            losses = fit(model, encoded, tokenizer.pad_token_id, cfg, epochs, seed, which=which, progress=progress,
-                         desc=f"online-{mode} update")
+            losses = fit(
+                model,
+                encoded,
+                tokenizer.pad_token_id,
+                cfg,
+                epochs,
+                seed,
+                which=which,
+                progress=progress,
+                desc=f"online-{mode} update",
+            )
     return UpdateReport(mode, users, new_users, n, n_steps, touched, time.perf_counter() - t0, losses)
 
 

@@ -1,4 +1,5 @@
 """A backbone's transformers config without its weights, so a plan for an 8B model needs no download."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,8 @@ KNOWN = json.loads((Path(__file__).resolve().parents[1] / "resources" / "backbon
 
 
 def backbone_config(spec: str) -> PretrainedConfig:
-    """`tiny`, `smollm2`, a hub id listed in tapper/resources/backbones.json, or a directory / cached hub id with a config.json."""
+    """`tiny`, `smollm2`, a hub id listed in tapper/resources/backbones.json, or a directory / cached hub id with a
+    config.json."""
     if spec in KNOWN:
         data = dict(KNOWN[spec])
         return AutoConfig.for_model(data.pop("model_type"), **data)

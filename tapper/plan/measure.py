@@ -9,10 +9,12 @@ already resident: its activations and the backward's working set, i.e. the plan'
 The process runs with `MALLOC_MMAP_THRESHOLD_=65536`: glibc then maps every block of 64 KiB or more on its own
 and unmaps it on free, so a freed tensor leaves the resident set at once; with glibc's default (a threshold that
 grows to 32 MiB) freed tensors stay in the heap and the peak RSS of the same step read 2.2x the live bytes
-(fragmentation, not tensors). tracemalloc would see none of it (torch allocates outside Python's allocator), and torch keeps no allocator
+(fragmentation, not tensors). tracemalloc would see none of it (torch allocates outside Python's allocator), and
+torch keeps no allocator
 statistics for the CPU; resident memory is what the machine actually had to provide. It can only over-count
 (pages glibc keeps after a free are still resident), never miss an allocation that was touched.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +47,9 @@ def peak_rss() -> int:
     return _status_kib("VmHWM") * 1024
 
 
-def run_step(backbone: str, stage: int, b: int, seq: int, history: int, dtype: str, checkpointing: bool,
-             micro: int | None) -> dict:
+def run_step(
+    backbone: str, stage: int, b: int, seq: int, history: int, dtype: str, checkpointing: bool, micro: int | None
+) -> dict:
     """Two training steps of `stage` on a random-init `backbone`; the second one's peak over its baseline."""
     from tapper.plan.workload import build_workload
     from tapper.train.loop import train_epochs
@@ -59,13 +62,26 @@ def run_step(backbone: str, stage: int, b: int, seq: int, history: int, dtype: s
         if step == 0:
             marks["baseline"] = reset_peak()
 
-    train_epochs(w.items[: 2 * b], w.loss_fn, w.groups, epochs=1, batch_size=b, on_step=after, progress=False, **w.loop_kwargs)
+    train_epochs(
+        w.items[: 2 * b], w.loss_fn, w.groups, epochs=1, batch_size=b, on_step=after, progress=False, **w.loop_kwargs
+    )
     peak = peak_rss()
     act, ws = (plan.activations_ckpt, plan.workspace_ckpt) if checkpointing else (plan.activations, plan.workspace)
-    return {"backbone": backbone, "stage": stage, "batch": b, "seq": seq, "history": history, "dtype": dtype,
-            "checkpointing": checkpointing, "micro_batch": micro, "baseline_rss": marks["baseline"], "peak_rss": peak,
-            "measured": peak - marks["baseline"], "planned": act + ws,
-            "plan": {"activations": act, "workspace": ws}}
+    return {
+        "backbone": backbone,
+        "stage": stage,
+        "batch": b,
+        "seq": seq,
+        "history": history,
+        "dtype": dtype,
+        "checkpointing": checkpointing,
+        "micro_batch": micro,
+        "baseline_rss": marks["baseline"],
+        "peak_rss": peak,
+        "measured": peak - marks["baseline"],
+        "planned": act + ws,
+        "plan": {"activations": act, "workspace": ws},
+    }
 
 
 def measure_in_subprocess(**kwargs) -> dict:

@@ -19,6 +19,7 @@ intermediates (the MLP's, no autograd).
 `usable` is the share of the accelerator's memory a plan may fill: the rest is for the CUDA context,
 kernels' workspaces and the caching allocator's fragmentation.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -63,8 +64,11 @@ class StagePlan:
     def peak(self, checkpointing: bool | None = None, micro_batch: int | None = None) -> int:
         ckpt = self.checkpointing if checkpointing is None else checkpointing
         b = self.micro_batch if micro_batch is None else micro_batch
-        act, slope, ws = ((self.activations_ckpt, self.per_example_ckpt, self.workspace_ckpt) if ckpt
-                          else (self.activations, self.per_example, self.workspace))
+        act, slope, ws = (
+            (self.activations_ckpt, self.per_example_ckpt, self.workspace_ckpt)
+            if ckpt
+            else (self.activations, self.per_example, self.workspace)
+        )
         return self.fixed + act + slope * (b - self.micro_batch) + ws * b // self.micro_batch
 
     def largest_micro_batch(self, budget: int, checkpointing: bool | None = None, cap: int = 4096) -> int:
@@ -125,12 +129,20 @@ def _finish(stage, micro, seq_len, ckpt, model, trainable, measure, mask_bytes, 
     act = lambda s, c, b: s.total(c) + mask_bytes * b  # noqa: E731
     slope, slope_ckpt = act(two, False, 2) - act(one, False, 1), act(two, True, 2) - act(one, True, 1)
     return StagePlan(
-        stage=stage, micro_batch=micro, seq_len=seq_len, checkpointing=ckpt,
+        stage=stage,
+        micro_batch=micro,
+        seq_len=seq_len,
+        checkpointing=ckpt,
         weights=_bytes(model.parameters()) + _bytes(model.buffers()),
-        gradients=_bytes(trainable), optimizer=ADAM_STATES * sum(p.numel() * 4 for p in trainable),
-        activations=act(one, False, 1) + slope * (micro - 1), activations_ckpt=act(one, True, 1) + slope_ckpt * (micro - 1),
-        per_example=slope, per_example_ckpt=slope_ckpt,
-        workspace=one.workspace(False) * micro, workspace_ckpt=one.workspace(True) * micro, extra=extra or {},
+        gradients=_bytes(trainable),
+        optimizer=ADAM_STATES * sum(p.numel() * 4 for p in trainable),
+        activations=act(one, False, 1) + slope * (micro - 1),
+        activations_ckpt=act(one, True, 1) + slope_ckpt * (micro - 1),
+        per_example=slope,
+        per_example_ckpt=slope_ckpt,
+        workspace=one.workspace(False) * micro,
+        workspace_ckpt=one.workspace(True) * micro,
+        extra=extra or {},
     )
 
 
@@ -157,8 +169,17 @@ def plan_stage1(config, cfg: RunConfig) -> StagePlan:
         return count_saved(model, plm.decoder.layers, lambda: _loss_on_targets(plm, plm.embed(ids), n_tgt))
 
     micro = s1.micro_batch_size or s1.batch_size
-    return _finish("stage1", micro, T, s1.gradient_checkpointing, model, trainable, measure, T * T,
-                   {"dtype": s1.dtype, "target_tokens": n_tgt, "batch_size": s1.batch_size})
+    return _finish(
+        "stage1",
+        micro,
+        T,
+        s1.gradient_checkpointing,
+        model,
+        trainable,
+        measure,
+        T * T,
+        {"dtype": s1.dtype, "target_tokens": n_tgt, "batch_size": s1.batch_size},
+    )
 
 
 def _meta_tapper(config, cfg: RunConfig):
@@ -201,9 +222,23 @@ def plan_stage2(config, cfg: RunConfig, history: int, model=None) -> StagePlan:
         return saved
 
     micro = s2.micro_batch_size or s2.batch_size
-    return _finish("stage2", micro, T, s2.gradient_checkpointing, model, trainable, measure, T * T,
-                   {"dtype": s2.dtype, "target_tokens": n_tgt, "history": N, "users": cfg.stage2_users,
-                    "batch_size": s2.batch_size})
+    return _finish(
+        "stage2",
+        micro,
+        T,
+        s2.gradient_checkpointing,
+        model,
+        trainable,
+        measure,
+        T * T,
+        {
+            "dtype": s2.dtype,
+            "target_tokens": n_tgt,
+            "history": N,
+            "users": cfg.stage2_users,
+            "batch_size": s2.batch_size,
+        },
+    )
 
 
 def plan_eval(config, cfg: RunConfig, max_new_tokens: int = 32, model=None) -> StagePlan:
@@ -218,11 +253,22 @@ def plan_eval(config, cfg: RunConfig, max_new_tokens: int = 32, model=None) -> S
     # Prefill: the MLP's gate, up and their product ([T, ffn] each) next to the residual stream, per example.
     prefill = T * (3 * config.intermediate_size + 4 * config.hidden_size) * size + config.vocab_size * 4
     per_example = kv + prefill
-    return StagePlan(stage="eval", micro_batch=b, seq_len=T, checkpointing=False,
-                     weights=_bytes(model.parameters()) + _bytes(model.buffers()), gradients=0, optimizer=0,
-                     activations=per_example * b, activations_ckpt=per_example * b, per_example=per_example,
-                     per_example_ckpt=per_example, workspace=0, workspace_ckpt=0,
-                     extra={"dtype": s2.dtype, "kv_cache_per_example": kv, "batch_size": b})
+    return StagePlan(
+        stage="eval",
+        micro_batch=b,
+        seq_len=T,
+        checkpointing=False,
+        weights=_bytes(model.parameters()) + _bytes(model.buffers()),
+        gradients=0,
+        optimizer=0,
+        activations=per_example * b,
+        activations_ckpt=per_example * b,
+        per_example=per_example,
+        per_example_ckpt=per_example,
+        workspace=0,
+        workspace_ckpt=0,
+        extra={"dtype": s2.dtype, "kv_cache_per_example": kv, "batch_size": b},
+    )
 
 
 def plan_run(backbone: str, cfg: RunConfig, gpu_mem: int, history: int = 512) -> dict:
@@ -233,7 +279,11 @@ def plan_run(backbone: str, cfg: RunConfig, gpu_mem: int, history: int = 512) ->
     tapper = _meta_tapper(config, cfg)
     stages += [plan_stage2(config, cfg, history, tapper), plan_eval(config, cfg, model=tapper)]
     return {
-        "backbone": backbone, "gpu_mem": gpu_mem, "usable": USABLE, "budget": budget, "history": history,
+        "backbone": backbone,
+        "gpu_mem": gpu_mem,
+        "usable": USABLE,
+        "budget": budget,
+        "history": history,
         "stages": {s.stage: s.to_dict(budget) for s in stages},
         "fits": all(s.peak() <= budget for s in stages),
     }
@@ -242,7 +292,17 @@ def plan_run(backbone: str, cfg: RunConfig, gpu_mem: int, history: int = 512) ->
 def parse_bytes(text: str) -> int:
     """'80GB' (10^9), '80GiB' (2^30), '512MB', or a plain number of bytes."""
     t = text.strip().upper().replace(" ", "")
-    units = {"TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
+    units = {
+        "TIB": 2**40,
+        "GIB": 2**30,
+        "MIB": 2**20,
+        "KIB": 2**10,
+        "TB": 10**12,
+        "GB": 10**9,
+        "MB": 10**6,
+        "KB": 10**3,
+        "B": 1,
+    }
     for u, mult in units.items():
         if t.endswith(u):
             return int(float(t[: -len(u)]) * mult)

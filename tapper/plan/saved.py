@@ -15,6 +15,7 @@ Two things the meta device does not do as a GPU does, corrected here and said so
   cannot answer: the plan runs without a padding mask (causal attention only) and tells transformers the
   sequences are not packed (tapper never packs). A padding mask adds B·T² bytes, counted by plan.py.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -105,6 +106,7 @@ def count_saved(model: torch.nn.Module, layers: torch.nn.ModuleList, run) -> Sav
 
     handles = []
     for i, layer in enumerate(layers):
+
         def pre(module, args, kwargs, i=i):
             current[0] = i
             hidden = args[0] if args else kwargs.get("hidden_states")

@@ -5,6 +5,7 @@ ids at exactly `seq` tokens (prompt, then half of what the soft tokens leave as 
 Stage 2, `history` records per example with random record vectors. The backbone is built from its config with
 random weights, so an 8B-shaped model needs no download; memory and speed do not depend on the weights' values.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,7 +31,9 @@ class Workload:
     def plan(self):
         from tapper.plan.plan import plan_stage1, plan_stage2
 
-        return plan_stage1(self.config, self.cfg) if self.stage == 1 else plan_stage2(self.config, self.cfg, self.history)
+        return (
+            plan_stage1(self.config, self.cfg) if self.stage == 1 else plan_stage2(self.config, self.cfg, self.history)
+        )
 
 
 def synthetic_items(n: int, seq: int, prefix_len: int, history: int, vocab: int, users: int = 4) -> list:
@@ -42,15 +45,36 @@ def synthetic_items(n: int, seq: int, prefix_len: int, history: int, vocab: int,
     out = []
     for i in range(n):
         ids = torch.randint(4, vocab, (room,), generator=g).tolist()
-        out.append(EncodedExample(id=str(i), user_id=f"u{i % users}", user_row=1 + i % users, q_row=0,
-                                  hist_rows=list(range(1, history + 1)), dt=[1.0] * history, dpi=[1.0] * history,
-                                  prompt_ids=ids[: room - n_tgt], target_ids=ids[room - n_tgt :], target=None))
+        out.append(
+            EncodedExample(
+                id=str(i),
+                user_id=f"u{i % users}",
+                user_row=1 + i % users,
+                q_row=0,
+                hist_rows=list(range(1, history + 1)),
+                dt=[1.0] * history,
+                dpi=[1.0] * history,
+                prompt_ids=ids[: room - n_tgt],
+                target_ids=ids[room - n_tgt :],
+                target=None,
+            )
+        )
     return out
 
 
-def build_workload(backbone: str, stage: int, b: int, seq: int, history: int, dtype: str, checkpointing: bool,
-                   micro: int | None, device: str | torch.device = "cpu", n_items: int | None = None,
-                   users: int = 4) -> Workload:
+def build_workload(
+    backbone: str,
+    stage: int,
+    b: int,
+    seq: int,
+    history: int,
+    dtype: str,
+    checkpointing: bool,
+    micro: int | None,
+    device: str | torch.device = "cpu",
+    n_items: int | None = None,
+    users: int = 4,
+) -> Workload:
     """The model, `n_items` (default 2·b) examples, the loss and parameter groups of one stage's training."""
     from transformers import AutoModelForCausalLM
 
@@ -71,8 +95,14 @@ def build_workload(backbone: str, stage: int, b: int, seq: int, history: int, dt
         from tapper.model.prefixed_lm import PrefixedLM
         from tapper.precision import set_checkpointing
 
-        s1 = Stage1Config(batch_size=b, max_len=seq, dtype=dtype, gradient_checkpointing=checkpointing,
-                          micro_batch_size=micro, lora_dropout=0.0)
+        s1 = Stage1Config(
+            batch_size=b,
+            max_len=seq,
+            dtype=dtype,
+            gradient_checkpointing=checkpointing,
+            micro_batch_size=micro,
+            lora_dropout=0.0,
+        )
         cfg = RunConfig(stage1=s1)
         set_checkpointing(model, checkpointing)
         lm = attach_lora(model, s1.lora_r, s1.lora_alpha, 0.0, s1.target_modules)
@@ -84,8 +114,14 @@ def build_workload(backbone: str, stage: int, b: int, seq: int, history: int, dt
     from tapper.model.tapper import TapPer
     from tapper.train.stage2 import param_groups
 
-    s2 = Stage2Config(batch_size=b, max_len=seq, dtype=dtype, gradient_checkpointing=checkpointing,
-                      micro_batch_size=micro, bridge_dropout=0.0)
+    s2 = Stage2Config(
+        batch_size=b,
+        max_len=seq,
+        dtype=dtype,
+        gradient_checkpointing=checkpointing,
+        micro_batch_size=micro,
+        bridge_dropout=0.0,
+    )
     cfg = RunConfig(stage2=s2, stage2_users=users)
     with torch.device(device):
         tp = TapPer(model, [f"u{i}" for i in range(users)], s2)

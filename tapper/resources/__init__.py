@@ -5,6 +5,7 @@ the HuffPost News Category Dataset with at least 9 articles in its 15 categories
 each author's 4 latest articles are queries, the up to 30 before them the profile),
 CC BY 4.0; its README.md says how it was built (`tapper build news ...`).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,5 +19,7 @@ def default_dataset_paths() -> tuple[Path, Path, str]:
     questions, outputs = DEFAULT_DIR / "questions.json", DEFAULT_DIR / "outputs.json"
     for path in (questions, outputs):
         if not path.is_file():
-            raise FileNotFoundError(f"bundled default dataset file missing: {path} (is the package installed with its data?)")
+            raise FileNotFoundError(
+                f"bundled default dataset file missing: {path} (is the package installed with its data?)"
+            )
     return questions, outputs, DEFAULT_TASK

@@ -4,6 +4,7 @@ This is the one place that decides, for an example, which history records the
 prefix sees (all of them, or a BM25 top-k), their time gaps (days) and order
 gaps, and how prompt and target are tokenized and truncated.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -64,7 +65,9 @@ def bm25_keep(ex: Example, task, k: int, index: bm25.Bm25Index | None = None) ->
 
 
 class FeatureEncoder:
-    def __init__(self, task, tokenizer, cache: EmbeddingCache, max_len: int, prefix_len: int = 0, bm25_k: int | None = None):
+    def __init__(
+        self, task, tokenizer, cache: EmbeddingCache, max_len: int, prefix_len: int = 0, bm25_k: int | None = None
+    ):
         self.task = task
         self.tok = tokenizer
         self.cache = cache
@@ -77,9 +80,13 @@ class FeatureEncoder:
         t = []
         room = self.max_len - self.prefix_len
         if room < 16:
-            raise ValueError(f"max_len {self.max_len} leaves {room} tokens after the {self.prefix_len} soft tokens; need >= 16")
+            raise ValueError(
+                f"max_len {self.max_len} leaves {room} tokens after the {self.prefix_len} soft tokens; need >= 16"
+            )
         if target is not None:
-            t = self.tok(self.task.format_target(target), add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+            t = self.tok(self.task.format_target(target), add_special_tokens=False)["input_ids"] + [
+                self.tok.eos_token_id
+            ]
             # A target may take at most half of what the soft tokens leave (its head, ending in EOS), so the
             # prompt always keeps the other half.
             if len(t) > room // 2:
@@ -91,8 +98,13 @@ class FeatureEncoder:
             p = p[: budget - tail] + p[len(p) - tail :]
         return p, t
 
-    def encode(self, examples: list[Example], user_rows: dict[str, int] | None = None, progress: bool = True,
-               unknown_users: str = "error") -> EncodedSet:
+    def encode(
+        self,
+        examples: list[Example],
+        user_rows: dict[str, int] | None = None,
+        progress: bool = True,
+        unknown_users: str = "error",
+    ) -> EncodedSet:
         """Token ids and vector rows of `examples`. With `user_rows` (a model's user table), a user not in it is an
         error unless `unknown_users="pq_only"` (serving and cold-start evaluation: row 0, P_q only)."""
         if unknown_users not in ("error", "pq_only"):
@@ -101,8 +113,10 @@ class FeatureEncoder:
             missing = sorted({ex.user_id for ex in examples} - set(user_rows))
             if missing:
                 first = next(ex for ex in examples if ex.user_id == missing[0])
-                raise KeyError(f"example {first.id!r}: user {missing[0]!r} has no row in the user table "
-                               f"({len(missing)} such users); pass unknown_users='pq_only' to serve them with P_q only")
+                raise KeyError(
+                    f"example {first.id!r}: user {missing[0]!r} has no row in the user table "
+                    f"({len(missing)} such users); pass unknown_users='pq_only' to serve them with P_q only"
+                )
         texts: dict[str, int] = {}
 
         def row(text: str) -> int:

@@ -1,4 +1,5 @@
 """The one training loop both stages, the baselines and the online updates use."""
+
 from __future__ import annotations
 
 import math

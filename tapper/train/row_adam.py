@@ -10,6 +10,7 @@ does for sparse gradients, plus decoupled weight decay). A visited row is one
 with a non-zero gradient; rows outside the batch get an exactly zero gradient
 from the embedding lookup.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Stage 1: task LoRA on q,k,v,o over the Stage-1 users' query->response pairs, then merge (paper 2.1)."""
+
 from __future__ import annotations
 
 import random
@@ -59,25 +60,40 @@ def train_stage1(
         examples = random.Random(seed).sample(examples, cfg.max_examples)
     items = tokenize_examples(task, backbone.tokenizer, examples, cfg.max_len)
     if not items and not cfg.skip:
-        raise ValueError(f"{task.name}: the Stage-1 training split is empty (no Stage-1 example with an answer); "
-                         "lower stage2_users or set stage1.skip=true")
+        raise ValueError(
+            f"{task.name}: the Stage-1 training split is empty (no Stage-1 example with an answer); "
+            "lower stage2_users or set stage1.skip=true"
+        )
     model = backbone.model
     losses: list[float] = []
     pad = backbone.tokenizer.pad_token_id
     # The merged backbone is saved in this dtype too: Stage 2 and serving read what Stage 1 trained on.
     cast_backbone(model, cfg.dtype)
     set_checkpointing(model, cfg.gradient_checkpointing and not cfg.skip)
-    memory = dict(micro_batch_size=cfg.micro_batch_size, weight_fn=loss_tokens, loss_scaling=needs_loss_scaling(cfg.dtype),
-                  on_step=on_step)
+    memory = dict(
+        micro_batch_size=cfg.micro_batch_size,
+        weight_fn=loss_tokens,
+        loss_scaling=needs_loss_scaling(cfg.dtype),
+        on_step=on_step,
+    )
     if not cfg.skip and cfg.mode == "lora":
         peft_model = attach_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
         plm = PrefixedLM(peft_model)
         peft_model.train()
         params = [p for p in peft_model.parameters() if p.requires_grad]
         losses = train_epochs(
-            items, lambda b: plm.loss(lm_train_batch(b, pad)), [{"params": params, "lr": cfg.lr}],
-            cfg.epochs, cfg.batch_size, seed=seed, desc="stage 1 (task LoRA)", progress=progress, on_epoch=on_epoch,
-            warmup=cfg.warmup, schedule=cfg.schedule, **memory,
+            items,
+            lambda b: plm.loss(lm_train_batch(b, pad)),
+            [{"params": params, "lr": cfg.lr}],
+            cfg.epochs,
+            cfg.batch_size,
+            seed=seed,
+            desc="stage 1 (task LoRA)",
+            progress=progress,
+            on_epoch=on_epoch,
+            warmup=cfg.warmup,
+            schedule=cfg.schedule,
+            **memory,
         )
         model = merge_lora(peft_model)
     elif not cfg.skip:
@@ -87,9 +103,18 @@ def train_stage1(
         plm = PrefixedLM(model)
         model.train()
         losses = train_epochs(
-            items, lambda b: plm.loss(lm_train_batch(b, pad)), [{"params": params, "lr": cfg.lr}],
-            cfg.epochs, cfg.batch_size, seed=seed, desc="stage 1 (full, embeddings frozen)", progress=progress, on_epoch=on_epoch,
-            warmup=cfg.warmup, schedule=cfg.schedule, **memory,
+            items,
+            lambda b: plm.loss(lm_train_batch(b, pad)),
+            [{"params": params, "lr": cfg.lr}],
+            cfg.epochs,
+            cfg.batch_size,
+            seed=seed,
+            desc="stage 1 (full, embeddings frozen)",
+            progress=progress,
+            on_epoch=on_epoch,
+            warmup=cfg.warmup,
+            schedule=cfg.schedule,
+            **memory,
         )
     set_checkpointing(model, False)
     model.eval()

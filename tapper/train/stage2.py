@@ -1,4 +1,5 @@
 """Stage 2: prefix learning (user table, DIN attention, projection, λ's) + bridge LoRA (paper 2.2)."""
+
 from __future__ import annotations
 
 import random
@@ -91,14 +92,18 @@ def encoder_for(model: TapPer, task, tokenizer, cache: EmbeddingCache) -> Featur
     return FeatureEncoder(task, tokenizer, cache, max_len=cfg.max_len, prefix_len=cfg.prefix_len, bm25_k=cfg.bm25_k)
 
 
-def param_groups(model: TapPer, cfg: Stage2Config, which: tuple[str, ...] = ("user_table", "shared", "lambdas", "bridge")) -> list[dict]:
+def param_groups(
+    model: TapPer, cfg: Stage2Config, which: tuple[str, ...] = ("user_table", "shared", "lambdas", "bridge")
+) -> list[dict]:
     groups = model.trainable_parameters()
     rates = {"lambdas": cfg.lambda_lr, "user_table": cfg.user_lr or cfg.lr}
     decay = {"user_table": cfg.user_weight_decay}
     # The user table is updated row-sparsely (tapper.train.row_adam): a row moves, and decays, only when its user is
     # in the batch.
-    return [{"params": groups[k], "lr": rates.get(k, cfg.lr), "weight_decay": decay.get(k, 0.0), "rows": k == "user_table"}
-            for k in which]
+    return [
+        {"params": groups[k], "lr": rates.get(k, cfg.lr), "weight_decay": decay.get(k, 0.0), "rows": k == "user_table"}
+        for k in which
+    ]
 
 
 class AnswerReadout(nn.Module):
@@ -124,10 +129,20 @@ class AnswerReadout(nn.Module):
         return nn.functional.cross_entropy(self.head(pooled[known]), y)
 
 
-def fit(model: TapPer, encoded: EncodedSet, pad_id: int, cfg: Stage2Config, epochs: float, seed: int,
-        which=("user_table", "shared", "lambdas", "bridge"), progress=True, desc="stage 2 (prefix + bridge)",
-        on_epoch: Callable[[int, float], None] | None = None, aux: AnswerReadout | None = None,
-        on_step: Callable[[int, float], None] | None = None) -> list[float]:
+def fit(
+    model: TapPer,
+    encoded: EncodedSet,
+    pad_id: int,
+    cfg: Stage2Config,
+    epochs: float,
+    seed: int,
+    which=("user_table", "shared", "lambdas", "bridge"),
+    progress=True,
+    desc="stage 2 (prefix + bridge)",
+    on_epoch: Callable[[int, float], None] | None = None,
+    aux: AnswerReadout | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
     """Train the named parameter groups of `model` on `encoded` (Stage 2 and online updates share this)."""
     model.train()
     groups = param_groups(model, cfg, which)
@@ -144,12 +159,22 @@ def fit(model: TapPer, encoded: EncodedSet, pad_id: int, cfg: Stage2Config, epoc
         return loss + cfg.aux_weight * aux.loss(model, batch) if use_aux else loss
 
     losses = train_epochs(
-        encoded.items, loss_fn, groups,
-        epochs, cfg.batch_size, seed=seed, desc=desc, progress=progress, on_epoch=on_epoch,
-        warmup=cfg.warmup, schedule=cfg.schedule,
+        encoded.items,
+        loss_fn,
+        groups,
+        epochs,
+        cfg.batch_size,
+        seed=seed,
+        desc=desc,
+        progress=progress,
+        on_epoch=on_epoch,
+        warmup=cfg.warmup,
+        schedule=cfg.schedule,
         # Micro-batches are weighted by target tokens, exact for the LM loss; the auxiliary readout's mean is
         # then weighted the same way, close to (not exactly) its full-batch mean.
-        micro_batch_size=cfg.micro_batch_size, weight_fn=loss_tokens, loss_scaling=needs_loss_scaling(cfg.dtype),
+        micro_batch_size=cfg.micro_batch_size,
+        weight_fn=loss_tokens,
+        loss_scaling=needs_loss_scaling(cfg.dtype),
         on_step=on_step,
     )
     model.eval()
@@ -179,9 +204,18 @@ def train_stage2(
     encoder = encoder_for(model, task, tokenizer, cache)
     encoded = encoder.encode(examples, model.user_rows, progress=progress)
     items = encoded.items
-    model.prefix.fit_input_stats(encoded.vectors, [it.q_row for it in items], [it.hist_rows for it in items],
-                                 [it.dt for it in items], [it.dpi for it in items])
-    selector = EpochSelector(model, task, tokenizer, encoder.encode(held, model.user_rows, progress=False), 32) if held else None
+    model.prefix.fit_input_stats(
+        encoded.vectors,
+        [it.q_row for it in items],
+        [it.hist_rows for it in items],
+        [it.dt for it in items],
+        [it.dpi for it in items],
+    )
+    selector = (
+        EpochSelector(model, task, tokenizer, encoder.encode(held, model.user_rows, progress=False), 32)
+        if held
+        else None
+    )
 
     def after_epoch(epoch: int, loss: float) -> None:
         if selector is not None:
@@ -190,9 +224,24 @@ def train_stage2(
             on_epoch(epoch, loss)
 
     aux = AnswerReadout(model, tuple(task.labels)) if cfg.aux_weight > 0 and task.labels else None
-    losses = fit(model, encoded, tokenizer.pad_token_id, cfg, cfg.epochs, seed, progress=progress, on_epoch=after_epoch, aux=aux,
-                 on_step=on_step)
+    losses = fit(
+        model,
+        encoded,
+        tokenizer.pad_token_id,
+        cfg,
+        cfg.epochs,
+        seed,
+        progress=progress,
+        on_epoch=after_epoch,
+        aux=aux,
+        on_step=on_step,
+    )
     best = selector.restore() if selector is not None else None
     model.eval()
-    return Stage2Result(model=model, losses=losses, n_examples=len(encoded.items),
-                        validation=selector.scores if selector else [], best_epoch=best)
+    return Stage2Result(
+        model=model,
+        losses=losses,
+        n_examples=len(encoded.items),
+        validation=selector.scores if selector else [],
+        best_epoch=best,
+    )

@@ -9,6 +9,7 @@ server still authenticates, authorizes (RBAC) and admits every call.
 Not relayed: connection upgrades (exec, attach, port-forward). Discovery is not rewritten, so `kubectl` does not
 see the GA versions through here; the harness applies manifests with translate.to_served instead.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,17 @@ from urllib.parse import urlsplit
 
 from translate import TranslationError, from_served, to_served, translate_path
 
-HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te", "trailer", "host",
-       "content-length"}
+HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+    "trailer",
+    "host",
+    "content-length",
+}
 
 
 class Proxy(BaseHTTPRequestHandler):
@@ -95,8 +105,16 @@ class Proxy(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _send_status(self, code: int, message: str) -> None:
-        data = json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message,
-                           "reason": "Invalid", "code": code}).encode()
+        data = json.dumps(
+            {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "status": "Failure",
+                "message": message,
+                "reason": "Invalid",
+                "code": code,
+            }
+        ).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))

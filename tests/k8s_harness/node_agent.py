@@ -36,6 +36,7 @@ for scheduling); one bridge on one machine instead of a CNI plugin, no NetworkPo
 plugin (`nvidia.com/gpu` is capacity on paper); no exec/attach/port-forward, no downwardAPI or projected
 volumes, no ephemeral containers, no image pull secrets, no node heartbeats or evictions.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,39 +90,73 @@ def api(kubeconfig: str, context: str) -> client.CoreV1Api:
 
 # --- registration ------------------------------------------------------------------------------------------------
 
+
 def register(args) -> None:
     core = api(args.kubeconfig, args.context)
     for n in load_nodes(args.nodes):
-        labels = {"kubernetes.io/hostname": n["name"], "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
-                  "beta.kubernetes.io/os": "linux", "beta.kubernetes.io/arch": "amd64", **n.get("labels", {})}
-        body = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": n["name"], "labels": labels},
-                "spec": {"taints": n.get("taints", [])}}
+        labels = {
+            "kubernetes.io/hostname": n["name"],
+            "kubernetes.io/os": "linux",
+            "kubernetes.io/arch": "amd64",
+            "beta.kubernetes.io/os": "linux",
+            "beta.kubernetes.io/arch": "amd64",
+            **n.get("labels", {}),
+        }
+        body = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": n["name"], "labels": labels},
+            "spec": {"taints": n.get("taints", [])},
+        }
         try:
             core.create_node(body)
         except ApiException as err:
             if err.status != 409:
                 raise
         t = now()
-        cond = lambda typ, status, reason, msg: {"type": typ, "status": status, "reason": reason, "message": msg,  # noqa: E731
-                                                 "lastHeartbeatTime": t, "lastTransitionTime": t}
-        status = {"status": {
-            "capacity": n["capacity"], "allocatable": n["capacity"],
-            "conditions": [cond("MemoryPressure", "False", "KubeletHasSufficientMemory", "node agent"),
-                           cond("DiskPressure", "False", "KubeletHasNoDiskPressure", "node agent"),
-                           cond("PIDPressure", "False", "KubeletHasSufficientPID", "node agent"),
-                           cond("Ready", "True", "KubeletReady", "tapper node agent is posting ready status")],
-            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": n["name"]}],
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": int(n["kubeletPort"])}},
-            "nodeInfo": {"machineID": n["name"], "systemUUID": n["name"], "bootID": "harness", "kernelVersion": os.uname().release,
-                         "osImage": "tapper harness", "containerRuntimeVersion": "tapper-node-agent://1",
-                         "kubeletVersion": AGENT_VERSION, "kubeProxyVersion": "none", "operatingSystem": "linux",
-                         "architecture": "amd64"},
-        }}
+        cond = lambda typ, status, reason, msg: {
+            "type": typ,
+            "status": status,
+            "reason": reason,
+            "message": msg,  # noqa: E731
+            "lastHeartbeatTime": t,
+            "lastTransitionTime": t,
+        }
+        status = {
+            "status": {
+                "capacity": n["capacity"],
+                "allocatable": n["capacity"],
+                "conditions": [
+                    cond("MemoryPressure", "False", "KubeletHasSufficientMemory", "node agent"),
+                    cond("DiskPressure", "False", "KubeletHasNoDiskPressure", "node agent"),
+                    cond("PIDPressure", "False", "KubeletHasSufficientPID", "node agent"),
+                    cond("Ready", "True", "KubeletReady", "tapper node agent is posting ready status"),
+                ],
+                "addresses": [
+                    {"type": "InternalIP", "address": "127.0.0.1"},
+                    {"type": "Hostname", "address": n["name"]},
+                ],
+                "daemonEndpoints": {"kubeletEndpoint": {"Port": int(n["kubeletPort"])}},
+                "nodeInfo": {
+                    "machineID": n["name"],
+                    "systemUUID": n["name"],
+                    "bootID": "harness",
+                    "kernelVersion": os.uname().release,
+                    "osImage": "tapper harness",
+                    "containerRuntimeVersion": "tapper-node-agent://1",
+                    "kubeletVersion": AGENT_VERSION,
+                    "kubeProxyVersion": "none",
+                    "operatingSystem": "linux",
+                    "architecture": "amd64",
+                },
+            }
+        }
         core.patch_node_status(n["name"], status)
         log(f"registered node {n['name']}")
 
 
 # --- images ------------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Image:
@@ -179,16 +214,21 @@ def image_table(repo: Path, venv: Path) -> tuple[dict[str, Image], dict[str, Ima
             continue
         sub = lambda s: s.replace("{repo}", str(repo)).replace("{venv}", str(venv))  # noqa: E731
         upstream[normalize_reference(ref)] = Image(
-            [sub(a) for a in e.get("entrypoint") or []], [sub(a) for a in e.get("cmd") or []], e.get("workdir", "/"),
-            {k: sub(str(v)) for k, v in (e.get("env") or {}).items()}, e.get("user"), venv=False,
-            prepare={k: e[k] for k in ("users", "groups", "dirs") if e.get(k)})
+            [sub(a) for a in e.get("entrypoint") or []],
+            [sub(a) for a in e.get("cmd") or []],
+            e.get("workdir", "/"),
+            {k: sub(str(v)) for k, v in (e.get("env") or {}).items()},
+            e.get("user"),
+            venv=False,
+            prepare={k: e[k] for k in ("users", "groups", "dirs") if e.get(k)},
+        )
     return project, upstream
 
 
 def normalize_reference(image: str) -> str:
     for prefix in ("docker.io/library/", "docker.io/", "index.docker.io/library/"):
         if image.startswith(prefix):
-            image = image[len(prefix):]
+            image = image[len(prefix) :]
             break
     return image
 
@@ -200,6 +240,7 @@ def image_repository(image: str) -> str:
 
 
 # --- the pod network and Services --------------------------------------------------------------------------------
+
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     out = subprocess.run(["ip", *args], capture_output=True, text=True)
@@ -239,9 +280,13 @@ class PodNetwork:
         ip("link", "set", peer, "netns", name)
         ip("link", "set", host, "master", self.bridge)
         ip("link", "set", host, "up")
-        for args in (("link", "set", "lo", "up"), ("link", "set", peer, "name", "eth0"),
-                     ("addr", "add", f"{addr}/24", "dev", "eth0"), ("link", "set", "eth0", "up"),
-                     ("route", "add", "default", "via", self.gateway)):
+        for args in (
+            ("link", "set", "lo", "up"),
+            ("link", "set", peer, "name", "eth0"),
+            ("addr", "add", f"{addr}/24", "dev", "eth0"),
+            ("link", "set", "eth0", "up"),
+            ("route", "add", "default", "via", self.gateway),
+        ):
             ip("-n", name, *args)
         return name, addr
 
@@ -378,6 +423,7 @@ class ServiceProxy:
                     dst.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass
+
         t = threading.Thread(target=pump, args=(up, conn), daemon=True)
         t.start()
         pump(conn, up)
@@ -387,6 +433,7 @@ class ServiceProxy:
 
 
 # --- pods --------------------------------------------------------------------------------------------------------
+
 
 class ConfigError(Exception):
     """CreateContainerConfigError: the pod refers to something that does not exist."""
@@ -470,19 +517,34 @@ class Pod:
         m = re.match(r"metadata\.(labels|annotations)\['(.+)'\]", path)
         if m:
             return (meta.get(m[1]) or {}).get(m[2], "")
-        return {"metadata.name": meta["name"], "metadata.namespace": meta["namespace"], "metadata.uid": meta["uid"],
-                "spec.nodeName": spec.get("nodeName", ""), "spec.serviceAccountName": spec.get("serviceAccountName", ""),
-                "status.podIP": self.pod_ip, "status.hostIP": "127.0.0.1"}.get(path, "")
+        return {
+            "metadata.name": meta["name"],
+            "metadata.namespace": meta["namespace"],
+            "metadata.uid": meta["uid"],
+            "spec.nodeName": spec.get("nodeName", ""),
+            "spec.serviceAccountName": spec.get("serviceAccountName", ""),
+            "status.podIP": self.pod_ip,
+            "status.hostIP": "127.0.0.1",
+        }.get(path, "")
 
     def environment(self, c: dict, image: Image) -> dict[str, str]:
         venv_bin = str(self.agent.venv / "bin")
-        env = {"PATH": f"{venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" if image.venv
-               else "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+        env = {
+            "PATH": f"{venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+            if image.venv
+            else "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        }
         for k, v in image.env.items():
             env[k] = v if k != "PATH" or not image.venv else env["PATH"]
-        env.update({"HOSTNAME": self.name, "KUBERNETES_SERVICE_HOST": self.agent.api_host,
-                    "KUBERNETES_SERVICE_PORT": str(self.agent.api_port), "KUBERNETES_SERVICE_PORT_HTTPS": str(self.agent.api_port),
-                    "KUBERNETES_PORT": f"tcp://{self.agent.api_host}:{self.agent.api_port}"})
+        env.update(
+            {
+                "HOSTNAME": self.name,
+                "KUBERNETES_SERVICE_HOST": self.agent.api_host,
+                "KUBERNETES_SERVICE_PORT": str(self.agent.api_port),
+                "KUBERNETES_SERVICE_PORT_HTTPS": str(self.agent.api_port),
+                "KUBERNETES_PORT": f"tcp://{self.agent.api_host}:{self.agent.api_port}",
+            }
+        )
         for src in c.get("envFrom") or []:
             prefix = src.get("prefix", "")
             for kind, key in (("configmap", "configMapRef"), ("secret", "secretRef")):
@@ -503,7 +565,7 @@ class Pod:
                         if ref["key"] not in data:
                             if ref.get("optional"):
                                 break
-                            raise ConfigError(f'couldn\'t find key {ref["key"]} in {kind} {self.ns}/{ref["name"]}')
+                            raise ConfigError(f"couldn't find key {ref['key']} in {kind} {self.ns}/{ref['name']}")
                         env[e["name"]] = data[ref["key"]]
                 if "fieldRef" in vf:
                     env[e["name"]] = self._field(vf["fieldRef"]["fieldPath"])
@@ -598,20 +660,45 @@ class Pod:
         net = self.netns is not None
         cdir = self.dir / f"{'init' if c.init else 'c'}-{spec['name']}"
         cdir.mkdir(parents=True, exist_ok=True)
-        launch = {"argv": argv, "env": env, "workdir": spec.get("workingDir") or image.workdir, "mounts": mounts,
-                  "hostname": self.name, "dir": str(cdir), "user": user, "group": group,
-                  "fsGroup": (self.raw["spec"].get("securityContext") or {}).get("fsGroup"),
-                  "readOnlyRoot": bool(sc.get("readOnlyRootFilesystem")), "net": net,
-                  "home": env.get("HOME") or ("/tmp/home" if not user else image.workdir),
-                  # the project's virtual environment (and, for its editable install, the repository)
-                  "hostPaths": [str(self.agent.venv), str(self.agent.repo)],
-                  "podIP": self.pod_ip, "hosts": self.agent.proxy.hosts(self.ns), "prepare": image.prepare}
+        launch = {
+            "argv": argv,
+            "env": env,
+            "workdir": spec.get("workingDir") or image.workdir,
+            "mounts": mounts,
+            "hostname": self.name,
+            "dir": str(cdir),
+            "user": user,
+            "group": group,
+            "fsGroup": (self.raw["spec"].get("securityContext") or {}).get("fsGroup"),
+            "readOnlyRoot": bool(sc.get("readOnlyRootFilesystem")),
+            "net": net,
+            "home": env.get("HOME") or ("/tmp/home" if not user else image.workdir),
+            # the project's virtual environment (and, for its editable install, the repository)
+            "hostPaths": [str(self.agent.venv), str(self.agent.repo)],
+            "podIP": self.pod_ip,
+            "hosts": self.agent.proxy.hosts(self.ns),
+            "prepare": image.prepare,
+        }
         (cdir / "launch.json").write_text(json.dumps(launch))
         c.log_path = cdir / "log"
         logf = open(c.log_path, "ab")
         sandbox = ["nsenter", f"--net=/run/netns/{self.netns}"] if net else []
-        c.proc = subprocess.Popen([*sandbox, "unshare", "--mount", "--uts", sys.executable, str(Path(__file__).resolve()), "exec", str(cdir / "launch.json")],
-                                  stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        c.proc = subprocess.Popen(
+            [
+                *sandbox,
+                "unshare",
+                "--mount",
+                "--uts",
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "exec",
+                str(cdir / "launch.json"),
+            ],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         logf.close()
         c.started_at = now()
         c.state = {"running": {"startedAt": c.started_at}}
@@ -619,7 +706,9 @@ class Pod:
         c.started = "startupProbe" not in spec
         c.probe_at, c.probe_failures = {}, {}
         c.env, c.user, c.group = env, user, group
-        log(f"{self.ns}/{self.name} on {self.node}: started {spec['name']} (pid {c.proc.pid}): {shlex.join(argv)[:200]}")
+        log(
+            f"{self.ns}/{self.name} on {self.node}: started {spec['name']} (pid {c.proc.pid}): {shlex.join(argv)[:200]}"
+        )
 
     def kill(self, c: Container, grace: float) -> None:
         if c.proc is None or c.proc.poll() is not None:
@@ -668,12 +757,23 @@ class Pod:
                 socket.create_connection((self.pod_ip, int(port)), timeout=timeout).close()
                 ok = True
             elif "exec" in p:
-                ids = ([f"--setuid={c.user}", f"--setgid={c.group if c.group is not None else c.user}"]
-                       if c.user is not None else [])
-                ok = subprocess.run(["nsenter", "-t", str(c.proc.pid), "-m", "-u", "-r", "-w"]
-                                    + (["-n"] if self.netns else []) + ids
-                                    + ["--", "/bin/sh", "-c", "exec " + shlex.join(p["exec"]["command"])],
-                                    env=c.env, capture_output=True, timeout=timeout + 5).returncode == 0
+                ids = (
+                    [f"--setuid={c.user}", f"--setgid={c.group if c.group is not None else c.user}"]
+                    if c.user is not None
+                    else []
+                )
+                ok = (
+                    subprocess.run(
+                        ["nsenter", "-t", str(c.proc.pid), "-m", "-u", "-r", "-w"]
+                        + (["-n"] if self.netns else [])
+                        + ids
+                        + ["--", "/bin/sh", "-c", "exec " + shlex.join(p["exec"]["command"])],
+                        env=c.env,
+                        capture_output=True,
+                        timeout=timeout + 5,
+                    ).returncode
+                    == 0
+                )
             else:
                 ok = False
         except (subprocess.TimeoutExpired, OSError, ValueError, http.client.HTTPException):
@@ -692,8 +792,9 @@ class Pod:
             try:
                 for c in self.inits + self.mains:
                     if self.agent.image(c.spec["image"]) is None:
-                        self.image_error = (f'node agent cannot run image "{c.spec["image"]}": not in '
-                                            f"tests/k8s_harness/images.yaml")
+                        self.image_error = (
+                            f'node agent cannot run image "{c.spec["image"]}": not in tests/k8s_harness/images.yaml'
+                        )
                         c.state = {"waiting": {"reason": "ErrImagePull", "message": self.image_error}}
                 if self.image_error:
                     return
@@ -755,48 +856,84 @@ class Pod:
                     self.kill(c, 5)
             return
         finished = now()
-        term = {"exitCode": rc if rc >= 0 else 128 - rc, "reason": "Completed" if rc == 0 else "Error",
-                "startedAt": c.started_at, "finishedAt": finished, "containerID": f"tapper://{c.proc.pid}"}
+        term = {
+            "exitCode": rc if rc >= 0 else 128 - rc,
+            "reason": "Completed" if rc == 0 else "Error",
+            "startedAt": c.started_at,
+            "finishedAt": finished,
+            "containerID": f"tapper://{c.proc.pid}",
+        }
         if rc != 0 and c.log_path is not None:
             term["message"] = c.log_path.read_bytes()[-2048:].decode(errors="replace")
         c.proc, c.ready = None, False
-        restart = (not c.init and (self.restart_policy == "Always" or (self.restart_policy == "OnFailure" and rc != 0))) \
-            or (c.init and rc != 0 and self.restart_policy != "Never")
+        restart = (
+            not c.init and (self.restart_policy == "Always" or (self.restart_policy == "OnFailure" and rc != 0))
+        ) or (c.init and rc != 0 and self.restart_policy != "Never")
         if restart and not self.terminating:
             c.restarts += 1
             backoff = min(10 * 2 ** (c.restarts - 1), 300) if rc != 0 else 1
             c.next_start = time.time() + backoff
             c.last_state = {"terminated": term}
-            c.state = {"waiting": {"reason": "CrashLoopBackOff" if rc != 0 else "ContainerCreating",
-                                   "message": f"back-off {backoff}s restarting failed container={c.spec['name']} pod={self.name}"}}
+            c.state = {
+                "waiting": {
+                    "reason": "CrashLoopBackOff" if rc != 0 else "ContainerCreating",
+                    "message": f"back-off {backoff}s restarting failed container={c.spec['name']} pod={self.name}",
+                }
+            }
         else:
             c.state = {"terminated": term}
             c.done = True
 
     def status(self) -> dict:
         def cs(c: Container) -> dict:
-            return {"name": c.spec["name"], "image": c.spec["image"], "imageID": f"tapper-node-agent://{c.spec['image']}",
-                    "ready": c.ready, "started": bool(c.proc) and c.started, "restartCount": c.restarts,
-                    "state": c.state, "lastState": c.last_state,
-                    **({"containerID": f"tapper://{c.proc.pid}"} if c.proc else {})}
+            return {
+                "name": c.spec["name"],
+                "image": c.spec["image"],
+                "imageID": f"tapper-node-agent://{c.spec['image']}",
+                "ready": c.ready,
+                "started": bool(c.proc) and c.started,
+                "restartCount": c.restarts,
+                "state": c.state,
+                "lastState": c.last_state,
+                **({"containerID": f"tapper://{c.proc.pid}"} if c.proc else {}),
+            }
+
         t = now()
         mains_ready = bool(self.mains) and all(c.ready for c in self.mains)
         inits_done = all(c.done and c.state.get("terminated", {}).get("exitCode") == 0 for c in self.inits)
-        cond = lambda typ, ok: {"type": typ, "status": "True" if ok else "False", "lastProbeTime": None,  # noqa: E731
-                                "lastTransitionTime": t}
-        conditions = [cond("Initialized", inits_done), cond("Ready", mains_ready), cond("ContainersReady", mains_ready),
-                      {"type": "PodScheduled", "status": "True", "lastProbeTime": None, "lastTransitionTime": t}]
+        cond = lambda typ, ok: {
+            "type": typ,
+            "status": "True" if ok else "False",
+            "lastProbeTime": None,  # noqa: E731
+            "lastTransitionTime": t,
+        }
+        conditions = [
+            cond("Initialized", inits_done),
+            cond("Ready", mains_ready),
+            cond("ContainersReady", mains_ready),
+            {"type": "PodScheduled", "status": "True", "lastProbeTime": None, "lastTransitionTime": t},
+        ]
         if self.phase in ("Succeeded", "Failed"):
             conditions[1]["reason"] = conditions[2]["reason"] = "PodCompleted"
         # A pod with ports has no IP until its sandbox exists (the API server refuses to change a pod IP once set).
         ips = {} if self.wants_net and self.ip is None else {"podIP": self.pod_ip, "podIPs": [{"ip": self.pod_ip}]}
-        return {"phase": self.phase, "conditions": conditions, "hostIP": "127.0.0.1", **ips, "startTime": self.start_time, "qosClass": self.raw.get("status", {}).get("qosClass"),
-                "initContainerStatuses": [cs(c) for c in self.inits], "containerStatuses": [cs(c) for c in self.mains]}
+        return {
+            "phase": self.phase,
+            "conditions": conditions,
+            "hostIP": "127.0.0.1",
+            **ips,
+            "startTime": self.start_time,
+            "qosClass": self.raw.get("status", {}).get("qosClass"),
+            "initContainerStatuses": [cs(c) for c in self.inits],
+            "containerStatuses": [cs(c) for c in self.mains],
+        }
 
     def report(self) -> None:
         st = self.status()
-        key = json.dumps({**st, "conditions": [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in st["conditions"]]},
-                         sort_keys=True)
+        key = json.dumps(
+            {**st, "conditions": [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in st["conditions"]]},
+            sort_keys=True,
+        )
         if key == self.last_status:
             return
         try:
@@ -844,11 +981,31 @@ class Agent:
 
     def serve_kubelet_api(self) -> None:
         key, crt = self.state / "kubelet.key", self.state / "kubelet.crt"
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(crt),
-                        "-days", "2", "-subj", "/CN=tapper-node-agent", "-addext", "subjectAltName=IP:127.0.0.1"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                str(key),
+                "-out",
+                str(crt),
+                "-days",
+                "2",
+                "-subj",
+                "/CN=tapper-node-agent",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ],
+            check=True,
+            capture_output=True,
+        )
         agent = self
         for name, n in self.nodes.items():
+
             class Handler(BaseHTTPRequestHandler):
                 node = name
                 protocol_version = "HTTP/1.1"
@@ -861,7 +1018,14 @@ class Agent:
                     m = re.match(r"^/containerLogs/([^/]+)/([^/]+)/([^/]+)$", url.path)
                     q = parse_qs(url.query)
                     with agent.lock:
-                        pod = next((p for p in agent.pods.values() if m and p.ns == m[1] and p.name == m[2] and p.node == self.node), None)
+                        pod = next(
+                            (
+                                p
+                                for p in agent.pods.values()
+                                if m and p.ns == m[1] and p.name == m[2] and p.node == self.node
+                            ),
+                            None,
+                        )
                     path = pod.logs(m[3]) if pod else None
                     if path is None or not path.exists():
                         self.send_response(404)
@@ -877,10 +1041,11 @@ class Agent:
                         if data:
                             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
                             self.wfile.flush()
+
                     data = path.read_bytes()
                     if "tailLines" in q:
                         lines = data.splitlines(keepends=True)
-                        data = b"".join(lines[-int(q["tailLines"][0]):]) if int(q["tailLines"][0]) else b""
+                        data = b"".join(lines[-int(q["tailLines"][0]) :]) if int(q["tailLines"][0]) else b""
                     chunk(data)
                     if q.get("follow", ["false"])[0] == "true":
                         offset = path.stat().st_size
@@ -910,8 +1075,11 @@ class Agent:
         self.serve_kubelet_api()
         threading.Thread(target=self.proxy.loop, daemon=True, name="service-proxy").start()
         (self.state / "ready").write_text(str(os.getpid()))
-        log(f"running for nodes {sorted(self.nodes)}; images {sorted(self.images)}; upstream images {sorted(self.upstream)}; "
-            f"pod network {self.net.cidr} on {self.net.bridge}")
+        log(
+            f"running for nodes {sorted(self.nodes)}; images {sorted(self.images)}; upstream images "
+            f"{sorted(self.upstream)}; "
+            f"pod network {self.net.cidr} on {self.net.bridge}"
+        )
         while not self.stopping:
             try:
                 self.sync()
@@ -966,8 +1134,12 @@ class Agent:
 
     def _force_delete(self, ns: str, name: str, uid: str) -> None:
         try:
-            self.core.delete_namespaced_pod(name, ns, grace_period_seconds=0,
-                                            body=client.V1DeleteOptions(grace_period_seconds=0, preconditions={"uid": uid}))
+            self.core.delete_namespaced_pod(
+                name,
+                ns,
+                grace_period_seconds=0,
+                body=client.V1DeleteOptions(grace_period_seconds=0, preconditions={"uid": uid}),
+            )
         except ApiException as err:
             if err.status not in (404, 409):
                 log(f"{ns}/{name}: delete failed: {err.status} {err.reason}")
@@ -978,12 +1150,14 @@ def run(args) -> None:
 
     def stop(*_):
         agent.stopping = True
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     agent.loop()
 
 
 # --- inside the pod's namespaces ---------------------------------------------------------------------------------
+
 
 def in_root(root: Path, path: str) -> Path:
     """`path` inside the container root, following symlinks as the container would (never out of the root)."""
@@ -1009,6 +1183,7 @@ def exec_container(launch_file: str) -> None:
 
     def sh(*cmd: str) -> None:
         subprocess.run(cmd, check=True)
+
     socket.sethostname(spec["hostname"])
     sh("mount", "-t", "overlay", "overlay", "-o", f"lowerdir=/,upperdir={upper},workdir={work}", str(root))
     for sub in ("dev", "proc", "sys"):
@@ -1033,8 +1208,11 @@ def exec_container(launch_file: str) -> None:
         if entries:
             f = root / "etc" / fname
             taken = {e.split(":")[0] for e in entries} | {e.split(":")[2] for e in entries}
-            kept_lines = [ln for ln in f.read_text().splitlines()
-                          if ln.split(":")[0] not in taken and (ln.split(":") + ["", "", ""])[2] not in taken]
+            kept_lines = [
+                ln
+                for ln in f.read_text().splitlines()
+                if ln.split(":")[0] not in taken and (ln.split(":") + ["", "", ""])[2] not in taken
+            ]
             f.write_text("\n".join(kept_lines + entries) + "\n")
     for path, d in (prep.get("dirs") or {}).items():
         target = in_root(root, path)
@@ -1070,7 +1248,11 @@ def exec_container(launch_file: str) -> None:
         # In the images the interpreter and its packages are readable by the image's user (/opt/venv); here they are
         # the host's, possibly under a private directory such as /root/.pyenv. Open the path to them in this pod's
         # copy-on-write root only (the host is not changed).
-        for target in {os.path.realpath(sys.executable), sys.prefix, os.path.realpath(spec["env"]["PATH"].split(":")[0])}:
+        for target in {
+            os.path.realpath(sys.executable),
+            sys.prefix,
+            os.path.realpath(spec["env"]["PATH"].split(":")[0]),
+        }:
             parts = Path(target).parts
             for i in range(2, len(parts) + 1):
                 d = in_root(root, str(Path(*parts[:i])))

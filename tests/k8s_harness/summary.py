@@ -1,4 +1,5 @@
 """Print `test-k8s: N passed, N failed[, N skipped]` from pytest's JUnit XML (none written: the harness failed)."""
+
 import sys
 import xml.etree.ElementTree as ET
 

@@ -13,6 +13,7 @@ of changing the meaning:
 Everything else passes through untouched (the untranslated manifests are schema-checked with
 `kubernetes-validate --strict` at the target version by tests/test_k8s.py).
 """
+
 from __future__ import annotations
 
 import copy
@@ -23,8 +24,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Translation:
     group: str
-    ga: str        # the version clients use
-    served: str    # the version the v1.20 API server serves
+    ga: str  # the version clients use
+    served: str  # the version the v1.20 API server serves
     kind: str
     resource: str
 
@@ -63,12 +64,15 @@ def _check(doc: dict, t: Translation) -> None:
         raise TranslationError(f"CronJob {name}: spec.timeZone has no {t.served_api_version} equivalent")
     if t.kind == "PodDisruptionBudget":
         if "unhealthyPodEvictionPolicy" in spec:
-            raise TranslationError(f"PodDisruptionBudget {name}: spec.unhealthyPodEvictionPolicy has no "
-                                   f"{t.served_api_version} equivalent")
+            raise TranslationError(
+                f"PodDisruptionBudget {name}: spec.unhealthyPodEvictionPolicy has no {t.served_api_version} equivalent"
+            )
         selector = spec.get("selector")
         if selector is not None and not (selector.get("matchLabels") or selector.get("matchExpressions")):
-            raise TranslationError(f"PodDisruptionBudget {name}: an empty selector selects every pod in policy/v1 "
-                                   f"but none in {t.served_api_version}")
+            raise TranslationError(
+                f"PodDisruptionBudget {name}: an empty selector selects every pod in policy/v1 "
+                f"but none in {t.served_api_version}"
+            )
 
 
 def to_served(doc: dict) -> dict:
@@ -111,8 +115,12 @@ def from_served(doc: dict) -> dict:
     return out
 
 
-_PATH = re.compile(r"^/apis/(?P<group>[a-z.]+)/(?P<version>v[0-9a-z]+)(?P<rest>(?:/namespaces/[^/]+)?/(?P<resource>[a-z]+)(?:/.*)?)$")
-_WATCH_PATH = re.compile(r"^/apis/(?P<group>[a-z.]+)/(?P<version>v[0-9a-z]+)/watch(?P<rest>(?:/namespaces/[^/]+)?/(?P<resource>[a-z]+)(?:/.*)?)$")
+_PATH = re.compile(
+    r"^/apis/(?P<group>[a-z.]+)/(?P<version>v[0-9a-z]+)(?P<rest>(?:/namespaces/[^/]+)?/(?P<resource>[a-z]+)(?:/.*)?)$"
+)
+_WATCH_PATH = re.compile(
+    r"^/apis/(?P<group>[a-z.]+)/(?P<version>v[0-9a-z]+)/watch(?P<rest>(?:/namespaces/[^/]+)?/(?P<resource>[a-z]+)(?:/.*)?)$"
+)
 
 
 def translate_path(path: str) -> str | None:

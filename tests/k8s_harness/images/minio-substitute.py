@@ -10,6 +10,7 @@ path-style bucket addressing (MinIO's default without MINIO_DOMAIN), and GET/HEA
 (they do not survive a restart of the container); moto does not check request signatures, so any credentials are
 accepted, the root ones included; no console, erasure coding, IAM or bucket policies.
 """
+
 from __future__ import annotations
 
 import os
@@ -70,8 +71,11 @@ def main() -> None:
         return s3(environ, start_response)
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    print(f"minio substitute (moto {__import__('moto').__version__} S3 server): API http://{host}:{port}, drive {data} "
-          "(objects held in memory)", flush=True)
+    print(
+        f"minio substitute (moto {__import__('moto').__version__} S3 server): API http://{host}:{port}, drive {data} "
+        "(objects held in memory)",
+        flush=True,
+    )
     run_simple(host, port, app, threaded=True)
 
 
