@@ -30,20 +30,25 @@ LR = 1e-3  # what tests/test_precision.py trains with
 DEFAULT = Path(__file__).resolve().parents[1] / "tapper" / "resources" / "default"  # the embedded LaMP-2N news data
 
 
-def loss_curve(stage: int, batch: int, steps: int, dtype: str, ckpt: bool, work: Path) -> list[float]:
-    """Per-step losses of `steps` optimizer steps of `stage` on the embedded news data, tiny backbone, seed 0."""
+def news_and_tiny_backbone():
+    """The embedded news data, split, and the tiny backbone every setting starts from (same weights, tokenizer)."""
+    from tapper.experiment import open_backbone, prepare_data
+
+    data = prepare_data(None, DEFAULT / "questions.json", DEFAULT / "outputs.json", stage2_users=25)
+    return data, open_backbone("tiny", data, seed=0).path
+
+
+def loss_curve(data, base: Path, stage: int, batch: int, steps: int, dtype: str, ckpt: bool, work: Path) -> list[float]:
+    """Per-step losses of `steps` optimizer steps of `stage` on `data` from the backbone at `base`, seed 0."""
     import math
 
     from tapper.config import Stage1Config, Stage2Config
-    from tapper.experiment import open_backbone, prepare_data
     from tapper.model.backbone import load_backbone_dir
     from tapper.model.shared_cache import cache_for
     from tapper.train.stage1 import train_stage1
     from tapper.train.stage2 import train_stage2
 
-    data = prepare_data(None, DEFAULT / "questions.json", DEFAULT / "outputs.json", stage2_users=25)
-    base = open_backbone("tiny", data, seed=0)  # the same random-init weights and tokenizer for every setting
-    bb = load_backbone_dir(base.path, dtype=dtype)
+    bb = load_backbone_dir(base, dtype=dtype)
     examples = data.splits.stage1_train if stage == 1 else data.splits.stage2_train
     epochs = steps / math.ceil(len(examples) / batch)
     losses: list[float] = []
@@ -94,11 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "precision_tiny_cpu.json"))
     args = ap.parse_args(argv)
     results = []
+    data, base = news_and_tiny_backbone()
     for stage in [int(s) for s in args.stages.split(",")]:
         t0 = time.time()
         with tempfile.TemporaryDirectory(prefix="tapper-precision-") as work:
             curves = {
-                name: loss_curve(stage, args.batch, args.steps, dt, ck, Path(work))
+                name: loss_curve(data, base, stage, args.batch, args.steps, dt, ck, Path(work))
                 for name, (dt, ck) in SETTINGS.items()
             }
         fp32, low = curves["fp32"], curves["bf16+checkpointing"]

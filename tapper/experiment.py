@@ -28,10 +28,12 @@ from tapper.eval.metrics_file import experiment_metrics
 from tapper.eval.paired import paired_difference
 from tapper.methods.base import encoder_for_base, run as _run_base
 from tapper.methods.result import VariantResult, query_scores, score
-from tapper.methods.tap_per import predict_eval, stage2_config_for, train_and_evaluate, train_tapper_variant
+from tapper.methods.tap_per import predict_eval, stage2_config_for, train_tapper_variant
 from tapper.model.backbone import Backbone, load_backbone
-from tapper.model.embedding_cache import EmbeddingCache
-from tapper.model.shared_cache import cache_for, one_cache_per_run
+
+# embedding_cache: the run's shared cache (tapper.model.shared_cache), under the name the steps and analyses use.
+from tapper.model.shared_cache import cache_for as embedding_cache
+from tapper.model.shared_cache import one_cache_per_run
 from tapper.train.stage1 import Stage1Result, train_stage1
 
 # Re-exported for callers of the orchestration API (steps, benchmarks): the pieces live with their method.
@@ -50,7 +52,6 @@ __all__ = [
     "stage2_config_for",
     "train_tapper_variant",
     "predict_eval",
-    "run_tapper_variant",
     "run_variant",
     "group_metrics",
     "paired_comparisons",
@@ -81,26 +82,8 @@ def run_stage1(
     )
 
 
-def embedding_cache(backbone: Backbone, root: Path | None = None) -> EmbeddingCache:
-    return cache_for(backbone, root)
-
-
 def evaluate_base(stage1_dir: Path, data: PreparedData, cfg: RunConfig, progress=True) -> VariantResult:
     return _run_base("base", stage1_dir, data, cfg, None, progress)
-
-
-def run_tapper_variant(
-    variant: str,
-    stage1_dir: Path,
-    data: PreparedData,
-    cfg: RunConfig,
-    state_dir: Path | None = None,
-    progress=True,
-    log: LossLogger | None = None,
-) -> VariantResult:
-    """Train one Stage-2 variant on a fresh copy of the merged backbone and evaluate it (its state saved to
-    state_dir when given)."""
-    return train_and_evaluate(variant, stage1_dir, data, cfg, state_dir, progress, log)
 
 
 def run_variant(

@@ -76,11 +76,19 @@ def train_stage1(
         loss_scaling=needs_loss_scaling(cfg.dtype),
         on_step=on_step,
     )
-    if not cfg.skip and cfg.mode == "lora":
-        peft_model = attach_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
-        plm = PrefixedLM(peft_model)
-        peft_model.train()
-        params = [p for p in peft_model.parameters() if p.requires_grad]
+    if not cfg.skip:
+        if cfg.mode == "lora":
+            trained = attach_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
+            params = [p for p in trained.parameters() if p.requires_grad]
+            desc = "stage 1 (task LoRA)"
+        else:
+            trained = model
+            emb = model.get_input_embeddings().weight
+            params = [p for p in model.parameters() if p is not emb]
+            emb.requires_grad_(False)
+            desc = "stage 1 (full, embeddings frozen)"
+        plm = PrefixedLM(trained)
+        trained.train()
         losses = train_epochs(
             items,
             lambda b: plm.loss(lm_train_batch(b, pad)),
@@ -88,34 +96,15 @@ def train_stage1(
             cfg.epochs,
             cfg.batch_size,
             seed=seed,
-            desc="stage 1 (task LoRA)",
+            desc=desc,
             progress=progress,
             on_epoch=on_epoch,
             warmup=cfg.warmup,
             schedule=cfg.schedule,
             **memory,
         )
-        model = merge_lora(peft_model)
-    elif not cfg.skip:
-        emb = model.get_input_embeddings().weight
-        params = [p for p in model.parameters() if p is not emb]
-        emb.requires_grad_(False)
-        plm = PrefixedLM(model)
-        model.train()
-        losses = train_epochs(
-            items,
-            lambda b: plm.loss(lm_train_batch(b, pad)),
-            [{"params": params, "lr": cfg.lr}],
-            cfg.epochs,
-            cfg.batch_size,
-            seed=seed,
-            desc="stage 1 (full, embeddings frozen)",
-            progress=progress,
-            on_epoch=on_epoch,
-            warmup=cfg.warmup,
-            schedule=cfg.schedule,
-            **memory,
-        )
+        if cfg.mode == "lora":
+            model = merge_lora(trained)
     set_checkpointing(model, False)
     model.eval()
     path = save_backbone_dir(model, backbone.tokenizer, Path(out_dir))
