@@ -458,6 +458,18 @@ def orchestrator_log(core, pods) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
+def finished_orchestrator_log(core, run_id) -> str:
+    """The orchestrator pod's whole log, read once its container has exited. ZenML's server can report the run as
+    failed (from the failed step) while the orchestrator is still writing its last lines ("The following steps
+    failed: ..."), so a log read as soon as the run is finished can miss them."""
+
+    def orchestrator_done():
+        orch = [p for p in run_pods(core, run_id) if "step_name" not in p.metadata.labels]
+        return len(orch) == 1 and orch[0].status.phase in ("Succeeded", "Failed") and orch
+
+    return orchestrator_log(core, wait("the orchestrator pod to exit", orchestrator_done, 180))
+
+
 def model_name(run) -> str:
     """The run's model: tapper puts `model:` on the steps after validation (pipelines.run.model_after_validation),
     so no version is created for a run that bad data stops; the registration step always carries it."""
@@ -612,7 +624,7 @@ def test_gpu_step_without_toleration_stays_pending_and_the_run_fails_clearly(tra
     )
     assert final.status.value == "failed"
     assert final.steps["train_stage1"].status.value == "failed"
-    text = orchestrator_log(core, run_pods(core, run.id))
+    text = finished_orchestrator_log(core, run.id)
     assert (
         "Job for step train_stage1 is pending" in text
         and "had taint {nvidia.com/gpu: present}, that the pod didn't tolerate" in text
