@@ -80,13 +80,15 @@ def evaluate_variant(
 ) -> Annotated[VariantResult, "eval_variant"]:
     """Any other method `tapper experiment --variants` knows (ablation switches, baselines): trained and evaluated."""
     from tapper.experiment import run_variant
+    from tapper.model.shared_cache import one_cache_per_run
 
     quiet()
     install_embeddings(embeddings)
     r = dict(run or {})
     r.pop("stage2_users", None)
     cfg = run_config(data, r.pop("seed", 0), **r)
-    res = run_variant(variant, stage1_backbone.path, data, cfg, step_tempdir("tapper-variant-"), progress=True)
+    with one_cache_per_run():  # training and evaluation read one cache (hashed and loaded once)
+        res = run_variant(variant, stage1_backbone.path, data, cfg, step_tempdir("tapper-variant-"), progress=True)
     ev = variant_eval(res, data.task.name)
     _log(ev)
     return ev
