@@ -59,179 +59,118 @@ class Bench:
     prepare: tuple[Cmd, ...] = ()  # commands run before the full mode (datasets, runs an analysis reads)
     quick_prepare: tuple[Cmd, ...] = ()
     no_quick: str = ""  # why there is no quick mode
+    params: str | None = None  # a systems benchmark's spec (bench/specs/systems/<name>.json) its argv come from
 
     def results_file(self, machine: str, quick: bool = False) -> Path:
         return (QUICK_RESULTS if quick else RESULTS) / f"{self.results}_{machine}.json"
 
     @property
     def spec(self) -> str | None:
-        """The sweep spec (bench/specs/...) the full mode runs, if any."""
-        return next((a for a in self.args if a.startswith("bench/specs/")), None)
+        """The spec of the full mode: a science sweep's spec file (an argument of its script) or a systems
+        benchmark's parameter file (bench/specs/systems/<name>.json)."""
+        return self.params or next((a for a in self.args if a.startswith("bench/specs/")), None)
 
 
 _SWEEP = "bench/specs/science"
+_SYSTEMS = "bench/specs/systems"
+
+
+def _systems(name: str, goal: str, script: str, results: str, page: str | None = None) -> Bench:
+    """A systems benchmark whose parameters are data: bench/specs/systems/<name>.json holds the script's
+    argument lists for the full mode ("full", which reproduces the committed results) and the quick mode
+    ("quick"), so changing what a benchmark measures is an edit of its spec, not of this registry."""
+    spec = f"{_SYSTEMS}/{name}.json"
+    try:
+        params = json.loads((ROOT / spec).read_text())
+        full, quick = tuple(params.pop("full")), tuple(params.pop("quick"))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f'{spec}: a systems spec is a JSON object with lists "full" and "quick" ({err!r})') from err
+    if params:
+        raise ValueError(f'{spec}: unknown keys {sorted(params)} (a systems spec holds "full" and "quick")')
+    return Bench(name, "systems", goal, script, full, quick, results, page=page, params=spec)
+
+
 REGISTRY: tuple[Bench, ...] = (
-    # ---- systems: what TAP-PER costs to train, store and serve -------------------------------------------------
-    Bench(
+    # ---- systems: what TAP-PER costs to train, store and serve (parameters in bench/specs/systems/) ---------------
+    _systems(
         "footprint",
-        "systems",
         "stored parameters per user and shared, TAP-PER against OPPU, counted from the real modules on the meta device",
         "footprint.py",
-        ("--backbones", "tiny,smollm2,llama-3.1-8b", "--out", "{out}"),
-        ("--backbones", "tiny", "--out", "{out}"),
         "footprint",
         page="docs/results/footprint.md",
     ),
-    Bench(
+    _systems(
         "train_time",
-        "systems",
         "per-user training time as a history grows: OPPU's LoRA against TAP-PER's user row",
         "train_time.py",
-        ("--backbone", "smollm2", "--lengths", "8,16,32", "--repeats", "1", "--out", "{out}"),
-        ("--backbone", "tiny", "--lengths", "8,16", "--repeats", "1", "--out", "{out}"),
         "train_time_smollm2",
         page="docs/results/footprint.md",
     ),
-    Bench(
+    _systems(
         "throughput",
-        "systems",
         "Stage-1 and Stage-2 training tokens/s, step time and MFU",
         "throughput.py",
-        ("--backbone", "smollm2", "--threads", "1", "--batch", "4", "--seq", "256", "--steps", "3", "--out", "{out}"),
-        ("--backbone", "tiny", "--threads", "1", "--batch", "2", "--seq", "64", "--steps", "2", "--out", "{out}"),
         "throughput_smollm2",
         page="docs/results/throughput.md",
     ),
-    Bench(
+    _systems(
         "throughput_vs",
-        "systems",
-        "Stage-2 and Stage-1 step time and MFU of this checkout against the code before "
-        "issue 21 (e5e76c3), alternated, with a profile of the new step",
+        "Stage-2 and Stage-1 step time and MFU of this checkout against the code before issue 21 (e5e76c3), "
+        "alternated, with a profile of the new step",
         "throughput_vs.py",
-        (
-            "--old",
-            "e5e76c3",
-            "--backbone",
-            "smollm2",
-            "--stages",
-            "2,1",
-            "--rounds",
-            "3",
-            "--steps",
-            "3",
-            "--threads",
-            "1",
-            "--profile",
-            "--out",
-            "{out}",
-        ),
-        (
-            "--old",
-            "e5e76c3",
-            "--backbone",
-            "tiny",
-            "--batch",
-            "2",
-            "--seq",
-            "64",
-            "--steps",
-            "1",
-            "--rounds",
-            "1",
-            "--out",
-            "{out}",
-        ),
         "throughput_vs_e5e76c3_smollm2",
         page="docs/results/throughput.md",
     ),
-    Bench(
+    _systems(
         "precision",
-        "systems",
-        "bf16 + gradient checkpointing against fp32: the loss curve over 52 steps on the embedded news data and "
-        "one step's peak memory, tiny backbone",
+        "bf16 + gradient checkpointing against fp32: the loss curve over 52 steps on the embedded news data "
+        "and one step's peak memory, tiny backbone",
         "precision.py",
-        ("--steps", "52", "--out", "{out}"),
-        ("--steps", "8", "--stages", "2", "--out", "{out}"),
         "precision_tiny",
         page="docs/results/precision-and-plan.md",
     ),
-    Bench(
+    _systems(
         "hotpaths",
-        "systems",
-        "the hot paths around the training step (backbone hash, record pooling, BM25 "
-        "pre-filter, generation padding), old form against new on the same data",
+        "the hot paths around the training step (backbone hash, record pooling, BM25 pre-filter, generation "
+        "padding), old form against new on the same data",
         "hotpaths.py",
-        ("--records", "400", "--texts", "256", "--repeats", "3", "--out", "{out}"),
-        ("--records", "40", "--texts", "32", "--repeats", "1", "--out", "{out}"),
         "hotpaths_smollm2",
         page="docs/results/throughput.md",
     ),
-    Bench(
+    _systems(
         "serving",
-        "systems",
-        "latency and throughput of real servers: TAP-PER against the bare backbone and RAG-k4, "
-        "and predictions while feedback streams in",
+        "latency and throughput of real servers: TAP-PER against the bare backbone and RAG-k4, and "
+        "predictions while feedback streams in",
         "serving.py",
-        ("--backbones", "tiny,smollm2", "--out", "{out}"),
-        (
-            "--backbones",
-            "tiny",
-            "--concurrency",
-            "1,4",
-            "--requests",
-            "8,16",
-            "--max-seconds",
-            "20",
-            "--feedback-requests",
-            "16",
-            "--feedback-seconds",
-            "15",
-            "--rounds",
-            "2",
-            "--out",
-            "{out}",
-        ),
         "serving",
         page="docs/results/serving.md",
     ),
-    Bench(
+    _systems(
         "serving_profile",
-        "systems",
         "where one prediction batch's time goes (prefix, retrieval, forward pass)",
         "serving_profile.py",
-        ("--backbone", "smollm2", "--out", "{out}"),
-        ("--backbone", "tiny", "--batches", "1,4", "--reps", "1", "--out", "{out}"),
         "serving_profile_smollm2",
         page="docs/results/serving.md",
     ),
-    Bench(
+    _systems(
         "feedback_state",
-        "systems",
-        "what one serving feedback writes and costs as users grow to 100,000, and the "
-        "server's memory with and without --scratch-dir",
+        "what one serving feedback writes and costs as users grow to 100,000, and the server's memory with "
+        "and without --scratch-dir",
         "feedback_state.py",
-        ("--users", "1000,10000,100000", "--feedbacks", "20", "--new-users", "20", "--out", "{out}"),
-        ("--users", "200,1000", "--feedbacks", "3", "--new-users", "3", "--out", "{out}"),
         "feedback_state",
         page="docs/results/serving-state.md",
     ),
-    Bench(
+    _systems(
         "history_store",
-        "systems",
         "loading and writing back the serving history store up to a million users",
         "history_store.py",
-        ("--users", "100000,1000000", "--out", "{out}"),
-        ("--users", "1000,10000", "--out", "{out}"),
         "history_store",
         page="docs/results/serving-state.md",
     ),
-    Bench(
+    _systems(
         "paged_table",
-        "systems",
         "the user table in memory against the paged (--scratch-dir) table: load, memory, row access",
         "paged_table.py",
-        ("--users", "100000", "--out", "{out}"),
-        ("--users", "2000", "--rows", "200", "--out", "{out}"),
         "paged_table",
         page="docs/results/serving-state.md",
     ),
@@ -508,7 +447,7 @@ def run(
                 )
                 for c in (bench.quick_prepare if quick else bench.prepare)
             ],
-            "spec": next((a for a in cmd if a.startswith("bench/specs/")), None),
+            "spec": bench.params or next((a for a in cmd if a.startswith("bench/specs/")), None),
             "machine": machine_info(),
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "seconds": seconds,
@@ -532,6 +471,8 @@ def listing() -> str:
         lines.append(f"{kind}:")
         for b in (b for b in REGISTRY if b.kind == kind):
             lines.append(f"  {b.name:<24} {b.goal}")
+            if b.params:
+                lines.append(f"  {'':<24} spec:  {b.params}")
             for prep in b.prepare:
                 lines.append(
                     f"  {'':<24} first: "

@@ -4,6 +4,7 @@ Fast (no benchmark runs): the quick suite itself is `make bench`, not part of th
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -48,8 +49,39 @@ def test_results_files_are_distinct_and_named_by_spec_and_machine():
     for b in REGISTRY:
         assert b.results_file("cpu").name == f"{b.results}_cpu.json"
         assert b.results_file("cpu", quick=True).parent.name == "quick"
-        if b.spec:
+        if b.kind == "science" and b.spec:
             assert b.results == Path(b.spec).stem, "a sweep's results are named by its spec"
+
+
+def test_specs_are_split_into_science_and_systems_and_each_is_used():
+    specs = ROOT / "bench" / "specs"
+    assert sorted(p.name for p in specs.iterdir()) == ["science", "systems"]
+    systems = {f"bench/specs/systems/{p.name}" for p in (specs / "systems").glob("*.json")}
+    assert systems == {b.params for b in REGISTRY if b.kind == "systems"}, "one parameter file per systems benchmark"
+    assert all(b.params is None for b in REGISTRY if b.kind == "science")
+    used = {a for b in REGISTRY for cmd in (b.args, b.quick or (), *b.prepare, *b.quick_prepare) for a in cmd}
+    for p in (specs / "science").glob("*.json"):
+        assert f"bench/specs/science/{p.name}" in used, f"{p.name} is run by no benchmark"
+    for b in REGISTRY:
+        if b.params:
+            params = json.loads((ROOT / b.params).read_text())
+            assert (tuple(params["full"]), tuple(params["quick"])) == (b.args, b.quick)
+
+
+def test_a_systems_spec_with_an_unknown_key_is_rejected_naming_the_file(tmp_path, monkeypatch):
+    import bench.suite as suite
+
+    (tmp_path / "bench" / "specs" / "systems").mkdir(parents=True)
+    spec = tmp_path / "bench" / "specs" / "systems" / "probe.json"
+    monkeypatch.setattr(suite, "ROOT", tmp_path)
+    spec.write_text(json.dumps({"full": ["--out", "{out}"], "quick": ["--out", "{out}"], "qiuck": []}))
+    with pytest.raises(ValueError, match=r"bench/specs/systems/probe.json: unknown keys \['qiuck'\]"):
+        suite._systems("probe", "a probe", "probe.py", "probe")
+    spec.write_text(json.dumps({"full": ["--out", "{out}"]}))
+    with pytest.raises(ValueError, match=r"bench/specs/systems/probe.json: a systems spec is a JSON object"):
+        suite._systems("probe", "a probe", "probe.py", "probe")
+    spec.write_text(json.dumps({"full": ["--out", "{out}"], "quick": ["--out", "{out}"]}))
+    assert suite._systems("probe", "a probe", "probe.py", "probe").quick == ("--out", "{out}")
 
 
 def test_every_results_file_the_docs_cite_exists():
