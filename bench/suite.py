@@ -64,11 +64,17 @@ class Bench:
     def results_file(self, machine: str, quick: bool = False) -> Path:
         return (QUICK_RESULTS if quick else RESULTS) / f"{self.results}_{machine}.json"
 
+    def spec_of(self, quick: bool = False) -> str | None:
+        """The spec a mode runs: a science sweep's spec file (an argument of its script; the quick mode has its
+        own) or a systems benchmark's parameter file (bench/specs/systems/<name>.json, both modes)."""
+        return self.params or next(
+            (a for a in (self.quick if quick else self.args) or () if a.startswith("bench/specs/")), None
+        )
+
     @property
     def spec(self) -> str | None:
-        """The spec of the full mode: a science sweep's spec file (an argument of its script) or a systems
-        benchmark's parameter file (bench/specs/systems/<name>.json)."""
-        return self.params or next((a for a in self.args if a.startswith("bench/specs/")), None)
+        """The spec of the full mode."""
+        return self.spec_of()
 
 
 _SWEEP = "bench/specs/science"
@@ -447,7 +453,7 @@ def run(
                 )
                 for c in (bench.quick_prepare if quick else bench.prepare)
             ],
-            "spec": bench.params or next((a for a in cmd if a.startswith("bench/specs/")), None),
+            "spec": bench.spec_of(quick),
             "machine": machine_info(),
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "seconds": seconds,
