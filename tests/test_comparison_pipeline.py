@@ -21,11 +21,23 @@ def zen(tmp_path_factory):
     yield from isolated_workflow(tmp_path_factory.mktemp("zen-compare"))
 
 
-def test_comparison_report(zen):
+def test_comparison_report(zen, monkeypatch):
     import mlflow
+    from zenml import get_step_context
     from zenml.client import Client
 
+    import tapper.model.shared_cache as shared_cache
     from pipelines.run import resolve_config, run_training
+
+    # Which step opens an embedding cache (the local orchestrator runs the steps in this process): each step
+    # opens at most one, so a variant's training and evaluation read one cache (hashed and loaded once).
+    opened, real_cache = [], shared_cache.EmbeddingCache
+
+    def counting_cache(*args, **kwargs):
+        opened.append(get_step_context().step_run.name)
+        return real_cache(*args, **kwargs)
+
+    monkeypatch.setattr(shared_cache, "EmbeddingCache", counting_cache)
 
     cfg = resolve_config(ROOT / "configs" / "compare-tiny.yaml", questions=zen["questions"], outputs=zen["outputs"])
     assert cfg["parameters"]["compare"] is True and cfg["parameters"]["variants"] == VARIANTS
@@ -33,6 +45,8 @@ def test_comparison_report(zen):
     s = {n: str(st.status.value) for n, st in run.steps.items()}
     assert str(run.status.value) == "completed", s
     assert {"evaluate_rag-k1", "evaluate_oppu", "evaluate_pq-only", "evaluate_no-bridge", "comparison_report"} <= set(s)
+    per_step = {name: opened.count(name) for name in opened}
+    assert {"evaluate_pq-only", "evaluate_no-bridge"} <= set(per_step) and set(per_step.values()) == {1}, per_step
     art = run.steps["comparison_report"].outputs["comparison_report"][0]
     rep = art.load()
     assert list(rep.metrics["variants"]) == VARIANTS
